@@ -1,0 +1,1 @@
+"""The harness: CLI, scenario model, runner, ledger and results."""

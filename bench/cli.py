@@ -1,0 +1,187 @@
+"""The ``bench`` command: run, validate, schema.
+
+Exit codes: 0 success; 1 the run failed its checks (e.g. the ledger does not
+reconcile) or a service could not be reached; 2 bad input (scenario file or
+command-line value); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bench import runner
+from bench.errors import BenchError
+from bench.scenario import json_schema, load_scenario
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    from pipeline.config import parse_duration
+
+    try:
+        value = parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive duration such as 30, 30s or 2m, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration such as 30, 30s or 2m, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="Test bench for industrial-IoT ingestion pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run a scenario end to end and reconcile its ledger")
+    p_run.add_argument("scenario", type=Path, help="scenario YAML file")
+    p_run.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-<UTC time>/)")
+    p_run.add_argument("--messages", type=_positive_int, metavar="N", help="send exactly N messages (rates kept, phases stretched)")
+    p_run.add_argument("--duration", type=_positive_seconds, metavar="S", help="stretch the phases to S seconds in all")
+    p_run.add_argument("--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)")
+    p_run.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
+    p_run.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
+    p_val = sub.add_parser("validate", help="check a scenario file without running it")
+    p_val.add_argument("scenario", type=Path, nargs="+")
+    sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Console()
+    err = Console(stderr=True)
+    try:
+        if args.command == "schema":
+            print(json.dumps(json_schema(), indent=2))
+            return 0
+        if args.command == "validate":
+            for path in args.scenario:
+                loaded = load_scenario(path)
+                out.print(f"{path}: ok ({loaded.scenario.name}, {len(loaded.scenario.phases)} phases)")
+            return 0
+        return _run(args, out, err)
+    except BenchError as exc:
+        err.print(f"bench: error: {exc}", markup=False, highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("bench: interrupted")
+        return 130
+
+
+def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    loaded = load_scenario(args.scenario)
+    if args.broker is not None and not args.broker.startswith(("mqtt://", "tcp://")):
+        from bench.errors import UsageError
+
+        raise UsageError(f"--broker: expected a URL like mqtt://127.0.0.1:1883, got {args.broker!r}")
+    options = runner.RunOptions(out=args.out, messages=args.messages, duration_s=args.duration, broker=args.broker)
+    show = not args.quiet and not args.json
+    if show and err.is_terminal:
+        outcome = _run_with_bar(loaded, options, err)
+    else:
+        outcome = runner.run(loaded, options, on_progress=_line_printer(err) if show else None)
+    if args.json:
+        print(json.dumps(outcome.results, indent=2))
+    else:
+        out.print(summary_table(outcome.results))
+        out.print(f"results: {outcome.run_dir / 'results.json'}")
+    if not outcome.ok:
+        err.print("bench: FAILED: ledger does not reconcile", style="bold red")
+        for problem in outcome.ledger.problems():
+            err.print(f"  - {problem}", markup=False, highlight=False)
+        return 1
+    return 0
+
+
+def _info(p: runner.Progress) -> str:
+    return (
+        f"[{p.phase}] persisted {p.persisted:,}  rejected {p.rejected:,}  "
+        f"{p.send_rate:,.0f} msg/s  lag {p.lag_s * 1000:,.0f} ms"
+    )
+
+
+def _run_with_bar(loaded: Any, options: runner.RunOptions, console: Console) -> runner.RunOutcome:
+    with Progress(
+        TextColumn("sent"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("run", total=None, info="starting broker and pipeline")
+
+        def update(p: runner.Progress) -> None:
+            bar.update(task, total=p.planned, completed=p.sent, info=_info(p))
+
+        return runner.run(loaded, options, on_progress=update)
+
+
+def _line_printer(console: Console, every_s: float = 5.0) -> Any:
+    """Without a terminal (CI logs), a plain status line every few seconds."""
+    last = [-every_s]
+
+    def update(p: runner.Progress) -> None:
+        if p.elapsed_s - last[0] >= every_s:
+            last[0] = p.elapsed_s
+            console.print(
+                f"{p.elapsed_s:6.1f}s sent {p.sent:,}/{p.planned:,} {_info(p)}",
+                markup=False, highlight=False, soft_wrap=True,
+            )
+
+    return update
+
+
+def _fmt(summary: dict[str, Any], key: str) -> str:
+    return "-" if key not in summary else f"{summary[key]:,.1f}"
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """The end-of-run table: ledger, throughput, latency percentiles, flushes."""
+    table = Table(title=f"{results['scenario']['name']}: run {results['run_id']}", show_lines=False)
+    table.add_column("metric")
+    for variant in results["variants"]:
+        table.add_column(variant["name"], justify="right")
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, getter: Any) -> None:
+        rows.append((label, [getter(v) for v in results["variants"]]))
+
+    add("ledger", lambda v: "[green]reconciled[/]" if v["ledger"]["reconciled"] else "[red]NOT reconciled[/]")
+    for key in ("sent", "persisted", "rejected", "dropped", "lost", "duplicates"):
+        add(f"  {key}", lambda v, k=key: f"{v['ledger'][k]:,}")
+    add("offered msg/s", lambda v: f"{v['throughput']['offered_per_s']:,.1f}")
+    add("sent msg/s", lambda v: f"{v['throughput']['sent_per_s']:,.1f}")
+    add("persisted msg/s", lambda v: f"{v['throughput']['persisted_per_s']:,.1f}")
+    for p in ("p50", "p90", "p99", "p999", "max"):
+        add(f"end-to-end {p} ms", lambda v, k=p: _fmt(v["latency_ms"]["end_to_end"], k))
+    add("send lag p99 ms", lambda v: _fmt(v["latency_ms"]["send_lag"], "p99"))
+    add("flushes size/timeout/shutdown", lambda v: "/".join(
+        str(v["probes"]["flush"].get("parquet", {}).get(t, {}).get("count", 0)) for t in ("size", "timeout", "shutdown")
+    ))
+    add("flush p99 ms (size)", lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("size", {}).get("total_ms", {}), "p99"))
+    add("flush p99 ms (timeout)", lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("timeout", {}).get("total_ms", {}), "p99"))
+    add("files", lambda v: str(v["files"]))
+    for label, cells in rows:
+        table.add_row(label, *cells)
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())

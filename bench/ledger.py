@@ -1,0 +1,141 @@
+"""The ledger: every message sent is persisted, rejected with a reason, dropped by a named policy, or lost.
+
+``persisted`` and ``rejected`` are read back from the files the sinks wrote,
+never taken from the pipeline's counters: a counter can say 1,000 while a
+file holds 999.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MISSING_SAMPLE = 20
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """What the sinks' files hold."""
+
+    persisted_seqs: list[int]
+    persisted_batches: list[int]
+    rejected_seqs: list[int | None]
+    rejected_reasons: list[str]
+    files: int
+    unfinalised: list[str]
+
+
+@dataclass(frozen=True)
+class Ledger:
+    sent: int
+    persisted: int
+    rejected: int
+    dropped: int
+    lost: int
+    duplicates: int
+    unexpected: int
+    missing_seq_sample: list[int]
+    by_reason: dict[str, int] = field(default_factory=dict)
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    unfinalised_files: list[str] = field(default_factory=list)
+
+    @property
+    def reconciled(self) -> bool:
+        return (
+            self.lost == 0
+            and self.duplicates == 0
+            and self.unexpected == 0
+            and not self.unfinalised_files
+            and self.sent == self.persisted + self.rejected + self.dropped + self.lost
+        )
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lost:
+            sample = ", ".join(map(str, self.missing_seq_sample))
+            out.append(f"{self.lost} message(s) lost; missing seq ids include: {sample}")
+        if self.duplicates:
+            out.append(f"{self.duplicates} message(s) persisted more than once")
+        if self.unexpected:
+            out.append(f"{self.unexpected} persisted row(s) with a seq id that was never sent")
+        if self.unfinalised_files:
+            out.append(f"files left unfinalised: {', '.join(self.unfinalised_files)}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["reconciled"] = self.reconciled
+        return data
+
+
+def _read_column(folder: Path, columns: Sequence[str]) -> tuple[dict[str, list[Any]], int, list[str]]:
+    values: dict[str, list[Any]] = {c: [] for c in columns}
+    files = 0
+    unfinalised = sorted(str(p) for p in folder.glob("*.tmp")) if folder.exists() else []
+    for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
+        table: pa.Table = pq.read_table(path, columns=list(columns))
+        for c in columns:
+            values[c].extend(table.column(c).to_pylist())
+        files += 1
+    return values, files, unfinalised
+
+
+def read_back(data_dir: Path, quarantine_dir: Path) -> ReadBack:
+    data, data_files, data_tmp = _read_column(data_dir, ["seq", "batch_id"])
+    rej, rej_files, rej_tmp = _read_column(quarantine_dir, ["seq", "reason"])
+    return ReadBack(
+        persisted_seqs=data["seq"],
+        persisted_batches=data["batch_id"],
+        rejected_seqs=rej["seq"],
+        rejected_reasons=rej["reason"],
+        files=data_files + rej_files,
+        unfinalised=data_tmp + rej_tmp,
+    )
+
+
+def reconcile(
+    sent_seqs: Iterable[int],
+    back: ReadBack,
+    dropped: dict[int, str] | None = None,
+) -> Ledger:
+    """Account for every sent seq id.
+
+    A seq counts as persisted once however often it was written (extra copies
+    count as duplicates); a rejection without a readable seq still counts as
+    rejected, so ``lost`` is computed from counts, and ``missing_seq_sample``
+    lists ids found nowhere.
+    """
+    dropped = dropped or {}
+    sent = set(sent_seqs)
+    persisted_counts = Counter(back.persisted_seqs)
+    persisted = {s for s in persisted_counts if s in sent}
+    unexpected = sum(1 for s in persisted_counts if s not in sent)
+    duplicates = sum(c - 1 for c in persisted_counts.values() if c > 1)
+    rejected_counts = Counter(s for s in back.rejected_seqs if s is not None)
+    duplicates += sum(c - 1 for c in rejected_counts.values() if c > 1)
+    rejected_known = {s for s in rejected_counts if s in sent and s not in persisted}
+    rejected_anonymous = sum(1 for s in back.rejected_seqs if s is None)
+    rejected = len(rejected_known) + rejected_anonymous
+    dropped_known = {s for s in dropped if s in sent and s not in persisted and s not in rejected_known}
+    accounted = persisted | rejected_known | dropped_known
+    missing = sorted(sent - accounted)
+    lost = max(0, len(sent) - len(persisted) - rejected - len(dropped_known))
+    return Ledger(
+        sent=len(sent),
+        persisted=len(persisted),
+        rejected=rejected,
+        dropped=len(dropped_known),
+        lost=lost,
+        duplicates=duplicates,
+        unexpected=unexpected,
+        missing_seq_sample=missing[:MISSING_SAMPLE],
+        by_reason=dict(Counter(back.rejected_reasons)),
+        dropped_by_reason=dict(Counter(dropped[s] for s in dropped_known)),
+        unfinalised_files=back.unfinalised,
+    )

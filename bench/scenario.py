@@ -1,0 +1,249 @@
+"""Scenario files: YAML parsed once into typed, immutable, validated models.
+
+Raw dicts never travel past :func:`load_scenario`. Unknown keys are errors; every
+error names the file, the field path and what was expected. ``bench schema``
+prints :func:`json_schema` for editors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from bench.errors import ScenarioError
+from pipeline.config import Duration, Frozen, PipelineSettings, format_validation_error, load_yaml_mapping
+from simulators.stream import PhaseSpec, SignalSpec, StreamSpec, planned_count, total_duration_s
+
+_ENV_REF_HELP = "an environment reference such as ${MQTT_PASSWORD}"
+
+
+class Machines(Frozen):
+    """The simulated machines."""
+
+    count: int = Field(10, ge=1, le=100_000, description="How many machines publish.")
+    id: str = Field("machine-{i:03d}", description="Id pattern; {i} is the machine index from 0.")
+
+    @field_validator("id")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        if names != {"i"}:
+            raise ValueError("expected a pattern using {i} (and nothing else), e.g. 'press-{i:03d}'")
+        try:
+            value.format(i=0)
+        except (ValueError, IndexError) as exc:
+            raise ValueError(f"pattern cannot be formatted: {exc}") from None
+        return value
+
+    def ids(self) -> tuple[str, ...]:
+        return tuple(self.id.format(i=i) for i in range(self.count))
+
+
+class Steady(Frozen):
+    kind: Literal["steady"]
+    rate: float = Field(gt=0, description="Messages per second, all machines together.")
+    duration: Duration = Field(gt=0)
+
+
+class Burst(Frozen):
+    kind: Literal["burst"]
+    rate: float = Field(gt=0, description="Messages per second during the burst.")
+    duration: Duration = Field(gt=0)
+
+
+class Ramp(Frozen):
+    kind: Literal["ramp"]
+    from_: float = Field(alias="from", ge=0, description="Rate at the start (msg/s).")
+    to: float = Field(ge=0, description="Rate at the end (msg/s).")
+    duration: Duration = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Ramp:
+        if self.from_ == 0 and self.to == 0:
+            raise ValueError("a ramp from 0 to 0 sends nothing; use a pause")
+        return self
+
+
+class Pause(Frozen):
+    kind: Literal["pause"]
+    duration: Duration = Field(gt=0)
+
+
+Phase = Annotated[Steady | Burst | Ramp | Pause, Field(discriminator="kind")]
+
+
+class LoadRateSignal(Frozen):
+    min: float = 0.0
+    max: float = 100.0
+    step: float = Field(2.5, ge=0, description="Largest change between two readings of a machine.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LoadRateSignal:
+        if self.min >= self.max:
+            raise ValueError(f"expected min < max, got min={self.min}, max={self.max}")
+        return self
+
+
+class MileageSignal(Frozen):
+    start: float = Field(1000.0, ge=0)
+    per_second: float = Field(0.4, ge=0)
+
+
+class Signals(Frozen):
+    load_rate: LoadRateSignal = LoadRateSignal()
+    mileage: MileageSignal = MileageSignal()
+
+
+class MqttTransport(Frozen):
+    broker: str = Field(
+        "embedded", description="'embedded' (amqtt on an ephemeral loopback port) or mqtt://host:port."
+    )
+    topic: str = Field(
+        "plant/{machine}/telemetry",
+        description="Topic per message; {machine} is the machine id, {run} the run id.",
+    )
+    qos: Literal[0, 1, 2] = 1
+    username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
+    password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a scenario.")
+
+    @field_validator("broker")
+    @classmethod
+    def _check_broker(cls, value: str) -> str:
+        if value != "embedded" and not (value.startswith(("mqtt://", "tcp://")) and len(value) > 7):
+            raise ValueError(f"expected 'embedded' or a URL like mqtt://127.0.0.1:1883, got {value!r}")
+        return value
+
+    @field_validator("topic")
+    @classmethod
+    def _check_topic(cls, value: str) -> str:
+        names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
+        if names.count("machine") != 1 or set(names) - {"machine", "run"}:
+            raise ValueError("expected a topic with {machine} once (and optionally {run}), e.g. 'plant/{machine}/telemetry'")
+        if "+" in value or "#" in value:
+            raise ValueError("a publish topic cannot contain the wildcards + or #")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password_from_env(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("${") and value.endswith("}")):
+            raise ValueError(f"expected {_ENV_REF_HELP}; secrets never live in a scenario")
+        return value
+
+    def topic_for_run(self, run_id: str) -> str:
+        """The publish pattern with {run} filled in; {machine} stays for the publisher."""
+        return self.topic.replace("{run}", run_id)
+
+    def subscription(self, run_id: str) -> str:
+        return self.topic_for_run(run_id).replace("{machine}", "+")
+
+
+class Transport(Frozen):
+    kind: Literal["mqtt"] = "mqtt"
+    mqtt: MqttTransport = MqttTransport()
+
+
+class RunSettings(Frozen):
+    arrival: Literal["uniform", "poisson"] = Field(
+        "uniform", description="Evenly spaced sends, or a seeded Poisson process at the same rate."
+    )
+    drain_timeout: Duration = Field(
+        15.0, gt=0, description="After the last send, how long the pipeline may go without progress before the run ends."
+    )
+
+
+class Scenario(Frozen):
+    """A runnable scenario: what to send, over what, into which pipeline."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Used in run folder names.")
+    description: str = ""
+    seed: int = 0
+    machines: Machines = Machines()
+    signals: Signals = Signals()
+    phases: tuple[Phase, ...] = Field(min_length=1)
+    transport: Transport = Transport()
+    pipeline: PipelineSettings = PipelineSettings()
+    run: RunSettings = RunSettings()
+
+    def stream_spec(self) -> StreamSpec:
+        phases = []
+        for p in self.phases:
+            if isinstance(p, Ramp):
+                phases.append(PhaseSpec("ramp", p.duration, p.from_, p.to))
+            elif isinstance(p, Pause):
+                phases.append(PhaseSpec("pause", p.duration))
+            else:
+                phases.append(PhaseSpec(p.kind, p.duration, p.rate))
+        s = self.signals
+        return StreamSpec(
+            seed=self.seed,
+            machines=self.machines.ids(),
+            phases=tuple(phases),
+            signals=SignalSpec(s.load_rate.min, s.load_rate.max, s.load_rate.step, s.mileage.start, s.mileage.per_second),
+            arrival=self.run.arrival,
+        )
+
+
+@dataclass(frozen=True)
+class LoadedScenario:
+    scenario: Scenario
+    path: Path
+    sha256: str
+
+
+def load_scenario(path: Path | str) -> LoadedScenario:
+    """Read, parse and validate a scenario file; raises :class:`ScenarioError`."""
+    path = Path(path)
+    data = load_yaml_mapping(path, ScenarioError)
+    try:
+        scenario = Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(format_validation_error(path, exc)) from None
+    if planned_count(scenario.stream_spec()) == 0:
+        raise ScenarioError(f"{path}: phases: the phases send no message; give at least one steady, burst or ramp")
+    return LoadedScenario(scenario, path, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def json_schema() -> dict[str, Any]:
+    schema = Scenario.model_json_schema(by_alias=True)
+    schema["title"] = "iiot-bench scenario"
+    return schema
+
+
+def _scale(spec: StreamSpec, time_factor: float = 1.0, rate_factor: float = 1.0) -> StreamSpec:
+    phases = tuple(
+        PhaseSpec(
+            p.kind,
+            p.duration_s * time_factor,
+            p.rate * rate_factor,
+            None if p.rate_to is None else p.rate_to * rate_factor,
+        )
+        for p in spec.phases
+    )
+    return replace(spec, phases=phases)
+
+
+def apply_overrides(spec: StreamSpec, messages: int | None = None, duration_s: float | None = None) -> StreamSpec:
+    """Stretch a stream to ``duration_s`` (rates kept) and/or cut it to ``messages``.
+
+    ``--messages`` alone keeps the rates and changes how long the phases last, so
+    the load shape stays the same; with ``--duration`` too, the rates are scaled
+    to fit that many messages into that time.
+    """
+    if duration_s is not None:
+        spec = _scale(spec, time_factor=duration_s / total_duration_s(spec))
+    if messages is not None:
+        have = planned_count(spec)
+        factor = messages / have
+        while True:
+            candidate = _scale(spec, rate_factor=factor) if duration_s is not None else _scale(spec, time_factor=factor)
+            if planned_count(candidate) >= messages:
+                break
+            factor *= 1.01  # rounding per phase can leave a message or two short
+        spec = replace(candidate, limit=messages)
+    return spec

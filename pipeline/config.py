@@ -1,0 +1,204 @@
+"""The pipeline's settings: one pydantic model, shared by the bench and ``python -m pipeline``.
+
+Durations are written as ``500ms``, ``1s``, ``2m``, ``1h`` or a plain number of
+seconds. Every model is frozen and forbids unknown keys, so a typo in a config
+file is an error that names the field instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from pipeline.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"500ms"``, ``"2s"``, ``"1m"``, ``"1h"`` or a number.
+
+    >>> parse_duration("1m"), parse_duration("250ms"), parse_duration(3)
+    (60.0, 0.25, 3.0)
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '500ms', '2s', '1m', '1h' or seconds")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match:
+            return float(match.group(1)) * _UNIT_S[match.group(2)]
+    raise ValueError(
+        f"expected a duration such as '500ms', '2s', '1m', '1h' or seconds, got {value!r}"
+    )
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+"""Seconds, written in YAML as ``500ms``, ``2s``, ``1m``, ``1h`` or a number."""
+
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def resolve_env(value: str | None, field: str) -> str | None:
+    """Return the value of ``${VAR}`` from the environment, or ``value`` itself.
+
+    Secrets never live in a file: the file names the variable, this reads it.
+    """
+    if value is None:
+        return None
+    match = _ENV_REF.match(value)
+    if not match:
+        return value
+    name = match.group(1)
+    if name not in os.environ:
+        raise ConfigError(f"{field}: environment variable {name} is not set (referenced as {value})")
+    return os.environ[name]
+
+
+class Frozen(BaseModel):
+    """Base for settings: immutable, unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BufferSettings(Frozen):
+    """The buffer between validation and the sinks."""
+
+    size: int = Field(1000, gt=0, description="Flush when this many rows are buffered.")
+    flush_interval: Duration = Field(
+        1.0, gt=0, description="Flush when the oldest buffered row has waited this long."
+    )
+    capacity: int = Field(
+        100_000,
+        gt=0,
+        description="Most rows held at once; a producer blocks (backpressure) when it is full.",
+    )
+
+
+class ValidateSettings(Frozen):
+    """First-line validation of decoded messages."""
+
+    future_tolerance: Duration = Field(
+        300.0, ge=0, description="Reject timestamps further than this ahead of the pipeline clock."
+    )
+
+
+class ParquetSettings(Frozen):
+    """Parquet output: ParquetWriter row groups, one file per time window."""
+
+    path: str = Field("data", description="Folder for accepted rows (relative to the output folder).")
+    rotate: Duration = Field(60.0, gt=0, description="Time window per file, by reading timestamp.")
+    compression: Literal["snappy", "zstd", "gzip", "none"] = "snappy"
+    fsync: bool = Field(True, description="fsync after each row group so 'persisted' means durable.")
+
+
+class QuarantineSettings(Frozen):
+    """Where rejected inputs are kept, with their reason."""
+
+    path: str = Field("quarantine", description="Folder for rejected inputs.")
+
+
+class PipelineSettings(Frozen):
+    """Everything after the source: validate -> buffer -> sinks."""
+
+    buffer: BufferSettings = BufferSettings()
+    validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
+    parquet: ParquetSettings = ParquetSettings()
+    quarantine: QuarantineSettings = QuarantineSettings()
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class MqttSourceSettings(Frozen):
+    """An MQTT subscription: the pipeline's source when it runs on its own."""
+
+    url: str = Field(description="Broker URL, e.g. mqtt://127.0.0.1:1883")
+    topic: str = Field("plant/+/telemetry", description="Subscription filter.")
+    qos: Literal[0, 1, 2] = 1
+    client_id: str | None = None
+    username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
+    password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a file.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise ValueError(f"expected mqtt://host[:port], got {value!r}")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password_is_reference(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_REF.match(value):
+            raise ValueError("expected an environment reference such as ${MQTT_PASSWORD}")
+        return value
+
+
+class StandaloneConfig(Frozen):
+    """The file given to ``python -m pipeline --config FILE``."""
+
+    source: MqttSourceSettings
+    output: str = Field("pipeline-out", description="Output folder for data/ and quarantine/.")
+    pipeline: PipelineSettings = PipelineSettings()
+
+
+def format_validation_error(path: Path | str, exc: ValidationError) -> str:
+    """One line per problem: ``file: field.path: what was expected``."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
+        loc = loc.replace(".[", "[")
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the JSON Schema for allowed keys)"
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(
+            err["input"], dict | list
+        ):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{path}: {loc or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def load_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise error(f"{path}{where}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_standalone(path: Path) -> StandaloneConfig:
+    """Parse and validate a standalone pipeline config file."""
+    data = load_yaml_mapping(path, ConfigError)
+    try:
+        return StandaloneConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from None

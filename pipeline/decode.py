@@ -1,0 +1,46 @@
+"""Bytes off the wire to a JSON object, or a reason why not. Pure, no I/O."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeFailure:
+    reason: str
+    detail: str
+
+
+def decode(payload: bytes) -> dict[str, Any] | DecodeFailure:
+    """Decode a UTF-8 JSON object; never raises.
+
+    >>> decode(b'{"seq": 1}')
+    {'seq': 1}
+    >>> decode(b'[1]').reason
+    'not_an_object'
+    """
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return DecodeFailure("invalid_utf8", f"byte {exc.start}: {exc.reason}")
+    try:
+        # NaN/Infinity literals are not JSON; refuse them here rather than let
+        # them through as floats that only a later rule might catch.
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except _NonJsonConstant as exc:
+        return DecodeFailure("non_finite", f"JSON has non-standard constant {exc.args[0]}")
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return DecodeFailure("malformed_json", str(exc)[:200])
+    if not isinstance(obj, dict):
+        return DecodeFailure("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+class _NonJsonConstant(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonJsonConstant(name)

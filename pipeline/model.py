@@ -1,0 +1,65 @@
+"""Plain data that flows through the pipeline.
+
+Frozen dataclasses, no behaviour: a :class:`Reading` is a validated sample, a
+:class:`Rejection` is an input the validator refused (with its reason), and a
+:class:`FlushStat` describes one buffer flush. Simulators may use these types to
+describe ground truth; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+TriggerKind = Literal["size", "timeout", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One validated sample, timestamps as UTC nanoseconds since the epoch."""
+
+    machine: str
+    ts_ns: int
+    load_rate: float
+    mileage: float
+    seq: int
+    received_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An input the validator refused; persisted to quarantine, never dropped."""
+
+    reason: str
+    detail: str
+    payload: bytes
+    topic: str
+    received_ns: int
+    seq: int | None = None
+    machine: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlushStat:
+    """One flush: what fired it, how much it wrote and where the time went.
+
+    ``build_ns`` turns buffered items into a columnar batch, ``write_ns`` hands
+    it to the file, ``commit_ns`` makes it durable (flush + fsync).
+    ``durable_ns`` is the clock reading when the rows became durable; every row
+    of the batch carries ``batch_id`` so latency can be computed per row.
+    """
+
+    sink: str
+    batch_id: int
+    trigger: TriggerKind
+    rows: int
+    started_ns: int
+    build_ns: int
+    write_ns: int
+    commit_ns: int
+    durable_ns: int
+    coalesced: int = 0
+
+    @property
+    def total_ns(self) -> int:
+        return self.build_ns + self.write_ns + self.commit_ns

@@ -1,0 +1,63 @@
+"""The sink seam: what a buffer flush hands its rows to.
+
+Ship an in-memory sink beside the real ones (as httpx ships ``MockTransport``)
+so tests, and users trying out their own buffer strategy, need no files.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkTiming:
+    """Where one batch's time went, in nanoseconds."""
+
+    build_ns: int
+    write_ns: int
+    commit_ns: int
+
+
+class Sink(Protocol[T_contra]):
+    """Receives whole batches; durable when ``write_batch`` returns."""
+
+    name: str
+
+    def write_batch(self, items: Sequence[T_contra], batch_id: int) -> SinkTiming: ...
+
+    def close(self) -> None: ...
+
+
+class MemorySink(Generic[T]):
+    """Keeps batches in memory; thread-safe. For tests and experiments."""
+
+    def __init__(self, name: str = "memory", delay_s: float = 0.0) -> None:
+        self.name = name
+        self.batches: list[tuple[int, list[T]]] = []
+        self.closed = False
+        self._delay_s = delay_s
+        self._lock = threading.Lock()
+
+    def write_batch(self, items: Sequence[T], batch_id: int) -> SinkTiming:
+        start = time.perf_counter_ns()
+        if self._delay_s:
+            # Simulates slow storage so tests can make flushes overlap triggers.
+            time.sleep(self._delay_s)
+        with self._lock:
+            self.batches.append((batch_id, list(items)))
+        return SinkTiming(0, time.perf_counter_ns() - start, 0)
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def items(self) -> list[T]:
+        with self._lock:
+            return [item for _, batch in self.batches for item in batch]
