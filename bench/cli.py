@@ -50,9 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_run = sub.add_parser("run", help="run a scenario end to end and reconcile its ledger")
     p_run.add_argument("scenario", type=Path, help="scenario YAML file")
     p_run.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-<UTC time>/)")
-    p_run.add_argument("--messages", type=_positive_int, metavar="N", help="send exactly N messages (rates kept, phases stretched)")
+    p_run.add_argument(
+        "--messages", type=_positive_int, metavar="N", help="send exactly N messages (rates kept, phases stretched)"
+    )
     p_run.add_argument("--duration", type=_positive_seconds, metavar="S", help="stretch the phases to S seconds in all")
-    p_run.add_argument("--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)")
+    p_run.add_argument(
+        "--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)"
+    )
     p_run.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
     p_run.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
@@ -142,7 +146,9 @@ def _line_printer(console: Console, every_s: float = 5.0) -> Any:
             last[0] = p.elapsed_s
             console.print(
                 f"{p.elapsed_s:6.1f}s sent {p.sent:,}/{p.planned:,} {_info(p)}",
-                markup=False, highlight=False, soft_wrap=True,
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
             )
 
     return update
@@ -172,11 +178,21 @@ def summary_table(results: dict[str, Any]) -> Table:
     for p in ("p50", "p90", "p99", "p999", "max"):
         add(f"end-to-end {p} ms", lambda v, k=p: _fmt(v["latency_ms"]["end_to_end"], k))
     add("send lag p99 ms", lambda v: _fmt(v["latency_ms"]["send_lag"], "p99"))
-    add("flushes size/timeout/shutdown", lambda v: "/".join(
-        str(v["probes"]["flush"].get("parquet", {}).get(t, {}).get("count", 0)) for t in ("size", "timeout", "shutdown")
-    ))
-    add("flush p99 ms (size)", lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("size", {}).get("total_ms", {}), "p99"))
-    add("flush p99 ms (timeout)", lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("timeout", {}).get("total_ms", {}), "p99"))
+    add(
+        "flushes size/timeout/shutdown",
+        lambda v: "/".join(
+            str(v["probes"]["flush"].get("parquet", {}).get(t, {}).get("count", 0))
+            for t in ("size", "timeout", "shutdown")
+        ),
+    )
+    add(
+        "flush p99 ms (size)",
+        lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("size", {}).get("total_ms", {}), "p99"),
+    )
+    add(
+        "flush p99 ms (timeout)",
+        lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("timeout", {}).get("total_ms", {}), "p99"),
+    )
     add("files", lambda v: str(v["files"]))
     for label, cells in rows:
         table.add_row(label, *cells)

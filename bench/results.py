@@ -22,8 +22,16 @@ from hdrh.histogram import HdrHistogram
 
 SCHEMA_VERSION = 1
 PACKAGES = (
-    "iiot-bench", "asyncua", "amqtt", "paho-mqtt", "pyarrow", "SQLAlchemy",
-    "pydantic", "PyYAML", "hdrhistogram", "rich",
+    "iiot-bench",
+    "asyncua",
+    "amqtt",
+    "paho-mqtt",
+    "pyarrow",
+    "SQLAlchemy",
+    "pydantic",
+    "PyYAML",
+    "hdrhistogram",
+    "rich",
 )
 # Latencies are recorded in microseconds, from 1 us to 1 hour, 3 significant digits.
 _LOWEST_US, _HIGHEST_US, _DIGITS = 1, 3_600_000_000, 3
@@ -77,7 +85,7 @@ class LatencyRecorder:
 
 
 def environment() -> dict[str, Any]:
-    packages = {}
+    packages: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             packages[name] = importlib.metadata.version(name)

@@ -153,13 +153,22 @@ def run(
             pipeline = Pipeline(sc.pipeline, run_dir, clock, on_flush=flushes.append)
             pipeline.start()
             source = MqttSource(
-                url, mq.subscription(run_id), mq.qos, pipeline.submit,
-                client_id=f"{run_id}-pipeline", username=username, password=password,
+                url,
+                mq.subscription(run_id),
+                mq.qos,
+                pipeline.submit,
+                client_id=f"{run_id}-pipeline",
+                username=username,
+                password=password,
             )
             source.start()
             publisher = PacedPublisher(
-                url, mq.topic_for_run(run_id), mq.qos,
-                client_id=f"{run_id}-publisher", username=username, password=password,
+                url,
+                mq.topic_for_run(run_id),
+                mq.qos,
+                client_id=f"{run_id}-publisher",
+                username=username,
+                password=password,
             )
             publisher.connect()
         except (SimulatorError, PipelineError) as exc:
@@ -186,7 +195,11 @@ def run(
             stats = pipeline.statistics()
             now = clock.now_ns()
             elapsed = max(0.0, (now - epoch_ns) / 1e9)
-            lag = max(0.0, (now - send_log.last_intended_ns) / 1e9) if send_log.count < planned and send_log.count else 0.0
+            lag = (
+                max(0.0, (now - send_log.last_intended_ns) / 1e9)
+                if send_log.count < planned and send_log.count
+                else 0.0
+            )
             return Progress(
                 elapsed_s=elapsed,
                 planned=planned,
@@ -269,11 +282,19 @@ def run(
         "name": "default",
         "config": {
             "pipeline": settings.model_dump(mode="json", by_alias=True),
-            "transport": {"kind": "mqtt", "broker": "embedded" if broker_setting == "embedded" else broker_setting,
-                          "qos": mq.qos, "topic": mq.topic},
-            "stream": {"planned": planned, "duration_s": round(total_duration_s(spec), 3), "arrival": spec.arrival,
-                       "machines": len(spec.machines), "overrides": {"messages": options.messages,
-                                                                     "duration_s": options.duration_s}},
+            "transport": {
+                "kind": "mqtt",
+                "broker": "embedded" if broker_setting == "embedded" else broker_setting,
+                "qos": mq.qos,
+                "topic": mq.topic,
+            },
+            "stream": {
+                "planned": planned,
+                "duration_s": round(total_duration_s(spec), 3),
+                "arrival": spec.arrival,
+                "machines": len(spec.machines),
+                "overrides": {"messages": options.messages, "duration_s": options.duration_s},
+            },
         },
         "ledger": ledger.to_json(),
         "throughput": {
@@ -290,7 +311,9 @@ def run(
             "accepted": pipeline_stats.accepted,
             "rejected": pipeline_stats.rejected,
             "rejected_by_reason": pipeline_stats.rejected_by_reason,
-            "producer_wait_ms": round(pipeline_stats.readings.producer_wait_ns / 1e6, 3) if pipeline_stats.readings else 0,
+            "producer_wait_ms": round(pipeline_stats.readings.producer_wait_ns / 1e6, 3)
+            if pipeline_stats.readings
+            else 0,
             "errors": pipeline_errors,
         },
         "files": back.files,

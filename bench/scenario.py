@@ -100,9 +100,7 @@ class Signals(Frozen):
 
 
 class MqttTransport(Frozen):
-    broker: str = Field(
-        "embedded", description="'embedded' (amqtt on an ephemeral loopback port) or mqtt://host:port."
-    )
+    broker: str = Field("embedded", description="'embedded' (amqtt on an ephemeral loopback port) or mqtt://host:port.")
     topic: str = Field(
         "plant/{machine}/telemetry",
         description="Topic per message; {machine} is the machine id, {run} the run id.",
@@ -123,7 +121,9 @@ class MqttTransport(Frozen):
     def _check_topic(cls, value: str) -> str:
         names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
         if names.count("machine") != 1 or set(names) - {"machine", "run"}:
-            raise ValueError("expected a topic with {machine} once (and optionally {run}), e.g. 'plant/{machine}/telemetry'")
+            raise ValueError(
+                "expected a topic with {machine} once (and optionally {run}), e.g. 'plant/{machine}/telemetry'"
+            )
         if "+" in value or "#" in value:
             raise ValueError("a publish topic cannot contain the wildcards + or #")
         return value
@@ -153,7 +153,9 @@ class RunSettings(Frozen):
         "uniform", description="Evenly spaced sends, or a seeded Poisson process at the same rate."
     )
     drain_timeout: Duration = Field(
-        15.0, gt=0, description="After the last send, how long the pipeline may go without progress before the run ends."
+        15.0,
+        gt=0,
+        description="After the last send, how long the pipeline may go without progress before the run ends.",
     )
 
 
@@ -184,7 +186,9 @@ class Scenario(Frozen):
             seed=self.seed,
             machines=self.machines.ids(),
             phases=tuple(phases),
-            signals=SignalSpec(s.load_rate.min, s.load_rate.max, s.load_rate.step, s.mileage.start, s.mileage.per_second),
+            signals=SignalSpec(
+                s.load_rate.min, s.load_rate.max, s.load_rate.step, s.mileage.start, s.mileage.per_second
+            ),
             arrival=self.run.arrival,
         )
 

@@ -30,9 +30,7 @@ log = logging.getLogger(__name__)
 WRITE_RETRIES = (0.1, 0.5, 2.0)
 
 
-def due_trigger(
-    now_ns: int, count: int, oldest_ns: int | None, size: int, interval_ns: int
-) -> TriggerKind | None:
+def due_trigger(now_ns: int, count: int, oldest_ns: int | None, size: int, interval_ns: int) -> TriggerKind | None:
     """Which trigger, if any, is due now.
 
     >>> due_trigger(0, 10, 0, size=10, interval_ns=5)
@@ -157,9 +155,7 @@ class FlushingBuffer(Generic[T]):
             with self._cond:
                 while True:
                     now = self._clock.now_ns()
-                    trigger = due_trigger(
-                        now, len(self._items), self._oldest_ns, self._size, self._interval_ns
-                    )
+                    trigger = due_trigger(now, len(self._items), self._oldest_ns, self._size, self._interval_ns)
                     if trigger is None and self._closing:
                         trigger = "shutdown" if self._items else None
                         if trigger is None:

@@ -43,9 +43,7 @@ def parse_duration(value: Any) -> float:
         match = _DURATION.match(value)
         if match:
             return float(match.group(1)) * _UNIT_S[match.group(2)]
-    raise ValueError(
-        f"expected a duration such as '500ms', '2s', '1m', '1h' or seconds, got {value!r}"
-    )
+    raise ValueError(f"expected a duration such as '500ms', '2s', '1m', '1h' or seconds, got {value!r}")
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -80,9 +78,7 @@ class BufferSettings(Frozen):
     """The buffer between validation and the sinks."""
 
     size: int = Field(1000, gt=0, description="Flush when this many rows are buffered.")
-    flush_interval: Duration = Field(
-        1.0, gt=0, description="Flush when the oldest buffered row has waited this long."
-    )
+    flush_interval: Duration = Field(1.0, gt=0, description="Flush when the oldest buffered row has waited this long.")
     capacity: int = Field(
         100_000,
         gt=0,
@@ -167,9 +163,7 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the JSON Schema for allowed keys)"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(
-            err["input"], dict | list
-        ):
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict | list):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{path}: {loc or '<top>'}: {msg}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from pipeline.errors import SourceError
 
@@ -48,7 +49,7 @@ class MqttSource:
         self._subscribed = threading.Event()
         self._refused: str | None = None
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id or f"iiot-pipeline-{uuid.uuid4().hex[:8]}",
             clean_session=True,
         )
@@ -71,7 +72,9 @@ class MqttSource:
         if not self._subscribed.wait(timeout_s):
             self._client.loop_stop()
             why = self._refused or "no SUBACK"
-            raise SourceError(f"could not subscribe to {self.topic!r} on {self.host}:{self.port} within {timeout_s:g} s: {why}")
+            raise SourceError(
+                f"could not subscribe to {self.topic!r} on {self.host}:{self.port} within {timeout_s:g} s: {why}"
+            )
         if self._refused:
             raise SourceError(f"broker {self.host}:{self.port} refused: {self._refused}")
 

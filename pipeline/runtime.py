@@ -48,9 +48,7 @@ class Pipeline:
         self._validator = Validator(future_tolerance_ns=int(settings.validate_.future_tolerance * 1e9))
         buf = settings.buffer
         pq = settings.parquet
-        self.parquet = ParquetSink(
-            output / pq.path, rotate_s=pq.rotate, compression=pq.compression, fsync=pq.fsync
-        )
+        self.parquet = ParquetSink(output / pq.path, rotate_s=pq.rotate, compression=pq.compression, fsync=pq.fsync)
         self.quarantine = QuarantineSink(output / settings.quarantine.path, rotate_s=pq.rotate, fsync=pq.fsync)
         self._readings: FlushingBuffer[Reading] = FlushingBuffer(
             self.parquet,

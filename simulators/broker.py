@@ -92,7 +92,10 @@ class EmbeddedBroker:
             env=env,
         )
         line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self._proc.stdout.readline() if self._proc and self._proc.stdout else ""))
+        stdout = self._proc.stdout
+        assert stdout is not None
+        # readline() has no timeout; a helper thread lets us give up on a broker that hangs.
+        reader = threading.Thread(target=lambda: line.append(stdout.readline()), daemon=True)
         reader.start()
         reader.join(self._timeout)
         first = line[0] if line else ""

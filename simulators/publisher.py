@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.errors import SimulatorError
 from simulators.stream import Message
@@ -51,7 +52,7 @@ class PacedPublisher:
         self._acked = 0
         self._ack_cond = threading.Condition()
         self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"iiot-bench-pub-{uuid.uuid4().hex[:8]}"
+            CallbackAPIVersion.VERSION2, client_id=client_id or f"iiot-bench-pub-{uuid.uuid4().hex[:8]}"
         )
         if username is not None:
             self._client.username_pw_set(username, password)
