@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run(args, out, err)
     except BenchError as exc:
-        err.print(f"bench: error: {exc}", markup=False, highlight=False)
+        # Plain print: rich would wrap a long path across lines.
+        print(f"bench: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("bench: interrupted")
@@ -107,7 +108,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not outcome.ok:
         err.print("bench: FAILED: ledger does not reconcile", style="bold red")
         for problem in outcome.ledger.problems():
-            err.print(f"  - {problem}", markup=False, highlight=False)
+            print(f"  - {problem}", file=sys.stderr)
         return 1
     return 0
 

@@ -157,7 +157,14 @@ class StandaloneConfig(Frozen):
 def format_validation_error(path: Path | str, exc: ValidationError) -> str:
     """One line per problem: ``file: field.path: what was expected``."""
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    locs = [tuple(e["loc"]) for e in errors]
+    for err in errors:
+        loc_t = tuple(err["loc"])
+        # A parent's complaint that follows from a child's (a tuple "too short"
+        # after its only item failed) is noise: report the child only.
+        if any(other[: len(loc_t)] == loc_t and other != loc_t for other in locs):
+            continue
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
         loc = loc.replace(".[", "[")
         msg = err["msg"]

@@ -1,0 +1,44 @@
+"""Shared fixtures: real loopback services, skipped (or failed) when unreachable."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "scenarios"
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip when a service is down, unless BENCH_REQUIRE_SERVICES=1 demands it (CI)."""
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError as exc:
+        reason = f"{name} is not reachable on {host}:{port} ({exc})"
+        if os.environ.get("BENCH_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{reason}; BENCH_REQUIRE_SERVICES=1 requires it", pytrace=False)
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def mosquitto_url() -> str:
+    host = os.environ.get("BENCH_MOSQUITTO_HOST", "127.0.0.1")
+    port = int(os.environ.get("BENCH_MOSQUITTO_PORT", "1883"))
+    require_service("Mosquitto", host, port)
+    return f"mqtt://{host}:{port}"
+
+
+@pytest.fixture
+def write_scenario(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write a scenario YAML text to a file in the test's folder."""
+
+    def write(text: str, name: str = "scenario.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    return write

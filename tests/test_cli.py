@@ -1,0 +1,79 @@
+"""The CLI: exit codes and one-line errors for user mistakes, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+from tests.conftest import ROOT, SCENARIOS
+
+BROKEN = "name: broken\nphases:\n  - {kind: steady, rate: fast, duration: 1s}\n"
+
+
+def test_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", str(SCENARIOS / "burst.yaml"), str(SCENARIOS / "steady.yaml")]) == 0
+    assert capsys.readouterr().out.count(": ok") == 2
+
+
+def test_validate_bad_exits_2_with_file_and_field(
+    write_scenario: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_scenario(BROKEN)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: phases[0].steady.rate" in err
+    assert "Traceback" not in err
+
+
+def test_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "iiot-bench scenario"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"), [("--messages", "0"), ("--messages", "-3"), ("--messages", "x"), ("--duration", "0"), ("--duration", "-1s")]
+)
+def test_non_positive_overrides_are_rejected(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["run", str(SCENARIOS / "burst.yaml"), f"{flag}={value}"])
+    assert info.value.code == 2
+    assert "expected a positive" in capsys.readouterr().err
+
+
+def test_bad_broker_url_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", str(SCENARIOS / "burst.yaml"), "--broker", "localhost:1883", "--out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--broker" in capsys.readouterr().err
+
+
+def test_unreachable_broker_is_reported_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Port 9 (discard) on loopback is closed on these machines: connection refused at once.
+    code = main(["run", str(SCENARIOS / "burst.yaml"), "--broker", "mqtt://127.0.0.1:9", "--out", str(tmp_path / "r")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cannot connect to MQTT broker 127.0.0.1:9" in err
+
+
+def test_out_folder_that_is_not_empty_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "old.txt").write_text("earlier run")
+    assert main(["run", str(SCENARIOS / "burst.yaml"), "--out", str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_run_on_broken_scenario_exits_2_with_one_line(write_scenario: Callable[[str], Path]) -> None:
+    """Through the real entry point: exit code 2, one line on stderr, no traceback."""
+    path = write_scenario(BROKEN)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "run", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"bench: error: {path}: phases[0].steady.rate:")

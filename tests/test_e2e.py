@@ -1,0 +1,90 @@
+"""End to end over the embedded broker: stream -> MQTT -> pipeline -> Parquet -> ledger."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+
+from bench import runner
+from bench.cli import main
+from bench.scenario import load_scenario
+from tests.conftest import SCENARIOS
+
+SMALL = """
+name: small
+seed: 3
+machines: {count: 4, id: "m-{i}"}
+phases:
+  - {kind: steady, rate: 200, duration: 1s}
+  - {kind: burst, rate: 800, duration: 0.5s}
+  - {kind: pause, duration: 0.3s}
+  - {kind: ramp, from: 100, to: 300, duration: 1s}
+transport: {mqtt: {broker: embedded, qos: 1}}
+pipeline:
+  buffer: {size: 150, flush_interval: 200ms}
+  parquet: {rotate: 1m, fsync: false}
+run: {drain_timeout: 10s}
+"""
+
+
+def _check_run(outcome: runner.RunOutcome, planned: int) -> dict[str, Any]:
+    ledger = outcome.ledger
+    assert ledger.reconciled, ledger.problems()
+    assert (ledger.sent, ledger.persisted, ledger.lost, ledger.duplicates) == (planned, planned, 0, 0)
+    rows = ds.dataset(outcome.run_dir / "data", format="parquet").to_table()
+    assert rows.num_rows == ledger.persisted, "files must hold exactly what the ledger counts"
+    assert sorted(rows.column("seq").to_pylist()) == list(range(planned))
+    assert str(rows.schema.field("ts").type) == "timestamp[us, tz=UTC]"
+    assert not list(outcome.run_dir.rglob("*.tmp")), "every file must be finalised"
+    on_disk = json.loads((outcome.run_dir / "results.json").read_text())
+    assert on_disk == outcome.results
+    variant: dict[str, Any] = on_disk["variants"][0]
+    return variant
+
+
+def test_small_scenario_reconciles_over_embedded_broker(
+    write_scenario: Callable[[str], Path], tmp_path: Path
+) -> None:
+    loaded = load_scenario(write_scenario(SMALL))
+    outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run"))
+    variant = _check_run(outcome, planned=200 + 400 + 200)
+    results = outcome.results
+    assert results["schema_version"] == 1
+    assert results["scenario"]["sha256"] == loaded.sha256
+    assert "pyarrow" in results["environment"]["packages"]
+    e2e = variant["latency_ms"]["end_to_end"]
+    assert e2e["count"] == 800
+    assert 0 < e2e["p50"] <= e2e["p90"] <= e2e["p99"] <= e2e["p999"] <= e2e["max"]
+    assert "below_zero" not in e2e, "durable time before intended send time means the clocks disagree"
+    flush = variant["probes"]["flush"]["parquet"]
+    # The burst (800/s against size 150) must fire the size trigger; the slow
+    # steady tail and the pause must fire the 200 ms timeout trigger.
+    assert flush["size"]["count"] >= 1
+    assert flush["timeout"]["count"] >= 1
+    assert sum(t["rows"] for t in flush.values()) == 800
+    assert variant["throughput"]["persisted_per_s"] > 0
+
+
+def test_burst_yaml_through_the_cli_with_message_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "burst"
+    code = main(["run", str(SCENARIOS / "burst.yaml"), "--messages", "300", "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "reconciled" in printed
+    results = json.loads((out / "results.json").read_text())
+    ledger = results["variants"][0]["ledger"]
+    assert (ledger["sent"], ledger["persisted"], ledger["lost"]) == (300, 300, 0)
+    assert (out / "scenario.yaml").read_bytes() == (SCENARIOS / "burst.yaml").read_bytes()
+
+
+def test_qos0_and_poisson_arrivals_reconcile(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    text = SMALL.replace("qos: 1", "qos: 0").replace("run: {drain_timeout: 10s}", "run: {arrival: poisson}")
+    loaded = load_scenario(write_scenario(text))
+    planned = runner.planned_count(loaded.scenario.stream_spec())
+    outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run"))
+    _check_run(outcome, planned)

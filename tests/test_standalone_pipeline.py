@@ -1,0 +1,92 @@
+"""``python -m pipeline --config FILE`` on its own against a broker, stopped by SIGINT."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pyarrow.dataset as ds
+from paho.mqtt.enums import CallbackAPIVersion
+
+from simulators.broker import EmbeddedBroker
+from tests.conftest import ROOT
+
+GOOD = [
+    {"machine": "m-1", "ts": "2026-01-01T00:00:00Z", "load_rate": 10.0, "mileage": 1.0, "seq": 0},
+    {"machine": "m-2", "ts": "2026-01-01T05:30:00+05:30", "load_rate": 20, "mileage": 2.5, "seq": 1},
+]
+BAD = [b"{not json", b'{"machine": "m-1", "ts": "2026-01-01T00:00:00", "load_rate": 1, "mileage": 1, "seq": 2}']
+
+
+def _publish(url_port: int, payloads: list[bytes]) -> None:
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", url_port)
+    client.loop_start()
+    infos = [client.publish("plant/m/telemetry", p, qos=1) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+
+
+def iter_queue(q: queue.Queue[str]) -> list[str]:
+    items = []
+    while not q.empty():
+        items.append(q.get_nowait())
+    return items
+
+
+def test_pipeline_runs_standalone(tmp_path: Path) -> None:
+    with EmbeddedBroker() as broker:
+        config = tmp_path / "pipeline.yaml"
+        config.write_text(
+            f"source: {{url: '{broker.url}', topic: 'plant/+/telemetry', qos: 1}}\n"
+            f"output: {tmp_path / 'out'}\n"
+            "pipeline: {buffer: {size: 100, flush_interval: 100ms}}\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "--config", str(config), "--report-every", "0.1"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True)
+        reader.start()
+        try:
+            # The first line says the subscription is granted; publishing before it would lose messages.
+            assert "subscribed" in lines.get(timeout=30)
+            _publish(broker.port, [json.dumps(m).encode() for m in GOOD] + BAD)
+            # Stop only once the pipeline has taken all four (its periodic counter line says so).
+            while "received=4 " not in lines.get(timeout=30):
+                pass
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            reader.join(timeout=10)
+        err = proc.stderr.read() if proc.stderr else ""
+        out = [line for line in iter_queue(lines) if "stopped" in line][0]
+    assert proc.returncode == 0, err
+    assert "received=4 accepted=2 rejected=2" in out, out
+    data = ds.dataset(tmp_path / "out" / "data", format="parquet").to_table()
+    assert sorted(data.column("seq").to_pylist()) == [0, 1]
+    # +05:30 was normalised: both readings are the same instant in UTC.
+    assert len(set(data.column("ts").to_pylist())) == 1
+    rejected = ds.dataset(tmp_path / "out" / "quarantine", format="parquet").to_table().to_pylist()
+    assert sorted(r["reason"] for r in rejected) == ["malformed_json", "naive_timestamp"]
+    assert {r["payload"] for r in rejected} == set(BAD)
+
+
+def test_pipeline_bad_config_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("source: {url: 'http://x', qos: 5}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+    assert proc.returncode == 2
+    assert f"{config}: source.url" in proc.stderr and f"{config}: source.qos" in proc.stderr
+    assert "Traceback" not in proc.stderr
