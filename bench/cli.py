@@ -115,8 +115,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _info(p: runner.Progress) -> str:
     return (
-        f"[{p.phase}] persisted {p.persisted:,}  rejected {p.rejected:,}  "
-        f"{p.send_rate:,.0f} msg/s  lag {p.lag_s * 1000:,.0f} ms"
+        f"{p.phase:<6} persisted {p.persisted:,}  rejected {p.rejected:,}  "
+        f"{p.send_rate:,.0f} msg/s  not yet durable {p.backlog:,}  publisher lag {p.lag_s * 1000:,.0f} ms"
     )
 
 

@@ -21,13 +21,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.errors import RunFailed, ServiceError, UsageError
+from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, read_back, reconcile
 from bench.results import SCHEMA_VERSION, LatencyRecorder, environment, write_results
 from bench.scenario import LoadedScenario, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import resolve_env
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
 from pipeline.runtime import Pipeline
@@ -63,6 +63,7 @@ class Progress:
     rejected: int
     send_rate: float
     lag_s: float
+    backlog: int
     phase: str
 
 
@@ -136,6 +137,12 @@ def run(
     send_log = _SendLog(planned)
     load_before = environment()
 
+    try:
+        username = resolve_env(mq.username, "transport.mqtt.username")
+        password = resolve_env(mq.password, "transport.mqtt.password")
+    except ConfigError as exc:
+        raise ScenarioError(f"{loaded.path}: {exc}") from None
+
     broker: EmbeddedBroker | None = None
     pipeline: Pipeline | None = None
     source: MqttSource | None = None
@@ -148,8 +155,6 @@ def run(
                 url = broker.url
             else:
                 url = broker_setting
-            username = resolve_env(mq.username, "transport.mqtt.username")
-            password = resolve_env(mq.password, "transport.mqtt.password")
             pipeline = Pipeline(sc.pipeline, run_dir, clock, on_flush=flushes.append)
             pipeline.start()
             source = MqttSource(
@@ -193,6 +198,7 @@ def run(
         def snapshot(rate: float) -> Progress:
             assert pipeline is not None
             stats = pipeline.statistics()
+            durable = sum(b.flushed_rows for b in (stats.readings, stats.rejections) if b is not None)
             now = clock.now_ns()
             elapsed = max(0.0, (now - epoch_ns) / 1e9)
             lag = (
@@ -209,6 +215,7 @@ def run(
                 rejected=stats.rejected,
                 send_rate=rate,
                 lag_s=lag if send_log.count < planned else 0.0,
+                backlog=max(0, send_log.count - durable),
                 phase=_phase_at(phase_ends, elapsed),
             )
 

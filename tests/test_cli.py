@@ -77,3 +77,16 @@ def test_run_on_broken_scenario_exits_2_with_one_line(write_scenario: Callable[[
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"bench: error: {path}: phases[0].steady.rate:")
+
+
+def test_missing_credential_variable_names_file_and_field(
+    write_scenario: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IIOT_BENCH_TEST_PASSWORD", raising=False)
+    path = write_scenario(
+        "name: creds\nphases: [{kind: steady, rate: 10, duration: 1s}]\n"
+        "transport: {mqtt: {username: u, password: '${IIOT_BENCH_TEST_PASSWORD}'}}\n"
+    )
+    assert main(["run", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: transport.mqtt.password: environment variable IIOT_BENCH_TEST_PASSWORD is not set" in err
