@@ -318,6 +318,7 @@ def run(
             "accepted": pipeline_stats.accepted,
             "rejected": pipeline_stats.rejected,
             "rejected_by_reason": pipeline_stats.rejected_by_reason,
+            "refused_after_close": pipeline_stats.refused_after_close,
             "producer_wait_ms": round(pipeline_stats.readings.producer_wait_ns / 1e6, 3)
             if pipeline_stats.readings
             else 0,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from pipeline.clock import Clock
+from pipeline.errors import PipelineError
 from pipeline.model import FlushStat, TriggerKind
 from pipeline.sinks import Sink
 
@@ -28,6 +29,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 WRITE_RETRIES = (0.1, 0.5, 2.0)
+
+
+class BufferClosed(PipelineError):
+    """A row was offered after :meth:`FlushingBuffer.close`; it was not accepted."""
 
 
 def due_trigger(now_ns: int, count: int, oldest_ns: int | None, size: int, interval_ns: int) -> TriggerKind | None:
@@ -103,11 +108,17 @@ class FlushingBuffer(Generic[T]):
     def put(self, item: T) -> None:
         """Add one row; blocks while the buffer is at capacity (backpressure)."""
         with self._cond:
+            if self._closing:
+                raise BufferClosed(f"buffer of sink {self._sink.name} is closed; row not accepted")
             if len(self._items) >= self._capacity:
                 start = time.perf_counter_ns()
                 while len(self._items) >= self._capacity and not self._closing:
                     self._cond.wait()
                 self._producer_wait_ns += time.perf_counter_ns() - start
+                if self._closing:
+                    # The flusher may already have written its last batch: a row
+                    # appended now would be counted as accepted and never written.
+                    raise BufferClosed(f"buffer of sink {self._sink.name} closed while a producer waited")
             first = not self._items
             if first:
                 self._oldest_ns = self._clock.now_ns()

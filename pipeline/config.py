@@ -98,7 +98,9 @@ class ParquetSettings(Frozen):
     """Parquet output: ParquetWriter row groups, one file per time window."""
 
     path: str = Field("data", description="Folder for accepted rows (relative to the output folder).")
-    rotate: Duration = Field(60.0, gt=0, description="Time window per file, by reading timestamp.")
+    rotate: Duration = Field(
+        60.0, ge=1, description="Time window per file, by reading timestamp; at least 1 s (file names are per second)."
+    )
     compression: Literal["snappy", "zstd", "gzip", "none"] = "snappy"
     fsync: bool = Field(True, description="fsync after each row group so 'persisted' means durable.")
 

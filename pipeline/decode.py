@@ -31,7 +31,9 @@ def decode(payload: bytes) -> dict[str, Any] | DecodeFailure:
         obj = json.loads(text, parse_constant=_refuse_constant)
     except _NonJsonConstant as exc:
         return DecodeFailure("non_finite", f"JSON has non-standard constant {exc.args[0]}")
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and also integers past Python's
+        # digit limit (int_max_str_digits), which json.loads raises plainly.
         return DecodeFailure("malformed_json", str(exc)[:200])
     if not isinstance(obj, dict):
         return DecodeFailure("not_an_object", f"expected a JSON object, got {type(obj).__name__}")

@@ -81,6 +81,8 @@ class WindowedParquetWriter:
         prefix: str,
         grace_windows: int = 1,
     ) -> None:
+        if rotate_s < 1:
+            raise ValueError("rotate_s must be at least 1 s: file names resolve to the second")
         self.folder = folder
         self.schema = schema
         self._window_ns = int(rotate_s * 1e9)
@@ -91,20 +93,28 @@ class WindowedParquetWriter:
         self._open: dict[int, _OpenFile] = {}
         self._parts: dict[int, int] = {}
         self._newest: int | None = None
+        # (batch_id, window) pairs already written: a retried batch skips them,
+        # so a failure half-way through a multi-window batch cannot duplicate rows.
+        self._written: tuple[int, set[int]] = (-1, set())
         self.files_written: list[Path] = []
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SinkError(f"cannot create output folder {folder}: {exc}") from None
 
-    def write(self, table: pa.Table, window_keys: Sequence[int]) -> tuple[int, int]:
+    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> tuple[int, int]:
         """Append ``table``; ``window_keys[i]`` is row i's time in ns. Returns (write, commit) ns."""
         write_ns = commit_ns = 0
+        if self._written[0] != batch_id:
+            self._written = (batch_id, set())
+        done = self._written[1]
         by_window: dict[int, list[int]] = {}
         for index, key in enumerate(window_keys):
             by_window.setdefault(key // self._window_ns, []).append(index)
         touched: list[_OpenFile] = []
         for window, rows in sorted(by_window.items()):
+            if window in done:
+                continue
             start = time.perf_counter_ns()
             part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
             target = self._file_for(window)
@@ -113,6 +123,7 @@ class WindowedParquetWriter:
             except (OSError, pa.ArrowException) as exc:
                 raise SinkError(f"cannot write {target.tmp}: {exc}") from None
             target.rows += part.num_rows
+            done.add(window)
             touched.append(target)
             write_ns += time.perf_counter_ns() - start
             if self._newest is None or window > self._newest:
@@ -195,7 +206,7 @@ class ParquetSink:
             schema=READING_SCHEMA,
         )
         build_ns = time.perf_counter_ns() - start
-        write_ns, commit_ns = self._out.write(table, [r.ts_ns for r in items])
+        write_ns, commit_ns = self._out.write(table, [r.ts_ns for r in items], batch_id)
         return SinkTiming(build_ns, write_ns, commit_ns)
 
     def close(self) -> None:
@@ -228,7 +239,7 @@ class QuarantineSink:
             schema=QUARANTINE_SCHEMA,
         )
         build_ns = time.perf_counter_ns() - start
-        write_ns, commit_ns = self._out.write(table, [r.received_ns for r in items])
+        write_ns, commit_ns = self._out.write(table, [r.received_ns for r in items], batch_id)
         return SinkTiming(build_ns, write_ns, commit_ns)
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.buffer import BufferStatistics, FlushingBuffer
+from pipeline.buffer import BufferClosed, BufferStatistics, FlushingBuffer
 from pipeline.clock import Clock
 from pipeline.config import PipelineSettings
 from pipeline.model import FlushStat, Reading, Rejection
@@ -28,6 +28,7 @@ class PipelineStatistics:
     accepted: int
     rejected: int
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    refused_after_close: int = 0
     readings: BufferStatistics | None = None
     rejections: BufferStatistics | None = None
 
@@ -69,6 +70,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._received = 0
         self._reasons: Counter[str] = Counter()
+        self._refused_after_close = 0
 
     def start(self) -> None:
         self._readings.start()
@@ -82,10 +84,16 @@ class Pipeline:
             self._received += 1
             if isinstance(result, Rejection):
                 self._reasons[result.reason] += 1
-        if isinstance(result, Reading):
-            self._readings.put(result)
-        else:
-            self._rejections.put(result)
+        try:
+            if isinstance(result, Reading):
+                self._readings.put(result)
+            else:
+                self._rejections.put(result)
+        except BufferClosed:
+            # A source that delivers after close(): count it so the ledger's
+            # "lost" has a visible cause instead of vanishing in a callback.
+            with self._lock:
+                self._refused_after_close += 1
 
     def close(self) -> None:
         """Flush everything buffered and finalise every file."""
@@ -100,12 +108,14 @@ class Pipeline:
         with self._lock:
             received = self._received
             reasons = dict(self._reasons)
+            refused = self._refused_after_close
         rejected = sum(reasons.values())
         return PipelineStatistics(
             received=received,
             accepted=received - rejected,
             rejected=rejected,
             rejected_by_reason=reasons,
+            refused_after_close=refused,
             readings=self._readings.statistics(),
             rejections=self._rejections.statistics(),
         )

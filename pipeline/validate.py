@@ -41,7 +41,7 @@ class Validator:
         # refused below instead of failing the whole batch at write time.
         seq_known = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
         machine = obj.get("machine")
-        machine_known = machine if isinstance(machine, str) else None
+        machine_known = machine if isinstance(machine, str) and _is_utf8(machine) else None
 
         def reject(reason: str, detail: str) -> Rejection:
             return Rejection(reason, detail, payload, topic, received_ns, seq_known, machine_known)
@@ -54,13 +54,19 @@ class Validator:
                 return reject("out_of_range", f"seq: expected 0 <= seq < 2**63, got {seq}")
             return reject("wrong_type", f"seq: expected an integer, got {_kind(seq)}")
         if machine_known is None or not machine_known:
+            if isinstance(machine, str) and machine:
+                # JSON may carry lone surrogates (\ud800) that no UTF-8 sink can store.
+                return reject("invalid_utf8", f"machine: not encodable as UTF-8: {machine[:64]!r}")
             return reject("wrong_type", f"machine: expected a non-empty string, got {_kind(machine)}")
         numbers: dict[str, float] = {}
         for name in ("load_rate", "mileage"):
             value = obj[name]
             if isinstance(value, bool) or not isinstance(value, int | float):
                 return reject("wrong_type", f"{name}: expected a number, got {_kind(value)}")
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                return reject("out_of_range", f"{name}: integer too large for a float")
             if not math.isfinite(number):
                 return reject("non_finite", f"{name}: {number}")
             numbers[name] = number
@@ -80,6 +86,14 @@ class Validator:
         )
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
@@ -94,7 +108,10 @@ def _parse_ts(value: Any) -> int | str:
         return f"ts: not ISO 8601: {value[:64]!r}"
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         return f"naive: ts has no zone: {value[:64]!r}"
-    utc = parsed.astimezone(UTC)
+    try:
+        utc = parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        return f"ts: outside the representable range: {value[:64]!r}"
     # Exact integer arithmetic: float seconds lose microseconds at epoch scale.
     delta = utc - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000

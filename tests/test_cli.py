@@ -38,7 +38,8 @@ def test_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "value"), [("--messages", "0"), ("--messages", "-3"), ("--messages", "x"), ("--duration", "0"), ("--duration", "-1s")]
+    ("flag", "value"),
+    [("--messages", "0"), ("--messages", "-3"), ("--messages", "x"), ("--duration", "0"), ("--duration", "-1s")],
 )
 def test_non_positive_overrides_are_rejected(flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -71,7 +72,12 @@ def test_run_on_broken_scenario_exits_2_with_one_line(write_scenario: Callable[[
     """Through the real entry point: exit code 2, one line on stderr, no traceback."""
     path = write_scenario(BROKEN)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "run", str(path)], capture_output=True, text=True, cwd=ROOT, timeout=60
+        [sys.executable, "-m", "bench", "run", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -80,7 +86,10 @@ def test_run_on_broken_scenario_exits_2_with_one_line(write_scenario: Callable[[
 
 
 def test_missing_credential_variable_names_file_and_field(
-    write_scenario: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    write_scenario: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("IIOT_BENCH_TEST_PASSWORD", raising=False)
     path = write_scenario(

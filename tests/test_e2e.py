@@ -13,6 +13,7 @@ import pytest
 from bench import runner
 from bench.cli import main
 from bench.scenario import load_scenario
+from simulators.stream import planned_count
 from tests.conftest import SCENARIOS
 
 SMALL = """
@@ -47,9 +48,7 @@ def _check_run(outcome: runner.RunOutcome, planned: int) -> dict[str, Any]:
     return variant
 
 
-def test_small_scenario_reconciles_over_embedded_broker(
-    write_scenario: Callable[[str], Path], tmp_path: Path
-) -> None:
+def test_small_scenario_reconciles_over_embedded_broker(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
     loaded = load_scenario(write_scenario(SMALL))
     outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run"))
     variant = _check_run(outcome, planned=200 + 400 + 200)
@@ -85,6 +84,6 @@ def test_burst_yaml_through_the_cli_with_message_override(tmp_path: Path, capsys
 def test_qos0_and_poisson_arrivals_reconcile(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
     text = SMALL.replace("qos: 1", "qos: 0").replace("run: {drain_timeout: 10s}", "run: {arrival: poisson}")
     loaded = load_scenario(write_scenario(text))
-    planned = runner.planned_count(loaded.scenario.stream_spec())
+    planned = planned_count(loaded.scenario.stream_spec())
     outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run"))
     _check_run(outcome, planned)

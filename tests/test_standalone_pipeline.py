@@ -52,10 +52,18 @@ def test_pipeline_runs_standalone(tmp_path: Path) -> None:
         )
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "--config", str(config), "--report-every", "0.1"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         lines: queue.Queue[str] = queue.Queue()
-        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []], daemon=True)
+
+        def pump() -> None:
+            for line in proc.stdout or []:
+                lines.put(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         try:
             # The first line says the subscription is granted; publishing before it would lose messages.
@@ -69,7 +77,7 @@ def test_pipeline_runs_standalone(tmp_path: Path) -> None:
             proc.wait(timeout=30)
             reader.join(timeout=10)
         err = proc.stderr.read() if proc.stderr else ""
-        out = [line for line in iter_queue(lines) if "stopped" in line][0]
+        out = next(line for line in iter_queue(lines) if "stopped" in line)
     assert proc.returncode == 0, err
     assert "received=4 accepted=2 rejected=2" in out, out
     data = ds.dataset(tmp_path / "out" / "data", format="parquet").to_table()
@@ -85,7 +93,12 @@ def test_pipeline_bad_config_exits_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("source: {url: 'http://x', qos: 5}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "--config", str(config)], capture_output=True, text=True, cwd=ROOT, timeout=30
+        [sys.executable, "-m", "pipeline", "--config", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert f"{config}: source.url" in proc.stderr and f"{config}: source.qos" in proc.stderr
