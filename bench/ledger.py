@@ -118,6 +118,8 @@ def reconcile(
     unexpected = sum(1 for s in persisted_counts if s not in sent)
     duplicates = sum(c - 1 for c in persisted_counts.values() if c > 1)
     rejected_counts = Counter(s for s in back.rejected_seqs if s is not None)
+    # A quarantined message whose seq was never sent is foreign traffic too.
+    unexpected += sum(1 for s in rejected_counts if s not in sent)
     duplicates += sum(c - 1 for c in rejected_counts.values() if c > 1)
     rejected_known = {s for s in rejected_counts if s in sent and s not in persisted}
     rejected_anonymous = sum(1 for s in back.rejected_seqs if s is None)

@@ -85,6 +85,13 @@ def test_unexpected_seqs() -> None:
     assert any("never sent" in p for p in ledger.problems())
 
 
+def test_quarantined_seq_that_was_never_sent_is_unexpected() -> None:
+    """Foreign traffic on a shared topic shows up even when the pipeline rejected it."""
+    ledger = reconcile(range(3), back([0, 1, 2], rejected=[99], reasons=["wrong_type"]))
+    assert ledger.unexpected == 1
+    assert not ledger.reconciled
+
+
 def test_rejected_with_seq() -> None:
     ledger = reconcile(
         range(10), back(list(range(7)), rejected=[7, 8, 9], reasons=["wrong_type", "wrong_type", "bad_timestamp"])
