@@ -29,6 +29,8 @@ class ReadBack:
     rejected_reasons: list[str]
     files: int
     unfinalised: list[str]
+    dropped_seqs: list[int | None] = field(default_factory=list)
+    dropped_reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -77,8 +79,9 @@ class Ledger:
 def _read_column(folder: Path, columns: Sequence[str]) -> tuple[dict[str, list[Any]], int, list[str]]:
     values: dict[str, list[Any]] = {c: [] for c in columns}
     files = 0
-    unfinalised = sorted(str(p) for p in folder.glob("*.tmp")) if folder.exists() else []
-    for path in sorted(folder.glob("*.parquet")) if folder.exists() else []:
+    # rglob: the dataset strategy nests files in machine=/date= folders.
+    unfinalised = sorted(str(p) for p in folder.rglob("*.tmp")) if folder.exists() else []
+    for path in sorted(folder.rglob("*.parquet")) if folder.exists() else []:
         table: pa.Table = pq.read_table(path, columns=list(columns))
         for c in columns:
             values[c].extend(table.column(c).to_pylist())
@@ -86,10 +89,15 @@ def _read_column(folder: Path, columns: Sequence[str]) -> tuple[dict[str, list[A
     return values, files, unfinalised
 
 
-def read_back(data_dir: Path, quarantine_dir: Path) -> ReadBack:
+def read_back(data_dir: Path, quarantine_dir: Path, dropped_dir: Path | None = None) -> ReadBack:
     data, data_files, data_tmp = _read_column(data_dir, ["seq", "batch_id"])
     rej, rej_files, rej_tmp = _read_column(quarantine_dir, ["seq", "reason"])
+    drops: dict[str, list[Any]] = {"seq": [], "reason": []}
+    if dropped_dir is not None:
+        drops, _, _ = _read_column(dropped_dir, ["seq", "reason"])
     return ReadBack(
+        dropped_seqs=drops["seq"],
+        dropped_reasons=drops["reason"],
         persisted_seqs=data["seq"],
         persisted_batches=data["batch_id"],
         rejected_seqs=rej["seq"],
@@ -104,6 +112,8 @@ def reconcile(
     back: ReadBack,
     dropped: dict[int, str] | None = None,
 ) -> Ledger:
+    if dropped is None:
+        dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
     """Account for every sent seq id.
 
     A seq counts as persisted once however often it was written (extra copies
@@ -111,7 +121,6 @@ def reconcile(
     rejected, so ``lost`` is computed from counts, and ``missing_seq_sample``
     lists ids found nowhere.
     """
-    dropped = dropped or {}
     sent = set(sent_seqs)
     persisted_counts = Counter(back.persisted_seqs)
     persisted = {s for s in persisted_counts if s in sent}

@@ -7,9 +7,12 @@ prints :func:`json_schema` for editors.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import re
 import string
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -143,9 +146,23 @@ class MqttTransport(Frozen):
         return self.topic_for_run(run_id).replace("{machine}", "+")
 
 
+class MemoryTransport(Frozen):
+    producers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Producer threads handing messages straight to the pipeline, each its share of machines.",
+    )
+
+
 class Transport(Frozen):
-    kind: Literal["mqtt"] = "mqtt"
+    kind: Literal["mqtt", "memory"] = Field(
+        "mqtt",
+        description="mqtt: over a broker. memory: payloads handed to the pipeline in-process, paced the same "
+        "way; for measuring the pipeline's own hot path (sinks, locks) without a broker in the way.",
+    )
     mqtt: MqttTransport = MqttTransport()
+    memory: MemoryTransport = MemoryTransport()
 
 
 class RunSettings(Frozen):
@@ -157,6 +174,18 @@ class RunSettings(Frozen):
         gt=0,
         description="After the last send, how long the pipeline may go without progress before the run ends.",
     )
+    start: datetime | None = Field(
+        None,
+        description="Fixed UTC time of the first reading's timestamp (ISO 8601 with a zone), so two runs write "
+        "identical keys; default: the run's start time.",
+    )
+
+    @field_validator("start")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.utcoffset() is None:
+            raise ValueError("expected a time with a zone, e.g. 2026-01-01T00:00:00Z")
+        return value
 
 
 class Scenario(Frozen):
@@ -171,6 +200,11 @@ class Scenario(Frozen):
     transport: Transport = Transport()
     pipeline: PipelineSettings = PipelineSettings()
     run: RunSettings = RunSettings()
+    matrix: tuple[dict[str, Any], ...] = Field(
+        (),
+        description="Variants run on the same stream: each has a name and dotted keys under pipeline. or "
+        "transport., e.g. {name: coarse, pipeline.buffer.lock: coarse}.",
+    )
 
     def stream_spec(self) -> StreamSpec:
         phases = []
@@ -198,10 +232,44 @@ class LoadedScenario:
     scenario: Scenario
     path: Path
     sha256: str
+    variants: tuple[tuple[str, Scenario], ...] = ()
+    """(name, scenario with the variant applied); one ``default`` entry without a matrix."""
+
+
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VARIABLE_PREFIXES = ("pipeline.", "transport.")
+
+
+def _apply_variant(path: Path, index: int, base: dict[str, Any], variant: dict[str, Any]) -> tuple[str, Scenario]:
+    where = f"{path}: matrix[{index}]"
+    name = variant.get("name")
+    if not isinstance(name, str) or not _VARIANT_NAME.match(name):
+        raise ScenarioError(f"{where}.name: expected a name of letters, digits, '_', '.', '-', got {name!r}")
+    data = copy.deepcopy(base)
+    data.pop("matrix", None)
+    for key, value in variant.items():
+        if key == "name":
+            continue
+        if not key.startswith(_VARIABLE_PREFIXES):
+            raise ScenarioError(
+                f"{where}.{key}: only pipeline.* and transport.* keys may vary, so every variant replays the same stream"
+            )
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ScenarioError(f"{where}.{key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    try:
+        return name, Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(format_validation_error(f"{where} ({name})", exc)) from None
 
 
 def load_scenario(path: Path | str) -> LoadedScenario:
-    """Read, parse and validate a scenario file; raises :class:`ScenarioError`."""
+    """Read, parse and validate a scenario file and each matrix variant; raises :class:`ScenarioError`."""
     path = Path(path)
     data = load_yaml_mapping(path, ScenarioError)
     try:
@@ -210,7 +278,13 @@ def load_scenario(path: Path | str) -> LoadedScenario:
         raise ScenarioError(format_validation_error(path, exc)) from None
     if planned_count(scenario.stream_spec()) == 0:
         raise ScenarioError(f"{path}: phases: the phases send no message; give at least one steady, burst or ramp")
-    return LoadedScenario(scenario, path, hashlib.sha256(path.read_bytes()).hexdigest())
+    variants = tuple(_apply_variant(path, i, data, v) for i, v in enumerate(scenario.matrix))
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names):
+        raise ScenarioError(f"{path}: matrix: variant names must be unique, got {names}")
+    return LoadedScenario(
+        scenario, path, hashlib.sha256(path.read_bytes()).hexdigest(), variants or (("default", scenario),)
+    )
 
 
 def json_schema() -> dict[str, Any]:

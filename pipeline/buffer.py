@@ -1,14 +1,21 @@
-"""A bounded buffer with two flush triggers (size and timeout) and one flusher.
+"""A bounded buffer with size and timeout flush triggers, driven by threads.
 
-Producers call :meth:`FlushingBuffer.put`; a single flusher thread swaps the
-buffered rows out under the lock and writes them *outside* it, so a slow disk
-never makes producers wait for the write itself. Because one thread owns every
-flush, a size trigger racing the timeout trigger cannot produce two flushes of
-the same rows: a trigger that fires while a flush is running is counted as
-*coalesced* and served by the next swap.
+Two lock strategies, chosen by name (see :data:`LOCK_STRATEGIES`):
 
-The decision "is a flush due?" is the pure function :func:`due_trigger`, tested
-on a fake clock without threads.
+``swap`` (improved)
+    The lock guards only appending and swapping the buffer out. One flusher
+    thread owns every flush and writes *outside* the lock, so a slow disk never
+    makes producers wait for the write, and a size trigger racing the timeout
+    trigger cannot flush twice: a trigger that fires while a flush runs is
+    counted as *coalesced* and served by the next swap.
+``coarse`` (naive baseline, as first implementations do)
+    The lock is held across the whole flush, file or database I/O included. A
+    producer that fills the buffer flushes inline; the timer thread flushes
+    under the same lock. Correct (flushes are serialised) but every producer
+    waits for every write.
+
+Probes (when enabled): producer lock wait, lock hold time (any holder), and
+producer stall (whole ``put``), each an HdrHistogram recorded under the lock.
 """
 
 from __future__ import annotations
@@ -16,40 +23,28 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
+from pipeline.buffer_core import DROP_REASON, BufferCore, LockKind, Overflow, due_trigger
 from pipeline.clock import Clock
 from pipeline.errors import PipelineError
 from pipeline.model import FlushStat, TriggerKind
+from pipeline.probes import Recorder
 from pipeline.sinks import Sink
+
+__all__ = ["LOCK_STRATEGIES", "BufferClosed", "BufferStatistics", "FlushingBuffer", "due_trigger"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 WRITE_RETRIES = (0.1, 0.5, 2.0)
+LOCK_STRATEGIES: tuple[LockKind, ...] = ("coarse", "swap")
 
 
 class BufferClosed(PipelineError):
     """A row was offered after :meth:`FlushingBuffer.close`; it was not accepted."""
-
-
-def due_trigger(now_ns: int, count: int, oldest_ns: int | None, size: int, interval_ns: int) -> TriggerKind | None:
-    """Which trigger, if any, is due now.
-
-    >>> due_trigger(0, 10, 0, size=10, interval_ns=5)
-    'size'
-    >>> due_trigger(5, 1, 0, size=10, interval_ns=5)
-    'timeout'
-    >>> due_trigger(4, 1, 0, size=10, interval_ns=5) is None
-    True
-    """
-    if count >= size:
-        return "size"
-    if count and oldest_ns is not None and now_ns - oldest_ns >= interval_ns:
-        return "timeout"
-    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,34 +57,56 @@ class BufferStatistics:
     flushes: int
     coalesced: int
     failed_rows: int
+    dropped: int
     producer_wait_ns: int
 
 
+@dataclass
+class LockProbes:
+    """Histograms of the buffer lock: producer wait, hold (any holder), producer stall."""
+
+    wait: Recorder
+    hold: Recorder
+    stall: Recorder
+
+    @classmethod
+    def new(cls) -> LockProbes:
+        return cls(Recorder(), Recorder(), Recorder())
+
+
 class FlushingBuffer(Generic[T]):
-    """Bounded buffer flushed by size or age into a :class:`~pipeline.sinks.Sink`."""
+    """Bounded buffer flushed by size or age into one or more sinks."""
 
     def __init__(
         self,
-        sink: Sink[T],
+        sink: Sink[T] | Sequence[Sink[T]],
         *,
         size: int,
         flush_interval_s: float,
         capacity: int,
         clock: Clock,
         on_flush: Callable[[FlushStat], None] | None = None,
+        lock: LockKind = "swap",
+        overflow: Overflow = "block",
+        on_drop: Callable[[T, str], None] | None = None,
+        probes: bool = True,
     ) -> None:
-        if size <= 0 or capacity < size or flush_interval_s <= 0:
-            raise ValueError("need size > 0, capacity >= size and flush_interval > 0")
-        self._sink = sink
-        self._size = size
-        self._interval_ns = int(flush_interval_s * 1e9)
-        self._capacity = capacity
+        if lock not in LOCK_STRATEGIES:
+            raise ValueError(f"lock strategy must be one of {LOCK_STRATEGIES}, got {lock!r}")
+        self._sinks: list[Sink[T]] = [sink] if not isinstance(sink, Sequence) else list(sink)
+        if not self._sinks:
+            raise ValueError("need at least one sink")
+        self._core: BufferCore[T] = BufferCore(
+            size=size, interval_ns=int(flush_interval_s * 1e9), capacity=capacity, overflow=overflow
+        )
+        self._lock_kind: LockKind = lock
         self._clock = clock
         self._on_flush = on_flush
+        self._on_drop = on_drop
+        self.probes: LockProbes | None = LockProbes.new() if probes else None
         self._cond = threading.Condition()
-        self._items: list[T] = []
-        self._oldest_ns: int | None = None
         self._closing = False
+        self._stopped = False
         self._flushing = False
         self._pending_coalesced = 0
         self._batch_id = 0
@@ -98,118 +115,187 @@ class FlushingBuffer(Generic[T]):
         self._flushes = 0
         self._coalesced = 0
         self._failed_rows = 0
+        self._dropped = 0
         self._producer_wait_ns = 0
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"flush-{sink.name}", daemon=True)
+        name = "+".join(s.name for s in self._sinks)
+        self._thread = threading.Thread(target=self._run, name=f"flush-{name}", daemon=True)
+
+    @property
+    def lock_kind(self) -> LockKind:
+        return self._lock_kind
 
     def start(self) -> None:
         self._thread.start()
 
+    # -- producers ---------------------------------------------------------
+
     def put(self, item: T) -> None:
-        """Add one row; blocks while the buffer is at capacity (backpressure)."""
-        with self._cond:
+        """Add one row. ``block`` waits while full; the drop policies never wait."""
+        t_enter = time.perf_counter_ns()
+        self._cond.acquire()
+        t_locked = time.perf_counter_ns()
+        try:
+            if self.probes is not None:
+                self.probes.wait.record_ns(t_locked - t_enter)
             if self._closing:
-                raise BufferClosed(f"buffer of sink {self._sink.name} is closed; row not accepted")
-            if len(self._items) >= self._capacity:
+                raise BufferClosed(f"buffer of {self._thread.name} is closed; row not accepted")
+            result, dropped = self._core.offer(item, self._clock.now_ns())
+            if result == "full":
                 start = time.perf_counter_ns()
-                while len(self._items) >= self._capacity and not self._closing:
+                while result == "full" and not self._closing:
                     self._cond.wait()
+                    result, dropped = self._core.offer(item, self._clock.now_ns())
                 self._producer_wait_ns += time.perf_counter_ns() - start
-                if self._closing:
-                    # The flusher may already have written its last batch: a row
-                    # appended now would be counted as accepted and never written.
-                    raise BufferClosed(f"buffer of sink {self._sink.name} closed while a producer waited")
-            first = not self._items
-            if first:
-                self._oldest_ns = self._clock.now_ns()
-            self._items.append(item)
-            self._accepted += 1
-            if first:
+                if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
+                    # Closing while we waited: the flusher may have written its
+                    # last batch, so appending now would lose the row silently.
+                    raise BufferClosed(f"buffer of {self._thread.name} closed while a producer waited")
+            if result != "dropped_newest":
+                self._accepted += 1
+            if dropped is not None:
+                self._dropped += 1
+                if self._on_drop is not None:
+                    self._on_drop(dropped, DROP_REASON[result])
+            if len(self._core) == 1:
                 # The flusher sleeps without a deadline while the buffer is
                 # empty; the first row starts the timeout trigger's clock.
                 self._cond.notify_all()
-            if len(self._items) == self._size:
-                if self._flushing:
-                    self._pending_coalesced += 1
-                self._cond.notify_all()
+            if len(self._core) >= self._core.size:
+                if self._lock_kind == "coarse":
+                    self._flush_locked("size")
+                else:
+                    if self._flushing and len(self._core) == self._core.size:
+                        # The size trigger fires once per fill; while a flush
+                        # runs it is served by the next swap, not a second flush.
+                        self._pending_coalesced += 1
+                    self._cond.notify_all()
+        finally:
+            if self.probes is not None:
+                now = time.perf_counter_ns()
+                self.probes.hold.record_ns(now - t_locked)
+                self.probes.stall.record_ns(now - t_enter)
+            self._cond.release()
 
     def wake(self) -> None:
         """Re-evaluate the triggers now (used after a fake clock jumps)."""
         with self._cond:
-            if self._flushing and self._items:
+            if self._flushing and len(self._core):
                 self._pending_coalesced += 1
             self._cond.notify_all()
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Flush what is left (trigger ``shutdown``), then close the sink."""
+        """Flush what is left (trigger ``shutdown``), then close the sinks."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        self._sink.close()
+        for sink in self._sinks:
+            sink.close()
 
     def statistics(self) -> BufferStatistics:
         with self._cond:
             return BufferStatistics(
-                buffered=len(self._items),
+                buffered=len(self._core),
                 accepted=self._accepted,
                 flushed_rows=self._flushed_rows,
                 flushes=self._flushes,
                 coalesced=self._coalesced,
                 failed_rows=self._failed_rows,
+                dropped=self._dropped,
                 producer_wait_ns=self._producer_wait_ns,
             )
+
+    # -- the flusher thread -------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while True:
-                    now = self._clock.now_ns()
-                    trigger = due_trigger(now, len(self._items), self._oldest_ns, self._size, self._interval_ns)
-                    if trigger is None and self._closing:
-                        trigger = "shutdown" if self._items else None
-                        if trigger is None:
-                            return
-                    if trigger is not None:
-                        break
-                    wait_s = None
-                    if self._oldest_ns is not None:
-                        wait_s = max(0.0, (self._oldest_ns + self._interval_ns - now) / 1e9)
-                    self._cond.wait(wait_s)
-                batch, self._items = self._items, []
-                self._oldest_ns = None
+                t_locked = time.perf_counter_ns()
+                trigger = self._wait_for_trigger()
+                if trigger is None:
+                    self._record_hold(t_locked)
+                    return
+                if self._lock_kind == "coarse":
+                    self._flush_locked(trigger)
+                    self._record_hold(t_locked)
+                    continue
+                batch = self._core.take()
                 self._flushing = True
                 self._batch_id += 1
                 batch_id = self._batch_id
-                self._cond.notify_all()  # producers blocked on capacity may go on
-            stat = self._write(batch, batch_id, trigger)
+                self._cond.notify_all()  # producers blocked on a full buffer may go on
+                self._record_hold(t_locked)
+            stats = self._write(batch, batch_id, trigger)
             with self._cond:
                 self._flushing = False
                 coalesced, self._pending_coalesced = self._pending_coalesced, 0
-                self._coalesced += coalesced
-                if stat is None:
-                    self._failed_rows += len(batch)
-                else:
-                    self._flushed_rows += len(batch)
-                    self._flushes += 1
-            if stat is not None and self._on_flush is not None:
+                self._account(batch, stats, coalesced)
+            self._report(stats, coalesced)
+
+    def _wait_for_trigger(self) -> TriggerKind | None:
+        """Under the lock: block until a trigger is due; ``None`` means stop."""
+        while True:
+            now = self._clock.now_ns()
+            trigger = self._core.due(now)
+            if trigger is None and self._closing:
+                return "shutdown" if len(self._core) else None
+            if trigger is not None:
+                return trigger
+            deadline = self._core.next_deadline_ns()
+            self._cond.wait(None if deadline is None else max(0.0, (deadline - now) / 1e9))
+
+    def _flush_locked(self, trigger: TriggerKind) -> None:
+        """Coarse: take and write while holding the lock (the baseline's cost)."""
+        batch = self._core.take()
+        self._batch_id += 1
+        stats = self._write(batch, self._batch_id, trigger)
+        self._account(batch, stats, 0)
+        self._cond.notify_all()
+        self._report(stats, 0)
+
+    def _record_hold(self, t_locked: int) -> None:
+        if self.probes is not None:
+            self.probes.hold.record_ns(time.perf_counter_ns() - t_locked)
+
+    def _account(self, batch: list[T], stats: list[FlushStat] | None, coalesced: int) -> None:
+        self._coalesced += coalesced
+        if stats is None:
+            self._failed_rows += len(batch)
+        else:
+            self._flushed_rows += len(batch)
+            self._flushes += 1
+
+    def _report(self, stats: list[FlushStat] | None, coalesced: int) -> None:
+        if stats is not None and self._on_flush is not None:
+            for stat in stats:
                 self._on_flush(replace(stat, coalesced=coalesced))
 
-    def _write(self, batch: list[T], batch_id: int, trigger: TriggerKind) -> FlushStat | None:
+    def _write(self, batch: list[T], batch_id: int, trigger: TriggerKind) -> list[FlushStat] | None:
+        """Write one batch to every sink, retrying each; ``None`` if a sink gave up."""
+        out = []
+        for sink in self._sinks:
+            stat = self._write_one(sink, batch, batch_id, trigger)
+            if stat is None:
+                return None
+            out.append(stat)
+        return out
+
+    def _write_one(self, sink: Sink[T], batch: list[T], batch_id: int, trigger: TriggerKind) -> FlushStat | None:
         started = self._clock.now_ns()
         for attempt, backoff in enumerate((*WRITE_RETRIES, None)):
             try:
-                timing = self._sink.write_batch(batch, batch_id)
+                timing = sink.write_batch(batch, batch_id)
             except Exception as exc:  # a sink failure must not kill the flusher thread
-                log.warning("sink %s: flush %d failed (attempt %d): %s", self._sink.name, batch_id, attempt + 1, exc)
+                log.warning("sink %s: flush %d failed (attempt %d): %s", sink.name, batch_id, attempt + 1, exc)
                 if backoff is None:
                     self.error = exc
                     return None
                 time.sleep(backoff)
                 continue
             return FlushStat(
-                sink=self._sink.name,
+                sink=sink.name,
                 batch_id=batch_id,
                 trigger=trigger,
                 rows=len(batch),
@@ -218,5 +304,7 @@ class FlushingBuffer(Generic[T]):
                 write_ns=timing.write_ns,
                 commit_ns=timing.commit_ns,
                 durable_ns=self._clock.now_ns(),
+                bytes_before=timing.bytes_before,
+                rows_before=timing.rows_before,
             )
         return None

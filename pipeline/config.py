@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from pipeline.errors import ConfigError
@@ -82,8 +83,22 @@ class BufferSettings(Frozen):
     capacity: int = Field(
         100_000,
         gt=0,
-        description="Most rows held at once; a producer blocks (backpressure) when it is full.",
+        description="Most rows held at once; what happens beyond it is the overflow policy.",
     )
+    lock: Literal["coarse", "swap"] = Field(
+        "swap",
+        description="swap: lock only around append/swap, write outside it, single-flight flush. "
+        "coarse: lock held across the whole flush (the naive baseline).",
+    )
+    overflow: Literal["block", "drop_oldest", "drop_newest"] = Field(
+        "block", description="When full: block the producer (backpressure), or drop a row (counted, by reason)."
+    )
+
+    @model_validator(mode="after")
+    def _capacity_holds_a_batch(self) -> BufferSettings:
+        if self.capacity < self.size:
+            raise ValueError(f"expected capacity >= size, got capacity={self.capacity}, size={self.size}")
+        return self
 
 
 class ValidateSettings(Frozen):
@@ -100,6 +115,14 @@ class ParquetSettings(Frozen):
     path: str = Field("data", description="Folder for accepted rows (relative to the output folder).")
     rotate: Duration = Field(
         60.0, ge=1, description="Time window per file, by reading timestamp; at least 1 s (file names are per second)."
+    )
+    strategy: Literal["writer", "rewrite", "dataset"] = Field(
+        "writer",
+        description="writer: ParquetWriter row groups (true append). rewrite: read, concat, rewrite the "
+        "whole file (naive baseline). dataset: a new file per flush, hive-partitioned by machine and date.",
+    )
+    rotate_rows: int | None = Field(
+        None, gt=0, description="Also start a new file once one holds this many rows (writer, rewrite)."
     )
     compression: Literal["snappy", "zstd", "gzip", "none"] = "snappy"
     fsync: bool = Field(True, description="fsync after each row group so 'persisted' means durable.")
@@ -118,6 +141,7 @@ class PipelineSettings(Frozen):
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     parquet: ParquetSettings = ParquetSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    probes: bool = Field(True, description="Record lock wait/hold and producer stall histograms.")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

@@ -59,6 +59,9 @@ class FlushStat:
     commit_ns: int
     durable_ns: int
     coalesced: int = 0
+    bytes_before: int | None = None
+    """Size of the target file before this flush (append-cost probe), if the sink knows it."""
+    rows_before: int | None = None
 
     @property
     def total_ns(self) -> int:

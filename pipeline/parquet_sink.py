@@ -10,13 +10,15 @@ from ids in the data (a machine id is not a safe path).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal, Protocol
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -53,6 +55,14 @@ QUARANTINE_SCHEMA = pa.schema(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    write_ns: int
+    commit_ns: int
+    bytes_before: int
+    rows_before: int
+
+
 @dataclass
 class _OpenFile:
     tmp: Path
@@ -80,6 +90,7 @@ class WindowedParquetWriter:
         fsync: bool,
         prefix: str,
         grace_windows: int = 1,
+        rotate_rows: int | None = None,
     ) -> None:
         if rotate_s < 1:
             raise ValueError("rotate_s must be at least 1 s: file names resolve to the second")
@@ -90,6 +101,7 @@ class WindowedParquetWriter:
         self._fsync = fsync
         self._prefix = prefix
         self._grace = grace_windows
+        self._rotate_rows = rotate_rows
         self._open: dict[int, _OpenFile] = {}
         self._parts: dict[int, int] = {}
         self._newest: int | None = None
@@ -102,9 +114,10 @@ class WindowedParquetWriter:
         except OSError as exc:
             raise SinkError(f"cannot create output folder {folder}: {exc}") from None
 
-    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> tuple[int, int]:
-        """Append ``table``; ``window_keys[i]`` is row i's time in ns. Returns (write, commit) ns."""
+    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
+        """Append ``table``; ``window_keys[i]`` is row i's time in ns."""
         write_ns = commit_ns = 0
+        bytes_before = rows_before = 0
         if self._written[0] != batch_id:
             self._written = (batch_id, set())
         done = self._written[1]
@@ -118,6 +131,12 @@ class WindowedParquetWriter:
             start = time.perf_counter_ns()
             part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
             target = self._file_for(window)
+            if self._rotate_rows is not None and target.rows >= self._rotate_rows:
+                self._finalise(window)
+                target = self._file_for(window)
+            # tell() is the bytes already in the file: the append-cost probe's x axis.
+            bytes_before = max(bytes_before, target.handle.tell())
+            rows_before = max(rows_before, target.rows)
             try:
                 target.writer.write_table(part)
             except (OSError, pa.ArrowException) as exc:
@@ -137,7 +156,7 @@ class WindowedParquetWriter:
         if self._newest is not None:
             for window in [w for w in self._open if w < self._newest - self._grace]:
                 self._finalise(window)
-        return write_ns, commit_ns
+        return WriteResult(write_ns, commit_ns, bytes_before, rows_before)
 
     def close(self) -> None:
         for window in list(self._open):
@@ -149,8 +168,7 @@ class WindowedParquetWriter:
             return existing
         part = self._parts.get(window, 0)
         self._parts[window] = part + 1
-        start = datetime.fromtimestamp(window * self._window_ns / 1e9, tz=UTC)
-        stem = f"{self._prefix}-{start:%Y%m%dT%H%M%S}Z-{part:03d}"
+        stem = _window_stem(self._prefix, window, self._window_ns, part)
         final = self.folder / f"{stem}.parquet"
         tmp = self.folder / f"{stem}.parquet.tmp"
         try:
@@ -176,15 +194,248 @@ class WindowedParquetWriter:
         self.files_written.append(target.final)
 
 
+def _window_stem(prefix: str, window: int, window_ns: int, part: int) -> str:
+    start = datetime.fromtimestamp(window * window_ns / 1e9, tz=UTC)
+    return f"{prefix}-{start:%Y%m%dT%H%M%S}Z-{part:03d}"
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+class RewriteParquetWriter:
+    """The naive "append": read the whole file, concatenate, write it all again.
+
+    Kept as the baseline: the cost of each flush grows with the file, which the
+    append-cost probe shows. Each rewrite goes to a temporary file that replaces
+    the old one atomically, so a crash mid-flush never leaves a broken file.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        schema: pa.Schema,
+        *,
+        rotate_s: float,
+        compression: str,
+        fsync: bool,
+        prefix: str,
+        rotate_rows: int | None = None,
+    ) -> None:
+        if rotate_s < 1:
+            raise ValueError("rotate_s must be at least 1 s: file names resolve to the second")
+        self.folder = folder
+        self.schema = schema
+        self._window_ns = int(rotate_s * 1e9)
+        self._compression = None if compression == "none" else compression
+        self._fsync = fsync
+        self._prefix = prefix
+        self._rotate_rows = rotate_rows
+        self._parts: dict[int, int] = {}
+        self._rows: dict[int, int] = {}
+        self._written: tuple[int, set[int]] = (-1, set())
+        self.files_written: list[Path] = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot create output folder {folder}: {exc}") from None
+
+    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
+        if self._written[0] != batch_id:
+            self._written = (batch_id, set())
+        done = self._written[1]
+        by_window: dict[int, list[int]] = {}
+        for index, key in enumerate(window_keys):
+            by_window.setdefault(key // self._window_ns, []).append(index)
+        write_ns = commit_ns = bytes_before = rows_before = 0
+        for window, rows in sorted(by_window.items()):
+            if window in done:
+                continue
+            start = time.perf_counter_ns()
+            part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
+            if self._rotate_rows is not None and self._rows.get(window, 0) >= self._rotate_rows:
+                self._parts[window] = self._parts.get(window, 0) + 1
+                self._rows[window] = 0
+            path = (
+                self.folder
+                / f"{_window_stem(self._prefix, window, self._window_ns, self._parts.get(window, 0))}.parquet"
+            )
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                if path.exists():
+                    bytes_before = max(bytes_before, path.stat().st_size)
+                    old = pq.read_table(path)
+                    rows_before = max(rows_before, old.num_rows)
+                    part = pa.concat_tables([old, part])
+                pq.write_table(part, tmp, compression=self._compression)
+            except (OSError, pa.ArrowException) as exc:
+                raise SinkError(f"cannot rewrite {path}: {exc}") from None
+            write_ns += time.perf_counter_ns() - start
+            start = time.perf_counter_ns()
+            try:
+                if self._fsync:
+                    _fsync_path(tmp)
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise SinkError(f"cannot replace {path}: {exc}") from None
+            commit_ns += time.perf_counter_ns() - start
+            if path not in self.files_written:
+                self.files_written.append(path)
+            self._rows[window] = part.num_rows
+            done.add(window)
+        return WriteResult(write_ns, commit_ns, bytes_before, rows_before)
+
+    def close(self) -> None:
+        """Every file is complete after each flush; nothing to finalise."""
+
+
+def partition_dir(machine: str) -> str:
+    """A safe directory name for a machine id: percent-encoded, bounded, never a path.
+
+    >>> partition_dir("press/../01")
+    'machine=press%2F..%2F01'
+    """
+    quoted = quote(machine, safe="")
+    if len(quoted) > 120:
+        digest = hashlib.sha256(machine.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        quoted = f"{quoted[:100]}~{digest}"
+    return f"machine={quoted}"
+
+
+class DatasetParquetWriter:
+    """One new file per flush and partition, in a hive-partitioned dataset (machine, date).
+
+    Appending never touches an existing file, so its cost is flat; the price is
+    many small files. Read it with ``pyarrow.dataset.dataset(path, partitioning="hive")``.
+    """
+
+    def __init__(self, folder: Path, schema: pa.Schema, *, compression: str, fsync: bool) -> None:
+        self.folder = folder
+        self.schema = schema
+        self._compression = None if compression == "none" else compression
+        self._fsync = fsync
+        self._written: tuple[int, set[tuple[str, str]]] = (-1, set())
+        self.files_written: list[Path] = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot create output folder {folder}: {exc}") from None
+
+    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
+        if self._written[0] != batch_id:
+            self._written = (batch_id, set())
+        done = self._written[1]
+        groups: dict[tuple[str, str], list[int]] = {}
+        machines = table.column("machine").to_pylist()
+        for index, (machine, key) in enumerate(zip(machines, window_keys, strict=True)):
+            day = datetime.fromtimestamp(key / 1e9, tz=UTC).strftime("%Y-%m-%d")
+            groups.setdefault((machine, day), []).append(index)
+        write_ns = commit_ns = 0
+        written: list[Path] = []
+        for (machine, day), rows in sorted(groups.items()):
+            if (machine, day) in done:
+                continue
+            start = time.perf_counter_ns()
+            folder = self.folder / partition_dir(machine) / f"date={day}"
+            path = folder / f"part-{batch_id:08d}.parquet"
+            tmp = path.with_name(path.name + ".tmp")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                pq.write_table(table.take(pa.array(rows)), tmp, compression=self._compression)
+            except (OSError, pa.ArrowException) as exc:
+                raise SinkError(f"cannot write {path}: {exc}") from None
+            write_ns += time.perf_counter_ns() - start
+            start = time.perf_counter_ns()
+            try:
+                if self._fsync:
+                    _fsync_path(tmp)
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise SinkError(f"cannot replace {path}: {exc}") from None
+            commit_ns += time.perf_counter_ns() - start
+            written.append(path)
+            done.add((machine, day))
+        self.files_written.extend(written)
+        return WriteResult(write_ns, commit_ns, 0, 0)
+
+    def close(self) -> None:
+        """Every file is complete when written; nothing to finalise."""
+
+
+class _TableWriter(Protocol):
+    files_written: list[Path]
+
+    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult: ...
+
+    def close(self) -> None: ...
+
+
+ParquetStrategy = Literal["writer", "rewrite", "dataset"]
+PARQUET_STRATEGIES: tuple[ParquetStrategy, ...] = ("writer", "rewrite", "dataset")
+
+
+def readings_table(items: Sequence[Reading], batch_id: int) -> pa.Table:
+    return pa.table(
+        {
+            "machine": pa.array([r.machine for r in items], pa.string()),
+            "ts": pa.array([r.ts_ns // 1000 for r in items], TS),
+            "load_rate": pa.array([r.load_rate for r in items], pa.float64()),
+            "mileage": pa.array([r.mileage for r in items], pa.float64()),
+            "seq": pa.array([r.seq for r in items], pa.int64()),
+            "received_at": pa.array([r.received_ns // 1000 for r in items], TS),
+            "batch_id": pa.array([batch_id] * len(items), pa.int64()),
+        },
+        schema=READING_SCHEMA,
+    )
+
+
 class ParquetSink:
-    """Accepted readings to Parquet, one row group per flush."""
+    """Accepted readings to Parquet with a chosen append strategy.
+
+    ``writer`` (default): ParquetWriter row groups, a file per time window (and
+    per ``rotate_rows``). ``rewrite``: the naive read-concat-rewrite baseline.
+    ``dataset``: a new file per flush in a hive-partitioned dataset.
+    """
 
     name = "parquet"
 
-    def __init__(self, folder: Path, *, rotate_s: float, compression: str, fsync: bool) -> None:
-        self._out = WindowedParquetWriter(
-            folder, READING_SCHEMA, rotate_s=rotate_s, compression=compression, fsync=fsync, prefix="readings"
-        )
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        rotate_s: float,
+        compression: str,
+        fsync: bool,
+        strategy: ParquetStrategy = "writer",
+        rotate_rows: int | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self._out: _TableWriter
+        if strategy == "writer":
+            self._out = WindowedParquetWriter(
+                folder,
+                READING_SCHEMA,
+                rotate_s=rotate_s,
+                compression=compression,
+                fsync=fsync,
+                prefix="readings",
+                rotate_rows=rotate_rows,
+            )
+        elif strategy == "rewrite":
+            self._out = RewriteParquetWriter(
+                folder,
+                READING_SCHEMA,
+                rotate_s=rotate_s,
+                compression=compression,
+                fsync=fsync,
+                prefix="readings",
+                rotate_rows=rotate_rows,
+            )
+        elif strategy == "dataset":
+            self._out = DatasetParquetWriter(folder, READING_SCHEMA, compression=compression, fsync=fsync)
+        else:
+            raise ValueError(f"parquet strategy must be one of {PARQUET_STRATEGIES}, got {strategy!r}")
 
     @property
     def files_written(self) -> list[Path]:
@@ -192,22 +443,10 @@ class ParquetSink:
 
     def write_batch(self, items: Sequence[Reading], batch_id: int) -> SinkTiming:
         start = time.perf_counter_ns()
-        ts = [r.ts_ns // 1000 for r in items]
-        table = pa.table(
-            {
-                "machine": pa.array([r.machine for r in items], pa.string()),
-                "ts": pa.array(ts, TS),
-                "load_rate": pa.array([r.load_rate for r in items], pa.float64()),
-                "mileage": pa.array([r.mileage for r in items], pa.float64()),
-                "seq": pa.array([r.seq for r in items], pa.int64()),
-                "received_at": pa.array([r.received_ns // 1000 for r in items], TS),
-                "batch_id": pa.array([batch_id] * len(items), pa.int64()),
-            },
-            schema=READING_SCHEMA,
-        )
+        table = readings_table(items, batch_id)
         build_ns = time.perf_counter_ns() - start
-        write_ns, commit_ns = self._out.write(table, [r.ts_ns for r in items], batch_id)
-        return SinkTiming(build_ns, write_ns, commit_ns)
+        result = self._out.write(table, [r.ts_ns for r in items], batch_id)
+        return SinkTiming(build_ns, result.write_ns, result.commit_ns, result.bytes_before, result.rows_before)
 
     def close(self) -> None:
         self._out.close()
@@ -239,8 +478,8 @@ class QuarantineSink:
             schema=QUARANTINE_SCHEMA,
         )
         build_ns = time.perf_counter_ns() - start
-        write_ns, commit_ns = self._out.write(table, [r.received_ns for r in items], batch_id)
-        return SinkTiming(build_ns, write_ns, commit_ns)
+        result = self._out.write(table, [r.received_ns for r in items], batch_id)
+        return SinkTiming(build_ns, result.write_ns, result.commit_ns)
 
     def close(self) -> None:
         self._out.close()

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.buffer import BufferClosed, BufferStatistics, FlushingBuffer
+from pipeline.buffer import BufferClosed, BufferStatistics, FlushingBuffer, LockProbes
 from pipeline.clock import Clock
 from pipeline.config import PipelineSettings
+from pipeline.drops import DropLog
 from pipeline.model import FlushStat, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 from pipeline.validate import Validator
@@ -49,7 +50,15 @@ class Pipeline:
         self._validator = Validator(future_tolerance_ns=int(settings.validate_.future_tolerance * 1e9))
         buf = settings.buffer
         pq = settings.parquet
-        self.parquet = ParquetSink(output / pq.path, rotate_s=pq.rotate, compression=pq.compression, fsync=pq.fsync)
+        self.parquet = ParquetSink(
+            output / pq.path,
+            rotate_s=pq.rotate,
+            compression=pq.compression,
+            fsync=pq.fsync,
+            strategy=pq.strategy,
+            rotate_rows=pq.rotate_rows,
+        )
+        self.drops = DropLog(output / "dropped")
         self.quarantine = QuarantineSink(output / settings.quarantine.path, rotate_s=pq.rotate, fsync=pq.fsync)
         self._readings: FlushingBuffer[Reading] = FlushingBuffer(
             self.parquet,
@@ -58,6 +67,10 @@ class Pipeline:
             capacity=buf.capacity,
             clock=clock,
             on_flush=on_flush,
+            lock=buf.lock,
+            overflow=buf.overflow,
+            on_drop=self.drops.record,
+            probes=settings.probes,
         )
         self._rejections: FlushingBuffer[Rejection] = FlushingBuffer(
             self.quarantine,
@@ -66,6 +79,10 @@ class Pipeline:
             capacity=buf.capacity,
             clock=clock,
             on_flush=on_flush,
+            lock=buf.lock,
+            overflow=buf.overflow,
+            on_drop=self.drops.record,
+            probes=settings.probes,
         )
         self._lock = threading.Lock()
         self._received = 0
@@ -99,6 +116,12 @@ class Pipeline:
         """Flush everything buffered and finalise every file."""
         self._readings.close()
         self._rejections.close()
+        self.drops.close()
+
+    @property
+    def lock_probes(self) -> LockProbes | None:
+        """Lock wait/hold/stall histograms of the readings buffer (the hot one)."""
+        return self._readings.probes
 
     @property
     def errors(self) -> list[BaseException]:

@@ -23,6 +23,9 @@ class SinkTiming:
     build_ns: int
     write_ns: int
     commit_ns: int
+    bytes_before: int | None = None
+    """Bytes already in the file this batch went to (largest, if several): the append-cost probe's x axis."""
+    rows_before: int | None = None
 
 
 class Sink(Protocol[T_contra]):

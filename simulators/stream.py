@@ -121,8 +121,13 @@ def format_ts(ns: int) -> str:
     return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def stream(spec: StreamSpec, epoch_ns: int) -> Iterator[Message]:
-    """Yield the messages of ``spec``; the stream starts at ``epoch_ns``."""
+def stream(spec: StreamSpec, epoch_ns: int, ts_epoch_ns: int | None = None) -> Iterator[Message]:
+    """Yield the messages of ``spec``; sends start at ``epoch_ns``.
+
+    Payload timestamps start at ``ts_epoch_ns`` (default: ``epoch_ns``), so a
+    fixed start gives identical payloads in every run.
+    """
+    ts_epoch = epoch_ns if ts_epoch_ns is None else ts_epoch_ns
     rng = random.Random(f"{spec.seed}:values")
     sig = spec.signals
     span = sig.load_rate_max - sig.load_rate_min
@@ -134,10 +139,11 @@ def stream(spec: StreamSpec, epoch_ns: int) -> Iterator[Message]:
         step = (rng.random() * 2 - 1) * sig.load_rate_step
         value = min(sig.load_rate_max, max(sig.load_rate_min, load[machine] + step))
         load[machine] = value
-        send_ns = epoch_ns + round(offset_s * 1e9)
+        offset_ns = round(offset_s * 1e9)
+        send_ns = epoch_ns + offset_ns
         body = {
             "machine": machine,
-            "ts": format_ts(send_ns),
+            "ts": format_ts(ts_epoch + offset_ns),
             "load_rate": round(value, 3),
             "mileage": round(mileage0[machine] + sig.mileage_per_second * offset_s, 3),
             "seq": seq,

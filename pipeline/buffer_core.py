@@ -1,0 +1,92 @@
+"""The buffer's decisions, sans-IO: what to do with an offered row, and which flush is due.
+
+Both drivers (threads in :mod:`pipeline.buffer`, asyncio in
+:mod:`pipeline.async_buffer`) hold their own lock around these calls; the
+core never blocks, never sleeps and never reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, Literal, TypeVar
+
+from pipeline.model import TriggerKind
+
+T = TypeVar("T")
+Overflow = Literal["block", "drop_oldest", "drop_newest"]
+LockKind = Literal["coarse", "swap"]
+OfferResult = Literal["accepted", "full", "dropped_newest", "dropped_oldest"]
+
+DROP_REASON: dict[OfferResult, str] = {
+    "dropped_newest": "overflow_drop_newest",
+    "dropped_oldest": "overflow_drop_oldest",
+}
+
+
+def due_trigger(now_ns: int, count: int, oldest_ns: int | None, size: int, interval_ns: int) -> TriggerKind | None:
+    """Which trigger, if any, is due now.
+
+    >>> due_trigger(0, 10, 0, size=10, interval_ns=5)
+    'size'
+    >>> due_trigger(5, 1, 0, size=10, interval_ns=5)
+    'timeout'
+    >>> due_trigger(4, 1, 0, size=10, interval_ns=5) is None
+    True
+    """
+    if count >= size:
+        return "size"
+    if count and oldest_ns is not None and now_ns - oldest_ns >= interval_ns:
+        return "timeout"
+    return None
+
+
+class BufferCore(Generic[T]):
+    """Rows waiting for a flush, bounded by ``capacity`` with an overflow policy.
+
+    ``block``: a full buffer refuses the row (``"full"``) and the driver makes the
+    producer wait. ``drop_newest``: the offered row is dropped. ``drop_oldest``:
+    the oldest buffered row is dropped to make room. Every drop is returned to the
+    driver, which reports it: nothing is dropped silently.
+    """
+
+    def __init__(self, *, size: int, interval_ns: int, capacity: int, overflow: Overflow) -> None:
+        if size <= 0 or capacity < size or interval_ns <= 0:
+            raise ValueError("need size > 0, capacity >= size and flush_interval > 0")
+        self.size = size
+        self.interval_ns = interval_ns
+        self.capacity = capacity
+        self.overflow: Overflow = overflow
+        self._items: deque[T] = deque()
+        self.oldest_ns: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, item: T, now_ns: int) -> tuple[OfferResult, T | None]:
+        """Try to add ``item``; returns what happened and the row dropped, if any."""
+        dropped: T | None = None
+        result: OfferResult = "accepted"
+        if len(self._items) >= self.capacity:
+            if self.overflow == "block":
+                return "full", None
+            if self.overflow == "drop_newest":
+                return "dropped_newest", item
+            dropped = self._items.popleft()
+            result = "dropped_oldest"
+        if not self._items:
+            self.oldest_ns = now_ns
+        self._items.append(item)
+        return result, dropped
+
+    def due(self, now_ns: int) -> TriggerKind | None:
+        return due_trigger(now_ns, len(self._items), self.oldest_ns, self.size, self.interval_ns)
+
+    def next_deadline_ns(self) -> int | None:
+        """When the timeout trigger will be due, if anything is buffered."""
+        return None if self.oldest_ns is None or not self._items else self.oldest_ns + self.interval_ns
+
+    def take(self) -> list[T]:
+        batch = list(self._items)
+        self._items.clear()
+        self.oldest_ns = None
+        return batch
