@@ -105,17 +105,24 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         out.print(summary_table(outcome.results))
         out.print(f"results: {outcome.run_dir / 'results.json'}")
+    overhead = _get(outcome.results["variants"][0], "probes", "overhead")
+    if overhead and not args.json:
+        out.print(
+            f"probe overhead: {overhead['ns_per_put_on'] - overhead['ns_per_put_off']:,.0f} ns per put "
+            f"({overhead['overhead_pct']}% of an unprobed put)"
+        )
     if not outcome.ok:
-        err.print("bench: FAILED: ledger does not reconcile", style="bold red")
-        for problem in outcome.ledger.problems():
+        err.print("bench: FAILED: the run did not pass its checks", style="bold red")
+        for problem in outcome.problems():
             print(f"  - {problem}", file=sys.stderr)
         return 1
     return 0
 
 
 def _info(p: runner.Progress) -> str:
+    which = f"{p.variant} ({p.variant_index + 1}/{p.variants}) " if p.variants > 1 else ""
     return (
-        f"{p.phase:<6} persisted {p.persisted:,}  rejected {p.rejected:,}  "
+        f"{which}{p.phase:<6} persisted {p.persisted:,}  rejected {p.rejected:,}  "
         f"{p.send_rate:,.0f} msg/s  not yet durable {p.backlog:,}  publisher lag {p.lag_s * 1000:,.0f} ms"
     )
 
@@ -133,16 +140,20 @@ def _run_with_bar(loaded: Any, options: runner.RunOptions, console: Console) -> 
         task = bar.add_task("run", total=None, info="starting broker and pipeline")
 
         def update(p: runner.Progress) -> None:
-            bar.update(task, total=p.planned, completed=p.sent, info=_info(p))
+            bar.update(
+                task, total=p.planned * p.variants, completed=p.planned * p.variant_index + p.sent, info=_info(p)
+            )
 
         return runner.run(loaded, options, on_progress=update)
 
 
 def _line_printer(console: Console, every_s: float = 5.0) -> Any:
     """Without a terminal (CI logs), a plain status line every few seconds."""
-    last = [-every_s]
+    last = [-every_s, -1.0]
 
     def update(p: runner.Progress) -> None:
+        if p.variant_index != last[1]:
+            last[:] = [-every_s, p.variant_index]
         if p.elapsed_s - last[0] >= every_s:
             last[0] = p.elapsed_s
             console.print(
@@ -155,48 +166,81 @@ def _line_printer(console: Console, every_s: float = 5.0) -> Any:
     return update
 
 
-def _fmt(summary: dict[str, Any], key: str) -> str:
-    return "-" if key not in summary else f"{summary[key]:,.1f}"
+def _get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+# (label, path into a variant, format, whether a ratio to the first variant is worth showing)
+_ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
+    ("  sent", ("ledger", "sent"), "{:,.0f}", False),
+    ("  persisted", ("ledger", "persisted"), "{:,.0f}", False),
+    ("  rejected", ("ledger", "rejected"), "{:,.0f}", False),
+    ("  dropped", ("ledger", "dropped"), "{:,.0f}", False),
+    ("  lost", ("ledger", "lost"), "{:,.0f}", False),
+    ("  duplicates", ("ledger", "duplicates"), "{:,.0f}", False),
+    ("offered msg/s", ("throughput", "offered_per_s"), "{:,.1f}", False),
+    ("sent msg/s", ("throughput", "sent_per_s"), "{:,.1f}", True),
+    ("persisted msg/s", ("throughput", "persisted_per_s"), "{:,.1f}", True),
+    ("end-to-end p50 ms", ("latency_ms", "end_to_end", "p50"), "{:,.1f}", True),
+    ("end-to-end p99 ms", ("latency_ms", "end_to_end", "p99"), "{:,.1f}", True),
+    ("end-to-end max ms", ("latency_ms", "end_to_end", "max"), "{:,.1f}", True),
+    ("send lag p99 ms", ("latency_ms", "send_lag", "p99"), "{:,.1f}", True),
+    ("flush p99 ms (size)", ("probes", "flush", "parquet", "size", "total_ms", "p99"), "{:,.2f}", True),
+    ("flush p99 ms (timeout)", ("probes", "flush", "parquet", "timeout", "total_ms", "p99"), "{:,.2f}", True),
+    ("lock wait p99 ms", ("probes", "lock", "wait_ms", "p99"), "{:,.3f}", True),
+    ("lock hold p99 ms", ("probes", "lock", "hold_ms", "p99"), "{:,.3f}", True),
+    ("producer stall p99 ms", ("probes", "lock", "stall_ms", "p99"), "{:,.3f}", True),
+    ("append cost first ms", ("probes", "append_cost", "first_ms"), "{:,.2f}", True),
+    ("append cost last ms", ("probes", "append_cost", "last_ms"), "{:,.2f}", True),
+    ("append last/first", ("probes", "append_cost", "last_over_first"), "{:,.2f}", False),
+    ("append slope ms/MB", ("probes", "append_cost", "slope_ms_per_mb"), "{:,.3f}", False),
+    ("parquet sink rows/s", ("throughput", "sink_rows_per_s", "parquet"), "{:,.0f}", True),
+    ("sql sink rows/s", ("throughput", "sink_rows_per_s", "sql"), "{:,.0f}", True),
+    ("queue depth max", ("probes", "queue_depth", "depth_max"), "{:,.0f}", True),
+    ("files", ("files",), "{:,.0f}", False),
+]
+
+
+def _cell(value: Any, fmt: str, base: Any, ratio: bool) -> str:
+    if value is None:
+        return "-"
+    text = fmt.format(value)
+    if ratio and isinstance(base, int | float) and base and isinstance(value, int | float):
+        text += f" [dim](x{value / base:,.2f})[/]"
+    return text
 
 
 def summary_table(results: dict[str, Any]) -> Table:
-    """The end-of-run table: ledger, throughput, latency percentiles, flushes."""
-    table = Table(title=f"{results['scenario']['name']}: run {results['run_id']}", show_lines=False)
+    """The end-of-run table, one column per variant; ratios are to the first variant."""
+    variants = results["variants"]
+    table = Table(title=f"{results['scenario']['name']}: run {results['run_id']}")
     table.add_column("metric")
-    for variant in results["variants"]:
+    for variant in variants:
         table.add_column(variant["name"], justify="right")
-    rows: list[tuple[str, list[str]]] = []
-
-    def add(label: str, getter: Any) -> None:
-        rows.append((label, [getter(v) for v in results["variants"]]))
-
-    add("ledger", lambda v: "[green]reconciled[/]" if v["ledger"]["reconciled"] else "[red]NOT reconciled[/]")
-    for key in ("sent", "persisted", "rejected", "dropped", "lost", "duplicates"):
-        add(f"  {key}", lambda v, k=key: f"{v['ledger'][k]:,}")
-    add("offered msg/s", lambda v: f"{v['throughput']['offered_per_s']:,.1f}")
-    add("sent msg/s", lambda v: f"{v['throughput']['sent_per_s']:,.1f}")
-    add("persisted msg/s", lambda v: f"{v['throughput']['persisted_per_s']:,.1f}")
-    for p in ("p50", "p90", "p99", "p999", "max"):
-        add(f"end-to-end {p} ms", lambda v, k=p: _fmt(v["latency_ms"]["end_to_end"], k))
-    add("send lag p99 ms", lambda v: _fmt(v["latency_ms"]["send_lag"], "p99"))
-    add(
-        "flushes size/timeout/shutdown",
-        lambda v: "/".join(
-            str(v["probes"]["flush"].get("parquet", {}).get(t, {}).get("count", 0))
-            for t in ("size", "timeout", "shutdown")
-        ),
+    table.add_row(
+        "ledger",
+        *["[green]reconciled[/]" if v["ledger"]["reconciled"] else "[red]NOT reconciled[/]" for v in variants],
     )
-    add(
-        "flush p99 ms (size)",
-        lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("size", {}).get("total_ms", {}), "p99"),
-    )
-    add(
-        "flush p99 ms (timeout)",
-        lambda v: _fmt(v["probes"]["flush"].get("parquet", {}).get("timeout", {}).get("total_ms", {}), "p99"),
-    )
-    add("files", lambda v: str(v["files"]))
-    for label, cells in rows:
-        table.add_row(label, *cells)
+    for label, path, fmt, ratio in _ROWS:
+        values = [_get(v, *path) for v in variants]
+        if all(v is None for v in values):
+            continue
+        base = values[0]
+        table.add_row(label, *[_cell(val, fmt, base, ratio and i > 0) for i, val in enumerate(values)])
+    flush_counts = [
+        "/".join(str(_get(v, "probes", "flush", "parquet", t, "count") or 0) for t in ("size", "timeout", "shutdown"))
+        for v in variants
+    ]
+    table.add_row("flushes size/timeout/shutdown", *flush_counts)
+    coalesced = [
+        str(sum(_get(v, "probes", "flush", "parquet", t, "coalesced") or 0 for t in ("size", "timeout", "shutdown")))
+        for v in variants
+    ]
+    table.add_row("coalesced triggers", *coalesced)
     return table
 
 

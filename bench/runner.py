@@ -1,10 +1,11 @@
-"""One run: stream -> MQTT -> pipeline -> sinks, then read back, reconcile, measure.
+"""One run: for each variant, stream -> transport -> pipeline -> sinks; then read back, reconcile, measure.
 
-The run's timeline is a single :class:`~pipeline.clock.MonotonicWallClock`
-shared by the publisher's pacing, the pipeline's flush triggers and the flush
-records, so end-to-end latency (durable time minus *intended* send time) is
-computed on one clock. Measuring from the intended send time is what keeps a
-stalled pipeline from hiding behind a publisher that slowed down with it.
+Every variant replays the same stream (same seed, same phases). Each variant's
+timeline is one :class:`~pipeline.clock.MonotonicWallClock` shared by the
+publisher's pacing, the pipeline's flush triggers and the flush records, so
+end-to-end latency (durable time minus *intended* send time) is computed on one
+clock. Measuring from the intended send time is what keeps a stalled pipeline
+from hiding behind a publisher that slowed down with it.
 """
 
 from __future__ import annotations
@@ -14,27 +15,28 @@ import threading
 import time
 import uuid
 from array import array
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, read_back, reconcile
-from bench.results import SCHEMA_VERSION, LatencyRecorder, environment, write_results
-from bench.scenario import LoadedScenario, apply_overrides
+from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
+from bench.results import SCHEMA_VERSION, environment, write_results
+from bench.scenario import LoadedScenario, Scenario, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import resolve_env
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
+from pipeline.probes import Recorder
 from pipeline.runtime import Pipeline
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
-from simulators.publisher import PacedPublisher
-from simulators.stream import Message, planned_count, stream, total_duration_s
+from simulators.publisher import DirectPublisher, PacedPublisher
+from simulators.stream import Message, StreamSpec, planned_count, stream, total_duration_s
 
 # The first send is scheduled this far after the pipeline has subscribed, so
 # set-up time is not charged to the first messages' latency.
@@ -49,12 +51,16 @@ class RunOptions:
     duration_s: float | None = None
     broker: str | None = None
     reports_dir: Path = Path("reports")
+    probe_overhead: bool = True
 
 
 @dataclass(frozen=True)
 class Progress:
     """A snapshot for the progress display."""
 
+    variant: str
+    variant_index: int
+    variants: int
     elapsed_s: float
     planned: int
     sent: int
@@ -71,35 +77,60 @@ class Progress:
 class RunOutcome:
     run_dir: Path
     results: dict[str, Any]
-    ledger: Ledger
+    ledgers: dict[str, Ledger]
+    errors: dict[str, list[str]]
+
+    @property
+    def ledger(self) -> Ledger:
+        """The first variant's ledger (the only one without a matrix)."""
+        return next(iter(self.ledgers.values()))
 
     @property
     def ok(self) -> bool:
-        return self.ledger.reconciled
+        return all(ledger.reconciled for ledger in self.ledgers.values()) and not any(self.errors.values())
+
+    def problems(self) -> list[str]:
+        out = []
+        for name, ledger in self.ledgers.items():
+            prefix = f"{name}: " if len(self.ledgers) > 1 else ""
+            out += [prefix + p for p in ledger.problems()]
+            out += [f"{prefix}sink error: {e}" for e in self.errors.get(name, [])]
+        return out
+
+
+class _Publisher(Protocol):
+    def run(
+        self,
+        messages: Iterable[Message],
+        clock: MonotonicWallClock,
+        *,
+        stop: threading.Event | None = None,
+        on_sent: Callable[[Message, int], None] | None = None,
+    ) -> int: ...
 
 
 class _SendLog:
-    """Which seq ids were handed to the broker, and when they were meant to go."""
+    """Which seq ids were handed to the transport and when they were meant to go.
 
-    def __init__(self, planned: int) -> None:
-        self.intended = array("q", [0]) * planned
-        self.sent_flags = bytearray(planned)
-        self.lag = LatencyRecorder()
+    One shard per producer thread: shards write distinct indexes of the shared
+    arrays and keep their own counters, so producers never share a lock here.
+    """
+
+    def __init__(self, intended: array[int], sent_flags: bytearray) -> None:
+        self.intended = intended
+        self.sent_flags = sent_flags
+        self.lag = Recorder()
         self.count = 0
         self.last_intended_ns = 0
         self.last_sent_ns = 0
 
     def on_sent(self, message: Message, sent_ns: int) -> None:
-        # Called from the publisher thread only; readers tolerate a stale value.
         self.intended[message.seq] = message.intended_send_ns
         self.sent_flags[message.seq] = 1
         self.lag.record_ns(sent_ns - message.intended_send_ns)
         self.count += 1
         self.last_intended_ns = message.intended_send_ns
         self.last_sent_ns = sent_ns
-
-    def sent_seqs(self) -> list[int]:
-        return [i for i, flag in enumerate(self.sent_flags) if flag]
 
 
 def _run_dir(loaded: LoadedScenario, options: RunOptions) -> Path:
@@ -123,119 +154,217 @@ def run(
     on_progress: Callable[[Progress], None] | None = None,
     progress_every_s: float = 0.25,
 ) -> RunOutcome:
-    """Run a scenario end to end; raises :class:`BenchError` subclasses on failure to run."""
+    """Run every variant of a scenario end to end; raises :class:`BenchError` subclasses on failure to run."""
     sc = loaded.scenario
     spec = apply_overrides(sc.stream_spec(), options.messages, options.duration_s)
-    planned = planned_count(spec)
     run_dir = _run_dir(loaded, options)
     shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
     run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
-    mq = sc.transport.mqtt
-    broker_setting = options.broker or mq.broker
+    started_wall = time.time()
+    env_before = environment()
+    overhead = probe_overhead() if options.probe_overhead else None
+
+    needs_embedded = any(
+        v.transport.kind == "mqtt" and (options.broker or v.transport.mqtt.broker) == "embedded"
+        for _, v in loaded.variants
+    )
+    broker: EmbeddedBroker | None = None
+    variants: list[dict[str, Any]] = []
+    ledgers: dict[str, Ledger] = {}
+    errors: dict[str, list[str]] = {}
+    try:
+        if needs_embedded:
+            try:
+                broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
+            except SimulatorError as exc:
+                raise ServiceError(str(exc)) from None
+        single = len(loaded.variants) == 1
+        for index, (name, variant_sc) in enumerate(loaded.variants):
+            result, ledger, errs = _run_variant(
+                loaded,
+                name,
+                variant_sc,
+                spec,
+                run_dir if single else run_dir / name,
+                run_id=f"{run_id}-{index}",
+                broker_url=broker.url if broker else None,
+                options=options,
+                on_progress=on_progress,
+                position=(index, len(loaded.variants)),
+                progress_every_s=progress_every_s,
+            )
+            if overhead is not None:
+                result["probes"]["overhead"] = overhead
+            variants.append(result)
+            ledgers[name] = ledger
+            errors[name] = errs
+    finally:
+        if broker is not None:
+            broker.close()
+
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "started_at": datetime.fromtimestamp(started_wall, UTC).isoformat(),
+        "scenario": {"name": sc.name, "path": str(loaded.path), "sha256": loaded.sha256, "seed": sc.seed},
+        "environment": {**env_before, "host_load_after": environment()["host_load"]},
+        "variants": variants,
+    }
+    write_results(run_dir / "results.json", results)
+    return RunOutcome(run_dir, results, ledgers, errors)
+
+
+def _split(messages: Iterable[Message], producers: int, machines: tuple[str, ...]) -> list[list[Message]]:
+    """Each producer gets whole machines (machine index modulo producers), in send order."""
+    index = {m: i % producers for i, m in enumerate(machines)}
+    shares: list[list[Message]] = [[] for _ in range(producers)]
+    for message in messages:
+        shares[index[message.machine]].append(message)
+    return shares
+
+
+def _run_variant(
+    loaded: LoadedScenario,
+    name: str,
+    sc: Scenario,
+    spec: StreamSpec,
+    out_dir: Path,
+    *,
+    run_id: str,
+    broker_url: str | None,
+    options: RunOptions,
+    on_progress: Callable[[Progress], None] | None,
+    progress_every_s: float,
+    position: tuple[int, int] = (0, 1),
+) -> tuple[dict[str, Any], Ledger, list[str]]:
+    planned = planned_count(spec)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    transport = sc.transport
+    mq = transport.mqtt
     clock = MonotonicWallClock()
     flushes: list[FlushStat] = []
-    send_log = _SendLog(planned)
-    load_before = environment()
-
+    intended = array("q", [0]) * planned
+    flags = bytearray(planned)
     try:
         username = resolve_env(mq.username, "transport.mqtt.username")
         password = resolve_env(mq.password, "transport.mqtt.password")
     except ConfigError as exc:
         raise ScenarioError(f"{loaded.path}: {exc}") from None
 
-    broker: EmbeddedBroker | None = None
+    broker_setting = options.broker or mq.broker
+    url = broker_url if broker_setting == "embedded" else broker_setting
     pipeline: Pipeline | None = None
     source: MqttSource | None = None
-    publisher: PacedPublisher | None = None
+    mqtt_publisher: PacedPublisher | None = None
     pipeline_closed = False
+    producers = transport.memory.producers if transport.kind == "memory" else 1
+    logs = [_SendLog(intended, flags) for _ in range(producers)]
+    samples: list[tuple[float, int, int]] = []
     try:
         try:
-            if broker_setting == "embedded":
-                broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
-                url = broker.url
-            else:
-                url = broker_setting
-            pipeline = Pipeline(sc.pipeline, run_dir, clock, on_flush=flushes.append)
+            pipeline = Pipeline(sc.pipeline, out_dir, clock, on_flush=flushes.append)
             pipeline.start()
-            source = MqttSource(
-                url,
-                mq.subscription(run_id),
-                mq.qos,
-                pipeline.submit,
-                client_id=f"{run_id}-pipeline",
-                username=username,
-                password=password,
-            )
-            source.start()
-            publisher = PacedPublisher(
-                url,
-                mq.topic_for_run(run_id),
-                mq.qos,
-                client_id=f"{run_id}-publisher",
-                username=username,
-                password=password,
-            )
-            publisher.connect()
+            publishers: list[_Publisher]
+            if transport.kind == "mqtt":
+                assert url is not None
+                source = MqttSource(
+                    url,
+                    mq.subscription(run_id),
+                    mq.qos,
+                    pipeline.submit,
+                    client_id=f"{run_id}-pipeline",
+                    username=username,
+                    password=password,
+                )
+                source.start()
+                mqtt_publisher = PacedPublisher(
+                    url,
+                    mq.topic_for_run(run_id),
+                    mq.qos,
+                    client_id=f"{run_id}-publisher",
+                    username=username,
+                    password=password,
+                )
+                mqtt_publisher.connect()
+                publishers = [mqtt_publisher]
+            else:
+                publishers = [DirectPublisher(pipeline.submit, mq.topic_for_run(run_id)) for _ in range(producers)]
         except (SimulatorError, PipelineError) as exc:
             raise ServiceError(str(exc)) from None
 
         epoch_ns = clock.now_ns() + START_LEAD_NS
+        ts_epoch = None if sc.run.start is None else int(sc.run.start.timestamp() * 1e9)
+        messages: Iterable[Message] = stream(spec, epoch_ns, ts_epoch)
+        shares: list[Iterable[Message]] = (
+            [messages] if producers == 1 else list(_split(messages, producers, spec.machines))
+        )
         stop = threading.Event()
-        outcome: dict[str, Any] = {}
+        failures: list[BaseException] = []
 
-        def publish() -> None:
-            assert publisher is not None
+        def publish(publisher: _Publisher, share: Iterable[Message], log: _SendLog) -> None:
             try:
-                outcome["accepted"] = publisher.run(stream(spec, epoch_ns), clock, stop=stop, on_sent=send_log.on_sent)
+                publisher.run(share, clock, stop=stop, on_sent=log.on_sent)
             except BaseException as exc:  # reported by the main thread
-                outcome["error"] = exc
+                failures.append(exc)
 
-        started_wall = time.time()
-        pub_thread = threading.Thread(target=publish, name="publisher", daemon=True)
-        pub_thread.start()
+        threads = [
+            threading.Thread(target=publish, args=(p, share, log), name=f"producer-{i}", daemon=True)
+            for i, (p, share, log) in enumerate(zip(publishers, shares, logs, strict=True))
+        ]
+        for t in threads:
+            t.start()
         phase_ends = _phase_ends(spec)
+
+        def sent_count() -> int:
+            return sum(log.count for log in logs)
 
         def snapshot(rate: float) -> Progress:
             assert pipeline is not None
             stats = pipeline.statistics()
-            durable = sum(b.flushed_rows for b in (stats.readings, stats.rejections) if b is not None)
+            durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
             now = clock.now_ns()
             elapsed = max(0.0, (now - epoch_ns) / 1e9)
-            lag = (
-                max(0.0, (now - send_log.last_intended_ns) / 1e9)
-                if send_log.count < planned and send_log.count
-                else 0.0
-            )
+            sent = sent_count()
+            last_intended = max(log.last_intended_ns for log in logs)
+            lag = max(0.0, (now - last_intended) / 1e9) if 0 < sent < planned else 0.0
+            backlog = max(0, sent - durable)
+            samples.append((elapsed, stats.readings.buffered if stats.readings else 0, backlog))
             return Progress(
+                variant=name,
+                variant_index=position[0],
+                variants=position[1],
                 elapsed_s=elapsed,
                 planned=planned,
-                sent=send_log.count,
+                sent=sent,
                 received=stats.received,
                 persisted=stats.readings.flushed_rows if stats.readings else 0,
                 rejected=stats.rejected,
                 send_rate=rate,
-                lag_s=lag if send_log.count < planned else 0.0,
-                backlog=max(0, send_log.count - durable),
+                lag_s=lag,
+                backlog=backlog,
                 phase=_phase_at(phase_ends, elapsed),
             )
 
         last_sent, last_t = 0, time.monotonic()
         try:
-            while pub_thread.is_alive():
-                pub_thread.join(progress_every_s)
+            while any(t.is_alive() for t in threads):
+                threads[0].join(progress_every_s)
+                now_t = time.monotonic()
+                sent = sent_count()
+                rate = (sent - last_sent) / max(now_t - last_t, 1e-9)
+                last_sent, last_t = sent, now_t
+                progress = snapshot(rate)
                 if on_progress:
-                    now_t = time.monotonic()
-                    rate = (send_log.count - last_sent) / max(now_t - last_t, 1e-9)
-                    last_sent, last_t = send_log.count, now_t
-                    on_progress(snapshot(rate))
+                    on_progress(progress)
         except KeyboardInterrupt:
             stop.set()
-            pub_thread.join(10)
+            for t in threads:
+                t.join(10)
             raise
-        if "error" in outcome:
-            raise ServiceError(f"publisher failed: {outcome['error']}")
-        sent = send_log.count
-        acked = publisher.wait_acked(sent, ACK_TIMEOUT_S) if mq.qos > 0 else True
+        if failures:
+            raise ServiceError(f"publisher failed: {failures[0]}")
+        sent = sent_count()
+        acked = mqtt_publisher.wait_acked(sent, ACK_TIMEOUT_S) if mqtt_publisher and mq.qos > 0 else True
 
         # Drain: wait until the pipeline has received every sent message, or
         # until it makes no progress for drain_timeout (then the ledger shows the loss).
@@ -248,56 +377,61 @@ def run(
                 last_received, last_change = stats.received, time.monotonic()
             elif time.monotonic() - last_change > sc.run.drain_timeout:
                 break
+            progress = snapshot(0.0)
             if on_progress:
-                on_progress(snapshot(0.0))
+                on_progress(progress)
             time.sleep(progress_every_s)  # polling a counter; nothing to wait on across threads
-        finished_wall = time.time()
-        source.close()
-        source = None
+        if source is not None:
+            source.close()
+            source = None
         pipeline.close()
         pipeline_closed = True
+        final = snapshot(0.0)
         if on_progress:
-            on_progress(snapshot(0.0))
+            on_progress(final)
         pipeline_stats = pipeline.statistics()
         pipeline_errors = [str(e) for e in pipeline.errors]
+        lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
     finally:
         if source is not None:
             source.close()
         if pipeline is not None and not pipeline_closed:
             pipeline.close()  # finalise files even when the run is aborted
-        if publisher is not None:
-            publisher.close()
-        if broker is not None:
-            broker.close()
+        if mqtt_publisher is not None:
+            mqtt_publisher.close()
 
     settings = sc.pipeline
-    back = read_back(run_dir / settings.parquet.path, run_dir / settings.quarantine.path)
-    dropped: dict[int, str] = {}
-    ledger = reconcile(send_log.sent_seqs(), back, dropped)
+    back = read_back(out_dir / settings.parquet.path, out_dir / settings.quarantine.path, out_dir / "dropped")
+    ledger = reconcile([i for i, f in enumerate(flags) if f], back)
 
     durable_by_batch = {f.batch_id: f.durable_ns for f in flushes if f.sink == "parquet"}
-    e2e = LatencyRecorder()
+    e2e = Recorder()
     for seq, batch in zip(back.persisted_seqs, back.persisted_batches, strict=True):
-        if 0 <= seq < planned and send_log.sent_flags[seq] and batch in durable_by_batch:
-            e2e.record_ns(durable_by_batch[batch] - send_log.intended[seq])
+        if 0 <= seq < planned and flags[seq] and batch in durable_by_batch:
+            e2e.record_ns(durable_by_batch[batch] - intended[seq])
+    send_lag = Recorder()
+    for log in logs:
+        send_lag.merge(log.lag)
 
-    active_s = max((finished_wall - started_wall), 1e-9)
-    send_span_s = max((send_log.last_sent_ns - epoch_ns) / 1e9, 1e-9)
+    last_sent_ns = max(log.last_sent_ns for log in logs)
+    send_span_s = max((last_sent_ns - epoch_ns) / 1e9, 1e-9)
     last_durable = max(durable_by_batch.values(), default=epoch_ns)
     persist_span_s = max((last_durable - epoch_ns) / 1e9, 1e-9)
-    variant = {
-        "name": "default",
+    duration_s = total_duration_s(spec)
+    result: dict[str, Any] = {
+        "name": name,
         "config": {
             "pipeline": settings.model_dump(mode="json", by_alias=True),
             "transport": {
-                "kind": "mqtt",
-                "broker": "embedded" if broker_setting == "embedded" else broker_setting,
-                "qos": mq.qos,
+                "kind": transport.kind,
+                "broker": broker_setting if transport.kind == "mqtt" else None,
+                "qos": mq.qos if transport.kind == "mqtt" else None,
+                "producers": producers,
                 "topic": mq.topic,
             },
             "stream": {
                 "planned": planned,
-                "duration_s": round(total_duration_s(spec), 3),
+                "duration_s": round(duration_s, 3),
                 "arrival": spec.arrival,
                 "machines": len(spec.machines),
                 "overrides": {"messages": options.messages, "duration_s": options.duration_s},
@@ -305,20 +439,30 @@ def run(
         },
         "ledger": ledger.to_json(),
         "throughput": {
+            "offered_per_s": round(planned / max(duration_s, 1e-9), 1),
             "sent_per_s": round(ledger.sent / send_span_s, 1),
             "persisted_per_s": round(ledger.persisted / persist_span_s, 1),
-            "offered_per_s": round(planned / max(total_duration_s(spec), 1e-9), 1),
-            "wall_s": round(active_s, 3),
+            "sink_rows_per_s": sink_rows_per_s(flushes),
         },
-        "latency_ms": {"end_to_end": e2e.summary(), "send_lag": send_log.lag.summary()},
-        "probes": {"flush": _flush_summary(flushes)},
-        "publisher": {"accepted": sent, "acked": publisher.acked if publisher else 0, "all_acked": acked},
+        "latency_ms": {"end_to_end": e2e.summary(), "send_lag": send_lag.summary()},
+        "probes": {
+            "flush": flush_summary(flushes),
+            "lock": lock,
+            "append_cost": append_cost(flushes),
+            "queue_depth": series_summary(samples),
+        },
+        "publisher": {
+            "accepted": sent,
+            "acked": mqtt_publisher.acked if mqtt_publisher else sent,
+            "all_acked": acked,
+        },
         "pipeline": {
             "received": pipeline_stats.received,
             "accepted": pipeline_stats.accepted,
             "rejected": pipeline_stats.rejected,
             "rejected_by_reason": pipeline_stats.rejected_by_reason,
             "refused_after_close": pipeline_stats.refused_after_close,
+            "dropped_by_reason": pipeline.drops.counts(),
             "producer_wait_ms": round(pipeline_stats.readings.producer_wait_ns / 1e6, 3)
             if pipeline_stats.readings
             else 0,
@@ -326,20 +470,12 @@ def run(
         },
         "files": back.files,
     }
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "started_at": datetime.fromtimestamp(started_wall, UTC).isoformat(),
-        "scenario": {"name": sc.name, "path": str(loaded.path), "sha256": loaded.sha256, "seed": sc.seed},
-        "environment": {**load_before, "host_load_after": environment()["host_load"]},
-        "variants": [variant],
-    }
-    write_results(run_dir / "results.json", results)
-    return RunOutcome(run_dir, results, ledger)
+    return result, ledger, pipeline_errors
 
 
-def _phase_ends(spec: Any) -> list[tuple[float, str]]:
-    ends, t = [], 0.0
+def _phase_ends(spec: StreamSpec) -> list[tuple[float, str]]:
+    ends: list[tuple[float, str]] = []
+    t = 0.0
     for p in spec.phases:
         t += p.duration_s
         ends.append((t, p.kind))
@@ -353,31 +489,6 @@ def _phase_at(ends: list[tuple[float, str]], elapsed: float) -> str:
     return "drain"
 
 
-def _flush_summary(flushes: list[FlushStat]) -> dict[str, Any]:
-    """Per sink and trigger kind: count, rows, and HdrHistogram percentiles of each step."""
-    groups: dict[tuple[str, str], list[FlushStat]] = defaultdict(list)
-    for f in flushes:
-        groups[(f.sink, f.trigger)].append(f)
-    out: dict[str, Any] = {}
-    for (sink, trigger), items in sorted(groups.items()):
-        total, build, write, commit = LatencyRecorder(), LatencyRecorder(), LatencyRecorder(), LatencyRecorder()
-        for f in items:
-            total.record_ns(f.total_ns)
-            build.record_ns(f.build_ns)
-            write.record_ns(f.write_ns)
-            commit.record_ns(f.commit_ns)
-        out.setdefault(sink, {})[trigger] = {
-            "count": len(items),
-            "rows": sum(f.rows for f in items),
-            "coalesced": sum(f.coalesced for f in items),
-            "total_ms": total.summary(),
-            "build_ms": build.summary(),
-            "write_ms": write.summary(),
-            "commit_ms": commit.summary(),
-        }
-    return out
-
-
 def fail_if_unreconciled(outcome: RunOutcome) -> None:
-    if not outcome.ledger.reconciled:
-        raise RunFailed("ledger does not reconcile: " + "; ".join(outcome.ledger.problems()))
+    if not outcome.ok:
+        raise RunFailed("run failed its checks: " + "; ".join(outcome.problems()))

@@ -252,7 +252,8 @@ def _apply_variant(path: Path, index: int, base: dict[str, Any], variant: dict[s
             continue
         if not key.startswith(_VARIABLE_PREFIXES):
             raise ScenarioError(
-                f"{where}.{key}: only pipeline.* and transport.* keys may vary, so every variant replays the same stream"
+                f"{where}.{key}: only pipeline.* and transport.* keys may vary, "
+                "so every variant replays the same stream"
             )
         node = data
         parts = key.split(".")

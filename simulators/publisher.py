@@ -28,6 +28,59 @@ class Clock(Protocol):
     def now_ns(self) -> int: ...
 
 
+def pace(
+    messages: Iterable[Message],
+    clock: Clock,
+    send: Callable[[Message], bool],
+    *,
+    stop: threading.Event | None = None,
+    on_sent: Callable[[Message, int], None] | None = None,
+) -> int:
+    """Call ``send`` for each message at its intended time (open model); returns how many were accepted.
+
+    Behind schedule, due messages go out at once: the lateness is reported
+    through ``on_sent`` (sent time vs intended), never absorbed by waiting.
+    """
+    accepted = 0
+    for message in messages:
+        if stop is not None and stop.is_set():
+            break
+        delay = (message.intended_send_ns - clock.now_ns()) / 1e9
+        if delay > 0:
+            time.sleep(delay)
+        if send(message):
+            accepted += 1
+            if on_sent is not None:
+                on_sent(message, clock.now_ns())
+    return accepted
+
+
+class DirectPublisher:
+    """Hands payloads straight to a callable (the in-memory transport), paced like MQTT.
+
+    ``deliver(payload, topic)`` is typically ``Pipeline.submit``; the call's
+    time counts as send time, and backpressure from it shows as send lag.
+    """
+
+    def __init__(self, deliver: Callable[[bytes, str], None], topic_pattern: str) -> None:
+        self._deliver = deliver
+        self.topic_pattern = topic_pattern
+
+    def run(
+        self,
+        messages: Iterable[Message],
+        clock: Clock,
+        *,
+        stop: threading.Event | None = None,
+        on_sent: Callable[[Message, int], None] | None = None,
+    ) -> int:
+        def send(message: Message) -> bool:
+            self._deliver(message.payload, self.topic_pattern.format(machine=message.machine))
+            return True
+
+        return pace(messages, clock, send, stop=stop, on_sent=on_sent)
+
+
 class PacedPublisher:
     """Publish messages to ``topic_pattern`` (``{machine}`` is filled in) at their intended times."""
 
@@ -86,21 +139,13 @@ class PacedPublisher:
         on_sent: Callable[[Message, int], None] | None = None,
     ) -> int:
         """Send every message at its intended time; returns how many the client accepted."""
-        accepted = 0
-        for message in messages:
-            if stop is not None and stop.is_set():
-                break
-            delay = (message.intended_send_ns - clock.now_ns()) / 1e9
-            if delay > 0:
-                time.sleep(delay)
+
+        def send(message: Message) -> bool:
             topic = self.topic_pattern.format(machine=message.machine)
             info = self._client.publish(topic, message.payload, qos=self.qos)
-            sent_ns = clock.now_ns()
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                accepted += 1
-                if on_sent is not None:
-                    on_sent(message, sent_ns)
-        return accepted
+            return bool(info.rc == mqtt.MQTT_ERR_SUCCESS)
+
+        return pace(messages, clock, send, stop=stop, on_sent=on_sent)
 
     def wait_acked(self, expected: int, timeout_s: float) -> bool:
         """Wait until the broker acknowledged ``expected`` publishes (QoS 0: sent on the wire)."""

@@ -1,0 +1,170 @@
+"""Turning raw probe records into the summaries that go into results.json."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from typing import Any
+
+from pipeline.buffer import FlushingBuffer, LockProbes
+from pipeline.clock import MonotonicWallClock
+from pipeline.model import FlushStat
+from pipeline.probes import Recorder
+from pipeline.sinks import SinkTiming
+
+MAX_POINTS = 400
+EDGE_FLUSHES = 5
+
+
+def flush_summary(flushes: list[FlushStat]) -> dict[str, Any]:
+    """Per sink and trigger kind: count, rows, coalesced triggers, percentiles of each step."""
+    groups: dict[tuple[str, str], list[FlushStat]] = defaultdict(list)
+    for f in flushes:
+        groups[(f.sink, f.trigger)].append(f)
+    out: dict[str, Any] = {}
+    for (sink, trigger), items in sorted(groups.items()):
+        total, build, write, commit = Recorder(), Recorder(), Recorder(), Recorder()
+        for f in items:
+            total.record_ns(f.total_ns)
+            build.record_ns(f.build_ns)
+            write.record_ns(f.write_ns)
+            commit.record_ns(f.commit_ns)
+        out.setdefault(sink, {})[trigger] = {
+            "count": len(items),
+            "rows": sum(f.rows for f in items),
+            "coalesced": sum(f.coalesced for f in items),
+            "total_ms": total.summary(),
+            "build_ms": build.summary(),
+            "write_ms": write.summary(),
+            "commit_ms": commit.summary(),
+        }
+    return out
+
+
+def sink_rows_per_s(flushes: list[FlushStat]) -> dict[str, float]:
+    """Rows a sink wrote per second of its own flush time: the sink's speed, apart from load."""
+    rows: dict[str, int] = defaultdict(int)
+    busy: dict[str, int] = defaultdict(int)
+    for f in flushes:
+        rows[f.sink] += f.rows
+        busy[f.sink] += f.total_ns
+    return {s: round(rows[s] / (busy[s] / 1e9), 1) if busy[s] else 0.0 for s in rows}
+
+
+def _downsample(points: list[Any]) -> list[Any]:
+    if len(points) <= MAX_POINTS:
+        return points
+    step = len(points) / MAX_POINTS
+    return [points[int(i * step)] for i in range(MAX_POINTS)]
+
+
+def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, Any]:
+    """Cost of each flush against the bytes already in its target file.
+
+    ``first_ms`` / ``last_ms`` are medians of the first and last five
+    size-triggered flushes (equal row counts, so the cost is comparable; the
+    shutdown flush is smaller and would flatter the end). ``slope_ms_per_mb``
+    is a least-squares fit of cost on MB already in the file, over all flushes.
+    """
+    items = sorted((f for f in flushes if f.sink == sink and f.bytes_before is not None), key=lambda f: f.batch_id)
+    if not items:
+        return {"count": 0}
+    sized = [f for f in items if f.trigger == "size"] or items
+    costs = [f.total_ns / 1e6 for f in sized]
+    mbs = [(f.bytes_before or 0) / 1e6 for f in items]
+    all_costs = [f.total_ns / 1e6 for f in items]
+    slope = 0.0
+    if len(set(mbs)) > 1:
+        slope = statistics.linear_regression(mbs, all_costs).slope
+    first = statistics.median(costs[:EDGE_FLUSHES])
+    last = statistics.median(costs[-EDGE_FLUSHES:])
+    return {
+        "count": len(items),
+        "first_ms": round(first, 3),
+        "last_ms": round(last, 3),
+        "last_over_first": round(last / first, 3) if first else None,
+        "slope_ms_per_mb": round(slope, 4),
+        "max_mb_before": round(max(mbs), 3),
+        "points": _downsample(
+            [
+                [round(mb, 4), f.rows_before, round(f.total_ns / 1e6, 3), f.trigger]
+                for mb, f in zip(mbs, items, strict=True)
+            ]
+        ),
+    }
+
+
+def lock_summary(probes: LockProbes | None, kind: str) -> dict[str, Any]:
+    if probes is None:
+        return {"strategy": kind, "enabled": False}
+    return {
+        "strategy": kind,
+        "wait_ms": probes.wait.summary(),
+        "hold_ms": probes.hold.summary(),
+        "stall_ms": probes.stall.summary(),
+    }
+
+
+def series_summary(samples: list[tuple[float, int, int]]) -> dict[str, Any]:
+    """Queue depth (rows buffered) and backlog (sent, not yet durable) over time."""
+    if not samples:
+        return {"count": 0}
+    depth = sorted(s[1] for s in samples)
+    backlog = sorted(s[2] for s in samples)
+
+    def pct(values: list[int], p: float) -> int:
+        return values[min(len(values) - 1, int(p * len(values)))]
+
+    return {
+        "count": len(samples),
+        "depth_max": depth[-1],
+        "depth_p50": pct(depth, 0.5),
+        "depth_p99": pct(depth, 0.99),
+        "backlog_max": backlog[-1],
+        "backlog_p99": pct(backlog, 0.99),
+        "series": _downsample([[round(t, 3), d, b] for t, d, b in samples]),
+    }
+
+
+class _NullSink:
+    name = "null"
+
+    def write_batch(self, items: Any, batch_id: int) -> SinkTiming:
+        return SinkTiming(0, 0, 0)
+
+    def close(self) -> None:
+        pass
+
+
+def probe_overhead(puts: int = 20_000, trials: int = 5) -> dict[str, Any]:
+    """Cost of the lock probes per ``put``: probes on vs off, alternated, medians.
+
+    Measured in the run itself (same process, same machine load) so the figure
+    belongs to the numbers it qualifies.
+    """
+    clock = MonotonicWallClock()
+
+    def one(probes: bool) -> float:
+        buf: FlushingBuffer[int] = FlushingBuffer(
+            _NullSink(), size=1000, flush_interval_s=60, capacity=10_000, clock=clock, probes=probes
+        )
+        buf.start()
+        start = time.perf_counter_ns()
+        for i in range(puts):
+            buf.put(i)
+        elapsed = time.perf_counter_ns() - start
+        buf.close()
+        return elapsed / puts
+
+    on, off = [], []
+    for _ in range(trials):
+        off.append(one(False))
+        on.append(one(True))
+    on_ns, off_ns = statistics.median(on), statistics.median(off)
+    return {
+        "ns_per_put_on": round(on_ns, 1),
+        "ns_per_put_off": round(off_ns, 1),
+        "overhead_pct": round(100 * (on_ns - off_ns) / off_ns, 1) if off_ns else None,
+        "method": f"median of {trials} alternated trials of {puts} puts into a buffer with a null sink",
+    }
