@@ -197,6 +197,7 @@ _ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
     ("append cost first ms", ("probes", "append_cost", "first_ms"), "{:,.2f}", True),
     ("append cost last ms", ("probes", "append_cost", "last_ms"), "{:,.2f}", True),
     ("append last/first", ("probes", "append_cost", "last_over_first"), "{:,.2f}", False),
+    ("append last/first (fit)", ("probes", "append_cost", "fit_last_over_first"), "{:,.2f}", False),
     ("append slope ms/MB", ("probes", "append_cost", "slope_ms_per_mb"), "{:,.3f}", False),
     ("parquet sink rows/s", ("throughput", "sink_rows_per_s", "parquet"), "{:,.0f}", True),
     ("sql sink rows/s", ("throughput", "sink_rows_per_s", "sql"), "{:,.0f}", True),
@@ -210,7 +211,9 @@ def _cell(value: Any, fmt: str, base: Any, ratio: bool) -> str:
         return "-"
     text = fmt.format(value)
     if ratio and isinstance(base, int | float) and base and isinstance(value, int | float):
-        text += f" [dim](x{value / base:,.2f})[/]"
+        r = value / base
+        # Below 0.1 a ratio reads better as "1/N" than as x0.00.
+        text += f" [dim](x{r:,.2f})[/]" if r >= 0.1 or r == 0 else f" [dim](1/{1 / r:,.0f})[/]"
     return text
 
 

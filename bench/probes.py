@@ -65,7 +65,9 @@ def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, An
     ``first_ms`` / ``last_ms`` are medians of the first and last five
     size-triggered flushes (equal row counts, so the cost is comparable; the
     shutdown flush is smaller and would flatter the end). ``slope_ms_per_mb``
-    is a least-squares fit of cost on MB already in the file, over all flushes.
+    and ``intercept_ms`` are a least-squares fit of cost on MB already in the
+    file, over all flushes; ``fit_last_over_first`` reads that line at the
+    largest and smallest file size.
     """
     items = sorted((f for f in flushes if f.sink == sink and f.bytes_before is not None), key=lambda f: f.batch_id)
     if not items:
@@ -74,17 +76,23 @@ def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, An
     costs = [f.total_ns / 1e6 for f in sized]
     mbs = [(f.bytes_before or 0) / 1e6 for f in items]
     all_costs = [f.total_ns / 1e6 for f in items]
-    slope = 0.0
+    slope = intercept = 0.0
     if len(set(mbs)) > 1:
-        slope = statistics.linear_regression(mbs, all_costs).slope
+        slope, intercept = statistics.linear_regression(mbs, all_costs)
     first = statistics.median(costs[:EDGE_FLUSHES])
     last = statistics.median(costs[-EDGE_FLUSHES:])
+    # The fitted line read at the smallest and largest file size: the same
+    # question as first/last, less exposed to one noisy flush.
+    fit_first = intercept + slope * min(mbs)
+    fit_last = intercept + slope * max(mbs)
     return {
         "count": len(items),
         "first_ms": round(first, 3),
         "last_ms": round(last, 3),
         "last_over_first": round(last / first, 3) if first else None,
         "slope_ms_per_mb": round(slope, 4),
+        "intercept_ms": round(intercept, 3),
+        "fit_last_over_first": round(fit_last / fit_first, 3) if fit_first > 0 else None,
         "max_mb_before": round(max(mbs), 3),
         "points": _downsample(
             [

@@ -262,7 +262,7 @@ def _run_variant(
     samples: list[tuple[float, int, int]] = []
     try:
         try:
-            pipeline = Pipeline(sc.pipeline, out_dir, clock, on_flush=flushes.append)
+            pipeline = Pipeline(sc.pipeline, out_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
             pipeline.start()
             publishers: list[_Publisher]
             if transport.kind == "mqtt":
@@ -468,6 +468,7 @@ def _run_variant(
             else 0,
             "errors": pipeline_errors,
         },
+        "faults": [f.model_dump(mode="json") for f in sc.faults],
         "files": back.files,
     }
     return result, ledger, pipeline_errors

@@ -188,6 +188,14 @@ class RunSettings(Frozen):
         return value
 
 
+class SlowSinkFault(Frozen):
+    kind: Literal["slow_sink"]
+    delay: Duration = Field(gt=0, description="Added to every flush of the readings sinks.")
+
+
+Fault = Annotated[SlowSinkFault, Field(discriminator="kind")]
+
+
 class Scenario(Frozen):
     """A runnable scenario: what to send, over what, into which pipeline."""
 
@@ -199,12 +207,16 @@ class Scenario(Frozen):
     phases: tuple[Phase, ...] = Field(min_length=1)
     transport: Transport = Transport()
     pipeline: PipelineSettings = PipelineSettings()
+    faults: tuple[Fault, ...] = Field((), description="Faults injected during the run (slow_sink: slow storage).")
     run: RunSettings = RunSettings()
     matrix: tuple[dict[str, Any], ...] = Field(
         (),
         description="Variants run on the same stream: each has a name and dotted keys under pipeline. or "
         "transport., e.g. {name: coarse, pipeline.buffer.lock: coarse}.",
     )
+
+    def sink_delay_s(self) -> float:
+        return sum(f.delay for f in self.faults if isinstance(f, SlowSinkFault))
 
     def stream_spec(self) -> StreamSpec:
         phases = []
@@ -237,7 +249,7 @@ class LoadedScenario:
 
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_VARIABLE_PREFIXES = ("pipeline.", "transport.")
+_VARIABLE_PREFIXES = ("pipeline.", "transport.", "faults")
 
 
 def _apply_variant(path: Path, index: int, base: dict[str, Any], variant: dict[str, Any]) -> tuple[str, Scenario]:
@@ -252,7 +264,7 @@ def _apply_variant(path: Path, index: int, base: dict[str, Any], variant: dict[s
             continue
         if not key.startswith(_VARIABLE_PREFIXES):
             raise ScenarioError(
-                f"{where}.{key}: only pipeline.* and transport.* keys may vary, "
+                f"{where}.{key}: only pipeline.*, transport.* and faults may vary, "
                 "so every variant replays the same stream"
             )
         node = data

@@ -18,6 +18,7 @@ from pipeline.config import PipelineSettings
 from pipeline.drops import DropLog
 from pipeline.model import FlushStat, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
+from pipeline.sinks import Sink, SlowSink
 from pipeline.validate import Validator
 
 
@@ -43,6 +44,7 @@ class Pipeline:
         output: Path,
         clock: Clock,
         on_flush: Callable[[FlushStat], None] | None = None,
+        sink_delay_s: float = 0.0,
     ) -> None:
         self.settings = settings
         self.output = output
@@ -60,8 +62,9 @@ class Pipeline:
         )
         self.drops = DropLog(output / "dropped")
         self.quarantine = QuarantineSink(output / settings.quarantine.path, rotate_s=pq.rotate, fsync=pq.fsync)
+        readings_sink: Sink[Reading] = SlowSink(self.parquet, sink_delay_s) if sink_delay_s > 0 else self.parquet
         self._readings: FlushingBuffer[Reading] = FlushingBuffer(
-            self.parquet,
+            readings_sink,
             size=buf.size,
             flush_interval_s=buf.flush_interval,
             capacity=buf.capacity,

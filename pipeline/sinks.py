@@ -64,3 +64,28 @@ class MemorySink(Generic[T]):
     def items(self) -> list[T]:
         with self._lock:
             return [item for _, batch in self.batches for item in batch]
+
+
+class SlowSink(Generic[T]):
+    """Wraps a sink and adds a fixed delay to every write: slow storage, on purpose.
+
+    Used by the bench's ``slow_sink`` fault to make flushes slow enough that
+    holding a lock across them shows. The delay counts as write time.
+    """
+
+    def __init__(self, inner: Sink[T], delay_s: float) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.delay_s = delay_s
+
+    def write_batch(self, items: Sequence[T], batch_id: int) -> SinkTiming:
+        start = time.perf_counter_ns()
+        time.sleep(self.delay_s)
+        slept = time.perf_counter_ns() - start
+        timing = self.inner.write_batch(items, batch_id)
+        return SinkTiming(
+            timing.build_ns, timing.write_ns + slept, timing.commit_ns, timing.bytes_before, timing.rows_before
+        )
+
+    def close(self) -> None:
+        self.inner.close()
