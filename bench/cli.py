@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument(
         "--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)"
     )
+    p_run.add_argument(
+        "--sql-url", metavar="URL", help="SQL sink URL for every variant, e.g. '${BENCH_SQL_URL}' (no passwords here)"
+    )
     p_run.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
     p_run.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    out = Console()
+    # Without a terminal rich assumes 80 columns and wraps the side-by-side table; logs can be wider.
+    out = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True)
     try:
         if args.command == "schema":
@@ -94,7 +98,9 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         from bench.errors import UsageError
 
         raise UsageError(f"--broker: expected a URL like mqtt://127.0.0.1:1883, got {args.broker!r}")
-    options = runner.RunOptions(out=args.out, messages=args.messages, duration_s=args.duration, broker=args.broker)
+    options = runner.RunOptions(
+        out=args.out, messages=args.messages, duration_s=args.duration, broker=args.broker, sql_url=args.sql_url
+    )
     show = not args.quiet and not args.json
     if show and err.is_terminal:
         outcome = _run_with_bar(loaded, options, err)

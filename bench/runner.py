@@ -10,6 +10,7 @@ from hiding behind a publisher that slowed down with it.
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -21,13 +22,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import LoadedScenario, Scenario, apply_overrides
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import resolve_env
+from pipeline.config import SqlSettings, format_validation_error, resolve_env
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
@@ -51,6 +54,7 @@ class RunOptions:
     duration_s: float | None = None
     broker: str | None = None
     reports_dir: Path = Path("reports")
+    sql_url: str | None = None
     probe_overhead: bool = True
 
 
@@ -239,6 +243,7 @@ def _run_variant(
 ) -> tuple[dict[str, Any], Ledger, list[str]]:
     planned = planned_count(spec)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sc = _resolve_sql(sc, name, options.sql_url)
     transport = sc.transport
     mq = transport.mqtt
     clock = MonotonicWallClock()
@@ -391,6 +396,7 @@ def _run_variant(
             on_progress(final)
         pipeline_stats = pipeline.statistics()
         pipeline_errors = [str(e) for e in pipeline.errors]
+        sql_back = pipeline.sql.read_back() if pipeline.sql is not None else None
         lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
     finally:
         if source is not None:
@@ -403,6 +409,10 @@ def _run_variant(
     settings = sc.pipeline
     back = read_back(out_dir / settings.parquet.path, out_dir / settings.quarantine.path, out_dir / "dropped")
     ledger = reconcile([i for i, f in enumerate(flags) if f], back)
+    if sql_back is not None:
+        problem = _check_sql(sql_back, ledger.persisted, settings.sql.aggregate if settings.sql else "raw")
+        if problem:
+            pipeline_errors.append(problem)
 
     durable_by_batch = {f.batch_id: f.durable_ns for f in flushes if f.sink == "parquet"}
     e2e = Recorder()
@@ -468,10 +478,44 @@ def _run_variant(
             else 0,
             "errors": pipeline_errors,
         },
+        "sql": sql_back,
         "faults": [f.model_dump(mode="json") for f in sc.faults],
         "files": back.files,
     }
     return result, ledger, pipeline_errors
+
+
+def _resolve_sql(sc: Scenario, variant: str, url: str | None) -> Scenario:
+    """Fill {variant} into the SQL table name and apply --sql-url."""
+    sql = sc.pipeline.sql
+    if sql is None:
+        return sc
+    update: dict[str, Any] = {}
+    if sql.table and "{variant}" in sql.table:
+        update["table"] = sql.table.replace("{variant}", re.sub(r"[^A-Za-z0-9_]", "_", variant))
+    if url is not None:
+        update["url"] = url
+    if not update:
+        return sc
+    try:
+        new_sql = SqlSettings.model_validate({**sql.model_dump(), **update})
+    except ValidationError as exc:
+        raise UsageError(format_validation_error("--sql-url", exc)) from None
+    return sc.model_copy(update={"pipeline": sc.pipeline.model_copy(update={"sql": new_sql})})
+
+
+def _check_sql(back: dict[str, Any], persisted: int, aggregate: str) -> str | None:
+    """The SQL table, read back, must hold what the Parquet data holds (when the run created it)."""
+    if not back["created_by_run"]:
+        back["check"] = "skipped: the table existed before the run (set sql.reset: true to check)"
+        return None
+    if aggregate == "raw":
+        ok, held = back["rows"] == persisted, f"{back['rows']} rows"
+    else:
+        expected = persisted - back.get("late_beyond_retention", 0)
+        ok, held = back["sum_count"] == expected, f"sum(count) = {back['sum_count']}"
+    back["check"] = "ok" if ok else "MISMATCH"
+    return None if ok else f"SQL table {back['table']} holds {held}; the Parquet data holds {persisted} readings"
 
 
 def _phase_ends(spec: StreamSpec) -> list[tuple[float, str]]:

@@ -128,6 +128,71 @@ class ParquetSettings(Frozen):
     fsync: bool = Field(True, description="fsync after each row group so 'persisted' means durable.")
 
 
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class SqlSettings(Frozen):
+    """A SQL sink through SQLAlchemy: aggregated (table loading_rate) or raw rows."""
+
+    url: str = Field(
+        "sqlite:///loading_rate.db",
+        description="SQLAlchemy URL; a relative SQLite path is under the output folder. A password must come "
+        "from the environment: write the whole URL as ${BENCH_SQL_URL}.",
+    )
+    strategy: Literal["row", "bulk", "upsert", "copy"] = Field(
+        "upsert",
+        description="row: one row per transaction (naive). bulk: executemany in one transaction. upsert: "
+        "idempotent insert-or-update on (machine, ts). copy: PostgreSQL COPY into a staging table, then upsert.",
+    )
+    aggregate: Literal["per_machine_minute", "raw"] = Field(
+        "per_machine_minute",
+        description="per_machine_minute: count, mean/min/max load_rate, last mileage per machine and minute; "
+        "raw: every reading.",
+    )
+    table: str | None = Field(
+        None,
+        description="Table name; default loading_rate (aggregated) or readings (raw). "
+        "In a bench matrix, {variant} is replaced by the variant's name.",
+    )
+    reset: bool = Field(False, description="Drop and re-create the table when the pipeline starts.")
+    pool_size: int = Field(5, ge=1, le=100)
+    retention: Duration = Field(
+        7200.0, gt=0, description="How far back late data can still update an aggregated minute."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _no_literal_password(cls, value: str) -> str:
+        if _ENV_REF.match(value):
+            return value
+        parts = urlsplit(value.replace("+", "-", 1)) if "://" in value else None
+        if parts is None or not parts.scheme:
+            raise ValueError(f"expected a SQLAlchemy URL such as sqlite:///loading_rate.db, got {value!r}")
+        if parts.password:
+            raise ValueError(
+                "expected no password in the URL; put the whole URL in an environment variable "
+                "and write ${BENCH_SQL_URL}"
+            )
+        return value
+
+    @field_validator("table")
+    @classmethod
+    def _safe_table(cls, value: str | None) -> str | None:
+        # {variant} is filled in by the bench with the matrix variant's name.
+        if value is not None and not _TABLE.match(value.replace("{variant}", "v")):
+            raise ValueError("expected a plain identifier (letters, digits, '_'; at most 63 characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _copy_needs_postgres(self) -> SqlSettings:
+        if self.strategy == "copy" and not (self.url.startswith("postgresql") or _ENV_REF.match(self.url)):
+            raise ValueError("strategy copy needs a PostgreSQL URL (postgresql+psycopg://...)")
+        return self
+
+    def table_name(self) -> str:
+        return self.table or ("loading_rate" if self.aggregate == "per_machine_minute" else "readings")
+
+
 class QuarantineSettings(Frozen):
     """Where rejected inputs are kept, with their reason."""
 
@@ -141,6 +206,7 @@ class PipelineSettings(Frozen):
     validate_: ValidateSettings = Field(ValidateSettings(), alias="validate")
     parquet: ParquetSettings = ParquetSettings()
     quarantine: QuarantineSettings = QuarantineSettings()
+    sql: SqlSettings | None = Field(None, description="Also write to a SQL database (off by default).")
     probes: bool = Field(True, description="Record lock wait/hold and producer stall histograms.")
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

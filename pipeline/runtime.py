@@ -19,6 +19,7 @@ from pipeline.drops import DropLog
 from pipeline.model import FlushStat, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 from pipeline.sinks import Sink, SlowSink
+from pipeline.sql_sink import SqlSink
 from pipeline.validate import Validator
 
 
@@ -62,9 +63,15 @@ class Pipeline:
         )
         self.drops = DropLog(output / "dropped")
         self.quarantine = QuarantineSink(output / settings.quarantine.path, rotate_s=pq.rotate, fsync=pq.fsync)
-        readings_sink: Sink[Reading] = SlowSink(self.parquet, sink_delay_s) if sink_delay_s > 0 else self.parquet
+        readings_sinks: list[Sink[Reading]] = [
+            SlowSink(self.parquet, sink_delay_s) if sink_delay_s > 0 else self.parquet
+        ]
+        self.sql: SqlSink | None = None
+        if settings.sql is not None:
+            self.sql = SqlSink(settings.sql, output)
+            readings_sinks.append(self.sql)
         self._readings: FlushingBuffer[Reading] = FlushingBuffer(
-            readings_sink,
+            readings_sinks,
             size=buf.size,
             flush_interval_s=buf.flush_interval,
             capacity=buf.capacity,
