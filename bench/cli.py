@@ -200,6 +200,8 @@ _ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
     ("lock wait p99 ms", ("probes", "lock", "wait_ms", "p99"), "{:,.3f}", True),
     ("lock hold p99 ms", ("probes", "lock", "hold_ms", "p99"), "{:,.3f}", True),
     ("producer stall p99 ms", ("probes", "lock", "stall_ms", "p99"), "{:,.3f}", True),
+    ("event-loop lag p99 ms", ("probes", "loop_lag_ms", "p99"), "{:,.2f}", True),
+    ("event-loop lag max ms", ("probes", "loop_lag_ms", "max"), "{:,.2f}", True),
     ("append cost first ms", ("probes", "append_cost", "first_ms"), "{:,.2f}", True),
     ("append cost last ms", ("probes", "append_cost", "last_ms"), "{:,.2f}", True),
     ("append last/first", ("probes", "append_cost", "last_over_first"), "{:,.2f}", False),

@@ -398,6 +398,7 @@ def _run_variant(
         pipeline_errors = [str(e) for e in pipeline.errors]
         sql_back = pipeline.sql.read_back() if pipeline.sql is not None else None
         lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
+        loop_lag = pipeline.loop_lag_recorder.summary() if pipeline.loop_lag_recorder is not None else None
     finally:
         if source is not None:
             source.close()
@@ -460,6 +461,7 @@ def _run_variant(
             "lock": lock,
             "append_cost": append_cost(flushes),
             "queue_depth": series_summary(samples),
+            "loop_lag_ms": loop_lag,
         },
         "publisher": {
             "accepted": sent,

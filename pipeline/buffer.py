@@ -34,7 +34,14 @@ from pipeline.model import FlushStat, TriggerKind
 from pipeline.probes import Recorder
 from pipeline.sinks import Sink
 
-__all__ = ["LOCK_STRATEGIES", "BufferClosed", "BufferStatistics", "FlushingBuffer", "due_trigger"]
+__all__ = [
+    "LOCK_STRATEGIES",
+    "BufferClosed",
+    "BufferStatistics",
+    "FlushingBuffer",
+    "due_trigger",
+    "write_to_sinks",
+]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -273,38 +280,48 @@ class FlushingBuffer(Generic[T]):
                 self._on_flush(replace(stat, coalesced=coalesced))
 
     def _write(self, batch: list[T], batch_id: int, trigger: TriggerKind) -> list[FlushStat] | None:
-        """Write one batch to every sink, retrying each; ``None`` if a sink gave up."""
-        out = []
-        for sink in self._sinks:
-            stat = self._write_one(sink, batch, batch_id, trigger)
-            if stat is None:
-                return None
-            out.append(stat)
-        return out
+        stats, error = write_to_sinks(self._sinks, batch, batch_id, trigger, self._clock)
+        if error is not None:
+            self.error = error
+        return stats
 
-    def _write_one(self, sink: Sink[T], batch: list[T], batch_id: int, trigger: TriggerKind) -> FlushStat | None:
-        started = self._clock.now_ns()
+
+def write_to_sinks(
+    sinks: Sequence[Sink[T]], batch: list[T], batch_id: int, trigger: TriggerKind, clock: Clock
+) -> tuple[list[FlushStat] | None, BaseException | None]:
+    """Write one batch to every sink in turn, retrying each with backoff.
+
+    Returns one :class:`FlushStat` per sink, or ``None`` and the last error if
+    a sink gave up (the batch then counts as failed rows, never as written).
+    Blocking: drivers call it from a thread, or, as the naive async strategy
+    does, on the event loop itself.
+    """
+    out = []
+    for sink in sinks:
+        started = clock.now_ns()
         for attempt, backoff in enumerate((*WRITE_RETRIES, None)):
             try:
                 timing = sink.write_batch(batch, batch_id)
-            except Exception as exc:  # a sink failure must not kill the flusher thread
+            except Exception as exc:  # a sink failure must not kill the flusher
                 log.warning("sink %s: flush %d failed (attempt %d): %s", sink.name, batch_id, attempt + 1, exc)
                 if backoff is None:
-                    self.error = exc
-                    return None
+                    return None, exc
                 time.sleep(backoff)
                 continue
-            return FlushStat(
-                sink=sink.name,
-                batch_id=batch_id,
-                trigger=trigger,
-                rows=len(batch),
-                started_ns=started,
-                build_ns=timing.build_ns,
-                write_ns=timing.write_ns,
-                commit_ns=timing.commit_ns,
-                durable_ns=self._clock.now_ns(),
-                bytes_before=timing.bytes_before,
-                rows_before=timing.rows_before,
+            out.append(
+                FlushStat(
+                    sink=sink.name,
+                    batch_id=batch_id,
+                    trigger=trigger,
+                    rows=len(batch),
+                    started_ns=started,
+                    build_ns=timing.build_ns,
+                    write_ns=timing.write_ns,
+                    commit_ns=timing.commit_ns,
+                    durable_ns=clock.now_ns(),
+                    bytes_before=timing.bytes_before,
+                    rows_before=timing.rows_before,
+                )
             )
-        return None
+            break
+    return out, None

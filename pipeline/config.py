@@ -208,6 +208,11 @@ class PipelineSettings(Frozen):
     quarantine: QuarantineSettings = QuarantineSettings()
     sql: SqlSettings | None = Field(None, description="Also write to a SQL database (off by default).")
     probes: bool = Field(True, description="Record lock wait/hold and producer stall histograms.")
+    runtime: Literal["threads", "asyncio"] = Field(
+        "threads",
+        description="threads: thread locks and flusher threads. asyncio: the pipeline runs on an event loop "
+        "(as OPC UA clients do); the loop-lag probe shows how long the loop stalls.",
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 

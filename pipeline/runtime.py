@@ -1,23 +1,34 @@
-"""The assembled pipeline: validate -> buffer -> Parquet, rejections -> quarantine.
+"""The assembled pipeline: validate -> buffer -> Parquet (+ SQL), rejections -> quarantine.
 
 Source-agnostic: a source calls :meth:`Pipeline.submit` with raw bytes, from any
-thread. Everything downstream is thread-safe.
+thread (or awaits :meth:`Pipeline.asubmit` on the pipeline's own loop).
+
+Two runtimes, chosen by ``settings.runtime``:
+
+``threads``  buffers guarded by thread locks, a flusher thread per buffer.
+``asyncio``  the pipeline lives on an event loop in its own thread, as an
+             OPC UA client pipeline does; validation and buffering run on the
+             loop, and a loop-lag probe measures how long the loop stalls.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from pipeline.async_buffer import AsyncFlushingBuffer, LoopLagProbe
 from pipeline.buffer import BufferClosed, BufferStatistics, FlushingBuffer, LockProbes
 from pipeline.clock import Clock
 from pipeline.config import PipelineSettings
 from pipeline.drops import DropLog
 from pipeline.model import FlushStat, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
+from pipeline.probes import Recorder
 from pipeline.sinks import Sink, SlowSink
 from pipeline.sql_sink import SqlSink
 from pipeline.validate import Validator
@@ -37,7 +48,7 @@ class PipelineStatistics:
 
 
 class Pipeline:
-    """validate -> buffer (size + timeout) -> Parquet; rejections to quarantine."""
+    """validate -> buffer (size + timeout) -> sinks; rejections to quarantine."""
 
     def __init__(
         self,
@@ -50,8 +61,8 @@ class Pipeline:
         self.settings = settings
         self.output = output
         self._clock = clock
+        self._on_flush = on_flush
         self._validator = Validator(future_tolerance_ns=int(settings.validate_.future_tolerance * 1e9))
-        buf = settings.buffer
         pq = settings.parquet
         self.parquet = ParquetSink(
             output / pq.path,
@@ -63,79 +74,149 @@ class Pipeline:
         )
         self.drops = DropLog(output / "dropped")
         self.quarantine = QuarantineSink(output / settings.quarantine.path, rotate_s=pq.rotate, fsync=pq.fsync)
-        readings_sinks: list[Sink[Reading]] = [
+        self._readings_sinks: list[Sink[Reading]] = [
             SlowSink(self.parquet, sink_delay_s) if sink_delay_s > 0 else self.parquet
         ]
         self.sql: SqlSink | None = None
         if settings.sql is not None:
             self.sql = SqlSink(settings.sql, output)
-            readings_sinks.append(self.sql)
-        self._readings: FlushingBuffer[Reading] = FlushingBuffer(
-            readings_sinks,
-            size=buf.size,
-            flush_interval_s=buf.flush_interval,
-            capacity=buf.capacity,
-            clock=clock,
-            on_flush=on_flush,
-            lock=buf.lock,
-            overflow=buf.overflow,
-            on_drop=self.drops.record,
-            probes=settings.probes,
-        )
-        self._rejections: FlushingBuffer[Rejection] = FlushingBuffer(
-            self.quarantine,
-            size=buf.size,
-            flush_interval_s=buf.flush_interval,
-            capacity=buf.capacity,
-            clock=clock,
-            on_flush=on_flush,
-            lock=buf.lock,
-            overflow=buf.overflow,
-            on_drop=self.drops.record,
-            probes=settings.probes,
-        )
+            self._readings_sinks.append(self.sql)
         self._lock = threading.Lock()
         self._received = 0
         self._reasons: Counter[str] = Counter()
         self._refused_after_close = 0
+        self._readings: FlushingBuffer[Reading] | AsyncFlushingBuffer[Reading] | None = None
+        self._rejections: FlushingBuffer[Rejection] | AsyncFlushingBuffer[Rejection] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self.loop_lag: LoopLagProbe | None = None
+
+    def _buffer_kwargs(self) -> dict[str, Any]:
+        buf = self.settings.buffer
+        return {
+            "size": buf.size,
+            "flush_interval_s": buf.flush_interval,
+            "capacity": buf.capacity,
+            "clock": self._clock,
+            "on_flush": self._on_flush,
+            "lock": buf.lock,
+            "overflow": buf.overflow,
+            "on_drop": self.drops.record,
+            "probes": self.settings.probes,
+        }
 
     def start(self) -> None:
-        self._readings.start()
-        self._rejections.start()
+        if self.settings.runtime == "threads":
+            readings: FlushingBuffer[Reading] = FlushingBuffer(self._readings_sinks, **self._buffer_kwargs())
+            rejections: FlushingBuffer[Rejection] = FlushingBuffer([self.quarantine], **self._buffer_kwargs())
+            readings.start()
+            rejections.start()
+            self._readings, self._rejections = readings, rejections
+            return
+        ready = threading.Event()
 
-    def submit(self, payload: bytes, topic: str) -> None:
-        """Take one raw message from a source; thread-safe, may block on backpressure."""
-        received = self._clock.now_ns()
-        result = self._validator.check(payload, topic, received)
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+
+            async def setup() -> None:
+                areadings: AsyncFlushingBuffer[Reading] = AsyncFlushingBuffer(
+                    self._readings_sinks, **self._buffer_kwargs()
+                )
+                arejections: AsyncFlushingBuffer[Rejection] = AsyncFlushingBuffer(
+                    [self.quarantine], **self._buffer_kwargs()
+                )
+                areadings.start()
+                arejections.start()
+                self._readings, self._rejections = areadings, arejections
+                self.loop_lag = LoopLagProbe()
+                self.loop_lag.start()
+
+            loop.run_until_complete(setup())
+            ready.set()
+            loop.run_forever()
+            loop.close()
+
+        self._loop_thread = threading.Thread(target=serve, name="pipeline-loop", daemon=True)
+        self._loop_thread.start()
+        ready.wait(10)
+
+    def _validate(self, payload: bytes, topic: str) -> Reading | Rejection:
+        result = self._validator.check(payload, topic, self._clock.now_ns())
         with self._lock:
             self._received += 1
             if isinstance(result, Rejection):
                 self._reasons[result.reason] += 1
+        return result
+
+    def _refused(self) -> None:
+        # A source that delivers after close(): count it so the ledger's
+        # "lost" has a visible cause instead of vanishing in a callback.
+        with self._lock:
+            self._refused_after_close += 1
+
+    def submit(self, payload: bytes, topic: str) -> None:
+        """Take one raw message from a source thread; may block on backpressure."""
+        if self._loop is not None:
+            asyncio.run_coroutine_threadsafe(self.asubmit(payload, topic), self._loop).result()
+            return
+        result = self._validate(payload, topic)
         try:
             if isinstance(result, Reading):
+                assert isinstance(self._readings, FlushingBuffer)
                 self._readings.put(result)
             else:
+                assert isinstance(self._rejections, FlushingBuffer)
                 self._rejections.put(result)
         except BufferClosed:
-            # A source that delivers after close(): count it so the ledger's
-            # "lost" has a visible cause instead of vanishing in a callback.
-            with self._lock:
-                self._refused_after_close += 1
+            self._refused()
+
+    async def asubmit(self, payload: bytes, topic: str) -> None:
+        """Take one raw message on the pipeline's event loop (asyncio runtime)."""
+        result = self._validate(payload, topic)
+        try:
+            if isinstance(result, Reading):
+                assert isinstance(self._readings, AsyncFlushingBuffer)
+                await self._readings.put(result)
+            else:
+                assert isinstance(self._rejections, AsyncFlushingBuffer)
+                await self._rejections.put(result)
+        except BufferClosed:
+            self._refused()
 
     def close(self) -> None:
         """Flush everything buffered and finalise every file."""
-        self._readings.close()
-        self._rejections.close()
+        if self._loop is not None and self._loop_thread is not None:
+            loop = self._loop
+
+            async def aclose() -> None:
+                for buf in (self._readings, self._rejections):
+                    if isinstance(buf, AsyncFlushingBuffer):
+                        await buf.close()
+                if self.loop_lag is not None:
+                    await self.loop_lag.stop()
+
+            asyncio.run_coroutine_threadsafe(aclose(), loop).result()
+            loop.call_soon_threadsafe(loop.stop)
+            self._loop_thread.join(30)
+        else:
+            for tbuf in (self._readings, self._rejections):
+                if isinstance(tbuf, FlushingBuffer):
+                    tbuf.close()
         self.drops.close()
 
     @property
     def lock_probes(self) -> LockProbes | None:
         """Lock wait/hold/stall histograms of the readings buffer (the hot one)."""
-        return self._readings.probes
+        return self._readings.probes if self._readings is not None else None
+
+    @property
+    def loop_lag_recorder(self) -> Recorder | None:
+        return self.loop_lag.lag if self.loop_lag is not None else None
 
     @property
     def errors(self) -> list[BaseException]:
-        return [e for e in (self._readings.error, self._rejections.error) if e is not None]
+        return [b.error for b in (self._readings, self._rejections) if b is not None and b.error is not None]
 
     def statistics(self) -> PipelineStatistics:
         with self._lock:
@@ -149,6 +230,6 @@ class Pipeline:
             rejected=rejected,
             rejected_by_reason=reasons,
             refused_after_close=refused,
-            readings=self._readings.statistics(),
-            rejections=self._rejections.statistics(),
+            readings=self._readings.statistics() if self._readings is not None else None,
+            rejections=self._rejections.statistics() if self._rejections is not None else None,
         )

@@ -1,0 +1,223 @@
+"""The same buffer for pipelines that run on asyncio (as OPC UA clients do).
+
+Lock strategies, as in :mod:`pipeline.buffer`:
+
+``swap`` (improved)
+    An ``asyncio.Lock`` guards append and swap; one flusher task writes the
+    swapped-out batch in a worker thread (``asyncio.to_thread``), so the event
+    loop keeps serving every other coroutine during file or database I/O.
+``coarse`` (naive baseline)
+    The lock is held across the flush and the write runs *on the loop*: every
+    subscription on that loop stalls for as long as the disk takes. The
+    loop-lag probe (:class:`LoopLagProbe`) shows exactly that.
+
+Decisions come from the shared sans-IO :class:`~pipeline.buffer_core.BufferCore`;
+writing (with retries) from :func:`~pipeline.buffer.write_to_sinks`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Generic, TypeVar
+
+from pipeline.buffer import BufferClosed, BufferStatistics, LockProbes, write_to_sinks
+from pipeline.buffer_core import DROP_REASON, BufferCore, LockKind, Overflow
+from pipeline.clock import Clock
+from pipeline.model import FlushStat, TriggerKind
+from pipeline.probes import Recorder
+from pipeline.sinks import Sink
+
+T = TypeVar("T")
+
+
+class AsyncFlushingBuffer(Generic[T]):
+    """Bounded buffer flushed by size or age, for use from one event loop."""
+
+    def __init__(
+        self,
+        sinks: Sequence[Sink[T]],
+        *,
+        size: int,
+        flush_interval_s: float,
+        capacity: int,
+        clock: Clock,
+        on_flush: Callable[[FlushStat], None] | None = None,
+        lock: LockKind = "swap",
+        overflow: Overflow = "block",
+        on_drop: Callable[[T, str], None] | None = None,
+        probes: bool = True,
+    ) -> None:
+        self._sinks = list(sinks)
+        self._core: BufferCore[T] = BufferCore(
+            size=size, interval_ns=int(flush_interval_s * 1e9), capacity=capacity, overflow=overflow
+        )
+        self._lock_kind: LockKind = lock
+        self._clock = clock
+        self._on_flush = on_flush
+        self._on_drop = on_drop
+        self.probes: LockProbes | None = LockProbes.new() if probes else None
+        self._cond = asyncio.Condition()
+        self._closing = False
+        self._flushing = False
+        self._pending_coalesced = 0
+        self._batch_id = 0
+        self._accepted = self._flushed_rows = self._flushes = self._coalesced = 0
+        self._failed_rows = self._dropped = self._producer_wait_ns = 0
+        self.error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="flusher")
+
+    async def put(self, item: T) -> None:
+        t_enter = time.perf_counter_ns()
+        async with self._cond:
+            t_locked = time.perf_counter_ns()
+            try:
+                await self._put_locked(item, t_enter, t_locked)
+            finally:
+                if self.probes is not None:
+                    now = time.perf_counter_ns()
+                    self.probes.hold.record_ns(now - t_locked)
+                    self.probes.stall.record_ns(now - t_enter)
+
+    async def _put_locked(self, item: T, t_enter: int, t_locked: int) -> None:
+        if self.probes is not None:
+            self.probes.wait.record_ns(t_locked - t_enter)
+        if self._closing:
+            raise BufferClosed("buffer is closed; row not accepted")
+        result, dropped = self._core.offer(item, self._clock.now_ns())
+        if result == "full":
+            start = time.perf_counter_ns()
+            while result == "full" and not self._closing:
+                await self._cond.wait()
+                result, dropped = self._core.offer(item, self._clock.now_ns())
+            self._producer_wait_ns += time.perf_counter_ns() - start
+            if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
+                raise BufferClosed("buffer closed while a producer waited")
+        if result != "dropped_newest":
+            self._accepted += 1
+        if dropped is not None:
+            self._dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(dropped, DROP_REASON[result])
+        if len(self._core) == 1:
+            self._cond.notify_all()
+        if len(self._core) >= self._core.size:
+            if self._lock_kind == "coarse":
+                self._flush_on_loop("size")
+            else:
+                if self._flushing and len(self._core) == self._core.size:
+                    self._pending_coalesced += 1
+                self._cond.notify_all()
+
+    async def close(self) -> None:
+        async with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._task is not None:
+            await self._task
+        for sink in self._sinks:
+            await asyncio.to_thread(sink.close)
+
+    def statistics(self) -> BufferStatistics:
+        # Read from other threads for progress displays: a snapshot of ints,
+        # each read atomically; exactness is not needed there.
+        return BufferStatistics(
+            buffered=len(self._core),
+            accepted=self._accepted,
+            flushed_rows=self._flushed_rows,
+            flushes=self._flushes,
+            coalesced=self._coalesced,
+            failed_rows=self._failed_rows,
+            dropped=self._dropped,
+            producer_wait_ns=self._producer_wait_ns,
+        )
+
+    async def _run(self) -> None:
+        while True:
+            async with self._cond:
+                trigger = await self._wait_for_trigger()
+                if trigger is None:
+                    return
+                if self._lock_kind == "coarse":
+                    self._flush_on_loop(trigger)
+                    continue
+                batch = self._core.take()
+                self._flushing = True
+                self._batch_id += 1
+                batch_id = self._batch_id
+                self._cond.notify_all()
+            stats, error = await asyncio.to_thread(write_to_sinks, self._sinks, batch, batch_id, trigger, self._clock)
+            async with self._cond:
+                self._flushing = False
+                coalesced, self._pending_coalesced = self._pending_coalesced, 0
+                self._account(batch, stats, error, coalesced)
+
+    async def _wait_for_trigger(self) -> TriggerKind | None:
+        while True:
+            now = self._clock.now_ns()
+            trigger = self._core.due(now)
+            if trigger is None and self._closing:
+                return "shutdown" if len(self._core) else None
+            if trigger is not None:
+                return trigger
+            deadline = self._core.next_deadline_ns()
+            timeout = None if deadline is None else max(0.0, (deadline - now) / 1e9)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cond.wait(), timeout)
+
+    def _flush_on_loop(self, trigger: TriggerKind) -> None:
+        """Coarse: write right here, on the loop, holding the lock (the baseline's cost)."""
+        batch = self._core.take()
+        self._batch_id += 1
+        stats, error = write_to_sinks(self._sinks, batch, self._batch_id, trigger, self._clock)
+        self._account(batch, stats, error, 0)
+        self._cond.notify_all()
+
+    def _account(
+        self, batch: list[T], stats: list[FlushStat] | None, error: BaseException | None, coalesced: int
+    ) -> None:
+        self._coalesced += coalesced
+        if stats is None:
+            self._failed_rows += len(batch)
+            self.error = error
+            return
+        self._flushed_rows += len(batch)
+        self._flushes += 1
+        if self._on_flush is not None:
+            for stat in stats:
+                self._on_flush(replace(stat, coalesced=coalesced))
+
+
+class LoopLagProbe:
+    """How late the event loop runs a timer: the time every coroutine on it stalls.
+
+    Sleeps ``interval_s`` again and again and records how much later than asked
+    it woke up. A flush done on the loop, or a thread lock taken on it, shows as lag.
+    """
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.lag = Recorder()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag-probe")
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(self.interval_s)
+            self.lag.record_ns(int((loop.time() - start - self.interval_s) * 1e9))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
