@@ -251,6 +251,10 @@ class StandaloneConfig(Frozen):
     pipeline: PipelineSettings = PipelineSettings()
 
 
+# Never echoed back in an error: they may carry a secret the user mistyped.
+_SECRET_FIELDS = frozenset({"password", "url", "broker"})
+
+
 def format_validation_error(path: Path | str, exc: ValidationError) -> str:
     """One line per problem: ``file: field.path: what was expected``."""
     lines = []
@@ -264,10 +268,11 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
             continue
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"])
         loc = loc.replace(".[", "[")
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
+        secret = bool(loc_t) and loc_t[-1] in _SECRET_FIELDS
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the JSON Schema for allowed keys)"
-        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict | list):
+        elif "input" in err and not secret and err["type"] not in ("missing",) and not isinstance(err["input"], dict | list):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{path}: {loc or '<top>'}: {msg}")
     return "\n".join(lines)
