@@ -5,6 +5,10 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
 
 1. First version: scenario, environment, one variant with config, ledger,
    throughput, latency_ms (end_to_end, send_lag), probes.flush, publisher.
+2. One entry per matrix variant; probes.lock, probes.append_cost,
+   probes.queue_depth, probes.loop_lag_ms, probes.overhead;
+   throughput.sink_rows_per_s; sql; faults; pipeline.dropped_by_reason and
+   refused_after_close; latency summaries gain "total" (ms).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from pipeline.probes import Recorder
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PACKAGES = (
     "iiot-bench",
     "asyncua",

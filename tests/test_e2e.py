@@ -12,6 +12,7 @@ import pytest
 
 from bench import runner
 from bench.cli import main
+from bench.results import SCHEMA_VERSION
 from bench.scenario import load_scenario
 from simulators.stream import planned_count
 from tests.conftest import SCENARIOS
@@ -53,7 +54,7 @@ def test_small_scenario_reconciles_over_embedded_broker(write_scenario: Callable
     outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run"))
     variant = _check_run(outcome, planned=200 + 400 + 200)
     results = outcome.results
-    assert results["schema_version"] == 1
+    assert results["schema_version"] == SCHEMA_VERSION
     assert results["scenario"]["sha256"] == loaded.sha256
     assert "pyarrow" in results["environment"]["packages"]
     e2e = variant["latency_ms"]["end_to_end"]
