@@ -114,8 +114,9 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     overhead = _get(outcome.results["variants"][0], "probes", "overhead")
     if overhead and not args.json:
         out.print(
-            f"probe overhead: {overhead['ns_per_put_on'] - overhead['ns_per_put_off']:,.0f} ns per put "
-            f"({overhead['overhead_pct']}% of an unprobed put)"
+            f"probe overhead: {overhead['ns_per_put_on'] - overhead['ns_per_put_off']:,.0f} ns per put, "
+            f"{overhead['overhead_pct_of_message']}% of a message's decode + validate + put "
+            f"({overhead['overhead_pct']}% of the put alone); measured in this run, probes on vs off"
         )
     if not outcome.ok:
         err.print("bench: FAILED: the run did not pass its checks", style="bold red")

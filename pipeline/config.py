@@ -272,7 +272,12 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
         secret = bool(loc_t) and loc_t[-1] in _SECRET_FIELDS
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see the JSON Schema for allowed keys)"
-        elif "input" in err and not secret and err["type"] not in ("missing",) and not isinstance(err["input"], dict | list):
+        elif (
+            "input" in err
+            and not secret
+            and err["type"] not in ("missing",)
+            and not isinstance(err["input"], dict | list)
+        ):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{path}: {loc or '<top>'}: {msg}")
     return "\n".join(lines)

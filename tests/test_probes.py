@@ -8,7 +8,7 @@ import pytest
 from hdrh.histogram import HdrHistogram
 
 from bench.probes import append_cost, series_summary
-from pipeline.model import FlushStat
+from pipeline.model import FlushStat, TriggerKind
 from pipeline.probes import Recorder
 
 
@@ -42,14 +42,14 @@ def test_recorder_counts_negative_and_merges() -> None:
     assert Recorder().summary() == {"count": 0}
 
 
-def _flush(batch: int, mb: float, ms: float, trigger: str = "size") -> FlushStat:
+def _flush(batch: int, mb: float, ms: float, trigger: TriggerKind = "size") -> FlushStat:
     return FlushStat(
         sink="parquet",
         batch_id=batch,
         trigger=trigger,
         rows=100,
         started_ns=0,
-        build_ns=0,  # type: ignore[arg-type]
+        build_ns=0,
         write_ns=int(ms * 1e6),
         commit_ns=0,
         durable_ns=0,

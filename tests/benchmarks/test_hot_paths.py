@@ -104,7 +104,8 @@ def test_parquet_flush_10k_rows_into_a_100k_row_file(benchmark: Any, strategy: s
 
 @pytest.mark.parametrize("strategy", ["row", "bulk", "upsert"])
 def test_sqlite_write_200_rows(benchmark: Any, strategy: str, tmp_path: Path) -> None:
-    sink = SqlSink(SqlSettings(url="sqlite:///bench.db", strategy=strategy, aggregate="raw"), tmp_path)  # type: ignore[arg-type]
+    settings = SqlSettings.model_validate({"url": "sqlite:///bench.db", "strategy": strategy, "aggregate": "raw"})
+    sink = SqlSink(settings, tmp_path)
     counter = iter(range(10_000))
 
     def write() -> SinkTiming:
