@@ -15,7 +15,7 @@ BASE_NS = BASE_MINUTE * MINUTE_NS
 S = 10**9
 
 
-def rd(machine: str, minute: int, second: float, load_rate: float, mileage: float, seq: int = 0) -> Reading:
+def rd(machine: str, minute: int, second: float, load_rate: float, mileage: float, *, seq: int = 0) -> Reading:
     """A reading `second` seconds into minute `minute` after BASE."""
     ts = BASE_NS + minute * MINUTE_NS + int(second * S)
     return Reading(machine=machine, ts_ns=ts, load_rate=load_rate, mileage=mileage, seq=seq, received_ns=ts)

@@ -1,0 +1,499 @@
+"""Tests for pipeline/sql_sink.py (SqlSink, resolve_url) and pipeline/config.py (SqlSettings).
+
+Against real databases: SQLite (a file in tmp_path), PostgreSQL and MariaDB on loopback (skipped
+when unreachable, failed when BENCH_REQUIRE_SERVICES=1). Every test uses its own table with a
+random suffix and drops it afterwards, so runs can share the servers.
+
+Float values are chosen to be exact in single precision where MariaDB is involved: the sink's
+FLOAT columns are 4-byte floats there (see the xfail test for that bug), and the other tests
+should check what they are about.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from pydantic import ValidationError
+
+from pipeline.config import SqlSettings
+from pipeline.errors import ConfigError, SinkError
+from pipeline.model import Reading
+from pipeline.sql_sink import SqlSink, resolve_url
+from tests.conftest import require_service
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+MARIADB_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
+SERVICES = {"postgresql": ("PostgreSQL", 5432, PG_URL), "mariadb": ("MariaDB", 3306, MARIADB_URL)}
+ALL = ("sqlite", "postgresql", "mariadb")
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+BASE_NS = 1_700_000_040_123_456_789  # 2023-11-14T22:14:00.123456789Z, inside a minute
+MINUTE0_NS = 1_700_000_040 * 10**9  # the start of that minute
+S = 10**9
+
+
+def params(pairs: Sequence[tuple[str, ...]], xfail: dict[str, str] | None = None) -> list[Any]:
+    """pytest params for (backend, ...) tuples; server backends are marked `services`.
+
+    `xfail` maps a backend, or a whole id such as "postgresql-copy", to a known bug.
+    """
+    out = []
+    for pair in pairs:
+        marks: list[pytest.MarkDecorator] = [] if pair[0] == "sqlite" else [pytest.mark.services]
+        ident = "-".join(pair)
+        reason = (xfail or {}).get(ident) or (xfail or {}).get(pair[0])
+        if reason:
+            marks.append(pytest.mark.xfail(strict=True, reason=reason))
+        out.append(pytest.param(*pair, marks=marks, id=ident))
+    return out
+
+
+def backends(*names: str, xfail: dict[str, str] | None = None) -> list[Any]:
+    return params([(n,) for n in names], xfail)
+
+
+class Db:
+    """One backend for one test: makes sinks on a unique table and drops what it made."""
+
+    def __init__(self, backend: str, tmp_path: Path) -> None:
+        self.backend = backend
+        self.output = tmp_path / "out"
+        if backend == "sqlite":
+            self.url = f"sqlite:///{tmp_path / 'bench.db'}"
+        else:
+            name, port, self.url = SERVICES[backend]
+            require_service(name, "127.0.0.1", port)
+        self.table = f"t_{uuid.uuid4().hex[:12]}"
+        self.sinks: list[SqlSink] = []
+        self.extra_tables: list[str] = []
+
+    def sink(self, strategy: str = "upsert", aggregate: str = "raw", **kw: Any) -> SqlSink:
+        kw.setdefault("table", self.table)
+        settings = SqlSettings(url=self.url, strategy=strategy, aggregate=aggregate, **kw)
+        sink = SqlSink(settings, self.output)
+        self.sinks.append(sink)
+        return sink
+
+    def rows(self, sink: SqlSink) -> list[dict[str, Any]]:
+        with sink.engine.connect() as conn:
+            result = conn.execute(sa.select(sink.table).order_by(sink.table.c.machine, sink.table.c.ts))
+            return [dict(r._mapping) for r in result]
+
+    def ts(self, ns: int) -> datetime:
+        """What the database should hand back for `ns`: UTC, naive except on PostgreSQL."""
+        moment = EPOCH + timedelta(microseconds=ns // 1000)
+        return moment if self.backend == "postgresql" else moment.replace(tzinfo=None)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            with sink.engine.begin() as conn:
+                sink.table.drop(conn, checkfirst=True)
+                for name in self.extra_tables:
+                    conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+            sink.close()
+
+
+@pytest.fixture
+def make_db(tmp_path: Path) -> Iterator[Callable[[str], Db]]:
+    made: list[Db] = []
+
+    def make(backend: str) -> Db:
+        db = Db(backend, tmp_path)
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        db.close()
+
+
+def reading(i: int, machine: str = "m-1", *, ts_ns: int | None = None, bump: float = 0.0) -> Reading:
+    # ts steps of 1.000001001 s: every row has its own microsecond fraction (and a dropped ns part).
+    ts = BASE_NS + i * 1_000_001_001 if ts_ns is None else ts_ns
+    return Reading(
+        machine=machine, ts_ns=ts, load_rate=i * 0.25 + bump, mileage=1000.0 + i * 0.5 + bump, seq=i, received_ns=ts
+    )
+
+
+def raw_tuple(db: Db, r: Reading) -> tuple[Any, ...]:
+    return (r.machine, db.ts(r.ts_ns), r.load_rate, r.mileage, r.seq)
+
+
+def as_tuples(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(r["machine"], r["ts"], r["load_rate"], r["mileage"], r["seq"]) for r in rows]
+
+
+# --- raw mode ---------------------------------------------------------------------
+
+RAW_STRATEGIES = [(b, s) for b in ALL for s in ("row", "bulk", "upsert")] + [("postgresql", "copy")]
+
+
+@pytest.mark.parametrize(("backend", "strategy"), params(RAW_STRATEGIES))
+def test_raw_writes_exactly_the_rows(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
+    db = make_db(backend)
+    sink = db.sink(strategy)
+    readings = [reading(i, f"m-{i % 3}") for i in range(12)]
+    sink.write_batch(readings[:5], 1)
+    timing = sink.write_batch(readings[5:], 2)
+    assert timing.write_ns > 0
+
+    rows = db.rows(sink)
+    assert sorted(as_tuples(rows)) == sorted(raw_tuple(db, r) for r in readings)
+    for row in rows:
+        if backend == "postgresql":
+            assert row["ts"].utcoffset() == timedelta(0)  # timestamptz, read back in UTC
+        else:
+            assert row["ts"].tzinfo is None  # naive UTC
+    # Microseconds kept (DATETIME(6) on MariaDB), nanoseconds truncated.
+    assert {r["ts"].microsecond for r in rows} == {(r.ts_ns // 1000) % 10**6 for r in readings}
+    assert len({r["ts"].microsecond for r in rows}) == 12
+    assert sink.rows_written == 12
+    assert sink.read_back() == {"table": db.table, "rows": 12, "created_by_run": True}
+
+
+@pytest.mark.parametrize(("backend", "strategy"), params([(b, "upsert") for b in ALL] + [("postgresql", "copy")]))
+def test_upsert_twice_updates_instead_of_duplicating(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
+    db = make_db(backend)
+    sink = db.sink(strategy)
+    first = [reading(i, f"m-{i % 2}") for i in range(6)]
+    second = [reading(i, f"m-{i % 2}", bump=100.0) for i in range(6)]  # same keys, new values
+    sink.write_batch(first, 1)
+    sink.write_batch(second, 2)
+    assert sink.read_back()["rows"] == 6  # count unchanged
+    assert sorted(as_tuples(db.rows(sink))) == sorted(raw_tuple(db, r) for r in second)  # the second values won
+    sink.write_batch(second, 3)  # a replay: idempotent
+    assert sorted(as_tuples(db.rows(sink))) == sorted(raw_tuple(db, r) for r in second)
+
+
+@pytest.mark.parametrize(("backend", "strategy"), params([(b, s) for b in ALL for s in ("row", "bulk")]))
+def test_plain_insert_strategies_fail_on_a_repeated_key(
+    make_db: Callable[[str], Db], backend: str, strategy: str
+) -> None:
+    db = make_db(backend)
+    sink = db.sink(strategy)
+    sink.write_batch([reading(0), reading(1)], 1)
+    with pytest.raises(SinkError, match=f"SQL {strategy} into {db.table} failed: IntegrityError") as info:
+        sink.write_batch([reading(2), reading(1, bump=5.0)], 2)
+    assert "\n" not in str(info.value)  # one line for the user, not a driver dump
+    expected = [reading(0), reading(1)]
+    if strategy == "row":
+        expected.append(reading(2))  # a commit per row: the row before the duplicate stays
+    assert sorted(as_tuples(db.rows(sink))) == sorted(raw_tuple(db, r) for r in expected)  # bulk: atomic
+    assert sink.rows_written == 2
+
+
+# --- aggregated mode --------------------------------------------------------------
+
+
+def at(minute: int, second: float, machine: str, load_rate: float, mileage: float) -> Reading:
+    ts = MINUTE0_NS + minute * 60 * S + int(second * S)
+    return Reading(machine=machine, ts_ns=ts, load_rate=load_rate, mileage=mileage, seq=0, received_ns=ts)
+
+
+def agg_tuples(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    names = ("machine", "ts", "count", "load_rate_mean", "load_rate_min", "load_rate_max", "mileage_last")
+    return [tuple(r[n] for n in names) for r in rows]
+
+
+@pytest.mark.parametrize(("backend", "strategy"), params([(b, "upsert") for b in ALL] + [("postgresql", "copy")]))
+def test_aggregated_minutes_and_late_data(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
+    db = make_db(backend)
+    sink = db.sink(strategy, aggregate="per_machine_minute")
+    assert sink.table.name == db.table
+    sink.write_batch(
+        [
+            at(0, 0, "m1", 1.0, 10.0),
+            at(0, 30, "m1", 2.0, 40.0),  # latest ts of m1's minute 0
+            at(0, 10, "m1", 6.0, 20.0),  # arrives last, but is older
+            at(1, 5, "m1", 4.0, 50.0),
+            at(0, 59.999999, "m2", 8.0, 99.0),
+        ],
+        1,
+    )
+    m0, m1 = db.ts(MINUTE0_NS), db.ts(MINUTE0_NS + 60 * S)
+    assert agg_tuples(db.rows(sink)) == [
+        ("m1", m0, 3, 3.0, 1.0, 6.0, 40.0),
+        ("m1", m1, 1, 4.0, 4.0, 4.0, 50.0),
+        ("m2", m0, 1, 8.0, 8.0, 8.0, 99.0),
+    ]
+    assert sink.read_back() == {
+        "table": db.table,
+        "rows": 3,
+        "created_by_run": True,
+        "sum_count": 5,
+        "late_beyond_retention": 0,
+    }
+
+    # Late data for m1's minute 0, already written: the row is recomputed from all 5 readings.
+    sink.write_batch([at(0, 45, "m1", 11.0, 45.0), at(0, 1, "m1", 0.0, 11.0)], 2)
+    assert agg_tuples(db.rows(sink)) == [
+        ("m1", m0, 5, 4.0, 0.0, 11.0, 45.0),
+        ("m1", m1, 1, 4.0, 4.0, 4.0, 50.0),  # untouched
+        ("m2", m0, 1, 8.0, 8.0, 8.0, 99.0),
+    ]
+    figures = sink.read_back()
+    assert (figures["rows"], figures["sum_count"]) == (3, 7)
+
+
+def test_aggregated_late_beyond_retention_is_counted(make_db: Callable[[str], Db]) -> None:
+    db = make_db("sqlite")
+    sink = db.sink("upsert", aggregate="per_machine_minute", retention="2m")
+    sink.write_batch([at(0, 1, "m1", 1.0, 1.0), at(10, 1, "m1", 2.0, 2.0)], 1)
+    sink.write_batch([at(0, 2, "m1", 3.0, 3.0)], 2)  # minute 0 is 10 minutes behind: evicted
+    figures = sink.read_back()
+    assert (figures["rows"], figures["sum_count"], figures["late_beyond_retention"]) == (2, 2, 1)
+    assert [r["count"] for r in db.rows(sink)] == [1, 1]  # the old minute was not overwritten with a partial
+
+
+# --- reset, read_back -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends(*ALL))
+def test_reset_drops_existing_rows(make_db: Callable[[str], Db], backend: str) -> None:
+    db = make_db(backend)
+    db.sink().write_batch([reading(i) for i in range(3)], 1)
+    again = db.sink()
+    assert again.read_back() == {"table": db.table, "rows": 3, "created_by_run": False}  # kept, not created
+    fresh = db.sink(reset=True)
+    assert fresh.read_back() == {"table": db.table, "rows": 0, "created_by_run": True}
+    fresh.write_batch([reading(7)], 1)
+    assert as_tuples(db.rows(fresh)) == [raw_tuple(db, reading(7))]
+
+
+# --- hostile machine ids ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("backend", "strategy"), params([(b, "upsert") for b in ALL] + [("postgresql", "copy")]))
+def test_hostile_machine_ids_are_stored_verbatim(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
+    db = make_db(backend)
+    sink = db.sink(strategy)
+    canary = f"x_{uuid.uuid4().hex[:12]}"
+    db.extra_tables.append(canary)
+    with sink.engine.begin() as conn:
+        sa.Table(canary, sa.MetaData(), sa.Column("id", sa.Integer)).create(conn)
+    ids = [
+        f"'; DROP TABLE {canary}; --",
+        f'"; DROP TABLE {canary}; --',
+        "O'Brien \"press\" \\' \\",
+        "tab\tnew\nline",
+        "Maschine-Ü-東京",
+        "🏭",
+        "%s %(x)s ? :name",  # paramstyle markers of every driver
+    ]
+    readings = [reading(i, m) for i, m in enumerate(ids)]
+    sink.write_batch(readings, 1)
+    assert sorted(as_tuples(db.rows(sink))) == sorted(raw_tuple(db, r) for r in readings)
+    with sink.engine.connect() as conn:
+        assert sa.inspect(conn).has_table(canary)
+
+
+MARIADB_COLLATION = (
+    "BUG sql_sink.py:55: machine is VARCHAR under MariaDB's default utf8mb4_general_ci collation, which is "
+    "case-, accent- and trailing-space-insensitive: distinct machine ids share a primary key, upsert silently "
+    "overwrites one machine's rows with another's (bulk/row fail with a duplicate key)"
+)
+
+
+@pytest.mark.parametrize("backend", backends(*ALL, xfail={"mariadb": MARIADB_COLLATION}))
+def test_machine_ids_differing_in_case_accent_or_space_stay_distinct(
+    make_db: Callable[[str], Db], backend: str
+) -> None:
+    db = make_db(backend)
+    sink = db.sink("upsert")
+    same_ts = BASE_NS
+    ids = ["Press-1", "press-1", "presse", "pressé", "p", "p "]
+    readings = [reading(i, m, ts_ns=same_ts) for i, m in enumerate(ids)]
+    sink.write_batch(readings, 1)
+    assert sorted(as_tuples(db.rows(sink))) == sorted(raw_tuple(db, r) for r in readings)
+
+
+MARIADB_FLOAT = (
+    "BUG sql_sink.py:62-70: sqlalchemy Float becomes single-precision FLOAT on MariaDB/MySQL: "
+    "mileage 1234567.89 is stored as 1234570.0"
+)
+
+
+@pytest.mark.parametrize("backend", backends(*ALL, xfail={"mariadb": MARIADB_FLOAT}))
+def test_double_precision_values_round_trip(make_db: Callable[[str], Db], backend: str) -> None:
+    db = make_db(backend)
+    sink = db.sink("upsert")
+    r = Reading(machine="m", ts_ns=BASE_NS, load_rate=0.1, mileage=1234567.89, seq=1, received_ns=BASE_NS)
+    sink.write_batch([r], 1)
+    (row,) = db.rows(sink)
+    assert (row["load_rate"], row["mileage"]) == (0.1, 1234567.89)
+
+
+BIG_SEQ = (
+    "BUG sql_sink.py:71: seq is a 32-bit INTEGER column, but the validator accepts 0 <= seq < 2**63 "
+    "(validate.py: 'refused below instead of failing the whole batch'): seq >= 2**31 fails the whole batch"
+)
+
+
+@pytest.mark.parametrize("backend", backends(*ALL, xfail={"postgresql": BIG_SEQ, "mariadb": BIG_SEQ}))
+def test_seq_up_to_int64_is_stored(make_db: Callable[[str], Db], backend: str) -> None:
+    db = make_db(backend)
+    sink = db.sink("upsert")
+    r = Reading(machine="m", ts_ns=BASE_NS, load_rate=1.0, mileage=2.0, seq=2**31, received_ns=BASE_NS)
+    sink.write_batch([r], 1)
+    assert [row["seq"] for row in db.rows(sink)] == [2**31]
+
+
+COPY_DUPLICATE = (
+    "BUG sql_sink.py:216-234 (_copy): INSERT ... SELECT FROM staging ON CONFLICT DO UPDATE fails with "
+    "'cannot affect row a second time' when a batch repeats a key; upsert handles the same batch"
+)
+
+
+@pytest.mark.parametrize(
+    ("backend", "strategy"),
+    params([(b, "upsert") for b in ALL] + [("postgresql", "copy")], xfail={"postgresql-copy": COPY_DUPLICATE}),
+)
+def test_duplicate_key_within_one_batch(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
+    """An at-least-once source can deliver one reading twice in a batch: upsert keeps the last."""
+    db = make_db(backend)
+    sink = db.sink(strategy)
+    sink.write_batch([reading(1), reading(1, bump=5.0)], 1)
+    assert as_tuples(db.rows(sink)) == [raw_tuple(db, reading(1, bump=5.0))]
+
+
+COPY_RAW_ERROR = (
+    "BUG sql_sink.py:195/219: _copy works on the raw psycopg connection, and write_batch maps only "
+    "SQLAlchemyError, so a failed COPY escapes as psycopg.errors.* instead of SinkError"
+)
+
+
+@pytest.mark.parametrize(
+    ("backend", "strategy"),
+    params(
+        [("postgresql", "upsert"), ("postgresql", "copy"), ("mariadb", "upsert")],
+        xfail={"postgresql-copy": COPY_RAW_ERROR},
+    ),
+)
+def test_database_errors_surface_as_sink_errors(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
+    # A machine id longer than the VARCHAR(255) key: the server refuses it (SQLite would not).
+    db = make_db(backend)
+    sink = db.sink(strategy)
+    with pytest.raises(SinkError, match=f"SQL {strategy} into {db.table} failed"):
+        sink.write_batch([reading(1, "x" * 300)], 1)
+    sink.write_batch([reading(2)], 2)  # the sink (and its pool) still works afterwards
+    assert sink.read_back()["rows"] == 1
+
+
+# --- SqlSettings and resolve_url (no database) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql+psycopg://postgres:s3cret@127.0.0.1:5432/test", "mysql+pymysql://root:pw@127.0.0.1/test"],
+)
+def test_settings_refuse_a_literal_password(url: str) -> None:
+    with pytest.raises(ValidationError, match="expected no password in the URL") as info:
+        SqlSettings(url=url)
+    assert "${BENCH_SQL_URL}" in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["${BENCH_SQL_URL}", PG_URL, MARIADB_URL, "sqlite:///x.db", "sqlite://"])
+def test_settings_accept_urls_without_password(url: str) -> None:
+    assert SqlSettings(url=url).url == url
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="BUG config.py SqlSettings._no_literal_password checks only the userinfo part: "
+    "'?password=...' in the query is passed to the driver as a literal password",
+)
+def test_settings_refuse_a_password_in_the_query() -> None:
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test?password=s3cret"
+    with pytest.raises(ValidationError):
+        SqlSettings(url=url)
+
+
+def test_settings_copy_needs_postgres() -> None:
+    with pytest.raises(ValidationError, match="strategy copy needs a PostgreSQL URL"):
+        SqlSettings(url="sqlite:///x.db", strategy="copy")
+    assert SqlSettings(url=PG_URL, strategy="copy").strategy == "copy"
+
+
+def test_sink_refuses_copy_when_the_env_url_is_not_postgres(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ${VAR} hides the backend from the settings check; the sink must catch it once resolved.
+    monkeypatch.setenv("BENCH_SQL_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    settings = SqlSettings(url="${BENCH_SQL_URL}", strategy="copy")
+    with pytest.raises(ConfigError, match="copy needs PostgreSQL, got sqlite"):
+        SqlSink(settings, tmp_path)
+
+
+@pytest.mark.parametrize("table", ["x; drop table y", "x y", 'x"', "1abc", "", "a" * 64, "loading-rate"])
+def test_settings_refuse_unsafe_table_names(table: str) -> None:
+    with pytest.raises(ValidationError, match="expected a plain identifier"):
+        SqlSettings(table=table)
+
+
+@pytest.mark.parametrize("table", ["loading_rate", "_x", "a" * 63, "run_{variant}"])
+def test_settings_accept_plain_table_names(table: str) -> None:
+    assert SqlSettings(table=table).table == table
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=pytest.fail.Exception,
+    reason="BUG config.py _TABLE: '$' also matches before a trailing newline, so 'readings\\n' passes as a plain "
+    "identifier (use \\Z or re.fullmatch)",
+)
+def test_settings_refuse_a_table_name_with_trailing_newline() -> None:
+    with pytest.raises(ValidationError):
+        SqlSettings(table="readings\n")
+
+
+def test_default_table_names() -> None:
+    assert SqlSettings().table_name() == "loading_rate"
+    assert SqlSettings(aggregate="raw").table_name() == "readings"
+    assert SqlSettings(table="mine").table_name() == "mine"
+
+
+def test_resolve_url_puts_relative_sqlite_under_output(tmp_path: Path) -> None:
+    out = tmp_path / "run" / "out"
+    assert resolve_url("sqlite:///loading_rate.db", out) == f"sqlite:///{out / 'loading_rate.db'}"
+    assert out.is_dir()  # created, so SQLite can create the file
+    for url in (f"sqlite:///{tmp_path / 'abs.db'}", "sqlite://", "sqlite:///:memory:", PG_URL):
+        assert resolve_url(url, out) == url
+
+
+def test_resolve_url_expands_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BENCH_SQL_URL", "sqlite:///from_env.db")
+    assert resolve_url("${BENCH_SQL_URL}", tmp_path) == f"sqlite:///{tmp_path / 'from_env.db'}"
+    monkeypatch.delenv("BENCH_SQL_URL")
+    with pytest.raises(ConfigError, match="BENCH_SQL_URL is not set"):
+        resolve_url("${BENCH_SQL_URL}", tmp_path)
+    with pytest.raises(ConfigError, match="not a SQLAlchemy URL"):
+        resolve_url("not a url", tmp_path)
+
+
+def test_sink_creates_relative_sqlite_file_under_output(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    sink = SqlSink(SqlSettings(url="sqlite:///rel.db", aggregate="raw"), out)
+    try:
+        sink.write_batch([reading(1)], 1)
+        assert sink.read_back()["rows"] == 1
+    finally:
+        sink.close()
+    assert (out / "rel.db").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=SinkError,
+    reason="BUG sql_sink.py:84-86 resolve_url: creates the output folder but not the relative path's own "
+    "folder, so sqlite:///sub/x.db fails with 'unable to open database file'",
+)
+def test_sink_creates_relative_sqlite_file_in_a_subfolder(tmp_path: Path) -> None:
+    sink = SqlSink(SqlSettings(url="sqlite:///sub/x.db", aggregate="raw"), tmp_path)
+    sink.close()
+    assert (tmp_path / "sub" / "x.db").is_file()
