@@ -128,7 +128,7 @@ class ParquetSettings(Frozen):
     fsync: bool = Field(True, description="fsync after each row group so 'persisted' means durable.")
 
 
-_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 
 class SqlSettings(Frozen):
@@ -168,7 +168,7 @@ class SqlSettings(Frozen):
         parts = urlsplit(value.replace("+", "-", 1)) if "://" in value else None
         if parts is None or not parts.scheme:
             raise ValueError(f"expected a SQLAlchemy URL such as sqlite:///loading_rate.db, got {value!r}")
-        if parts.password:
+        if parts.password or "password=" in parts.query.lower():
             raise ValueError(
                 "expected no password in the URL; put the whole URL in an environment variable "
                 "and write ${BENCH_SQL_URL}"
@@ -179,7 +179,7 @@ class SqlSettings(Frozen):
     @classmethod
     def _safe_table(cls, value: str | None) -> str | None:
         # {variant} is filled in by the bench with the matrix variant's name.
-        if value is not None and not _TABLE.match(value.replace("{variant}", "v")):
+        if value is not None and not _TABLE.fullmatch(value.replace("{variant}", "v")):
             raise ValueError("expected a plain identifier (letters, digits, '_'; at most 63 characters)")
         return value
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal, Protocol
-from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -291,20 +291,23 @@ class RewriteParquetWriter:
 
 
 def partition_dir(machine: str) -> str:
-    """A safe directory name for a machine id: percent-encoded, bounded, never a path.
+    """A safe, bounded directory name for a machine id; never a path, never numeric.
+
+    The id itself stays in the ``machine`` column; the folder only groups its
+    files. A readable slug plus a hash of the exact id keeps distinct ids apart
+    (``a/b`` and ``a_b`` differ), and the non-numeric key means pyarrow's hive
+    reader never guesses an integer type for it.
 
     >>> partition_dir("press/../01")
-    'machine=press%2F..%2F01'
+    'machine_key=press_.._01~629428b054ec'
     """
-    quoted = quote(machine, safe="")
-    if len(quoted) > 120:
-        digest = hashlib.sha256(machine.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-        quoted = f"{quoted[:100]}~{digest}"
-    return f"machine={quoted}"
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", machine)[:48]
+    digest = hashlib.sha256(machine.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"machine_key={slug}~{digest}"
 
 
 class DatasetParquetWriter:
-    """One new file per flush and partition, in a hive-partitioned dataset (machine, date).
+    """One new file per flush and partition, in a hive-partitioned dataset (machine_key, date).
 
     Appending never touches an existing file, so its cost is flat; the price is
     many small files. Read it with ``pyarrow.dataset.dataset(path, partitioning="hive")``.

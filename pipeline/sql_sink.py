@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
-    Float,
-    Integer,
+    Double,
     MetaData,
     String,
     Table,
@@ -47,28 +47,39 @@ SQL_STRATEGIES = ("row", "bulk", "upsert", "copy")
 # Microsecond timestamps: MySQL/MariaDB DATETIME would otherwise drop the
 # fraction and make distinct readings collide on the primary key.
 TIMESTAMP = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# Binary, no-pad collation on MySQL/MariaDB: the default utf8mb4 collation
+# ignores case and accents, and any PAD SPACE collation (utf8mb4_bin included)
+# ignores trailing spaces, so "press-1", "Press-1" and "press-1 " would be one key.
+_NOPAD_BIN = {True: "utf8mb4_nopad_bin", False: "utf8mb4_0900_bin"}  # keyed by is_mariadb
 
 
-def _table(name: str, aggregate: bool) -> Table:
+def _machine_type(collation: str | None) -> Any:
+    if collation is None:
+        return String(255)
+    return String(255).with_variant(mysql.VARCHAR(255, charset="utf8mb4", collation=collation), "mysql", "mariadb")
+
+
+def _table(name: str, aggregate: bool, collation: str | None = None) -> Table:
     meta = MetaData()
     key: list[Column[Any]] = [
-        Column("machine", String(255), primary_key=True),
+        Column("machine", _machine_type(collation), primary_key=True),
         Column("ts", TIMESTAMP, primary_key=True),
     ]
     cols: list[Column[Any]]
     if aggregate:
         cols = [
-            Column("count", Integer, nullable=False),
-            Column("load_rate_mean", Float, nullable=False),
-            Column("load_rate_min", Float, nullable=False),
-            Column("load_rate_max", Float, nullable=False),
-            Column("mileage_last", Float, nullable=False),
+            Column("count", BigInteger, nullable=False),
+            Column("load_rate_mean", Double, nullable=False),
+            Column("load_rate_min", Double, nullable=False),
+            Column("load_rate_max", Double, nullable=False),
+            Column("mileage_last", Double, nullable=False),
         ]
     else:
         cols = [
-            Column("load_rate", Float, nullable=False),
-            Column("mileage", Float, nullable=False),
-            Column("seq", Integer, nullable=False),
+            # Double, not Float: MySQL/MariaDB FLOAT is 4 bytes and would round mileage.
+            Column("load_rate", Double, nullable=False),
+            Column("mileage", Double, nullable=False),
+            Column("seq", BigInteger, nullable=False),
         ]
     return Table(name, meta, *key, *cols)
 
@@ -83,8 +94,9 @@ def resolve_url(url: str, output: Path) -> str:
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         path = Path(parsed.database)
         if not path.is_absolute():
-            output.mkdir(parents=True, exist_ok=True)
-            return str(parsed.set(database=str(output / path)))
+            path = output / path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return parsed.set(database=str(path)).render_as_string(hide_password=False)
     return resolved
 
 
@@ -109,6 +121,10 @@ class SqlSink:
             if self.strategy == "copy" and self.dialect != "postgresql":
                 raise ConfigError(f"sql.strategy copy needs PostgreSQL, got {self.dialect}")
             with self.engine.begin() as conn:
+                if self.dialect in ("mysql", "mariadb"):
+                    # is_mariadb is known only once connected.
+                    collation = _NOPAD_BIN[bool(getattr(self.engine.dialect, "is_mariadb", False))]
+                    self.table = _table(settings.table_name(), self._aggregate, collation)
                 if settings.reset:
                     self.table.drop(conn, checkfirst=True)
                 self.created = not self.engine.dialect.has_table(conn, self.table.name)
@@ -118,6 +134,7 @@ class SqlSink:
         except ModuleNotFoundError as exc:
             raise SinkError(f"SQL driver missing for {self._safe_url()}: {exc}") from None
         self.rows_written = 0
+        self._dbapi_error: type[Exception] = getattr(self.engine.dialect.loaded_dbapi, "Error", SQLAlchemyError)
 
     def _safe_url(self) -> str:
         try:
@@ -192,10 +209,11 @@ class SqlSink:
                     start = time.perf_counter_ns()
                     conn.commit()
                     commit_ns = time.perf_counter_ns() - start
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, self._dbapi_error) as exc:
+            # The copy path talks to the driver directly, so driver errors arrive unwrapped.
+            first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise SinkError(
-                f"SQL {self.strategy} into {self.table.name} failed: {exc.__class__.__name__}: "
-                f"{str(exc).splitlines()[0][:300]}"
+                f"SQL {self.strategy} into {self.table.name} failed: {exc.__class__.__name__}: {first_line}"
             ) from None
         self.rows_written += len(rows)
         return SinkTiming(build_ns, write_ns, commit_ns)
@@ -214,6 +232,9 @@ class SqlSink:
         return write_ns, commit_ns
 
     def _copy(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        # One INSERT ... ON CONFLICT cannot touch a key twice; keep the last row
+        # of each key, as a sequence of upserts would.
+        rows = list({(r["machine"], r["ts"]): r for r in rows}.values())
         names = [c.name for c in self.table.columns]
         staging = f"_stage_{self.table.name}"
         raw = conn.connection.driver_connection

@@ -18,6 +18,7 @@ from pipeline.decode import DecodeFailure, decode
 from pipeline.model import Reading, Rejection
 
 REQUIRED = ("machine", "ts", "load_rate", "mileage", "seq")
+MAX_MACHINE_CHARS = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,9 @@ class Validator:
                 # JSON may carry lone surrogates (\ud800) that no UTF-8 sink can store.
                 return reject("invalid_utf8", f"machine: not encodable as UTF-8: {machine[:64]!r}")
             return reject("wrong_type", f"machine: expected a non-empty string, got {_kind(machine)}")
+        if len(machine_known) > MAX_MACHINE_CHARS:
+            # SQL keys are VARCHAR(255); one longer id would fail a whole batch there.
+            return reject("bad_machine_id", f"machine: longer than {MAX_MACHINE_CHARS} characters")
         numbers: dict[str, float] = {}
         for name in ("load_rate", "mileage"):
             value = obj[name]

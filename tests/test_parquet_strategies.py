@@ -12,15 +12,13 @@ import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.model import Reading
-from pipeline.parquet_sink import PARQUET_STRATEGIES, ParquetSink, ParquetStrategy
+from pipeline.parquet_sink import PARQUET_STRATEGIES, ParquetSink, ParquetStrategy, partition_dir
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DAY_NS = 86_400 * 10**9
@@ -164,15 +162,21 @@ def test_dataset_one_file_per_flush_per_partition(tmp_path: Path) -> None:
     assert (timing.bytes_before, timing.rows_before) == (0, 0)  # nothing is ever appended to
 
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
-    assert files == [
-        "machine=press%202/date=2023-11-14/part-00000001.parquet",
-        "machine=press-1/date=2023-11-14/part-00000001.parquet",
-        "machine=press-1/date=2023-11-14/part-00000002.parquet",
-        "machine=press-1/date=2023-11-15/part-00000001.parquet",
-    ]
+    p1, p2 = partition_dir("press-1"), partition_dir("press 2")
+    assert files == sorted(
+        [
+            f"{p2}/date=2023-11-14/part-00000001.parquet",
+            f"{p1}/date=2023-11-14/part-00000001.parquet",
+            f"{p1}/date=2023-11-14/part-00000002.parquet",
+            f"{p1}/date=2023-11-15/part-00000001.parquet",
+        ]
+    )
+    assert p1.startswith("machine_key=press-1~") and p2.startswith("machine_key=press_2~")
     assert not list(tmp_path.rglob("*.tmp"))
     assert sorted(out.files_written) == sorted(tmp_path / f for f in files)
-    assert [pq.read_metadata(tmp_path / f).num_rows for f in files] == [3, 4, 5, 2]
+    rows_by_file = {f: pq.read_metadata(tmp_path / f).num_rows for f in files}
+    assert rows_by_file[f"{p2}/date=2023-11-14/part-00000001.parquet"] == 3
+    assert sorted(rows_by_file.values()) == [2, 3, 4, 5]
 
     table = hive_table(tmp_path)
     assert table.num_rows == 14
@@ -204,7 +208,7 @@ def test_hostile_machine_ids_stay_inside_and_round_trip(tmp_path: Path, strategy
             assert "/" not in name and "\\" not in name and name not in (".", "..")
             assert len(name.encode()) <= 255
     if strategy == "dataset":
-        assert all(p.name.startswith("machine=") for p in folder.iterdir())
+        assert all(p.name.startswith("machine_key=") for p in folder.iterdir())
         assert len(list(folder.iterdir())) == len(ids)  # distinct ids, distinct partitions
     # ... and each id comes back byte for byte in the files' machine column.
     machines = sorted(m for p in folder.rglob("*.parquet") for m in pq.read_table(p).column("machine").to_pylist())
@@ -212,24 +216,18 @@ def test_hostile_machine_ids_stay_inside_and_round_trip(tmp_path: Path, strategy
 
 
 def test_dataset_hostile_ids_round_trip_through_the_hive_reader(tmp_path: Path) -> None:
-    """The documented read path decodes the percent-encoded partition back to the exact id."""
+    """The documented read path returns the exact id: it lives in the files' machine column."""
     out = make(tmp_path, "dataset")
     ids = list(HOSTILE.values())
     out.write_batch([reading(i, BASE_NS + i * 10**6, m) for i, m in enumerate(ids)], 1)
     out.close()
-    assert {p.name for p in tmp_path.iterdir()} == {f"machine={quote(m, safe='')}" for m in ids}
+    assert {p.name for p in tmp_path.iterdir()} == {partition_dir(m) for m in ids}
     table = hive_table(tmp_path)
     assert sorted(zip(table.column("seq").to_pylist(), table.column("machine").to_pylist(), strict=True)) == list(
         enumerate(ids)
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG parquet_sink.partition_dir: a long id is stored under a truncated '...~digest' partition "
-    "name, and the hive reader takes the machine column from the path, so the id does not round-trip",
-)
 def test_dataset_long_id_round_trips_through_the_hive_reader(tmp_path: Path) -> None:
     out = make(tmp_path, "dataset")
     out.write_batch([reading(1, BASE_NS, LONG_ASCII)], 1)
@@ -237,12 +235,6 @@ def test_dataset_long_id_round_trips_through_the_hive_reader(tmp_path: Path) -> 
     assert hive_table(tmp_path).column("machine").to_pylist() == [LONG_ASCII]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pa.ArrowInvalid,
-    reason="BUG parquet_sink.partition_dir: truncating the percent-encoded id at 100 chars can cut a %XX "
-    "escape, so the hive reader fails ('not valid UTF-8 after URL decoding') on the whole dataset",
-)
 def test_dataset_long_non_ascii_id_keeps_the_dataset_readable(tmp_path: Path) -> None:
     out = make(tmp_path, "dataset")
     out.write_batch([reading(1, BASE_NS, "ok"), reading(2, BASE_NS, LONG_NON_ASCII)], 1)
@@ -250,12 +242,6 @@ def test_dataset_long_non_ascii_id_keeps_the_dataset_readable(tmp_path: Path) ->
     assert hive_table(tmp_path).num_rows == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pa.ArrowTypeError,
-    reason="BUG dataset layout: the machine column is both in the files (string) and in the hive path; "
-    "with all-numeric ids the reader infers int32 for the path and fails to merge (string vs int32)",
-)
 def test_dataset_numeric_looking_ids_are_readable(tmp_path: Path) -> None:
     out = make(tmp_path, "dataset")
     out.write_batch([reading(1, BASE_NS, "007"), reading(2, BASE_NS, "12")], 1)

@@ -4,9 +4,8 @@ Against real databases: SQLite (a file in tmp_path), PostgreSQL and MariaDB on l
 when unreachable, failed when BENCH_REQUIRE_SERVICES=1). Every test uses its own table with a
 random suffix and drops it afterwards, so runs can share the servers.
 
-Float values are chosen to be exact in single precision where MariaDB is involved: the sink's
-FLOAT columns are 4-byte floats there (see the xfail test for that bug), and the other tests
-should check what they are about.
+Float values are exact in single precision in most tests, so that they check what they are
+about; test_double_precision_values_round_trip checks the columns are 8-byte doubles everywhere.
 """
 
 from __future__ import annotations
@@ -293,14 +292,7 @@ def test_hostile_machine_ids_are_stored_verbatim(make_db: Callable[[str], Db], b
         assert sa.inspect(conn).has_table(canary)
 
 
-MARIADB_COLLATION = (
-    "BUG sql_sink.py:55: machine is VARCHAR under MariaDB's default utf8mb4_general_ci collation, which is "
-    "case-, accent- and trailing-space-insensitive: distinct machine ids share a primary key, upsert silently "
-    "overwrites one machine's rows with another's (bulk/row fail with a duplicate key)"
-)
-
-
-@pytest.mark.parametrize("backend", backends(*ALL, xfail={"mariadb": MARIADB_COLLATION}))
+@pytest.mark.parametrize("backend", backends(*ALL))
 def test_machine_ids_differing_in_case_accent_or_space_stay_distinct(
     make_db: Callable[[str], Db], backend: str
 ) -> None:
@@ -313,13 +305,7 @@ def test_machine_ids_differing_in_case_accent_or_space_stay_distinct(
     assert sorted(as_tuples(db.rows(sink))) == sorted(raw_tuple(db, r) for r in readings)
 
 
-MARIADB_FLOAT = (
-    "BUG sql_sink.py:62-70: sqlalchemy Float becomes single-precision FLOAT on MariaDB/MySQL: "
-    "mileage 1234567.89 is stored as 1234570.0"
-)
-
-
-@pytest.mark.parametrize("backend", backends(*ALL, xfail={"mariadb": MARIADB_FLOAT}))
+@pytest.mark.parametrize("backend", backends(*ALL))
 def test_double_precision_values_round_trip(make_db: Callable[[str], Db], backend: str) -> None:
     db = make_db(backend)
     sink = db.sink("upsert")
@@ -329,13 +315,7 @@ def test_double_precision_values_round_trip(make_db: Callable[[str], Db], backen
     assert (row["load_rate"], row["mileage"]) == (0.1, 1234567.89)
 
 
-BIG_SEQ = (
-    "BUG sql_sink.py:71: seq is a 32-bit INTEGER column, but the validator accepts 0 <= seq < 2**63 "
-    "(validate.py: 'refused below instead of failing the whole batch'): seq >= 2**31 fails the whole batch"
-)
-
-
-@pytest.mark.parametrize("backend", backends(*ALL, xfail={"postgresql": BIG_SEQ, "mariadb": BIG_SEQ}))
+@pytest.mark.parametrize("backend", backends(*ALL))
 def test_seq_up_to_int64_is_stored(make_db: Callable[[str], Db], backend: str) -> None:
     db = make_db(backend)
     sink = db.sink("upsert")
@@ -344,15 +324,9 @@ def test_seq_up_to_int64_is_stored(make_db: Callable[[str], Db], backend: str) -
     assert [row["seq"] for row in db.rows(sink)] == [2**31]
 
 
-COPY_DUPLICATE = (
-    "BUG sql_sink.py:216-234 (_copy): INSERT ... SELECT FROM staging ON CONFLICT DO UPDATE fails with "
-    "'cannot affect row a second time' when a batch repeats a key; upsert handles the same batch"
-)
-
-
 @pytest.mark.parametrize(
     ("backend", "strategy"),
-    params([(b, "upsert") for b in ALL] + [("postgresql", "copy")], xfail={"postgresql-copy": COPY_DUPLICATE}),
+    params([(b, "upsert") for b in ALL] + [("postgresql", "copy")]),
 )
 def test_duplicate_key_within_one_batch(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
     """An at-least-once source can deliver one reading twice in a batch: upsert keeps the last."""
@@ -362,17 +336,10 @@ def test_duplicate_key_within_one_batch(make_db: Callable[[str], Db], backend: s
     assert as_tuples(db.rows(sink)) == [raw_tuple(db, reading(1, bump=5.0))]
 
 
-COPY_RAW_ERROR = (
-    "BUG sql_sink.py:195/219: _copy works on the raw psycopg connection, and write_batch maps only "
-    "SQLAlchemyError, so a failed COPY escapes as psycopg.errors.* instead of SinkError"
-)
-
-
 @pytest.mark.parametrize(
     ("backend", "strategy"),
     params(
         [("postgresql", "upsert"), ("postgresql", "copy"), ("mariadb", "upsert")],
-        xfail={"postgresql-copy": COPY_RAW_ERROR},
     ),
 )
 def test_database_errors_surface_as_sink_errors(make_db: Callable[[str], Db], backend: str, strategy: str) -> None:
@@ -403,12 +370,6 @@ def test_settings_accept_urls_without_password(url: str) -> None:
     assert SqlSettings(url=url).url == url
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG config.py SqlSettings._no_literal_password checks only the userinfo part: "
-    "'?password=...' in the query is passed to the driver as a literal password",
-)
 def test_settings_refuse_a_password_in_the_query() -> None:
     url = "postgresql+psycopg://postgres@127.0.0.1:5432/test?password=s3cret"
     with pytest.raises(ValidationError):
@@ -440,12 +401,6 @@ def test_settings_accept_plain_table_names(table: str) -> None:
     assert SqlSettings(table=table).table == table
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG config.py _TABLE: '$' also matches before a trailing newline, so 'readings\\n' passes as a plain "
-    "identifier (use \\Z or re.fullmatch)",
-)
 def test_settings_refuse_a_table_name_with_trailing_newline() -> None:
     with pytest.raises(ValidationError):
         SqlSettings(table="readings\n")
@@ -487,12 +442,6 @@ def test_sink_creates_relative_sqlite_file_under_output(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SinkError,
-    reason="BUG sql_sink.py:84-86 resolve_url: creates the output folder but not the relative path's own "
-    "folder, so sqlite:///sub/x.db fails with 'unable to open database file'",
-)
 def test_sink_creates_relative_sqlite_file_in_a_subfolder(tmp_path: Path) -> None:
     sink = SqlSink(SqlSettings(url="sqlite:///sub/x.db", aggregate="raw"), tmp_path)
     sink.close()
