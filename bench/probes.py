@@ -60,8 +60,16 @@ def _downsample(points: list[Any]) -> list[Any]:
     return [points[int(i * step)] for i in range(MAX_POINTS)]
 
 
+def _append_ms(f: FlushStat) -> float:
+    return (f.write_ns + f.commit_ns) / 1e6
+
+
 def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, Any]:
     """Cost of each flush against the bytes already in its target file.
+
+    The cost is write + commit: putting the batch into the file. Building the
+    batch (rows to an Arrow table) is the same whatever the file holds, so it
+    is left out; it is in ``probes.flush`` and as the last item of each point.
 
     ``first_ms`` / ``last_ms`` are medians of the first and last five
     size-triggered flushes (equal row counts, so the cost is comparable; the
@@ -74,9 +82,9 @@ def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, An
     if not items:
         return {"count": 0}
     sized = [f for f in items if f.trigger == "size"] or items
-    costs = [f.total_ns / 1e6 for f in sized]
+    costs = [_append_ms(f) for f in sized]
     mbs = [(f.bytes_before or 0) / 1e6 for f in items]
-    all_costs = [f.total_ns / 1e6 for f in items]
+    all_costs = [_append_ms(f) for f in items]
     slope = intercept = 0.0
     if len(set(mbs)) > 1:
         slope, intercept = statistics.linear_regression(mbs, all_costs)
@@ -97,7 +105,7 @@ def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, An
         "max_mb_before": round(max(mbs), 3),
         "points": _downsample(
             [
-                [round(mb, 4), f.rows_before, round(f.total_ns / 1e6, 3), f.trigger]
+                [round(mb, 4), f.rows_before, round(_append_ms(f), 3), f.trigger, round(f.total_ns / 1e6, 3)]
                 for mb, f in zip(mbs, items, strict=True)
             ]
         ),

@@ -84,3 +84,26 @@ def test_series_summary() -> None:
     assert out["backlog_max"] == 100
     assert out["count"] == 100
     assert series_summary([]) == {"count": 0}
+
+
+def test_append_cost_leaves_out_the_build_step() -> None:
+    """Building the batch does not depend on the file; only write + commit count."""
+    flushes = [
+        FlushStat(
+            sink="parquet",
+            batch_id=i,
+            trigger="size",
+            rows=10,
+            started_ns=0,
+            build_ns=50_000_000,
+            write_ns=2_000_000,
+            commit_ns=1_000_000,
+            durable_ns=0,
+            bytes_before=i * 1_000_000,
+            rows_before=i * 10,
+        )
+        for i in range(10)
+    ]
+    out = append_cost(flushes)
+    assert out["first_ms"] == out["last_ms"] == 3.0
+    assert out["points"][0][2:] == [3.0, "size", 53.0]
