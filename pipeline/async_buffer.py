@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Generic, TypeVar
 
-from pipeline.buffer import BufferClosed, BufferStatistics, LockProbes, write_to_sinks
-from pipeline.buffer_core import DROP_REASON, BufferCore, LockKind, Overflow
+from pipeline.buffer import BufferClosed, LockProbes, write_to_sinks
+from pipeline.buffer_core import BufferBook, BufferCore, BufferStatistics, LockKind, Overflow
 from pipeline.clock import Clock
 from pipeline.model import FlushStat, TriggerKind
 from pipeline.probes import Recorder
@@ -58,15 +58,10 @@ class AsyncFlushingBuffer(Generic[T]):
         self._lock_kind: LockKind = lock
         self._clock = clock
         self._on_flush = on_flush
-        self._on_drop = on_drop
         self.probes: LockProbes | None = LockProbes.new() if probes else None
         self._cond = asyncio.Condition()
         self._closing = False
-        self._flushing = False
-        self._pending_coalesced = 0
-        self._batch_id = 0
-        self._accepted = self._flushed_rows = self._flushes = self._coalesced = 0
-        self._failed_rows = self._dropped = self._producer_wait_ns = 0
+        self._book: BufferBook[T] = BufferBook(on_drop)
         self.error: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -96,23 +91,17 @@ class AsyncFlushingBuffer(Generic[T]):
             while result == "full" and not self._closing:
                 await self._cond.wait()
                 result, dropped = self._core.offer(item, self._clock.now_ns())
-            self._producer_wait_ns += time.perf_counter_ns() - start
+            self._book.producer_wait_ns += time.perf_counter_ns() - start
             if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
                 raise BufferClosed("buffer closed while a producer waited")
-        if result != "dropped_newest":
-            self._accepted += 1
-        if dropped is not None:
-            self._dropped += 1
-            if self._on_drop is not None:
-                self._on_drop(dropped, DROP_REASON[result])
+        self._book.after_offer(result, dropped)
         if len(self._core) == 1:
             self._cond.notify_all()
         if len(self._core) >= self._core.size:
             if self._lock_kind == "coarse":
                 self._flush_on_loop("size")
             else:
-                if self._flushing and len(self._core) == self._core.size:
-                    self._pending_coalesced += 1
+                self._book.size_fired(len(self._core) == self._core.size)
                 self._cond.notify_all()
 
     async def close(self) -> None:
@@ -127,16 +116,7 @@ class AsyncFlushingBuffer(Generic[T]):
     def statistics(self) -> BufferStatistics:
         # Read from other threads for progress displays: a snapshot of ints,
         # each read atomically; exactness is not needed there.
-        return BufferStatistics(
-            buffered=len(self._core),
-            accepted=self._accepted,
-            flushed_rows=self._flushed_rows,
-            flushes=self._flushes,
-            coalesced=self._coalesced,
-            failed_rows=self._failed_rows,
-            dropped=self._dropped,
-            producer_wait_ns=self._producer_wait_ns,
-        )
+        return self._book.snapshot(len(self._core))
 
     async def _run(self) -> None:
         while True:
@@ -148,14 +128,13 @@ class AsyncFlushingBuffer(Generic[T]):
                     self._flush_on_loop(trigger)
                     continue
                 batch = self._core.take()
-                self._flushing = True
-                self._batch_id += 1
-                batch_id = self._batch_id
+                self._book.flushing = True
+                batch_id = self._book.next_batch()
                 self._cond.notify_all()
             stats, error = await asyncio.to_thread(write_to_sinks, self._sinks, batch, batch_id, trigger, self._clock)
             async with self._cond:
-                self._flushing = False
-                coalesced, self._pending_coalesced = self._pending_coalesced, 0
+                self._book.flushing = False
+                coalesced = self._book.take_coalesced()
                 self._account(batch, stats, error, coalesced)
 
     async def _wait_for_trigger(self) -> TriggerKind | None:
@@ -174,21 +153,17 @@ class AsyncFlushingBuffer(Generic[T]):
     def _flush_on_loop(self, trigger: TriggerKind) -> None:
         """Coarse: write right here, on the loop, holding the lock (the baseline's cost)."""
         batch = self._core.take()
-        self._batch_id += 1
-        stats, error = write_to_sinks(self._sinks, batch, self._batch_id, trigger, self._clock)
+        stats, error = write_to_sinks(self._sinks, batch, self._book.next_batch(), trigger, self._clock)
         self._account(batch, stats, error, 0)
         self._cond.notify_all()
 
     def _account(
         self, batch: list[T], stats: list[FlushStat] | None, error: BaseException | None, coalesced: int
     ) -> None:
-        self._coalesced += coalesced
+        self._book.account(len(batch), stats is not None, coalesced)
         if stats is None:
-            self._failed_rows += len(batch)
             self.error = error
             return
-        self._flushed_rows += len(batch)
-        self._flushes += 1
         if self._on_flush is not None:
             for stat in stats:
                 self._on_flush(replace(stat, coalesced=coalesced))

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
-from pipeline.buffer_core import DROP_REASON, BufferCore, LockKind, Overflow, due_trigger
+from pipeline.buffer_core import BufferBook, BufferCore, BufferStatistics, LockKind, Overflow, due_trigger
 from pipeline.clock import Clock
 from pipeline.errors import PipelineError
 from pipeline.model import FlushStat, TriggerKind
@@ -52,20 +52,6 @@ LOCK_STRATEGIES: tuple[LockKind, ...] = ("coarse", "swap")
 
 class BufferClosed(PipelineError):
     """A row was offered after :meth:`FlushingBuffer.close`; it was not accepted."""
-
-
-@dataclass(frozen=True, slots=True)
-class BufferStatistics:
-    """A snapshot; values do not change after it is taken."""
-
-    buffered: int
-    accepted: int
-    flushed_rows: int
-    flushes: int
-    coalesced: int
-    failed_rows: int
-    dropped: int
-    producer_wait_ns: int
 
 
 @dataclass
@@ -109,21 +95,10 @@ class FlushingBuffer(Generic[T]):
         self._lock_kind: LockKind = lock
         self._clock = clock
         self._on_flush = on_flush
-        self._on_drop = on_drop
         self.probes: LockProbes | None = LockProbes.new() if probes else None
         self._cond = threading.Condition()
         self._closing = False
-        self._stopped = False
-        self._flushing = False
-        self._pending_coalesced = 0
-        self._batch_id = 0
-        self._accepted = 0
-        self._flushed_rows = 0
-        self._flushes = 0
-        self._coalesced = 0
-        self._failed_rows = 0
-        self._dropped = 0
-        self._producer_wait_ns = 0
+        self._book: BufferBook[T] = BufferBook(on_drop)
         self.error: BaseException | None = None
         name = "+".join(s.name for s in self._sinks)
         self._thread = threading.Thread(target=self._run, name=f"flush-{name}", daemon=True)
@@ -153,17 +128,12 @@ class FlushingBuffer(Generic[T]):
                 while result == "full" and not self._closing:
                     self._cond.wait()
                     result, dropped = self._core.offer(item, self._clock.now_ns())
-                self._producer_wait_ns += time.perf_counter_ns() - start
+                self._book.producer_wait_ns += time.perf_counter_ns() - start
                 if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
                     # Closing while we waited: the flusher may have written its
                     # last batch, so appending now would lose the row silently.
                     raise BufferClosed(f"buffer of {self._thread.name} closed while a producer waited")
-            if result != "dropped_newest":
-                self._accepted += 1
-            if dropped is not None:
-                self._dropped += 1
-                if self._on_drop is not None:
-                    self._on_drop(dropped, DROP_REASON[result])
+            self._book.after_offer(result, dropped)
             if len(self._core) == 1:
                 # The flusher sleeps without a deadline while the buffer is
                 # empty; the first row starts the timeout trigger's clock.
@@ -172,10 +142,7 @@ class FlushingBuffer(Generic[T]):
                 if self._lock_kind == "coarse":
                     self._flush_locked("size")
                 else:
-                    if self._flushing and len(self._core) == self._core.size:
-                        # The size trigger fires once per fill; while a flush
-                        # runs it is served by the next swap, not a second flush.
-                        self._pending_coalesced += 1
+                    self._book.size_fired(len(self._core) == self._core.size)
                     self._cond.notify_all()
         finally:
             if self.probes is not None:
@@ -187,8 +154,8 @@ class FlushingBuffer(Generic[T]):
     def wake(self) -> None:
         """Re-evaluate the triggers now (used after a fake clock jumps)."""
         with self._cond:
-            if self._flushing and len(self._core):
-                self._pending_coalesced += 1
+            if self._book.flushing and len(self._core):
+                self._book.pending_coalesced += 1
             self._cond.notify_all()
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -203,16 +170,7 @@ class FlushingBuffer(Generic[T]):
 
     def statistics(self) -> BufferStatistics:
         with self._cond:
-            return BufferStatistics(
-                buffered=len(self._core),
-                accepted=self._accepted,
-                flushed_rows=self._flushed_rows,
-                flushes=self._flushes,
-                coalesced=self._coalesced,
-                failed_rows=self._failed_rows,
-                dropped=self._dropped,
-                producer_wait_ns=self._producer_wait_ns,
-            )
+            return self._book.snapshot(len(self._core))
 
     # -- the flusher thread -------------------------------------------------
 
@@ -229,15 +187,14 @@ class FlushingBuffer(Generic[T]):
                     self._record_hold(t_locked)
                     continue
                 batch = self._core.take()
-                self._flushing = True
-                self._batch_id += 1
-                batch_id = self._batch_id
+                self._book.flushing = True
+                batch_id = self._book.next_batch()
                 self._cond.notify_all()  # producers blocked on a full buffer may go on
                 self._record_hold(t_locked)
             stats = self._write(batch, batch_id, trigger)
             with self._cond:
-                self._flushing = False
-                coalesced, self._pending_coalesced = self._pending_coalesced, 0
+                self._book.flushing = False
+                coalesced = self._book.take_coalesced()
                 self._account(batch, stats, coalesced)
             self._report(stats, coalesced)
 
@@ -256,8 +213,7 @@ class FlushingBuffer(Generic[T]):
     def _flush_locked(self, trigger: TriggerKind) -> None:
         """Coarse: take and write while holding the lock (the baseline's cost)."""
         batch = self._core.take()
-        self._batch_id += 1
-        stats = self._write(batch, self._batch_id, trigger)
+        stats = self._write(batch, self._book.next_batch(), trigger)
         self._account(batch, stats, 0)
         self._cond.notify_all()
         self._report(stats, 0)
@@ -267,12 +223,7 @@ class FlushingBuffer(Generic[T]):
             self.probes.hold.record_ns(time.perf_counter_ns() - t_locked)
 
     def _account(self, batch: list[T], stats: list[FlushStat] | None, coalesced: int) -> None:
-        self._coalesced += coalesced
-        if stats is None:
-            self._failed_rows += len(batch)
-        else:
-            self._flushed_rows += len(batch)
-            self._flushes += 1
+        self._book.account(len(batch), stats is not None, coalesced)
 
     def _report(self, stats: list[FlushStat] | None, coalesced: int) -> None:
         if stats is not None and self._on_flush is not None:

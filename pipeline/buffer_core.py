@@ -8,6 +8,8 @@ core never blocks, never sleeps and never reads a clock.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
 from pipeline.model import TriggerKind
@@ -90,3 +92,73 @@ class BufferCore(Generic[T]):
         self._items.clear()
         self.oldest_ns = None
         return batch
+
+
+@dataclass(frozen=True, slots=True)
+class BufferStatistics:
+    """A snapshot; values do not change after it is taken."""
+
+    buffered: int
+    accepted: int
+    flushed_rows: int
+    flushes: int
+    coalesced: int
+    failed_rows: int
+    dropped: int
+    producer_wait_ns: int
+
+
+class BufferBook(Generic[T]):
+    """The counters both drivers keep, and the bookkeeping around an offer and a flush.
+
+    Not thread-safe: the driver calls it under its own lock.
+    """
+
+    def __init__(self, on_drop: Callable[[T, str], None] | None) -> None:
+        self._on_drop = on_drop
+        self.accepted = self.dropped = self.flushed_rows = self.flushes = 0
+        self.coalesced = self.failed_rows = self.producer_wait_ns = 0
+        self.pending_coalesced = 0
+        self.flushing = False
+        self.batch_id = 0
+
+    def after_offer(self, result: OfferResult, dropped: T | None) -> None:
+        if result != "dropped_newest":
+            self.accepted += 1
+        if dropped is not None:
+            self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop(dropped, DROP_REASON[result])
+
+    def size_fired(self, at_size: bool) -> None:
+        """The size trigger fires once per fill; during a flush it is coalesced into the next swap."""
+        if self.flushing and at_size:
+            self.pending_coalesced += 1
+
+    def next_batch(self) -> int:
+        self.batch_id += 1
+        return self.batch_id
+
+    def take_coalesced(self) -> int:
+        coalesced, self.pending_coalesced = self.pending_coalesced, 0
+        return coalesced
+
+    def account(self, rows: int, written: bool, coalesced: int) -> None:
+        self.coalesced += coalesced
+        if written:
+            self.flushed_rows += rows
+            self.flushes += 1
+        else:
+            self.failed_rows += rows
+
+    def snapshot(self, buffered: int) -> BufferStatistics:
+        return BufferStatistics(
+            buffered=buffered,
+            accepted=self.accepted,
+            flushed_rows=self.flushed_rows,
+            flushes=self.flushes,
+            coalesced=self.coalesced,
+            failed_rows=self.failed_rows,
+            dropped=self.dropped,
+            producer_wait_ns=self.producer_wait_ns,
+        )

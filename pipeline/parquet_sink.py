@@ -72,7 +72,53 @@ class _OpenFile:
     rows: int = 0
 
 
-class WindowedParquetWriter:
+class _WindowedFiles:
+    """What the window-based writers share: settings, the output folder, and
+    splitting a batch by time window while skipping windows a retried batch
+    already wrote (so a failure half-way through cannot duplicate rows)."""
+
+    def __init__(
+        self,
+        folder: Path,
+        schema: pa.Schema,
+        *,
+        rotate_s: float,
+        compression: str,
+        fsync: bool,
+        prefix: str,
+        rotate_rows: int | None = None,
+    ) -> None:
+        if rotate_s < 1:
+            raise ValueError("rotate_s must be at least 1 s: file names resolve to the second")
+        self.folder = folder
+        self.schema = schema
+        self._window_ns = int(rotate_s * 1e9)
+        self._compression = None if compression == "none" else compression
+        self._fsync = fsync
+        self._prefix = prefix
+        self._rotate_rows = rotate_rows
+        self._parts: dict[int, int] = {}
+        self._written: tuple[int, set[int]] = (-1, set())
+        self.files_written: list[Path] = []
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"cannot create output folder {folder}: {exc}") from None
+
+    def _pending_windows(self, window_keys: Sequence[int], batch_id: int) -> list[tuple[int, list[int]]]:
+        """(window, row indexes) of this batch not yet written, oldest window first; marks none done."""
+        if self._written[0] != batch_id:
+            self._written = (batch_id, set())
+        by_window: dict[int, list[int]] = {}
+        for index, key in enumerate(window_keys):
+            by_window.setdefault(key // self._window_ns, []).append(index)
+        return [(w, rows) for w, rows in sorted(by_window.items()) if w not in self._written[1]]
+
+    def _mark_written(self, window: int) -> None:
+        self._written[1].add(window)
+
+
+class WindowedParquetWriter(_WindowedFiles):
     """Writes tables as row groups into one file per time window.
 
     Windows older than the newest one seen by more than ``grace`` windows are
@@ -92,42 +138,25 @@ class WindowedParquetWriter:
         grace_windows: int = 1,
         rotate_rows: int | None = None,
     ) -> None:
-        if rotate_s < 1:
-            raise ValueError("rotate_s must be at least 1 s: file names resolve to the second")
-        self.folder = folder
-        self.schema = schema
-        self._window_ns = int(rotate_s * 1e9)
-        self._compression = None if compression == "none" else compression
-        self._fsync = fsync
-        self._prefix = prefix
+        super().__init__(
+            folder,
+            schema,
+            rotate_s=rotate_s,
+            compression=compression,
+            fsync=fsync,
+            prefix=prefix,
+            rotate_rows=rotate_rows,
+        )
         self._grace = grace_windows
-        self._rotate_rows = rotate_rows
         self._open: dict[int, _OpenFile] = {}
-        self._parts: dict[int, int] = {}
         self._newest: int | None = None
-        # (batch_id, window) pairs already written: a retried batch skips them,
-        # so a failure half-way through a multi-window batch cannot duplicate rows.
-        self._written: tuple[int, set[int]] = (-1, set())
-        self.files_written: list[Path] = []
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SinkError(f"cannot create output folder {folder}: {exc}") from None
 
     def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
         """Append ``table``; ``window_keys[i]`` is row i's time in ns."""
         write_ns = commit_ns = 0
         bytes_before = rows_before = 0
-        if self._written[0] != batch_id:
-            self._written = (batch_id, set())
-        done = self._written[1]
-        by_window: dict[int, list[int]] = {}
-        for index, key in enumerate(window_keys):
-            by_window.setdefault(key // self._window_ns, []).append(index)
         touched: list[_OpenFile] = []
-        for window, rows in sorted(by_window.items()):
-            if window in done:
-                continue
+        for window, rows in self._pending_windows(window_keys, batch_id):
             start = time.perf_counter_ns()
             part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
             target = self._file_for(window)
@@ -142,7 +171,7 @@ class WindowedParquetWriter:
             except (OSError, pa.ArrowException) as exc:
                 raise SinkError(f"cannot write {target.tmp}: {exc}") from None
             target.rows += part.num_rows
-            done.add(window)
+            self._mark_written(window)
             touched.append(target)
             write_ns += time.perf_counter_ns() - start
             if self._newest is None or window > self._newest:
@@ -204,7 +233,7 @@ def _fsync_path(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-class RewriteParquetWriter:
+class RewriteParquetWriter(_WindowedFiles):
     """The naive "append": read the whole file, concatenate, write it all again.
 
     Kept as the baseline: the cost of each flush grows with the file, which the
@@ -223,35 +252,20 @@ class RewriteParquetWriter:
         prefix: str,
         rotate_rows: int | None = None,
     ) -> None:
-        if rotate_s < 1:
-            raise ValueError("rotate_s must be at least 1 s: file names resolve to the second")
-        self.folder = folder
-        self.schema = schema
-        self._window_ns = int(rotate_s * 1e9)
-        self._compression = None if compression == "none" else compression
-        self._fsync = fsync
-        self._prefix = prefix
-        self._rotate_rows = rotate_rows
-        self._parts: dict[int, int] = {}
+        super().__init__(
+            folder,
+            schema,
+            rotate_s=rotate_s,
+            compression=compression,
+            fsync=fsync,
+            prefix=prefix,
+            rotate_rows=rotate_rows,
+        )
         self._rows: dict[int, int] = {}
-        self._written: tuple[int, set[int]] = (-1, set())
-        self.files_written: list[Path] = []
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise SinkError(f"cannot create output folder {folder}: {exc}") from None
 
     def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
-        if self._written[0] != batch_id:
-            self._written = (batch_id, set())
-        done = self._written[1]
-        by_window: dict[int, list[int]] = {}
-        for index, key in enumerate(window_keys):
-            by_window.setdefault(key // self._window_ns, []).append(index)
         write_ns = commit_ns = bytes_before = rows_before = 0
-        for window, rows in sorted(by_window.items()):
-            if window in done:
-                continue
+        for window, rows in self._pending_windows(window_keys, batch_id):
             start = time.perf_counter_ns()
             part = table if len(rows) == table.num_rows else table.take(pa.array(rows))
             if self._rotate_rows is not None and self._rows.get(window, 0) >= self._rotate_rows:
@@ -283,7 +297,7 @@ class RewriteParquetWriter:
             if path not in self.files_written:
                 self.files_written.append(path)
             self._rows[window] = part.num_rows
-            done.add(window)
+            self._mark_written(window)
         return WriteResult(write_ns, commit_ns, bytes_before, rows_before)
 
     def close(self) -> None:

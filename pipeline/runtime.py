@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.async_buffer import AsyncFlushingBuffer, LoopLagProbe
-from pipeline.buffer import BufferClosed, BufferStatistics, FlushingBuffer, LockProbes
+from pipeline.buffer import BufferClosed, FlushingBuffer, LockProbes
+from pipeline.buffer_core import BufferStatistics
 from pipeline.clock import Clock
 from pipeline.config import PipelineSettings
 from pipeline.drops import DropLog
