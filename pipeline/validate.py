@@ -74,6 +74,14 @@ class Validator:
             if not math.isfinite(number):
                 return reject("non_finite", f"{name}: {number}")
             numbers[name] = number
+        status = obj.get("status", "Good")
+        if status != "Good":
+            # OPC UA Uncertain/Bad values: quarantined by default, never silently mixed with Good data.
+            if isinstance(status, str) and status.startswith("Uncertain"):
+                return reject("status_uncertain", f"status: {status}")
+            if isinstance(status, str) and status.startswith("Bad"):
+                return reject("status_bad", f"status: {status}")
+            return reject("wrong_type", f"status: expected 'Good' or an OPC UA status name, got {str(status)[:64]!r}")
         ts = _parse_ts(obj["ts"])
         if isinstance(ts, str):
             return reject("naive_timestamp" if ts.startswith("naive") else "bad_timestamp", ts)

@@ -1,0 +1,326 @@
+"""OPC UA source: an asyncua subscription whose notifications become the same readings as MQTT.
+
+It browses ``Objects/<plant>/<machine>/{LoadRate, Mileage, Status, Seq}``,
+subscribes to every variable (publishing and sampling interval, queue size and
+discard policy configurable) and assembles, per machine, the values that share
+one SourceTimestamp into a reading. The reading is handed on as the JSON object
+an MQTT publisher would have sent (``ts`` from the SourceTimestamp in UTC, a
+``status`` field when the StatusCode is not Good), so validation, buffering and
+sinks are exactly the MQTT path's.
+
+Notification queues are FIFO per monitored item, so once a reading completes,
+any older reading of that machine still missing a value can never complete (its
+value was discarded, e.g. by queue overflow): it is handed on at once as an
+incomplete reading, which the validator quarantines (``missing_field``), and
+counted here.
+
+Reconnect: asyncua's client supervisor reconnects with exponential backoff and
+re-creates the subscription; each loss is counted. What the server published
+while nobody listened is lost, and the ledger counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.node import Node
+from asyncua.ua.attribute_ids import AttributeIds
+
+from pipeline.errors import SourceError
+
+# The values a reading needs. The Status variable is informational: every
+# DataValue carries its own StatusCode, and an unchanged Status string would
+# not even notify.
+FIELDS = ("load_rate", "mileage", "seq")
+# What the plant server shows before its first reading: skipped, and counted.
+PLACEHOLDER = "BadWaitingForInitialData"
+
+
+@dataclass(frozen=True)
+class OpcUaNames:
+    plant: str = "Plant"
+    load_rate: str = "LoadRate"
+    mileage: str = "Mileage"
+    status: str = "Status"
+    seq: str = "Seq"
+
+
+@dataclass
+class OpcUaStatistics:
+    notifications: int = 0
+    placeholders: int = 0
+    readings: int = 0
+    incomplete: int = 0
+    connection_losses: int = 0
+    machines: int = 0
+    monitored_items: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        # OPC UA DateTime is UTC by definition; asyncua may hand it over naive.
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def status_name(code: ua.StatusCode) -> str:
+    """'Good', or the symbolic name of an Uncertain/Bad code (e.g. 'UncertainLastUsableValue')."""
+    if code.is_good():
+        return "Good"
+    try:
+        return str(code.name)
+    except (AttributeError, KeyError):
+        return f"0x{code.value:08X}"
+
+
+class ReadingAssembler:
+    """Per machine, join the variables' notifications by SourceTimestamp. Pure.
+
+    ``add`` returns the payload objects that became final: complete readings,
+    and older readings of the same machine that can no longer complete.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[str, dict[str, dict[str, Any]]] = {}
+        self.incomplete = 0
+
+    def add(self, machine: str, field_name: str, value: Any, ts: str | None, status: str) -> list[dict[str, Any]]:
+        key = ts or ""
+        by_ts = self._pending.setdefault(machine, {})
+        entry = by_ts.setdefault(key, {"machine": machine, "ts": ts, "_fields": set(), "_status": "Good"})
+        entry[field_name] = value
+        entry["_fields"].add(field_name)
+        if status != "Good":
+            entry["_status"] = status
+        if len(entry["_fields"]) < len(FIELDS):
+            return []
+        out = []
+        # Older entries of this machine can no longer complete (FIFO per item).
+        for older in sorted(k for k in by_ts if k < key):
+            out.append(self._final(by_ts.pop(older)))
+            self.incomplete += 1
+        out.append(self._final(by_ts.pop(key)))
+        return out
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Everything still pending, as incomplete readings (at shutdown)."""
+        out = []
+        for by_ts in self._pending.values():
+            for key in sorted(by_ts):
+                out.append(self._final(by_ts[key]))
+                self.incomplete += 1
+        self._pending.clear()
+        return out
+
+    @staticmethod
+    def _final(entry: dict[str, Any]) -> dict[str, Any]:
+        obj = {k: v for k, v in entry.items() if not k.startswith("_") and k != "status"}
+        if entry["_status"] != "Good":
+            obj["status"] = entry["_status"]
+        return obj
+
+
+class _Handler:
+    def __init__(self, source: OpcUaSource) -> None:
+        self.source = source
+
+    def datachange_notification(self, node: Node, val: Any, data: Any) -> None:
+        self.source._on_notification(node, val, data.monitored_item.Value)
+
+
+class OpcUaSource:
+    """Subscribe to a plant's variables and hand each reading to ``on_payload(bytes, topic)``."""
+
+    def __init__(
+        self,
+        url: str,
+        on_payload: Callable[[bytes, str], None],
+        *,
+        names: OpcUaNames = OpcUaNames(),
+        publishing_ms: float = 100,
+        sampling_ms: float = 0,
+        queue_size: int = 1000,
+        discard_oldest: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        security: str | None = None,
+        reconnect_max_delay_s: float = 5.0,
+    ) -> None:
+        self.url = url
+        self._on_payload = on_payload
+        self.names = names
+        self.publishing_ms = publishing_ms
+        self.sampling_ms = sampling_ms
+        self.queue_size = queue_size
+        self.discard_oldest = discard_oldest
+        self._username = username
+        self._password = password
+        self._security = security
+        self._reconnect_max_delay_s = reconnect_max_delay_s
+        self._nodes: dict[Any, tuple[str, str]] = {}
+        self._assembler = ReadingAssembler()
+        self.stats = OpcUaStatistics()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client: Client | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Connect, browse and subscribe; returns once the subscription exists."""
+        ready: Future[None] = Future()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._connect())
+            except BaseException as exc:  # reported to start()'s caller
+                ready.set_exception(exc)
+                loop.close()
+                return
+            ready.set_result(None)
+            loop.run_forever()
+            loop.close()
+
+        for name in ("asyncua",):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self._thread = threading.Thread(target=serve, name="opcua-source", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(timeout_s)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise SourceError(
+                f"cannot subscribe to OPC UA server {self.url}: {exc.__class__.__name__}: {exc}"
+            ) from None
+
+    def close(self) -> None:
+        """Disconnect; readings still waiting for a value are handed on as incomplete."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._disconnect(), loop).result(30)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            if self._thread is not None:
+                self._thread.join(10)
+            self._loop = None
+        for obj in self._assembler.drain():
+            self._deliver(obj)
+        self.stats.incomplete = self._assembler.incomplete
+
+    # -- on the source's loop ---------------------------------------------------
+
+    async def _connect(self) -> None:
+        client = Client(self.url, auto_reconnect=True, reconnect_max_delay=self._reconnect_max_delay_s)
+        if self._username is not None:
+            client.set_user(self._username)
+        if self._password is not None:
+            client.set_password(self._password)
+        if self._security:
+            await client.set_security_string(self._security)
+
+        async def lost(exc: Exception) -> None:
+            self.stats.connection_losses += 1
+
+        client.connection_lost_callback = lost
+        await client.connect()
+        self._client = client
+        machines = await self._browse(client)
+        if not machines:
+            raise SourceError(f"{self.url}: no machines under Objects/{self.names.plant}")
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=self.publishing_ms,
+            RequestedLifetimeCount=1000,
+            RequestedMaxKeepAliveCount=10,
+            MaxNotificationsPerPublish=0,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        subscription = await client.create_subscription(params, _Handler(self))
+        nodes = list(machines)
+        # Trigger on value, status OR timestamp: two readings with the same value
+        # (a load rate pinned at 100 %) are still two readings.
+        trigger = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
+        for start in range(0, len(nodes), 500):
+            # _subscribe is asyncua's own path for a filtered subscription
+            # (deadband_monitor uses it too); subscribe_data_change takes no filter.
+            await subscription._subscribe(
+                [client.get_node(n) for n in nodes[start : start + 500]],
+                AttributeIds.Value,
+                trigger,
+                self.queue_size,
+                ua.MonitoringMode.Reporting,
+                cast(ua.Double, self.sampling_ms),
+            )
+        self.stats.monitored_items = len(nodes)
+
+    async def _browse(self, client: Client) -> dict[Any, tuple[str, str]]:
+        objects = client.get_objects_node()
+        plant = None
+        for child in await objects.get_children():
+            if (await child.read_browse_name()).Name == self.names.plant:
+                plant = child
+                break
+        if plant is None:
+            raise SourceError(f"{self.url}: no Objects/{self.names.plant} folder")
+        wanted = {
+            self.names.load_rate: "load_rate",
+            self.names.mileage: "mileage",
+            self.names.status: "status",
+            self.names.seq: "seq",
+        }
+        found: dict[Any, tuple[str, str]] = {}
+        machines = 0
+        for machine_node in await plant.get_children():
+            machine = (await machine_node.read_browse_name()).Name
+            for var in await machine_node.get_children():
+                name = (await var.read_browse_name()).Name
+                if name in wanted:
+                    found[var.nodeid] = (machine, wanted[name])
+            machines += 1
+        self._nodes = found
+        self.stats.machines = machines
+        return found
+
+    async def _disconnect(self) -> None:
+        if self._client is not None:
+            await self._client.disconnect()
+            self._client = None
+
+    def _on_notification(self, node: Node, value: Any, dv: ua.DataValue) -> None:
+        self.stats.notifications += 1
+        where = self._nodes.get(node.nodeid)
+        if where is None:
+            return
+        machine, field_name = where
+        status = status_name(dv.StatusCode) if dv.StatusCode is not None else "Good"
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        if status == PLACEHOLDER:
+            self.stats.placeholders += 1
+            return
+        if field_name not in FIELDS:
+            return
+        for obj in self._assembler.add(machine, field_name, value, _iso(dv.SourceTimestamp), status):
+            self._deliver(obj)
+        self.stats.incomplete = self._assembler.incomplete
+
+    def _deliver(self, obj: dict[str, Any]) -> None:
+        self.stats.readings += 1
+        self._on_payload(json.dumps(obj, separators=(",", ":")).encode(), f"opcua/{obj['machine']}")

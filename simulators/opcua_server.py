@@ -1,0 +1,247 @@
+"""A fake plant OPC UA server (asyncua) that replays a deterministic stream.
+
+Address space (names configurable)::
+
+    Objects/Plant/<machine>/LoadRate   Double
+    Objects/Plant/<machine>/Mileage    Double
+    Objects/Plant/<machine>/Status     String  ("Good", or the injected status)
+    Objects/Plant/<machine>/Seq        Int64   (the message's sequence id)
+
+Each message is written as DataValues sharing one SourceTimestamp (the
+reading's time from the stream), a ServerTimestamp (the write time) and a
+StatusCode; Seq is written last, so a client that sees Seq has been offered
+the whole reading. The server runs on its own event loop in a thread, on an
+ephemeral loopback port; the replay runs on that loop too, so pacing does not
+cross threads per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, cast
+
+from asyncua import ua
+from asyncua.server.server import Server
+from asyncua.ua.status_codes import StatusCodes
+
+from simulators.errors import BrokerStartError, SimulatorError
+from simulators.stream import Message
+
+NAMESPACE = "urn:iiot-bench:plant"
+
+
+class Clock(Protocol):
+    def now_ns(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class NodeNames:
+    """Browse names of the plant folder and of each machine's variables."""
+
+    plant: str = "Plant"
+    load_rate: str = "LoadRate"
+    mileage: str = "Mileage"
+    status: str = "Status"
+    seq: str = "Seq"
+
+
+def _dt(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns // 1000 / 1e6, tz=UTC).replace(microsecond=(ns // 1000) % 1_000_000)
+
+
+def _iso_to_dt(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+class PlantServer:
+    """Start an asyncua server in a thread; replay messages into it.
+
+    >>> with PlantServer(["press-0"]) as plant:   # doctest: +SKIP
+    ...     print(plant.url)
+    opc.tcp://127.0.0.1:40123/iiot-bench/
+    """
+
+    def __init__(
+        self,
+        machines: Iterable[str],
+        *,
+        names: NodeNames = NodeNames(),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.machines = list(machines)
+        self.names = names
+        self.host = host
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Server | None = None
+        self._nodes: dict[str, dict[str, ua.NodeId]] = {}
+        self.written = 0
+
+    @property
+    def url(self) -> str:
+        return f"opc.tcp://{self.host}:{self.port}/iiot-bench/"
+
+    # -- lifecycle (thread-safe wrappers around the server's loop) ----------------
+
+    def start(self, timeout_s: float = 30.0) -> PlantServer:
+        ready: Future[None] = Future()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._start())
+            except BaseException as exc:  # reported to the caller of start()
+                ready.set_exception(exc)
+                loop.close()
+                return
+            ready.set_result(None)
+            loop.run_forever()
+            loop.close()
+
+        for name in ("asyncua", "asyncua.server", "asyncua.client"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        self._thread = threading.Thread(target=serve, name="opcua-plant", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(timeout_s)
+        except Exception as exc:
+            raise BrokerStartError(f"OPC UA plant server did not start: {exc}") from None
+        return self
+
+    def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
+        if self._loop is None:
+            raise SimulatorError("OPC UA plant server is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def stop_server(self) -> None:
+        """Take the server off the network (a fault); :meth:`restart_server` brings it back on the same port."""
+        self._call(self._stop())
+
+    def restart_server(self) -> None:
+        self._call(self._start())
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._call(self._stop(), 30)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(10)
+            self._loop = None
+
+    def __enter__(self) -> PlantServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- on the server's loop -------------------------------------------------------
+
+    async def _start(self) -> None:
+        server = Server()
+        await server.init()
+        server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/iiot-bench/")
+        server.set_server_name("iiot-bench plant")
+        idx = await server.register_namespace(NAMESPACE)
+        plant = await server.nodes.objects.add_object(idx, self.names.plant)
+        self._nodes = {}
+        for machine in self.machines:
+            obj = await plant.add_object(idx, machine)
+            n = self.names
+            nodes = {
+                "load_rate": (await obj.add_variable(idx, n.load_rate, 0.0)).nodeid,
+                "mileage": (await obj.add_variable(idx, n.mileage, 0.0)).nodeid,
+                "status": (await obj.add_variable(idx, n.status, "")).nodeid,
+                "seq": (await obj.add_variable(idx, n.seq, ua.Variant(-1, ua.VariantType.Int64))).nodeid,
+            }
+            # No reading yet: say so the OPC UA way, so no client mistakes the
+            # placeholder for data.
+            waiting = ua.DataValue(StatusCode=ua.StatusCode(cast(ua.UInt32, StatusCodes.BadWaitingForInitialData)))
+            for node_id in nodes.values():
+                await server.write_attribute_value(node_id, waiting)
+            self._nodes[machine] = nodes
+        await server.start()
+        assert server.bserver is not None
+        # Port 0 picks a free port; keep it so a restart comes back on the same one.
+        self.port = server.bserver.port
+        self._server = server
+
+    async def _stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
+
+    async def _write(self, message: Message, now_ns: int) -> bool:
+        server = self._server
+        if server is None:
+            return False  # down (a fault): the plant produced it, nobody could read it
+        body = json.loads(message.payload)
+        nodes = self._nodes.get(message.machine)
+        if nodes is None:
+            return False
+        source = _iso_to_dt(body["ts"])
+        written = _dt(now_ns)
+        status_name = body.get("status", "Good")
+        code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status_name, StatusCodes.Good)))
+
+        def value(v: Any, kind: ua.VariantType) -> ua.DataValue:
+            return ua.DataValue(
+                ua.Variant(v, kind),
+                StatusCode=code,
+                SourceTimestamp=cast(ua.DateTime, source),
+                ServerTimestamp=cast(ua.DateTime, written),
+            )
+
+        await server.write_attribute_value(nodes["load_rate"], value(float(body["load_rate"]), ua.VariantType.Double))
+        await server.write_attribute_value(nodes["mileage"], value(float(body["mileage"]), ua.VariantType.Double))
+        await server.write_attribute_value(nodes["status"], value(status_name, ua.VariantType.String))
+        await server.write_attribute_value(nodes["seq"], value(int(body["seq"]), ua.VariantType.Int64))
+        self.written += 1
+        return True
+
+    async def _replay(
+        self,
+        messages: Iterable[Message],
+        clock: Clock,
+        stop: threading.Event | None,
+        on_sent: Callable[[Message, int], None] | None,
+    ) -> int:
+        accepted = 0
+        for message in messages:
+            if stop is not None and stop.is_set():
+                break
+            delay = (message.intended_send_ns - clock.now_ns()) / 1e9
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif accepted % 100 == 0:
+                # Behind schedule: still yield now and then, so the server gets to publish.
+                await asyncio.sleep(0)
+            if await self._write(message, clock.now_ns()):
+                accepted += 1
+                if on_sent is not None:
+                    on_sent(message, clock.now_ns())
+        return accepted
+
+    def run(
+        self,
+        messages: Iterable[Message],
+        clock: Clock,
+        *,
+        stop: threading.Event | None = None,
+        on_sent: Callable[[Message, int], None] | None = None,
+    ) -> int:
+        """Replay ``messages`` at their intended times (open model); returns how many were written."""
+        result: int = self._call(self._replay(messages, clock, stop, on_sent))
+        return result
