@@ -17,7 +17,7 @@ import time
 import uuid
 from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,16 +28,18 @@ from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
 from bench.results import SCHEMA_VERSION, environment, write_results
-from bench.scenario import LoadedScenario, Scenario, apply_overrides
+from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import SqlSettings, format_validation_error, resolve_env
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
+from pipeline.opcua_source import OpcUaNames, OpcUaSource
 from pipeline.probes import Recorder
 from pipeline.runtime import Pipeline
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
+from simulators.opcua_server import NodeNames, PlantServer
 from simulators.publisher import DirectPublisher, PacedPublisher
 from simulators.stream import Message, StreamSpec, planned_count, stream, total_duration_s
 
@@ -261,10 +263,13 @@ def _run_variant(
     pipeline: Pipeline | None = None
     source: MqttSource | None = None
     mqtt_publisher: PacedPublisher | None = None
+    plant: PlantServer | None = None
+    opcua_source: OpcUaSource | None = None
     pipeline_closed = False
     producers = transport.memory.producers if transport.kind == "memory" else 1
     logs = [_SendLog(intended, flags) for _ in range(producers)]
     samples: list[tuple[float, int, int]] = []
+    opcua_stats: dict[str, Any] | None = None
     try:
         try:
             pipeline = Pipeline(sc.pipeline, out_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
@@ -292,6 +297,19 @@ def _run_variant(
                 )
                 mqtt_publisher.connect()
                 publishers = [mqtt_publisher]
+            elif transport.kind == "opcua":
+                ua_cfg = transport.opcua
+                plant = PlantServer(spec.machines, names=NodeNames(plant=ua_cfg.plant)).start()
+                opcua_source = OpcUaSource(
+                    plant.url,
+                    pipeline.submit,
+                    names=OpcUaNames(plant=ua_cfg.plant),
+                    publishing_ms=ua_cfg.publishing * 1000,
+                    sampling_ms=ua_cfg.sampling * 1000,
+                    queue_size=ua_cfg.queue_size,
+                )
+                opcua_source.start()
+                publishers = [plant]
             else:
                 publishers = [DirectPublisher(pipeline.submit, mq.topic_for_run(run_id)) for _ in range(producers)]
         except (SimulatorError, PipelineError) as exc:
@@ -318,6 +336,7 @@ def _run_variant(
         ]
         for t in threads:
             t.start()
+        faults = _schedule_faults(sc, plant, epoch_ns, clock, stop)
         phase_ends = _phase_ends(spec)
 
         def sent_count() -> int:
@@ -386,9 +405,15 @@ def _run_variant(
             if on_progress:
                 on_progress(progress)
             time.sleep(progress_every_s)  # polling a counter; nothing to wait on across threads
+        for timer in faults:
+            timer.join(5)
         if source is not None:
             source.close()
             source = None
+        if opcua_source is not None:
+            opcua_source.close()
+            opcua_stats = asdict(opcua_source.stats)
+            opcua_source = None
         pipeline.close()
         pipeline_closed = True
         final = snapshot(0.0)
@@ -400,6 +425,10 @@ def _run_variant(
         lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
         loop_lag = pipeline.loop_lag_recorder.summary() if pipeline.loop_lag_recorder is not None else None
     finally:
+        if opcua_source is not None:
+            opcua_source.close()
+        if plant is not None:
+            plant.close()
         if source is not None:
             source.close()
         if pipeline is not None and not pipeline_closed:
@@ -480,11 +509,35 @@ def _run_variant(
             else 0,
             "errors": pipeline_errors,
         },
+        "opcua": opcua_stats,
         "sql": sql_back,
         "faults": [f.model_dump(mode="json") for f in sc.faults],
         "files": back.files,
     }
     return result, ledger, pipeline_errors
+
+
+def _schedule_faults(
+    sc: Scenario, plant: PlantServer | None, epoch_ns: int, clock: MonotonicWallClock, stop: threading.Event
+) -> list[threading.Thread]:
+    """Start a thread per timed fault; each waits for its moment on the run's clock."""
+    timers = []
+    for fault in sc.faults:
+        if not isinstance(fault, ServerRestartFault):
+            continue
+        if plant is None:
+            raise ScenarioError(f"faults: server_restart needs transport kind opcua, got {sc.transport.kind}")
+        def restart(server: PlantServer = plant, at_s: float = fault.at, down_s: float = fault.down_for) -> None:
+            if stop.wait(max(0.0, (epoch_ns + at_s * 1e9 - clock.now_ns()) / 1e9)):
+                return
+            server.stop_server()
+            stop.wait(down_s)  # the fault's own duration, not a guess
+            server.restart_server()
+
+        timer = threading.Thread(target=restart, name="fault-server-restart", daemon=True)
+        timer.start()
+        timers.append(timer)
+    return timers
 
 
 def _resolve_sql(sc: Scenario, variant: str, url: str | None) -> Scenario:

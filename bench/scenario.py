@@ -155,14 +155,25 @@ class MemoryTransport(Frozen):
     )
 
 
+class OpcUaTransport(Frozen):
+    server: Literal["embedded"] = Field(
+        "embedded", description="embedded: an asyncua plant server on an ephemeral loopback port."
+    )
+    publishing: Duration = Field(0.1, gt=0, description="Subscription publishing interval.")
+    sampling: Duration = Field(0.0, ge=0, description="Sampling interval; 0 = report every change.")
+    queue_size: int = Field(1000, ge=1, description="Per monitored item; the oldest is discarded when full.")
+    plant: str = Field("Plant", description="Browse name of the folder holding one object per machine.")
+
+
 class Transport(Frozen):
-    kind: Literal["mqtt", "memory"] = Field(
+    kind: Literal["mqtt", "memory", "opcua"] = Field(
         "mqtt",
-        description="mqtt: over a broker. memory: payloads handed to the pipeline in-process, paced the same "
-        "way; for measuring the pipeline's own hot path (sinks, locks) without a broker in the way.",
+        description="mqtt: over a broker. opcua: a plant server and a subscription. memory: payloads handed "
+        "to the pipeline in-process, paced the same way; for measuring the pipeline's own hot path.",
     )
     mqtt: MqttTransport = MqttTransport()
     memory: MemoryTransport = MemoryTransport()
+    opcua: OpcUaTransport = OpcUaTransport()
 
 
 class RunSettings(Frozen):
@@ -193,7 +204,13 @@ class SlowSinkFault(Frozen):
     delay: Duration = Field(gt=0, description="Added to every flush of the readings sinks.")
 
 
-Fault = Annotated[SlowSinkFault, Field(discriminator="kind")]
+class ServerRestartFault(Frozen):
+    kind: Literal["server_restart"]
+    at: Duration = Field(ge=0, description="Seconds after the first send.")
+    down_for: Duration = Field(gt=0, description="How long the server stays off the network.")
+
+
+Fault = Annotated[SlowSinkFault | ServerRestartFault, Field(discriminator="kind")]
 
 
 class Scenario(Frozen):
