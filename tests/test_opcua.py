@@ -1,0 +1,195 @@
+"""OPC UA: the plant server's address space, the source's conversion, reconnect after a restart."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import cast
+
+import pyarrow.dataset as ds
+import pytest
+from asyncua import ua
+from asyncua.sync import Client
+from asyncua.ua.status_codes import StatusCodes
+
+from bench import runner
+from bench.scenario import load_scenario
+from pipeline.clock import MonotonicWallClock
+from pipeline.opcua_source import OpcUaSource, ReadingAssembler, _iso, status_name
+from simulators.opcua_server import NodeNames, PlantServer
+from simulators.stream import Message
+
+BASE_NS = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    """Poll a condition owned by another thread until it holds; fail after the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout_s} s")
+        time.sleep(0.02)
+
+
+def message(seq: int, machine: str, ts: str, status: str | None = None) -> Message:
+    body: dict[str, object] = {
+        "machine": machine,
+        "ts": ts,
+        "load_rate": 10.0 + seq,
+        "mileage": 100.0 + seq,
+        "seq": seq,
+    }
+    if status is not None:
+        body["status"] = status
+    return Message(seq=seq, machine=machine, intended_send_ns=0, payload=json.dumps(body).encode())
+
+
+# --- pure conversion ------------------------------------------------------------------
+
+
+def test_assembler_joins_values_of_one_source_timestamp() -> None:
+    asm = ReadingAssembler()
+    assert asm.add("m", "load_rate", 1.5, "T1", "Good") == []
+    assert asm.add("m", "mileage", 9.0, "T1", "Good") == []
+    (reading,) = asm.add("m", "seq", 7, "T1", "Good")
+    assert reading == {"machine": "m", "ts": "T1", "load_rate": 1.5, "mileage": 9.0, "seq": 7}
+
+
+def test_assembler_flushes_an_older_reading_that_can_no_longer_complete() -> None:
+    """Queues are FIFO per item: once T2 completes, T1's missing value was discarded."""
+    asm = ReadingAssembler()
+    asm.add("m", "seq", 1, "T1", "Good")  # T1 lost its load_rate and mileage
+    for field, value in (("load_rate", 2.0), ("mileage", 3.0)):
+        asm.add("m", field, value, "T2", "Good")
+    out = asm.add("m", "seq", 2, "T2", "Good")
+    assert out == [
+        {"machine": "m", "ts": "T1", "seq": 1},
+        {"machine": "m", "ts": "T2", "load_rate": 2.0, "mileage": 3.0, "seq": 2},
+    ]
+    assert asm.incomplete == 1
+    assert asm.drain() == []
+
+
+def test_assembler_keeps_a_non_good_status() -> None:
+    asm = ReadingAssembler()
+    asm.add("m", "load_rate", 1.0, "T", "UncertainLastUsableValue")
+    asm.add("m", "mileage", 1.0, "T", "Good")
+    (reading,) = asm.add("m", "seq", 1, "T", "Good")
+    assert reading["status"] == "UncertainLastUsableValue"
+
+
+def test_timestamps_and_status_names() -> None:
+    assert _iso(datetime(2026, 1, 1, 5, 30)) == "2026-01-01T05:30:00.000000Z"  # naive OPC UA DateTime is UTC
+    assert _iso(datetime(2026, 1, 1, 5, 30, tzinfo=UTC)) == "2026-01-01T05:30:00.000000Z"
+    assert status_name(ua.StatusCode(cast(ua.UInt32, StatusCodes.Good))) == "Good"
+    assert status_name(ua.StatusCode(cast(ua.UInt32, StatusCodes.BadSensorFailure))) == "BadSensorFailure"
+
+
+# --- the plant server ----------------------------------------------------------------
+
+
+def test_address_space_has_a_folder_per_machine_with_its_variables() -> None:
+    machines = [f"press-{i:03d}" for i in range(250)]
+    with PlantServer(machines, names=NodeNames(plant="Line7")) as plant, Client(plant.url) as client:
+        line = client.nodes.objects.get_child([f"{client.get_namespace_index('urn:iiot-bench:plant')}:Line7"])
+        children = line.get_children()
+        assert sorted(c.read_browse_name().Name for c in children) == machines
+        names = {v.read_browse_name().Name for v in children[0].get_children()}
+        assert names == {"LoadRate", "Mileage", "Status", "Seq"}
+        assert sum(len(c.get_children()) for c in children) == 1000  # 250 machines x 4 variables
+        seq = children[0].get_child([f"{line.nodeid.NamespaceIndex}:Seq"])
+        # Before the first reading the value says so, the OPC UA way.
+        assert seq.read_data_value(raise_on_bad_status=False).StatusCode.name == "BadWaitingForInitialData"
+
+
+def test_source_converts_source_timestamp_and_status(tmp_path: Path) -> None:
+    """Offsets normalise to UTC via the SourceTimestamp; Uncertain values reach the validator as such."""
+    received: list[dict[str, object]] = []
+    lock = threading.Lock()
+
+    def collect(payload: bytes, topic: str) -> None:
+        with lock:
+            received.append(json.loads(payload))
+
+    clock = MonotonicWallClock()
+    with PlantServer(["m-1", "m-2"]) as plant:
+        source = OpcUaSource(plant.url, collect, publishing_ms=20)
+        source.start()
+        try:
+            plant.run(
+                [
+                    message(0, "m-1", "2026-01-01T05:30:00+05:30"),
+                    message(1, "m-2", "2026-01-01T00:00:01Z", status="UncertainLastUsableValue"),
+                    message(2, "m-1", "2026-01-01T00:00:02.250000Z"),
+                ],
+                clock,
+            )
+            wait_until(lambda: len(received) >= 3)
+        finally:
+            source.close()
+    by_seq = {r["seq"]: r for r in received}
+    assert by_seq[0]["ts"] == "2026-01-01T00:00:00.000000Z"
+    assert by_seq[2]["ts"] == "2026-01-01T00:00:02.250000Z"
+    assert by_seq[1]["status"] == "UncertainLastUsableValue"
+    assert "status" not in by_seq[0]
+    assert (by_seq[0]["load_rate"], by_seq[0]["mileage"], by_seq[0]["machine"]) == (10.0, 100.0, "m-1")
+    assert source.stats.placeholders == 8  # 2 machines x 4 variables, skipped and counted
+
+
+def test_source_reconnects_after_a_server_restart() -> None:
+    received: list[int] = []
+    clock = MonotonicWallClock()
+    with PlantServer(["m-1"]) as plant:
+        source = OpcUaSource(
+            plant.url, lambda p, t: received.append(json.loads(p)["seq"]), publishing_ms=20, reconnect_max_delay_s=1
+        )
+        source.start()
+        try:
+            plant.run([message(0, "m-1", "2026-01-01T00:00:00Z")], clock)
+            wait_until(lambda: received == [0])
+            plant.stop_server()
+            wait_until(lambda: source.stats.connection_losses >= 1)
+            # A value written while the server is down cannot be read by anyone.
+            assert plant.run([message(1, "m-1", "2026-01-01T00:00:01Z")], clock) == 0
+            plant.restart_server()
+            # Keep writing until the re-created subscription delivers: reconnect takes the backoff.
+            deadline = time.monotonic() + 30
+            seq = 2
+            while not any(s >= 2 for s in received):
+                assert time.monotonic() < deadline, "no reading after the restart"
+                plant.run([message(seq, "m-1", f"2026-01-01T00:00:{seq:02d}Z")], clock)
+                seq += 1
+                time.sleep(0.2)
+        finally:
+            source.close()
+    assert 1 not in received
+    assert source.stats.connection_losses >= 1
+
+
+OPCUA = """
+name: ua
+seed: 2
+machines: {count: 5, id: "m-{i}"}
+phases:
+  - {kind: steady, rate: 200, duration: 1.5s}
+transport: {kind: opcua, opcua: {publishing: 50ms}}
+pipeline:
+  buffer: {size: 100, flush_interval: 200ms}
+  parquet: {fsync: false}
+"""
+
+
+def test_bench_run_over_opcua_reconciles(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    outcome = runner.run(
+        load_scenario(write_scenario(OPCUA)), runner.RunOptions(out=tmp_path / "r", probe_overhead=False)
+    )
+    assert outcome.ok, outcome.problems()
+    ledger = outcome.ledger
+    assert (ledger.sent, ledger.persisted, ledger.lost) == (300, 300, 0)
+    stats = outcome.results["variants"][0]["opcua"]
+    assert stats["readings"] == 300 and stats["incomplete"] == 0
+    assert ds.dataset(tmp_path / "r" / "data", format="parquet").count_rows() == 300
