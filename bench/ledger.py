@@ -8,7 +8,7 @@ file holds 999.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,3 +150,28 @@ def reconcile(
         dropped_by_reason=dict(Counter(dropped[s] for s in dropped_known)),
         unfinalised_files=back.unfinalised,
     )
+
+
+def attribute_queue_overflow(
+    sent_seqs: Iterable[int], back: ReadBack, machine_of: Callable[[int], str]
+) -> dict[int, str]:
+    """Missing ids that an OPC UA server's discard-oldest queue dropped, as {seq: reason}.
+
+    The server keeps a bounded FIFO queue per monitored item and, when full,
+    discards the oldest value (asyncua does so without setting the overflow
+    bit). The evidence is in the data: a value of a machine is missing while a
+    *later* value of the same machine arrived. Such ids are dropped by that named
+    policy; ids missing with nothing later from their machine stay unexplained
+    (lost).
+    """
+    received = set(back.persisted_seqs) | {s for s in back.rejected_seqs if s is not None}
+    latest: dict[str, int] = {}
+    for seq in received:
+        machine = machine_of(seq)
+        if seq > latest.get(machine, -1):
+            latest[machine] = seq
+    return {
+        seq: "opcua_queue_overflow"
+        for seq in sent_seqs
+        if seq not in received and seq < latest.get(machine_of(seq), -1)
+    }

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
-from bench.ledger import Ledger, read_back, reconcile
+from bench.ledger import Ledger, attribute_queue_overflow, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
@@ -41,7 +41,7 @@ from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
 from simulators.opcua_server import NodeNames, PlantServer
 from simulators.publisher import DirectPublisher, PacedPublisher
-from simulators.stream import Message, StreamSpec, planned_count, stream, total_duration_s
+from simulators.stream import Message, StreamSpec, machine_of, planned_count, stream, total_duration_s
 
 # The first send is scheduled this far after the pipeline has subscribed, so
 # set-up time is not charged to the first messages' latency.
@@ -438,7 +438,12 @@ def _run_variant(
 
     settings = sc.pipeline
     back = read_back(out_dir / settings.parquet.path, out_dir / settings.quarantine.path, out_dir / "dropped")
-    ledger = reconcile([i for i, f in enumerate(flags) if f], back)
+    sent_seqs = [i for i, f in enumerate(flags) if f]
+    ledger = reconcile(sent_seqs, back)
+    if transport.kind == "opcua" and ledger.lost:
+        dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
+        dropped.update(attribute_queue_overflow(sent_seqs, back, lambda seq: machine_of(spec, seq)))
+        ledger = reconcile(sent_seqs, back, dropped)
     if sql_back is not None:
         problem = _check_sql(sql_back, ledger.persisted, settings.sql.aggregate if settings.sql else "raw")
         if problem:
@@ -527,6 +532,7 @@ def _schedule_faults(
             continue
         if plant is None:
             raise ScenarioError(f"faults: server_restart needs transport kind opcua, got {sc.transport.kind}")
+
         def restart(server: PlantServer = plant, at_s: float = fault.at, down_s: float = fault.down_for) -> None:
             if stop.wait(max(0.0, (epoch_ns + at_s * 1e9 - clock.now_ns()) / 1e9)):
                 return

@@ -90,6 +90,11 @@ def planned_count(spec: StreamSpec) -> int:
     return sum(1 for _ in _send_offsets(spec))
 
 
+def machine_of(spec: StreamSpec, seq: int) -> str:
+    """The machine that sends message ``seq``: machines take turns (round-robin)."""
+    return spec.machines[seq % len(spec.machines)]
+
+
 def total_duration_s(spec: StreamSpec) -> float:
     return sum(p.duration_s for p in spec.phases)
 
@@ -133,9 +138,8 @@ def stream(spec: StreamSpec, epoch_ns: int, ts_epoch_ns: int | None = None) -> I
     span = sig.load_rate_max - sig.load_rate_min
     load = {m: sig.load_rate_min + rng.random() * span for m in spec.machines}
     mileage0 = {m: sig.mileage_start + rng.random() * 100 for m in spec.machines}
-    count = len(spec.machines)
     for seq, offset_s in enumerate(_send_offsets(spec)):
-        machine = spec.machines[seq % count]
+        machine = machine_of(spec, seq)
         step = (rng.random() * 2 - 1) * sig.load_rate_step
         value = min(sig.load_rate_max, max(sig.load_rate_min, load[machine] + step))
         load[machine] = value
