@@ -210,6 +210,8 @@ _ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
     ("append slope ms/MB", ("probes", "append_cost", "slope_ms_per_mb"), "{:,.3f}", False),
     ("parquet sink rows/s", ("throughput", "sink_rows_per_s", "parquet"), "{:,.0f}", True),
     ("sql sink rows/s", ("throughput", "sink_rows_per_s", "sql"), "{:,.0f}", True),
+    ("opcua notifications/s", ("opcua", "notifications_per_s"), "{:,.0f}", True),
+    ("opcua capacity: pipeline / bare", ("opcua", "reference", "pipeline_fraction"), "{:.3f}", False),
     ("queue depth max", ("probes", "queue_depth", "depth_max"), "{:,.0f}", True),
     ("files", ("files",), "{:,.0f}", False),
 ]

@@ -10,6 +10,7 @@ from hiding behind a publisher that slowed down with it.
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import threading
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from bench import opcua_reference
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, attribute_queue_overflow, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
@@ -47,6 +49,7 @@ from simulators.stream import Message, StreamSpec, machine_of, planned_count, st
 # set-up time is not charged to the first messages' latency.
 START_LEAD_NS = 200_000_000
 ACK_TIMEOUT_S = 30.0
+REFERENCE_MESSAGES = 2000
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ class RunOptions:
     broker: str | None = None
     reports_dir: Path = Path("reports")
     sql_url: str | None = None
-    probe_overhead: bool = True
+    calibrate: bool = True
+    """Measure the probes' own cost and, over OPC UA, the bare-subscription reference."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +172,7 @@ def run(
     run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
     started_wall = time.time()
     env_before = environment()
-    overhead = probe_overhead() if options.probe_overhead else None
+    overhead = probe_overhead() if options.calibrate else None
 
     needs_embedded = any(
         v.transport.kind == "mqtt" and (options.broker or v.transport.mqtt.broker) == "embedded"
@@ -413,6 +417,9 @@ def _run_variant(
         if opcua_source is not None:
             opcua_source.close()
             opcua_stats = asdict(opcua_source.stats)
+            opcua_stats["notifications_per_s"] = round(
+                opcua_source.stats.notifications / max((clock.now_ns() - epoch_ns) / 1e9, 1e-9), 1
+            )
             opcua_source = None
         pipeline.close()
         pipeline_closed = True
@@ -436,6 +443,12 @@ def _run_variant(
         if mqtt_publisher is not None:
             mqtt_publisher.close()
 
+    if opcua_stats is not None and options.calibrate:
+        # The library's own speed on this machine, beside the pipeline's: same run, same server code.
+        reference = list(itertools.islice(stream(spec, 0), REFERENCE_MESSAGES))
+        opcua_stats["reference"] = opcua_reference.measure(
+            spec.machines, reference, transport.opcua.publishing * 1000, sc.pipeline
+        )
     settings = sc.pipeline
     back = read_back(out_dir / settings.parquet.path, out_dir / settings.quarantine.path, out_dir / "dropped")
     sent_seqs = [i for i, f in enumerate(flags) if f]

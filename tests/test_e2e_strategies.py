@@ -35,7 +35,7 @@ def test_matrix_runs_every_variant_on_the_same_stream(write_scenario: Callable[[
         "  - {name: dataset, pipeline.parquet.strategy: dataset, pipeline.runtime: asyncio}\n"
     )
     loaded = load_scenario(write_scenario(text))
-    outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run", probe_overhead=False))
+    outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run", calibrate=False))
     assert outcome.ok, outcome.problems()
     names = [v["name"] for v in outcome.results["variants"]]
     assert names == ["coarse", "swap", "dataset"]
@@ -64,9 +64,7 @@ def test_overflow_drops_are_counted_in_the_ledger(
         )
         + "faults:\n  - {kind: slow_sink, delay: 100ms}\n"
     )
-    outcome = runner.run(
-        load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", probe_overhead=False)
-    )
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     ledger = outcome.ledger
     assert ledger.reconciled, ledger.problems()
     # 3,000 offered in 1 s against at most ~100 rows per 100 ms flush: drops are certain.
@@ -81,9 +79,7 @@ def test_sql_sink_end_to_end_on_sqlite(write_scenario: Callable[[str], Path], tm
         "  sql: {url: 'sqlite:///agg.db', strategy: upsert, aggregate: per_machine_minute}\n"
         "run: {start: '2026-01-01T00:00:30Z'}\n"
     )
-    outcome = runner.run(
-        load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", probe_overhead=False)
-    )
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     assert outcome.ok, outcome.problems()
     sql = outcome.results["variants"][0]["sql"]
     assert sql["check"] == "ok"

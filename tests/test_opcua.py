@@ -184,9 +184,7 @@ pipeline:
 
 
 def test_bench_run_over_opcua_reconciles(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
-    outcome = runner.run(
-        load_scenario(write_scenario(OPCUA)), runner.RunOptions(out=tmp_path / "r", probe_overhead=False)
-    )
+    outcome = runner.run(load_scenario(write_scenario(OPCUA)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     assert outcome.ok, outcome.problems()
     ledger = outcome.ledger
     assert (ledger.sent, ledger.persisted, ledger.lost) == (300, 300, 0)
