@@ -175,7 +175,7 @@ def run(
     overhead = probe_overhead() if options.calibrate else None
 
     needs_embedded = any(
-        v.transport.kind == "mqtt" and (options.broker or v.transport.mqtt.broker) == "embedded"
+        v.transport.kind in ("mqtt", "both") and (options.broker or v.transport.mqtt.broker) == "embedded"
         for _, v in loaded.variants
     )
     broker: EmbeddedBroker | None = None
@@ -270,7 +270,9 @@ def _run_variant(
     plant: PlantServer | None = None
     opcua_source: OpcUaSource | None = None
     pipeline_closed = False
-    producers = transport.memory.producers if transport.kind == "memory" else 1
+    # "both": machines take turns between the transports (even index MQTT, odd OPC UA).
+    producers = {"memory": transport.memory.producers, "both": 2}.get(transport.kind, 1)
+    opcua_machines = list(spec.machines[1::2] if transport.kind == "both" else spec.machines)
     logs = [_SendLog(intended, flags) for _ in range(producers)]
     samples: list[tuple[float, int, int]] = []
     opcua_stats: dict[str, Any] | None = None
@@ -278,8 +280,8 @@ def _run_variant(
         try:
             pipeline = Pipeline(sc.pipeline, out_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
             pipeline.start()
-            publishers: list[_Publisher]
-            if transport.kind == "mqtt":
+            publishers: list[_Publisher] = []
+            if transport.kind in ("mqtt", "both"):
                 assert url is not None
                 source = MqttSource(
                     url,
@@ -300,10 +302,10 @@ def _run_variant(
                     password=password,
                 )
                 mqtt_publisher.connect()
-                publishers = [mqtt_publisher]
-            elif transport.kind == "opcua":
+                publishers.append(mqtt_publisher)
+            if transport.kind in ("opcua", "both"):
                 ua_cfg = transport.opcua
-                plant = PlantServer(spec.machines, names=NodeNames(plant=ua_cfg.plant)).start()
+                plant = PlantServer(opcua_machines, names=NodeNames(plant=ua_cfg.plant)).start()
                 opcua_source = OpcUaSource(
                     plant.url,
                     pipeline.submit,
@@ -313,8 +315,8 @@ def _run_variant(
                     queue_size=ua_cfg.queue_size,
                 )
                 opcua_source.start()
-                publishers = [plant]
-            else:
+                publishers.append(plant)
+            if transport.kind == "memory":
                 publishers = [DirectPublisher(pipeline.submit, mq.topic_for_run(run_id)) for _ in range(producers)]
         except (SimulatorError, PipelineError) as exc:
             raise ServiceError(str(exc)) from None
@@ -453,9 +455,11 @@ def _run_variant(
     back = read_back(out_dir / settings.parquet.path, out_dir / settings.quarantine.path, out_dir / "dropped")
     sent_seqs = [i for i, f in enumerate(flags) if f]
     ledger = reconcile(sent_seqs, back)
-    if transport.kind == "opcua" and ledger.lost:
+    if transport.kind in ("opcua", "both") and ledger.lost:
         dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
-        dropped.update(attribute_queue_overflow(sent_seqs, back, lambda seq: machine_of(spec, seq)))
+        on_opcua = set(opcua_machines)
+        opcua_sent = [seq for seq in sent_seqs if machine_of(spec, seq) in on_opcua]
+        dropped.update(attribute_queue_overflow(opcua_sent, back, lambda seq: machine_of(spec, seq)))
         ledger = reconcile(sent_seqs, back, dropped)
     if sql_back is not None:
         problem = _check_sql(sql_back, ledger.persisted, settings.sql.aggregate if settings.sql else "raw")
@@ -482,8 +486,8 @@ def _run_variant(
             "pipeline": settings.model_dump(mode="json", by_alias=True),
             "transport": {
                 "kind": transport.kind,
-                "broker": broker_setting if transport.kind == "mqtt" else None,
-                "qos": mq.qos if transport.kind == "mqtt" else None,
+                "broker": broker_setting if transport.kind in ("mqtt", "both") else None,
+                "qos": mq.qos if transport.kind in ("mqtt", "both") else None,
                 "producers": producers,
                 "topic": mq.topic,
             },

@@ -166,10 +166,11 @@ class OpcUaTransport(Frozen):
 
 
 class Transport(Frozen):
-    kind: Literal["mqtt", "memory", "opcua"] = Field(
+    kind: Literal["mqtt", "memory", "opcua", "both"] = Field(
         "mqtt",
-        description="mqtt: over a broker. opcua: a plant server and a subscription. memory: payloads handed "
-        "to the pipeline in-process, paced the same way; for measuring the pipeline's own hot path.",
+        description="mqtt: over a broker. opcua: a plant server and a subscription. both: half the machines "
+        "over each, into one pipeline. memory: payloads handed to the pipeline in-process, paced the same "
+        "way; for measuring the pipeline's own hot path.",
     )
     mqtt: MqttTransport = MqttTransport()
     memory: MemoryTransport = MemoryTransport()

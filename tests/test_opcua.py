@@ -191,3 +191,26 @@ def test_bench_run_over_opcua_reconciles(write_scenario: Callable[[str], Path], 
     stats = outcome.results["variants"][0]["opcua"]
     assert stats["readings"] == 300 and stats["incomplete"] == 0
     assert ds.dataset(tmp_path / "r" / "data", format="parquet").count_rows() == 300
+
+
+def test_both_transports_into_one_pipeline_reconcile(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    text = OPCUA.replace("transport: {kind: opcua, opcua: {publishing: 50ms}}", "transport: {kind: both}")
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
+    assert outcome.ok, outcome.problems()
+    assert (outcome.ledger.sent, outcome.ledger.persisted) == (300, 300)
+    stats = outcome.results["variants"][0]["opcua"]
+    # Machines m-1 and m-3 (odd index) are on OPC UA: 2 of every 5 messages.
+    assert stats["readings"] == 120 and stats["machines"] == 2
+
+
+def test_queue_overflow_is_counted_as_a_named_drop(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    """A burst into 2-value queues published every 500 ms must overflow; the ledger names the cause."""
+    text = OPCUA.replace("{publishing: 50ms}", "{publishing: 500ms, queue_size: 2}").replace(
+        "rate: 200, duration: 1.5s", "rate: 600, duration: 2s"
+    )
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
+    ledger = outcome.ledger
+    assert ledger.reconciled, ledger.problems()
+    # 120 changes per machine per 500 ms publish against a queue of 2: overflow is certain.
+    assert ledger.dropped_by_reason.get("opcua_queue_overflow", 0) > 0
+    assert ledger.sent == ledger.persisted + ledger.rejected + ledger.dropped
