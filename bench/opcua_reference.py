@@ -31,6 +31,7 @@ from simulators.stream import Message
 
 QUEUE = 100_000  # large enough that nothing overflows: this measures speed, not loss
 TIMEOUT_S = 120.0
+TRIALS = 2
 
 
 def _due_now(messages: Iterable[Message]) -> list[Message]:
@@ -132,13 +133,22 @@ def measure(
     """Notifications per second: bare asyncua subscription vs the pipeline's source + chain."""
     machine_list = list(machines)
     batch = _due_now(messages)
-    bare = _bare(machine_list, batch, publishing_ms)
-    piped = _through_pipeline(machine_list, batch, publishing_ms, settings.model_copy(update={"sql": None}))
+    plain = settings.model_copy(update={"sql": None})
+    bare_runs, piped_runs = [], []
+    # Alternate and keep the best of each: capacity is the fastest the code can
+    # go, and a single short trial on a shared machine mostly measures the noise.
+    for _ in range(TRIALS):
+        bare_runs.append(_bare(machine_list, batch, publishing_ms))
+        piped_runs.append(_through_pipeline(machine_list, batch, publishing_ms, plain))
+    bare, piped = max(bare_runs), max(piped_runs)
     return {
         "messages": len(batch),
         "bare_notifications_per_s": round(bare, 1),
         "pipeline_notifications_per_s": round(piped, 1),
         "pipeline_fraction": round(piped / bare, 3) if bare else None,
-        "method": "same messages replayed as fast as possible into a fresh plant server, queues large enough "
-        "not to overflow; bare = asyncua subscription whose handler only counts",
+        "bare_trials": [round(x, 1) for x in bare_runs],
+        "pipeline_trials": [round(x, 1) for x in piped_runs],
+        "method": f"same messages replayed as fast as possible into a fresh plant server, queues large enough "
+        f"not to overflow; bare = asyncua subscription whose handler only counts; best of {TRIALS} alternated "
+        "trials each",
     }

@@ -10,7 +10,6 @@ from hiding behind a publisher that slowed down with it.
 
 from __future__ import annotations
 
-import itertools
 import re
 import shutil
 import threading
@@ -43,7 +42,7 @@ from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
 from simulators.opcua_server import NodeNames, PlantServer
 from simulators.publisher import DirectPublisher, PacedPublisher
-from simulators.stream import Message, StreamSpec, machine_of, planned_count, stream, total_duration_s
+from simulators.stream import Message, PhaseSpec, StreamSpec, machine_of, planned_count, stream, total_duration_s
 
 # The first send is scheduled this far after the pipeline has subscribed, so
 # set-up time is not charged to the first messages' latency.
@@ -259,6 +258,8 @@ def _run_variant(
     try:
         username = resolve_env(mq.username, "transport.mqtt.username")
         password = resolve_env(mq.password, "transport.mqtt.password")
+        ua_user = resolve_env(transport.opcua.username, "transport.opcua.username")
+        ua_password = resolve_env(transport.opcua.password, "transport.opcua.password")
     except ConfigError as exc:
         raise ScenarioError(f"{loaded.path}: {exc}") from None
 
@@ -305,7 +306,15 @@ def _run_variant(
                 publishers.append(mqtt_publisher)
             if transport.kind in ("opcua", "both"):
                 ua_cfg = transport.opcua
-                plant = PlantServer(opcua_machines, names=NodeNames(plant=ua_cfg.plant)).start()
+                secure = None if ua_cfg.security == "None" else ua_cfg.security
+                certs = out_dir / "certs"
+                plant = PlantServer(
+                    opcua_machines,
+                    names=NodeNames(plant=ua_cfg.plant),
+                    security_mode=secure,
+                    cert_dir=certs,
+                    users={ua_user: ua_password or ""} if ua_user is not None else None,
+                ).start()
                 opcua_source = OpcUaSource(
                     plant.url,
                     pipeline.submit,
@@ -313,6 +322,11 @@ def _run_variant(
                     publishing_ms=ua_cfg.publishing * 1000,
                     sampling_ms=ua_cfg.sampling * 1000,
                     queue_size=ua_cfg.queue_size,
+                    username=ua_user,
+                    password=ua_password,
+                    security_mode=secure,
+                    server_certificate=plant.server_cert,
+                    cert_dir=certs,
                 )
                 opcua_source.start()
                 publishers.append(plant)
@@ -419,6 +433,11 @@ def _run_variant(
         if opcua_source is not None:
             opcua_source.close()
             opcua_stats = asdict(opcua_source.stats)
+            opcua_stats["security"] = {
+                "policy_uri": opcua_source.security_policy_uri,
+                "mode": transport.opcua.security,
+                "username": ua_user is not None,
+            }
             opcua_stats["notifications_per_s"] = round(
                 opcua_source.stats.notifications / max((clock.now_ns() - epoch_ns) / 1e9, 1e-9), 1
             )
@@ -447,7 +466,10 @@ def _run_variant(
 
     if opcua_stats is not None and options.calibrate:
         # The library's own speed on this machine, beside the pipeline's: same run, same server code.
-        reference = list(itertools.islice(stream(spec, 0), REFERENCE_MESSAGES))
+        # Always the same size, whatever the scenario's length: 2,000 readings, all due at once.
+        ref_spec = StreamSpec(spec.seed, spec.machines, (PhaseSpec("steady", 1.0, float(REFERENCE_MESSAGES)),))
+        on_opcua = set(opcua_machines)
+        reference = [m for m in stream(ref_spec, 0) if m.machine in on_opcua]
         opcua_stats["reference"] = opcua_reference.measure(
             spec.machines, reference, transport.opcua.publishing * 1000, sc.pipeline
         )

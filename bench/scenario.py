@@ -163,6 +163,20 @@ class OpcUaTransport(Frozen):
     sampling: Duration = Field(0.0, ge=0, description="Sampling interval; 0 = report every change.")
     queue_size: int = Field(1000, ge=1, description="Per monitored item; the oldest is discarded when full.")
     plant: str = Field("Plant", description="Browse name of the folder holding one object per machine.")
+    security: Literal["None", "Sign", "SignAndEncrypt"] = Field(
+        "None",
+        description="Basic256Sha256 in this mode; certificates are generated into the run folder. The server "
+        "then offers only this policy.",
+    )
+    username: str | None = Field(None, description="Literal or ${ENV_VAR}; the plant server then requires it.")
+    password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a scenario.")
+
+    @field_validator("password")
+    @classmethod
+    def _password_from_env(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("${") and value.endswith("}")):
+            raise ValueError(f"expected {_ENV_REF_HELP}; secrets never live in a scenario")
+        return value
 
 
 class Transport(Frozen):

@@ -24,16 +24,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
+from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.attribute_ids import AttributeIds
 
 from pipeline.errors import SourceError
@@ -133,6 +136,24 @@ class ReadingAssembler:
         return obj
 
 
+async def _client_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed client key and certificate, made once per folder."""
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key, cert = folder / "pipeline-client-key.pem", folder / "pipeline-client-cert.der"
+    await setup_self_signed_certificate(
+        key,
+        cert,
+        "urn:iiot-bench:pipeline",
+        socket.gethostname(),
+        [ExtendedKeyUsageOID.CLIENT_AUTH],
+        {"countryName": "XX", "organizationName": "iiot-bench", "commonName": "pipeline"},
+    )
+    return key, cert
+
+
 class _Handler:
     def __init__(self, source: OpcUaSource) -> None:
         self.source = source
@@ -156,7 +177,9 @@ class OpcUaSource:
         discard_oldest: bool = True,
         username: str | None = None,
         password: str | None = None,
-        security: str | None = None,
+        security_mode: str | None = None,
+        server_certificate: Path | None = None,
+        cert_dir: Path | None = None,
         reconnect_max_delay_s: float = 5.0,
     ) -> None:
         self.url = url
@@ -168,7 +191,10 @@ class OpcUaSource:
         self.discard_oldest = discard_oldest
         self._username = username
         self._password = password
-        self._security = security
+        self._security_mode = security_mode
+        self._server_certificate = server_certificate
+        self._cert_dir = cert_dir
+        self.security_policy_uri: str | None = None
         self._reconnect_max_delay_s = reconnect_max_delay_s
         self._nodes: dict[Any, tuple[str, str]] = {}
         self._assembler = ReadingAssembler()
@@ -233,8 +259,17 @@ class OpcUaSource:
             client.set_user(self._username)
         if self._password is not None:
             client.set_password(self._password)
-        if self._security:
-            await client.set_security_string(self._security)
+        if self._security_mode is not None:
+            if self._cert_dir is None or self._server_certificate is None:
+                raise SourceError("a secured OPC UA connection needs a certificate folder and the server certificate")
+            pair = await _client_certificate(self._cert_dir)
+            await client.set_security(
+                SecurityPolicyBasic256Sha256,
+                certificate=str(pair[1]),
+                private_key=str(pair[0]),
+                server_certificate=str(self._server_certificate),
+                mode=getattr(ua.MessageSecurityMode, self._security_mode),
+            )
 
         async def lost(exc: Exception) -> None:
             self.stats.connection_losses += 1
@@ -242,6 +277,7 @@ class OpcUaSource:
         client.connection_lost_callback = lost
         await client.connect()
         self._client = client
+        self.security_policy_uri = client.security_policy.URI
         machines = await self._browse(client)
         if not machines:
             raise SourceError(f"{self.url}: no machines under Objects/{self.names.plant}")

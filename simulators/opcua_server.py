@@ -25,16 +25,39 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 from asyncua import ua
+from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.server.server import Server
+from asyncua.server.user_managers import UserManager
 from asyncua.ua.status_codes import StatusCodes
 
 from simulators.errors import BrokerStartError, SimulatorError
+from simulators.opcua_security import Mode, make_certificate
 from simulators.stream import Message
 
 NAMESPACE = "urn:iiot-bench:plant"
+APP_URI = "urn:iiot-bench:plant-server"
+
+
+class _PasswordUsers(UserManager):
+    """Username/password check for the plant server (credentials come from the environment)."""
+
+    def __init__(self, users: dict[str, str]) -> None:
+        self._users = users
+
+    def get_user(
+        self,
+        iserver: Any,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        if username is not None and self._users.get(username) == password:
+            return User(role=UserRole.User, name=username)
+        return None
 
 
 class Clock(Protocol):
@@ -75,7 +98,16 @@ class PlantServer:
         names: NodeNames = NodeNames(),
         host: str = "127.0.0.1",
         port: int = 0,
+        security_mode: Mode | None = None,
+        cert_dir: Path | None = None,
+        users: dict[str, str] | None = None,
     ) -> None:
+        if security_mode is not None and cert_dir is None:
+            raise SimulatorError("a secured OPC UA server needs a folder for its certificate")
+        self.security_mode = security_mode
+        self.cert_dir = cert_dir
+        self.users = users
+        self.server_cert: Path | None = None
         self.machines = list(machines)
         self.names = names
         self.host = host
@@ -154,6 +186,18 @@ class PlantServer:
         await server.init()
         server.set_endpoint(f"opc.tcp://{self.host}:{self.port}/iiot-bench/")
         server.set_server_name("iiot-bench plant")
+        await server.set_application_uri(APP_URI)
+        if self.security_mode is not None:
+            assert self.cert_dir is not None
+            pair = await make_certificate(self.cert_dir, "plant-server", APP_URI, server=True)
+            await server.load_certificate(str(pair.cert))
+            await server.load_private_key(str(pair.key))
+            self.server_cert = pair.cert
+            # Only the requested policy: a client cannot fall back to no security.
+            server.set_security_policy([getattr(ua.SecurityPolicyType, f"Basic256Sha256_{self.security_mode}")])
+        if self.users is not None:
+            server.iserver.user_manager = _PasswordUsers(self.users)
+            server.set_identity_tokens([ua.UserNameIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
         plant = await server.nodes.objects.add_object(idx, self.names.plant)
         self._nodes = {}

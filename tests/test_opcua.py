@@ -19,6 +19,7 @@ from asyncua.ua.status_codes import StatusCodes
 from bench import runner
 from bench.scenario import load_scenario
 from pipeline.clock import MonotonicWallClock
+from pipeline.errors import SourceError
 from pipeline.opcua_source import OpcUaSource, ReadingAssembler, _iso, status_name
 from simulators.opcua_server import NodeNames, PlantServer
 from simulators.stream import Message
@@ -214,3 +215,42 @@ def test_queue_overflow_is_counted_as_a_named_drop(write_scenario: Callable[[str
     # 120 changes per machine per 500 ms publish against a queue of 2: overflow is certain.
     assert ledger.dropped_by_reason.get("opcua_queue_overflow", 0) > 0
     assert ledger.sent == ledger.persisted + ledger.rejected + ledger.dropped
+
+
+def test_secured_server_accepts_only_encrypted_clients_with_the_password(tmp_path: Path) -> None:
+    received: list[int] = []
+    clock = MonotonicWallClock()
+    with PlantServer(
+        ["m-1"], security_mode="SignAndEncrypt", cert_dir=tmp_path / "certs", users={"operator": "s3cret"}
+    ) as plant:
+        # No unsecured endpoint: a plain client is turned away.
+        with pytest.raises(Exception), Client(plant.url, timeout=5):  # noqa: B017 - any refusal will do
+            pass
+        wrong = OpcUaSource(
+            plant.url,
+            lambda p, t: None,
+            username="operator",
+            password="nope",
+            security_mode="SignAndEncrypt",
+            server_certificate=plant.server_cert,
+            cert_dir=tmp_path / "certs",
+        )
+        with pytest.raises(SourceError):
+            wrong.start(timeout_s=15)
+        source = OpcUaSource(
+            plant.url,
+            lambda p, t: received.append(json.loads(p)["seq"]),
+            publishing_ms=20,
+            username="operator",
+            password="s3cret",
+            security_mode="SignAndEncrypt",
+            server_certificate=plant.server_cert,
+            cert_dir=tmp_path / "certs",
+        )
+        source.start()
+        try:
+            plant.run([message(0, "m-1", "2026-01-01T00:00:00Z")], clock)
+            wait_until(lambda: received == [0])
+        finally:
+            source.close()
+    assert source.security_policy_uri == "http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256"
