@@ -206,9 +206,10 @@ def test_both_transports_into_one_pipeline_reconcile(write_scenario: Callable[[s
 
 def test_queue_overflow_is_counted_as_a_named_drop(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
     """A burst into 2-value queues published every 500 ms must overflow; the ledger names the cause."""
+    # Drops mean the pipeline never receives everything sent: a short drain_timeout ends the run sooner.
     text = OPCUA.replace("{publishing: 50ms}", "{publishing: 500ms, queue_size: 2}").replace(
         "rate: 200, duration: 1.5s", "rate: 600, duration: 2s"
-    )
+    ) + "run: {drain_timeout: 2s}\n"
     outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     ledger = outcome.ledger
     assert ledger.reconciled, ledger.problems()
