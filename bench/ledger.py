@@ -175,3 +175,31 @@ def attribute_queue_overflow(
         for seq in sent_seqs
         if seq not in received and seq < latest.get(machine_of(seq), -1)
     }
+
+
+def attribute_outage(
+    sent_seqs: Iterable[int],
+    back: ReadBack,
+    *,
+    intended_ns: Sequence[int],
+    stopped_at_ns: Sequence[int],
+    resumed_at_ns: Sequence[int],
+    publishing_s: float,
+) -> dict[int, str]:
+    """Missing ids sent while the OPC UA server was down or the subscription not yet back.
+
+    The window of each outage runs from two publishing intervals before the
+    server stopped (values queued but not yet published die with it) to the
+    first notification after the client reconnected (or the run's end).
+    """
+    received = set(back.persisted_seqs) | {s for s in back.rejected_seqs if s is not None}
+    margin = int(2 * publishing_s * 1e9)
+    windows = []
+    for start in stopped_at_ns:
+        end = next((r for r in resumed_at_ns if r > start), None)
+        windows.append((start - margin, end if end is not None else 2**63 - 1))
+    return {
+        seq: "server_outage"
+        for seq in sent_seqs
+        if seq not in received and any(a <= intended_ns[seq] <= b for a, b in windows)
+    }

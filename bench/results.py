@@ -9,6 +9,8 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
    probes.queue_depth, probes.loop_lag_ms, probes.overhead;
    throughput.sink_rows_per_s; sql; faults; pipeline.dropped_by_reason and
    refused_after_close; latency summaries gain "total" (ms).
+3. opcua (source statistics, security, reference), publisher.not_sent;
+   ledger dropped reasons opcua_queue_overflow and server_outage.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from pipeline.probes import Recorder
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PACKAGES = (
     "iiot-bench",
     "asyncua",

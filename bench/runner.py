@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from bench import opcua_reference
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
-from bench.ledger import Ledger, attribute_queue_overflow, read_back, reconcile
+from bench.ledger import Ledger, attribute_outage, attribute_queue_overflow, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
@@ -483,6 +483,17 @@ def _run_variant(
         on_opcua = set(opcua_machines)
         opcua_sent = [seq for seq in sent_seqs if machine_of(spec, seq) in on_opcua]
         dropped.update(attribute_queue_overflow(opcua_sent, back, lambda seq: machine_of(spec, seq)))
+        if plant is not None and opcua_stats is not None:
+            dropped.update(
+                attribute_outage(
+                    opcua_sent,
+                    back,
+                    intended_ns=intended,
+                    stopped_at_ns=plant.stopped_at_ns,
+                    resumed_at_ns=opcua_stats["resumed_at_ns"],
+                    publishing_s=transport.opcua.publishing,
+                )
+            )
         ledger = reconcile(sent_seqs, back, dropped)
     if sql_back is not None:
         problem = _check_sql(sql_back, ledger.persisted, settings.sql.aggregate if settings.sql else "raw")
@@ -539,6 +550,7 @@ def _run_variant(
         },
         "publisher": {
             "accepted": sent,
+            "not_sent": {"server_down": len(plant.unsent)} if plant is not None and plant.unsent else {},
             "acked": mqtt_publisher.acked if mqtt_publisher else None,
             "all_acked": acked,
         },
@@ -576,6 +588,7 @@ def _schedule_faults(
         def restart(server: PlantServer = plant, at_s: float = fault.at, down_s: float = fault.down_for) -> None:
             if stop.wait(max(0.0, (epoch_ns + at_s * 1e9 - clock.now_ns()) / 1e9)):
                 return
+            server.stopped_at_ns.append(clock.now_ns())
             server.stop_server()
             stop.wait(down_s)  # the fault's own duration, not a guess
             server.restart_server()

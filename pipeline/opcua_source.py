@@ -26,6 +26,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ class OpcUaStatistics:
     readings: int = 0
     incomplete: int = 0
     connection_losses: int = 0
+    resumed_at_ns: list[int] = field(default_factory=list)
+    """Wall-clock ns of the first notification after each connection loss."""
     machines: int = 0
     monitored_items: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
@@ -199,6 +202,7 @@ class OpcUaSource:
         self._nodes: dict[Any, tuple[str, str]] = {}
         self._assembler = ReadingAssembler()
         self.stats = OpcUaStatistics()
+        self._awaiting_resume = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: Client | None = None
@@ -211,6 +215,7 @@ class OpcUaSource:
 
         def serve() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
                 loop.run_until_complete(self._connect())
@@ -220,6 +225,12 @@ class OpcUaSource:
                 return
             ready.set_result(None)
             loop.run_forever()
+            # asyncua leaves session/subscription tasks behind; end them so the loop closes cleanly.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         for name in ("asyncua",):
@@ -273,6 +284,7 @@ class OpcUaSource:
 
         async def lost(exc: Exception) -> None:
             self.stats.connection_losses += 1
+            self._awaiting_resume = True
 
         client.connection_lost_callback = lost
         await client.connect()
@@ -342,6 +354,9 @@ class OpcUaSource:
 
     def _on_notification(self, node: Node, value: Any, dv: ua.DataValue) -> None:
         self.stats.notifications += 1
+        if self._awaiting_resume:
+            self._awaiting_resume = False
+            self.stats.resumed_at_ns.append(time.time_ns())
         where = self._nodes.get(node.nodeid)
         if where is None:
             return

@@ -117,6 +117,9 @@ class PlantServer:
         self._server: Server | None = None
         self._nodes: dict[str, dict[str, ua.NodeId]] = {}
         self.written = 0
+        self.unsent: list[int] = []
+        """Seq ids the replay could not write because the server was down (a fault)."""
+        self.stopped_at_ns: list[int] = []
 
     @property
     def url(self) -> str:
@@ -129,6 +132,7 @@ class PlantServer:
 
         def serve() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
                 loop.run_until_complete(self._start())
@@ -138,6 +142,12 @@ class PlantServer:
                 return
             ready.set_result(None)
             loop.run_forever()
+            # asyncua leaves session/subscription tasks behind; end them so the loop closes cleanly.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         for name in ("asyncua", "asyncua.server", "asyncua.client"):
@@ -230,7 +240,9 @@ class PlantServer:
     async def _write(self, message: Message, now_ns: int) -> bool:
         server = self._server
         if server is None:
-            return False  # down (a fault): the plant produced it, nobody could read it
+            # Down (a fault): the plant produced it, nobody could read it. Counted, never hidden.
+            self.unsent.append(message.seq)
+            return False
         body = json.loads(message.payload)
         nodes = self._nodes.get(message.machine)
         if nodes is None:

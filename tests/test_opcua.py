@@ -207,9 +207,12 @@ def test_both_transports_into_one_pipeline_reconcile(write_scenario: Callable[[s
 def test_queue_overflow_is_counted_as_a_named_drop(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
     """A burst into 2-value queues published every 500 ms must overflow; the ledger names the cause."""
     # Drops mean the pipeline never receives everything sent: a short drain_timeout ends the run sooner.
-    text = OPCUA.replace("{publishing: 50ms}", "{publishing: 500ms, queue_size: 2}").replace(
-        "rate: 200, duration: 1.5s", "rate: 600, duration: 2s"
-    ) + "run: {drain_timeout: 2s}\n"
+    text = (
+        OPCUA.replace("{publishing: 50ms}", "{publishing: 500ms, queue_size: 2}").replace(
+            "rate: 200, duration: 1.5s", "rate: 600, duration: 2s"
+        )
+        + "run: {drain_timeout: 2s}\n"
+    )
     outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     ledger = outcome.ledger
     assert ledger.reconciled, ledger.problems()
@@ -255,3 +258,23 @@ def test_secured_server_accepts_only_encrypted_clients_with_the_password(tmp_pat
         finally:
             source.close()
     assert source.security_policy_uri == "http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256"
+
+
+def test_server_restart_losses_are_counted_with_their_cause(
+    write_scenario: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Stop the plant server mid-run: what it could not write, and what nobody read, is named, not hidden."""
+    text = OPCUA.replace("rate: 200, duration: 1.5s", "rate: 100, duration: 6s") + (
+        "faults:\n  - {kind: server_restart, at: 1.5s, down_for: 1s}\nrun: {drain_timeout: 3s}\n"
+    )
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
+    variant = outcome.results["variants"][0]
+    ledger = outcome.ledger
+    assert ledger.reconciled, ledger.problems()
+    # About 100 readings fall in the 1 s the server is down: they could not be written at all.
+    assert variant["publisher"]["not_sent"]["server_down"] > 50
+    assert variant["opcua"]["connection_losses"] >= 1
+    assert variant["opcua"]["resumed_at_ns"], "the source must resume after the restart"
+    # Readings after the restart arrive again.
+    assert ledger.persisted > 300
+    assert set(ledger.dropped_by_reason) <= {"server_outage", "opcua_queue_overflow"}
