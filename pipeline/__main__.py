@@ -1,7 +1,7 @@
 """``python -m pipeline --config FILE``: run the pipeline against a real broker.
 
 Runs until SIGINT/SIGTERM, then flushes what is buffered and finalises files.
-Example config::
+Example config (an ``opc.tcp://`` URL makes it an OPC UA subscription instead)::
 
     source: {url: "mqtt://127.0.0.1:1883", topic: "plant/+/telemetry", qos: 1}
     output: pipeline-out
@@ -19,9 +19,10 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import load_standalone, resolve_env
+from pipeline.config import MqttSourceSettings, load_standalone, resolve_env
 from pipeline.errors import PipelineError
 from pipeline.mqtt_source import MqttSource
+from pipeline.opcua_source import OpcUaNames, OpcUaSource
 from pipeline.runtime import Pipeline
 
 
@@ -46,15 +47,39 @@ def main(argv: list[str] | None = None) -> int:
         password = resolve_env(src.password, "source.password")
         output = Path(config.output)
         pipeline = Pipeline(config.pipeline, output, MonotonicWallClock())
-        source = MqttSource(
-            src.url, src.topic, src.qos, pipeline.submit, client_id=src.client_id, username=username, password=password
-        )
+        source: MqttSource | OpcUaSource
+        if isinstance(src, MqttSourceSettings):
+            source = MqttSource(
+                src.url,
+                src.topic,
+                src.qos,
+                pipeline.submit,
+                client_id=src.client_id,
+                username=username,
+                password=password,
+            )
+            where = f"{src.topic!r} on {src.url}"
+        else:
+            source = OpcUaSource(
+                src.url,
+                pipeline.submit,
+                names=OpcUaNames(plant=src.plant),
+                publishing_ms=src.publishing * 1000,
+                sampling_ms=src.sampling * 1000,
+                queue_size=src.queue_size,
+                username=username,
+                password=password,
+                security_mode=None if src.security == "None" else src.security,
+                server_certificate=Path(src.server_certificate) if src.server_certificate else None,
+                cert_dir=Path(src.cert_dir),
+            )
+            where = f"Objects/{src.plant} on {src.url}"
         pipeline.start()
         source.start()
     except PipelineError as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)
         return 2
-    print(f"pipeline: subscribed to {src.topic!r} on {source.host}:{source.port}; writing to {output}/", flush=True)
+    print(f"pipeline: subscribed to {where}; writing to {output}/", flush=True)
     try:
         while not stop.wait(args.report_every if args.report_every > 0 else None):
             s = pipeline.statistics()

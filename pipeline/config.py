@@ -18,7 +18,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -243,10 +245,54 @@ class MqttSourceSettings(Frozen):
         return value
 
 
+class OpcUaSourceSettings(Frozen):
+    """An OPC UA subscription: browse Objects/<plant>/<machine>/{LoadRate, Mileage, Status, Seq}."""
+
+    url: str = Field(description="Server endpoint, e.g. opc.tcp://127.0.0.1:4840/")
+    plant: str = Field("Plant", description="Browse name of the folder holding one object per machine.")
+    publishing: Duration = Field(0.1, gt=0)
+    sampling: Duration = Field(0.0, ge=0)
+    queue_size: int = Field(1000, ge=1)
+    security: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    server_certificate: str | None = Field(None, description="Server certificate file, needed with security.")
+    cert_dir: str = Field("certs", description="Where the client's own certificate is generated.")
+    username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
+    password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a file.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith("opc.tcp://"):
+            raise ValueError(f"expected opc.tcp://host:port/path, got {value!r}")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password_is_reference(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_REF.match(value):
+            raise ValueError("expected an environment reference such as ${OPCUA_PASSWORD}")
+        return value
+
+    @model_validator(mode="after")
+    def _security_needs_certificate(self) -> OpcUaSourceSettings:
+        if self.security != "None" and not self.server_certificate:
+            raise ValueError("security needs server_certificate (the server's certificate file)")
+        return self
+
+
+def _source_kind(value: Any) -> str:
+    """Pick the source model by URL scheme, so a config needs no extra 'kind' key."""
+    url = value.get("url", "") if isinstance(value, dict) else getattr(value, "url", "")
+    return "opcua" if str(url).startswith("opc.tcp://") else "mqtt"
+
+
 class StandaloneConfig(Frozen):
     """The file given to ``python -m pipeline --config FILE``."""
 
-    source: MqttSourceSettings
+    source: Annotated[
+        Annotated[MqttSourceSettings, Tag("mqtt")] | Annotated[OpcUaSourceSettings, Tag("opcua")],
+        Discriminator(_source_kind),
+    ]
     output: str = Field("pipeline-out", description="Output folder for data/ and quarantine/.")
     pipeline: PipelineSettings = PipelineSettings()
 

@@ -1,8 +1,9 @@
 """OPC UA source: an asyncua subscription whose notifications become the same readings as MQTT.
 
 It browses ``Objects/<plant>/<machine>/{LoadRate, Mileage, Status, Seq}``,
-subscribes to every variable (publishing and sampling interval, queue size and
-discard policy configurable) and assembles, per machine, the values that share
+subscribes to every variable (publishing and sampling interval and queue size
+configurable; a full queue discards its oldest value, which is what asyncua
+requests and what its server does) and assembles, per machine, the values that share
 one SourceTimestamp into a reading. The reading is handed on as the JSON object
 an MQTT publisher would have sent (``ts`` from the SourceTimestamp in UTC, a
 ``status`` field when the StatusCode is not Good), so validation, buffering and
@@ -177,7 +178,6 @@ class OpcUaSource:
         publishing_ms: float = 100,
         sampling_ms: float = 0,
         queue_size: int = 1000,
-        discard_oldest: bool = True,
         username: str | None = None,
         password: str | None = None,
         security_mode: str | None = None,
@@ -191,7 +191,6 @@ class OpcUaSource:
         self.publishing_ms = publishing_ms
         self.sampling_ms = sampling_ms
         self.queue_size = queue_size
-        self.discard_oldest = discard_oldest
         self._username = username
         self._password = password
         self._security_mode = security_mode

@@ -101,5 +101,52 @@ def test_pipeline_bad_config_exits_2(tmp_path: Path) -> None:
         timeout=30,
     )
     assert proc.returncode == 2
-    assert f"{config}: source.url" in proc.stderr and f"{config}: source.qos" in proc.stderr
+    # The source kind (by URL scheme) is part of the path: source.mqtt.url, source.opcua.url.
+    assert f"{config}: source.mqtt.url" in proc.stderr and f"{config}: source.mqtt.qos" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pipeline_runs_standalone_against_an_opcua_server(tmp_path: Path) -> None:
+    """The same program, pointed at an OPC UA endpoint instead of a broker."""
+    from pipeline.clock import MonotonicWallClock
+    from simulators.opcua_server import PlantServer
+    from simulators.stream import Message
+
+    def msg(seq: int) -> Message:
+        body = {"machine": "m-1", "ts": f"2026-01-01T00:00:0{seq}Z", "load_rate": 1.0 + seq, "mileage": 2.0, "seq": seq}
+        return Message(seq, "m-1", 0, json.dumps(body).encode())
+
+    with PlantServer(["m-1"]) as plant:
+        config = tmp_path / "pipeline.yaml"
+        config.write_text(
+            f"source: {{url: '{plant.url}', publishing: 50ms}}\n"
+            f"output: {tmp_path / 'out'}\n"
+            "pipeline: {buffer: {size: 100, flush_interval: 100ms}}\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "--config", str(config), "--report-every", "0.1"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: queue.Queue[str] = queue.Queue()
+
+        def pump() -> None:
+            for line in proc.stdout or []:
+                lines.put(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            assert "subscribed to Objects/Plant" in lines.get(timeout=30)
+            plant.run([msg(0), msg(1), msg(2)], MonotonicWallClock())
+            while "received=3 " not in lines.get(timeout=30):
+                pass
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+            reader.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    data = ds.dataset(tmp_path / "out" / "data", format="parquet").to_table()
+    assert sorted(data.column("seq").to_pylist()) == [0, 1, 2]
