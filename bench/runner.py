@@ -41,6 +41,7 @@ from pipeline.runtime import Pipeline
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
 from simulators.opcua_server import NodeNames, PlantServer
+from simulators.opcua_writer import RemotePlant
 from simulators.publisher import DirectPublisher, PacedPublisher
 from simulators.stream import Message, PhaseSpec, StreamSpec, machine_of, planned_count, stream, total_duration_s
 
@@ -269,6 +270,7 @@ def _run_variant(
     source: MqttSource | None = None
     mqtt_publisher: PacedPublisher | None = None
     plant: PlantServer | None = None
+    remote_plant: RemotePlant | None = None
     opcua_source: OpcUaSource | None = None
     pipeline_closed = False
     # "both": machines take turns between the transports (even index MQTT, odd OPC UA).
@@ -308,15 +310,30 @@ def _run_variant(
                 ua_cfg = transport.opcua
                 secure = None if ua_cfg.security == "None" else ua_cfg.security
                 certs = out_dir / "certs"
-                plant = PlantServer(
-                    opcua_machines,
-                    names=NodeNames(plant=ua_cfg.plant),
-                    security_mode=secure,
-                    cert_dir=certs,
-                    users={ua_user: ua_password or ""} if ua_user is not None else None,
-                ).start()
+                if ua_cfg.server == "embedded":
+                    plant = PlantServer(
+                        opcua_machines,
+                        names=NodeNames(plant=ua_cfg.plant),
+                        security_mode=secure,
+                        cert_dir=certs,
+                        users={ua_user: ua_password or ""} if ua_user is not None else None,
+                    ).start()
+                    ua_url, server_cert = plant.url, plant.server_cert
+                    writer: PlantServer | RemotePlant = plant
+                else:
+                    if secure is not None:
+                        raise ScenarioError(
+                            f"{loaded.path}: transport.opcua.security: with an external server, run the pipeline "
+                            "on its own (python -m pipeline) with the server's certificate"
+                        )
+                    ua_url, server_cert = ua_cfg.server, None
+                    remote = RemotePlant(
+                        ua_url, names=NodeNames(plant=ua_cfg.plant), username=ua_user, password=ua_password
+                    ).start()
+                    remote_plant = remote
+                    writer = remote
                 opcua_source = OpcUaSource(
-                    plant.url,
+                    ua_url,
                     pipeline.submit,
                     names=OpcUaNames(plant=ua_cfg.plant),
                     publishing_ms=ua_cfg.publishing * 1000,
@@ -325,11 +342,11 @@ def _run_variant(
                     username=ua_user,
                     password=ua_password,
                     security_mode=secure,
-                    server_certificate=plant.server_cert,
+                    server_certificate=server_cert,
                     cert_dir=certs,
                 )
                 opcua_source.start()
-                publishers.append(plant)
+                publishers.append(writer)
             if transport.kind == "memory":
                 publishers = [DirectPublisher(pipeline.submit, mq.topic_for_run(run_id)) for _ in range(producers)]
         except (SimulatorError, PipelineError) as exc:
@@ -458,6 +475,8 @@ def _run_variant(
             opcua_source.close()
         if plant is not None:
             plant.close()
+        if remote_plant is not None:
+            remote_plant.close()
         if source is not None:
             source.close()
         if pipeline is not None and not pipeline_closed:
@@ -465,7 +484,7 @@ def _run_variant(
         if mqtt_publisher is not None:
             mqtt_publisher.close()
 
-    if opcua_stats is not None and options.calibrate:
+    if opcua_stats is not None and options.calibrate and plant is not None:
         # The library's own speed on this machine, beside the pipeline's: same run, same server code.
         # Always the same size, whatever the scenario's length: 2,000 readings, all due at once.
         ref_spec = StreamSpec(spec.seed, spec.machines, (PhaseSpec("steady", 1.0, float(REFERENCE_MESSAGES)),))
@@ -550,7 +569,7 @@ def _run_variant(
         },
         "publisher": {
             "accepted": sent,
-            "not_sent": {"server_down": len(plant.unsent)} if plant is not None and plant.unsent else {},
+            "not_sent": {"server_down": len(w.unsent)} if (w := plant or remote_plant) is not None and w.unsent else {},
             "acked": mqtt_publisher.acked if mqtt_publisher else None,
             "all_acked": acked,
         },
@@ -583,7 +602,7 @@ def _schedule_faults(
         if not isinstance(fault, ServerRestartFault):
             continue
         if plant is None:
-            raise ScenarioError(f"faults: server_restart needs transport kind opcua, got {sc.transport.kind}")
+            raise ScenarioError("faults: server_restart needs the embedded OPC UA server (transport opcua or both)")
 
         def restart(server: PlantServer = plant, at_s: float = fault.at, down_s: float = fault.down_for) -> None:
             if stop.wait(max(0.0, (epoch_ns + at_s * 1e9 - clock.now_ns()) / 1e9)):

@@ -156,9 +156,19 @@ class MemoryTransport(Frozen):
 
 
 class OpcUaTransport(Frozen):
-    server: Literal["embedded"] = Field(
-        "embedded", description="embedded: an asyncua plant server on an ephemeral loopback port."
+    server: str = Field(
+        "embedded",
+        description="embedded: an asyncua plant server on an ephemeral loopback port; or opc.tcp://host:port/path "
+        "of a server exposing writable Objects/<plant>/<machine>/{LoadRate, Mileage, Status, Seq}.",
     )
+
+    @field_validator("server")
+    @classmethod
+    def _check_server(cls, value: str) -> str:
+        if value != "embedded" and not value.startswith("opc.tcp://"):
+            raise ValueError(f"expected 'embedded' or opc.tcp://host:port/path, got {value!r}")
+        return value
+
     publishing: Duration = Field(0.1, gt=0, description="Subscription publishing interval.")
     sampling: Duration = Field(0.0, ge=0, description="Sampling interval; 0 = report every change.")
     queue_size: int = Field(1000, ge=1, description="Per monitored item; the oldest is discarded when full.")

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 security_mode=None if src.security == "None" else src.security,
                 server_certificate=Path(src.server_certificate) if src.server_certificate else None,
                 cert_dir=Path(src.cert_dir),
+                node_ids=src.node_ids,
             )
             where = f"Objects/{src.plant} on {src.url}"
         pipeline.start()

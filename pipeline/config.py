@@ -258,6 +258,11 @@ class OpcUaSourceSettings(Frozen):
     cert_dir: str = Field("certs", description="Where the client's own certificate is generated.")
     username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
     password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a file.")
+    node_ids: dict[str, dict[str, str]] | None = Field(
+        None,
+        description="machine -> {load_rate, mileage, seq[, status]} -> node id (e.g. 'ns=2;i=7'); "
+        "without it the source browses Objects/<plant>.",
+    )
 
     @field_validator("url")
     @classmethod

@@ -40,6 +40,7 @@ from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.uaerrors import UaStringParsingError
 
 from pipeline.errors import SourceError
 
@@ -184,8 +185,11 @@ class OpcUaSource:
         server_certificate: Path | None = None,
         cert_dir: Path | None = None,
         reconnect_max_delay_s: float = 5.0,
+        node_ids: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.url = url
+        # Configured node ids (machine -> {load_rate, mileage, seq[, status]} -> "ns=2;i=7") skip the browse.
+        self._node_ids = node_ids
         self._on_payload = on_payload
         self.names = names
         self.publishing_ms = publishing_ms
@@ -289,7 +293,7 @@ class OpcUaSource:
         await client.connect()
         self._client = client
         self.security_policy_uri = client.security_policy.URI
-        machines = await self._browse(client)
+        machines = self._configured() if self._node_ids is not None else await self._browse(client)
         if not machines:
             raise SourceError(f"{self.url}: no machines under Objects/{self.names.plant}")
         params = ua.CreateSubscriptionParameters(
@@ -317,6 +321,24 @@ class OpcUaSource:
                 cast(ua.Double, self.sampling_ms),
             )
         self.stats.monitored_items = len(nodes)
+
+    def _configured(self) -> dict[Any, tuple[str, str]]:
+        assert self._node_ids is not None
+        found: dict[Any, tuple[str, str]] = {}
+        for machine, fields in self._node_ids.items():
+            missing = set(FIELDS) - set(fields)
+            if missing:
+                raise SourceError(f"node_ids[{machine!r}]: missing {', '.join(sorted(missing))}")
+            for field_name, node_id in fields.items():
+                try:
+                    found[ua.NodeId.from_string(node_id)] = (machine, field_name)
+                except (ValueError, UaStringParsingError) as exc:
+                    raise SourceError(
+                        f"node_ids[{machine!r}].{field_name}: not a node id: {node_id!r} ({exc})"
+                    ) from None
+        self._nodes = found
+        self.stats.machines = len(self._node_ids)
+        return found
 
     async def _browse(self, client: Client) -> dict[Any, tuple[str, str]]:
         objects = client.get_objects_node()

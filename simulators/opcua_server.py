@@ -125,6 +125,10 @@ class PlantServer:
     def url(self) -> str:
         return f"opc.tcp://{self.host}:{self.port}/iiot-bench/"
 
+    def node_ids(self) -> dict[str, dict[str, str]]:
+        """machine -> field -> node id string ("ns=2;i=7"), e.g. for a source configured by node ids."""
+        return {m: {f: n.to_string() for f, n in fields.items()} for m, fields in self._nodes.items()}
+
     # -- lifecycle (thread-safe wrappers around the server's loop) ----------------
 
     def start(self, timeout_s: float = 30.0) -> PlantServer:
@@ -214,12 +218,16 @@ class PlantServer:
         for machine in self.machines:
             obj = await plant.add_object(idx, machine)
             n = self.names
-            nodes = {
-                "load_rate": (await obj.add_variable(idx, n.load_rate, 0.0)).nodeid,
-                "mileage": (await obj.add_variable(idx, n.mileage, 0.0)).nodeid,
-                "status": (await obj.add_variable(idx, n.status, "")).nodeid,
-                "seq": (await obj.add_variable(idx, n.seq, ua.Variant(-1, ua.VariantType.Int64))).nodeid,
+            variables = {
+                "load_rate": await obj.add_variable(idx, n.load_rate, 0.0),
+                "mileage": await obj.add_variable(idx, n.mileage, 0.0),
+                "status": await obj.add_variable(idx, n.status, ""),
+                "seq": await obj.add_variable(idx, n.seq, ua.Variant(-1, ua.VariantType.Int64)),
             }
+            for variable in variables.values():
+                # Writable, so a remote replay (simulators.opcua_writer) can use this server too.
+                await variable.set_writable()
+            nodes = {key: variable.nodeid for key, variable in variables.items()}
             # No reading yet: say so the OPC UA way, so no client mistakes the
             # placeholder for data.
             waiting = ua.DataValue(StatusCode=ua.StatusCode(cast(ua.UInt32, StatusCodes.BadWaitingForInitialData)))

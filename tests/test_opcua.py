@@ -278,3 +278,38 @@ def test_server_restart_losses_are_counted_with_their_cause(
     # Readings after the restart arrive again.
     assert ledger.persisted > 300
     assert set(ledger.dropped_by_reason) <= {"server_outage", "opcua_queue_overflow"}
+
+
+def test_bench_replays_into_an_external_server_by_url(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    """A server the bench did not start, given by URL: the replay writes as a client."""
+    machines = [f"m-{i}" for i in range(5)]
+    with PlantServer(machines) as outside:
+        text = OPCUA.replace("{publishing: 50ms}", f"{{publishing: 50ms, server: '{outside.url}'}}")
+        outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r"))
+        assert outside.written == 0  # the bench wrote as a client, not through the server's own API
+    assert outcome.ok, outcome.problems()
+    assert (outcome.ledger.sent, outcome.ledger.persisted) == (300, 300)
+    assert "reference" not in outcome.results["variants"][0]["opcua"]  # needs the embedded server
+
+
+def test_source_with_configured_node_ids_skips_the_browse() -> None:
+    received: list[int] = []
+    with PlantServer(["m-1", "m-2"]) as plant:
+        ids = {"m-1": {f: n for f, n in plant.node_ids()["m-1"].items() if f != "status"}}
+        source = OpcUaSource(plant.url, lambda p, t: received.append(json.loads(p)["seq"]), node_ids=ids)
+        source.start()
+        try:
+            plant.run(
+                [message(0, "m-2", "2026-01-01T00:00:00Z"), message(1, "m-1", "2026-01-01T00:00:01Z")],
+                MonotonicWallClock(),
+            )
+            wait_until(lambda: received == [1])
+        finally:
+            source.close()
+    assert source.stats.machines == 1 and source.stats.monitored_items == 3  # only what was configured
+    with pytest.raises(SourceError, match="missing seq"):
+        OpcUaSource(
+            "opc.tcp://127.0.0.1:1/",
+            lambda p, t: None,
+            node_ids={"m": {"load_rate": "ns=2;i=1", "mileage": "ns=2;i=2"}},
+        )._configured()

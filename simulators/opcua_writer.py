@@ -1,0 +1,166 @@
+"""Replay a stream into an OPC UA server that is not ours, as a client writing values.
+
+For plants or test servers reachable by URL: the server must expose
+``Objects/<plant>/<machine>/{LoadRate, Mileage, Status, Seq}`` with writable
+variables (the embedded :class:`~simulators.opcua_server.PlantServer` does).
+Each reading is one Write request of the four values, sharing the reading's
+SourceTimestamp; the server stamps its own ServerTimestamp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.node import Node
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaError
+
+from simulators.errors import SimulatorError
+from simulators.opcua_server import Clock, NodeNames
+from simulators.stream import Message
+
+
+def _value(v: Any, kind: ua.VariantType, code: ua.StatusCode, source: datetime) -> ua.DataValue:
+    return ua.DataValue(ua.Variant(v, kind), StatusCode=code, SourceTimestamp=cast(ua.DateTime, source))
+
+
+class RemotePlant:
+    """Write messages into a server at ``url``; the same ``run`` as the embedded plant."""
+
+    def __init__(
+        self, url: str, *, names: NodeNames | None = None, username: str | None = None, password: str | None = None
+    ) -> None:
+        self.url = url
+        self.names = names or NodeNames()
+        self._username = username
+        self._password = password
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client: Client | None = None
+        self._nodes: dict[str, list[Node]] = {}
+        self.written = 0
+        self.unsent: list[int] = []
+        self.stopped_at_ns: list[int] = []
+
+    def start(self, timeout_s: float = 30.0) -> RemotePlant:
+        ready: Future[None] = Future()
+
+        def serve() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._connect())
+            except BaseException as exc:  # reported to start()'s caller
+                ready.set_exception(exc)
+                loop.close()
+                return
+            ready.set_result(None)
+            loop.run_forever()
+            loop.close()
+
+        self._thread = threading.Thread(target=serve, name="opcua-writer", daemon=True)
+        self._thread.start()
+        try:
+            ready.result(timeout_s)
+        except Exception as exc:
+            raise SimulatorError(f"cannot write to OPC UA server {self.url}: {exc.__class__.__name__}: {exc}") from None
+        return self
+
+    async def _connect(self) -> None:
+        client = Client(self.url)
+        if self._username is not None:
+            client.set_user(self._username)
+        if self._password is not None:
+            client.set_password(self._password)
+        await client.connect()
+        self._client = client
+        plant = None
+        for child in await client.nodes.objects.get_children():
+            if (await child.read_browse_name()).Name == self.names.plant:
+                plant = child
+        if plant is None:
+            raise SimulatorError(f"{self.url}: no Objects/{self.names.plant} folder to write into")
+        order = [self.names.load_rate, self.names.mileage, self.names.status, self.names.seq]
+        for machine_node in await plant.get_children():
+            machine = (await machine_node.read_browse_name()).Name
+            by_name: dict[str, Node] = {
+                str((await v.read_browse_name()).Name): v for v in await machine_node.get_children()
+            }
+            if all(n in by_name for n in order):
+                self._nodes[machine] = [by_name[n] for n in order]
+
+    async def _replay(
+        self,
+        messages: Iterable[Message],
+        clock: Clock,
+        stop: threading.Event | None,
+        on_sent: Callable[[Message, int], None] | None,
+    ) -> int:
+        assert self._client is not None
+        accepted = 0
+        for message in messages:
+            if stop is not None and stop.is_set():
+                break
+            delay = (message.intended_send_ns - clock.now_ns()) / 1e9
+            if delay > 0:
+                await asyncio.sleep(delay)
+            nodes = self._nodes.get(message.machine)
+            if nodes is None:
+                self.unsent.append(message.seq)
+                continue
+            body = json.loads(message.payload)
+            source = datetime.fromisoformat(body["ts"]).astimezone(UTC)
+            status = body.get("status", "Good")
+            code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status, StatusCodes.Good)))
+
+            values = [
+                _value(float(body["load_rate"]), ua.VariantType.Double, code, source),
+                _value(float(body["mileage"]), ua.VariantType.Double, code, source),
+                _value(status, ua.VariantType.String, code, source),
+                _value(int(body["seq"]), ua.VariantType.Int64, code, source),
+            ]
+            try:
+                await self._client.write_values(nodes, values)
+            except (TimeoutError, OSError, UaError):
+                self.unsent.append(message.seq)
+                continue
+            self.written += 1
+            accepted += 1
+            if on_sent is not None:
+                on_sent(message, clock.now_ns())
+        return accepted
+
+    def run(
+        self,
+        messages: Iterable[Message],
+        clock: Clock,
+        *,
+        stop: threading.Event | None = None,
+        on_sent: Callable[[Message, int], None] | None = None,
+    ) -> int:
+        if self._loop is None:
+            raise SimulatorError("the OPC UA writer is not connected")
+        result: int = asyncio.run_coroutine_threadsafe(
+            self._replay(messages, clock, stop, on_sent), self._loop
+        ).result()
+        return result
+
+    def close(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if self._client is not None:
+            asyncio.run_coroutine_threadsafe(self._client.disconnect(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        self._loop = None
