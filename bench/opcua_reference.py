@@ -20,11 +20,10 @@ from typing import Any
 
 from asyncua import ua
 from asyncua.client.client import Client
-from asyncua.ua.attribute_ids import AttributeIds
 
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings
-from pipeline.opcua_source import FIELDS, OpcUaSource
+from pipeline.opcua_source import FIELDS, OpcUaSource, monitored_item_requests
 from pipeline.runtime import Pipeline
 from simulators.opcua_server import PlantServer
 from simulators.stream import Message
@@ -74,8 +73,7 @@ def _bare(machines: list[str], messages: list[Message], publishing_ms: float) ->
             sub = await client.create_subscription(params, counter)
             plant_node = (await client.nodes.objects.get_children())[-1]
             nodes = [v for m in await plant_node.get_children() for v in await m.get_children()]
-            trigger = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
-            await sub._subscribe(nodes, AttributeIds.Value, trigger, QUEUE)  # see OpcUaSource
+            await sub.create_monitored_items(monitored_item_requests([n.nodeid for n in nodes], QUEUE, 0.0))
             return client
 
         def serve() -> None:

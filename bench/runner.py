@@ -339,6 +339,9 @@ def _run_variant(
                     publishing_ms=ua_cfg.publishing * 1000,
                     sampling_ms=ua_cfg.sampling * 1000,
                     queue_size=ua_cfg.queue_size,
+                    discard_oldest=ua_cfg.discard_oldest,
+                    # A plant server restart should cost seconds, not the library's 30 s backoff cap.
+                    reconnect_max_delay_s=2.0,
                     username=ua_user,
                     password=ua_password,
                     security_mode=secure,

@@ -171,7 +171,12 @@ class OpcUaTransport(Frozen):
 
     publishing: Duration = Field(0.1, gt=0, description="Subscription publishing interval.")
     sampling: Duration = Field(0.0, ge=0, description="Sampling interval; 0 = report every change.")
-    queue_size: int = Field(1000, ge=1, description="Per monitored item; the oldest is discarded when full.")
+    queue_size: int = Field(1000, ge=1, description="Per monitored item.")
+    discard_oldest: bool = Field(
+        True,
+        description="When a queue is full, drop its oldest value (else the newest); asyncua's server always "
+        "drops the oldest.",
+    )
     plant: str = Field("Plant", description="Browse name of the folder holding one object per machine.")
     security: Literal["None", "Sign", "SignAndEncrypt"] = Field(
         "None",

@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 publishing_ms=src.publishing * 1000,
                 sampling_ms=src.sampling * 1000,
                 queue_size=src.queue_size,
+                discard_oldest=src.discard_oldest,
                 username=username,
                 password=password,
                 security_mode=None if src.security == "None" else src.security,

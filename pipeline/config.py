@@ -253,6 +253,7 @@ class OpcUaSourceSettings(Frozen):
     publishing: Duration = Field(0.1, gt=0)
     sampling: Duration = Field(0.0, ge=0)
     queue_size: int = Field(1000, ge=1)
+    discard_oldest: bool = True
     security: Literal["None", "Sign", "SignAndEncrypt"] = "None"
     server_certificate: str | None = Field(None, description="Server certificate file, needed with security.")
     cert_dir: str = Field("certs", description="Where the client's own certificate is generated.")

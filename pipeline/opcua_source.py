@@ -1,9 +1,9 @@
 """OPC UA source: an asyncua subscription whose notifications become the same readings as MQTT.
 
 It browses ``Objects/<plant>/<machine>/{LoadRate, Mileage, Status, Seq}``,
-subscribes to every variable (publishing and sampling interval and queue size
-configurable; a full queue discards its oldest value, which is what asyncua
-requests and what its server does) and assembles, per machine, the values that share
+subscribes to every variable (publishing and sampling interval, queue size and
+whether a full queue discards its oldest or newest value, all configurable;
+asyncua's own server always discards the oldest) and assembles, per machine, the values that share
 one SourceTimestamp into a reading. The reading is handed on as the JSON object
 an MQTT publisher would have sent (``ts`` from the SourceTimestamp in UTC, a
 ``status`` field when the StatusCode is not Good), so validation, buffering and
@@ -159,6 +159,34 @@ async def _client_certificate(folder: Path) -> tuple[Path, Path]:
     return key, cert
 
 
+def monitored_item_requests(
+    node_ids: list[Any], queue_size: int, sampling_ms: float, discard_oldest: bool = True
+) -> list[ua.MonitoredItemCreateRequest]:
+    """One request per node: value changes, with queue size, sampling and discard policy as given.
+
+    The filter triggers on value, status OR timestamp: two readings with the
+    same value (a load rate pinned at 100 %) are still two readings. Client
+    handles are 1..n, unique within the subscription they are created on.
+    """
+    trigger = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
+    requests = []
+    for handle, node_id in enumerate(node_ids, start=1):
+        params = ua.MonitoringParameters(
+            ClientHandle=cast(ua.UInt32, handle),
+            SamplingInterval=cast(ua.Double, sampling_ms),
+            Filter=trigger,
+            QueueSize=cast(ua.UInt32, queue_size),
+            DiscardOldest=discard_oldest,
+        )
+        item = ua.ReadValueId(NodeId=node_id, AttributeId=cast(ua.UInt32, AttributeIds.Value))
+        requests.append(
+            ua.MonitoredItemCreateRequest(
+                ItemToMonitor=item, MonitoringMode=ua.MonitoringMode.Reporting, RequestedParameters=params
+            )
+        )
+    return requests
+
+
 class _Handler:
     def __init__(self, source: OpcUaSource) -> None:
         self.source = source
@@ -179,6 +207,7 @@ class OpcUaSource:
         publishing_ms: float = 100,
         sampling_ms: float = 0,
         queue_size: int = 1000,
+        discard_oldest: bool = True,
         username: str | None = None,
         password: str | None = None,
         security_mode: str | None = None,
@@ -195,6 +224,7 @@ class OpcUaSource:
         self.publishing_ms = publishing_ms
         self.sampling_ms = sampling_ms
         self.queue_size = queue_size
+        self.discard_oldest = discard_oldest
         self._username = username
         self._password = password
         self._security_mode = security_mode
@@ -306,20 +336,9 @@ class OpcUaSource:
         )
         subscription = await client.create_subscription(params, _Handler(self))
         nodes = list(machines)
-        # Trigger on value, status OR timestamp: two readings with the same value
-        # (a load rate pinned at 100 %) are still two readings.
-        trigger = ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp)
-        for start in range(0, len(nodes), 500):
-            # _subscribe is asyncua's own path for a filtered subscription
-            # (deadband_monitor uses it too); subscribe_data_change takes no filter.
-            await subscription._subscribe(
-                [client.get_node(n) for n in nodes[start : start + 500]],
-                AttributeIds.Value,
-                trigger,
-                self.queue_size,
-                ua.MonitoringMode.Reporting,
-                cast(ua.Double, self.sampling_ms),
-            )
+        requests = monitored_item_requests(nodes, self.queue_size, self.sampling_ms, self.discard_oldest)
+        for start in range(0, len(requests), 500):
+            await subscription.create_monitored_items(requests[start : start + 500])
         self.stats.monitored_items = len(nodes)
 
     def _configured(self) -> dict[Any, tuple[str, str]]:

@@ -264,19 +264,22 @@ def test_server_restart_losses_are_counted_with_their_cause(
     write_scenario: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """Stop the plant server mid-run: what it could not write, and what nobody read, is named, not hidden."""
-    text = OPCUA.replace("rate: 200, duration: 1.5s", "rate: 100, duration: 6s") + (
+    text = OPCUA.replace("rate: 200, duration: 1.5s", "rate: 60, duration: 10s") + (
         "faults:\n  - {kind: server_restart, at: 1.5s, down_for: 1s}\nrun: {drain_timeout: 3s}\n"
     )
     outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     variant = outcome.results["variants"][0]
     ledger = outcome.ledger
     assert ledger.reconciled, ledger.problems()
-    # About 100 readings fall in the 1 s the server is down: they could not be written at all.
-    assert variant["publisher"]["not_sent"]["server_down"] > 50
+    # At least the planned second of downtime (60 readings) could not be written at all; a
+    # restart on a loaded machine takes longer, so this is a lower bound.
+    not_sent = variant["publisher"]["not_sent"]["server_down"]
+    assert not_sent >= 55
+    assert ledger.sent + not_sent == 600, "every planned reading is sent or counted as not sent"
     assert variant["opcua"]["connection_losses"] >= 1
-    assert variant["opcua"]["resumed_at_ns"], "the source must resume after the restart"
-    # Readings after the restart arrive again.
-    assert ledger.persisted > 300
+    # Readings from the second half of the run (long after the restart) arrive again.
+    seqs = ds.dataset(tmp_path / "r" / "data", format="parquet").to_table(columns=["seq"]).column("seq").to_pylist()
+    assert max(seqs) > 450
     assert set(ledger.dropped_by_reason) <= {"server_outage", "opcua_queue_overflow"}
 
 
