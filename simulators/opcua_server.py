@@ -40,6 +40,8 @@ from simulators.stream import Message
 
 NAMESPACE = "urn:iiot-bench:plant"
 APP_URI = "urn:iiot-bench:plant-server"
+STOP_TIMEOUT_S = 10.0
+CALL_TIMEOUT_S = 120.0  # a hang becomes an error, never a stuck run
 
 
 class _PasswordUsers(UserManager):
@@ -164,7 +166,7 @@ class PlantServer:
             raise BrokerStartError(f"OPC UA plant server did not start: {exc}") from None
         return self
 
-    def _call(self, coro: Any, timeout_s: float | None = None) -> Any:
+    def _call(self, coro: Any, timeout_s: float | None = CALL_TIMEOUT_S) -> Any:
         if self._loop is None:
             raise SimulatorError("OPC UA plant server is not running")
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
@@ -242,8 +244,18 @@ class PlantServer:
 
     async def _stop(self) -> None:
         server, self._server = self._server, None
-        if server is not None:
-            await server.stop()
+        if server is None:
+            return
+        try:
+            await asyncio.wait_for(server.stop(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            # asyncua's stop waits for every connection to close; a client that
+            # reconnects while the server stops can keep one open. Cut them.
+            listener = getattr(server.bserver, "_server", None)
+            if listener is not None:
+                listener.close()
+            for transport in list(server.iserver.asyncio_transports):
+                transport.abort()
 
     async def _write(self, message: Message, now_ns: int) -> bool:
         server = self._server
@@ -307,5 +319,5 @@ class PlantServer:
         on_sent: Callable[[Message, int], None] | None = None,
     ) -> int:
         """Replay ``messages`` at their intended times (open model); returns how many were written."""
-        result: int = self._call(self._replay(messages, clock, stop, on_sent))
+        result: int = self._call(self._replay(messages, clock, stop, on_sent), None)
         return result
