@@ -22,7 +22,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +34,7 @@ from asyncua.server.user_managers import UserManager
 from asyncua.ua.status_codes import StatusCodes
 
 from simulators.errors import BrokerStartError, SimulatorError
+from simulators.loop_thread import LoopThread
 from simulators.opcua_security import Mode, make_certificate
 from simulators.stream import Message
 
@@ -114,8 +114,7 @@ class PlantServer:
         self.names = names
         self.host = host
         self.port = port
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("opcua-plant")
         self._server: Server | None = None
         self._nodes: dict[str, dict[str, ua.NodeId]] = {}
         self.written = 0
@@ -134,42 +133,16 @@ class PlantServer:
     # -- lifecycle (thread-safe wrappers around the server's loop) ----------------
 
     def start(self, timeout_s: float = 30.0) -> PlantServer:
-        ready: Future[None] = Future()
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._start())
-            except BaseException as exc:  # reported to the caller of start()
-                ready.set_exception(exc)
-                loop.close()
-                return
-            ready.set_result(None)
-            loop.run_forever()
-            # asyncua leaves session/subscription tasks behind; end them so the loop closes cleanly.
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
-
         for name in ("asyncua", "asyncua.server", "asyncua.client"):
             logging.getLogger(name).setLevel(logging.ERROR)
-        self._thread = threading.Thread(target=serve, name="opcua-plant", daemon=True)
-        self._thread.start()
         try:
-            ready.result(timeout_s)
+            self._runner.start(self._start, timeout_s)
         except Exception as exc:
             raise BrokerStartError(f"OPC UA plant server did not start: {exc}") from None
         return self
 
     def _call(self, coro: Any, timeout_s: float | None = CALL_TIMEOUT_S) -> Any:
-        if self._loop is None:
-            raise SimulatorError("OPC UA plant server is not running")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+        return self._runner.call(coro, timeout_s)
 
     def stop_server(self) -> None:
         """Take the server off the network (a fault); :meth:`restart_server` brings it back on the same port."""
@@ -179,15 +152,12 @@ class PlantServer:
         self._call(self._start())
 
     def close(self) -> None:
-        if self._loop is None:
+        if self._runner.loop is None:
             return
         try:
             self._call(self._stop(), 30)
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            if self._thread is not None:
-                self._thread.join(10)
-            self._loop = None
+            self._runner.stop()
 
     def __enter__(self) -> PlantServer:
         return self.start()

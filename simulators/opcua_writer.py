@@ -13,7 +13,6 @@ import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -24,6 +23,7 @@ from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError
 
 from simulators.errors import SimulatorError
+from simulators.loop_thread import LoopThread
 from simulators.opcua_server import Clock, NodeNames
 from simulators.stream import Message
 
@@ -42,8 +42,7 @@ class RemotePlant:
         self.names = names or NodeNames()
         self._username = username
         self._password = password
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("opcua-writer")
         self._client: Client | None = None
         self._nodes: dict[str, list[Node]] = {}
         self.written = 0
@@ -51,26 +50,8 @@ class RemotePlant:
         self.stopped_at_ns: list[int] = []
 
     def start(self, timeout_s: float = 30.0) -> RemotePlant:
-        ready: Future[None] = Future()
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._connect())
-            except BaseException as exc:  # reported to start()'s caller
-                ready.set_exception(exc)
-                loop.close()
-                return
-            ready.set_result(None)
-            loop.run_forever()
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="opcua-writer", daemon=True)
-        self._thread.start()
         try:
-            ready.result(timeout_s)
+            self._runner.start(self._connect, timeout_s)
         except Exception as exc:
             raise SimulatorError(f"cannot write to OPC UA server {self.url}: {exc.__class__.__name__}: {exc}") from None
         return self
@@ -147,20 +128,11 @@ class RemotePlant:
         stop: threading.Event | None = None,
         on_sent: Callable[[Message, int], None] | None = None,
     ) -> int:
-        if self._loop is None:
-            raise SimulatorError("the OPC UA writer is not connected")
-        result: int = asyncio.run_coroutine_threadsafe(
-            self._replay(messages, clock, stop, on_sent), self._loop
-        ).result()
-        return result
+        return self._runner.call(self._replay(messages, clock, stop, on_sent), None)
 
     def close(self) -> None:
-        loop = self._loop
-        if loop is None:
+        if self._runner.loop is None:
             return
         if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.disconnect(), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        self._loop = None
+            self._runner.call(self._client.disconnect(), 30)
+        self._runner.stop()
