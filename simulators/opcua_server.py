@@ -36,6 +36,7 @@ from asyncua.ua.status_codes import StatusCodes
 from simulators.errors import BrokerStartError, SimulatorError
 from simulators.loop_thread import LoopThread
 from simulators.opcua_security import Mode, make_certificate
+from simulators.publisher import apace
 from simulators.stream import Message
 
 NAMESPACE = "urn:iiot-bench:plant"
@@ -264,21 +265,7 @@ class PlantServer:
         stop: threading.Event | None,
         on_sent: Callable[[Message, int], None] | None,
     ) -> int:
-        accepted = 0
-        for message in messages:
-            if stop is not None and stop.is_set():
-                break
-            delay = (message.intended_send_ns - clock.now_ns()) / 1e9
-            if delay > 0:
-                await asyncio.sleep(delay)
-            elif accepted % 100 == 0:
-                # Behind schedule: still yield now and then, so the server gets to publish.
-                await asyncio.sleep(0)
-            if await self._write(message, clock.now_ns()):
-                accepted += 1
-                if on_sent is not None:
-                    on_sent(message, clock.now_ns())
-        return accepted
+        return await apace(messages, clock, lambda m: self._write(m, clock.now_ns()), stop=stop, on_sent=on_sent)
 
     def run(
         self,

@@ -9,7 +9,6 @@ SourceTimestamp; the server stamps its own ServerTimestamp.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 from collections.abc import Callable, Iterable
@@ -25,6 +24,7 @@ from asyncua.ua.uaerrors import UaError
 from simulators.errors import SimulatorError
 from simulators.loop_thread import LoopThread
 from simulators.opcua_server import Clock, NodeNames
+from simulators.publisher import apace
 from simulators.stream import Message
 
 
@@ -79,6 +79,30 @@ class RemotePlant:
             if all(n in by_name for n in order):
                 self._nodes[machine] = [by_name[n] for n in order]
 
+    async def _write(self, message: Message) -> bool:
+        assert self._client is not None
+        nodes = self._nodes.get(message.machine)
+        if nodes is None:
+            self.unsent.append(message.seq)
+            return False
+        body = json.loads(message.payload)
+        source = datetime.fromisoformat(body["ts"]).astimezone(UTC)
+        status = body.get("status", "Good")
+        code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status, StatusCodes.Good)))
+        values = [
+            _value(float(body["load_rate"]), ua.VariantType.Double, code, source),
+            _value(float(body["mileage"]), ua.VariantType.Double, code, source),
+            _value(status, ua.VariantType.String, code, source),
+            _value(int(body["seq"]), ua.VariantType.Int64, code, source),
+        ]
+        try:
+            await self._client.write_values(nodes, values)
+        except (TimeoutError, OSError, UaError):
+            self.unsent.append(message.seq)
+            return False
+        self.written += 1
+        return True
+
     async def _replay(
         self,
         messages: Iterable[Message],
@@ -86,39 +110,7 @@ class RemotePlant:
         stop: threading.Event | None,
         on_sent: Callable[[Message, int], None] | None,
     ) -> int:
-        assert self._client is not None
-        accepted = 0
-        for message in messages:
-            if stop is not None and stop.is_set():
-                break
-            delay = (message.intended_send_ns - clock.now_ns()) / 1e9
-            if delay > 0:
-                await asyncio.sleep(delay)
-            nodes = self._nodes.get(message.machine)
-            if nodes is None:
-                self.unsent.append(message.seq)
-                continue
-            body = json.loads(message.payload)
-            source = datetime.fromisoformat(body["ts"]).astimezone(UTC)
-            status = body.get("status", "Good")
-            code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status, StatusCodes.Good)))
-
-            values = [
-                _value(float(body["load_rate"]), ua.VariantType.Double, code, source),
-                _value(float(body["mileage"]), ua.VariantType.Double, code, source),
-                _value(status, ua.VariantType.String, code, source),
-                _value(int(body["seq"]), ua.VariantType.Int64, code, source),
-            ]
-            try:
-                await self._client.write_values(nodes, values)
-            except (TimeoutError, OSError, UaError):
-                self.unsent.append(message.seq)
-                continue
-            self.written += 1
-            accepted += 1
-            if on_sent is not None:
-                on_sent(message, clock.now_ns())
-        return accepted
+        return await apace(messages, clock, self._write, stop=stop, on_sent=on_sent)
 
     def run(
         self,

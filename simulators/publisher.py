@@ -8,10 +8,11 @@ pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -49,6 +50,32 @@ def pace(
         if delay > 0:
             time.sleep(delay)
         if send(message):
+            accepted += 1
+            if on_sent is not None:
+                on_sent(message, clock.now_ns())
+    return accepted
+
+
+async def apace(
+    messages: Iterable[Message],
+    clock: Clock,
+    send: Callable[[Message], Awaitable[bool]],
+    *,
+    stop: threading.Event | None = None,
+    on_sent: Callable[[Message, int], None] | None = None,
+) -> int:
+    """:func:`pace` for a sender on an event loop (the OPC UA plant and writer)."""
+    accepted = 0
+    for message in messages:
+        if stop is not None and stop.is_set():
+            break
+        delay = (message.intended_send_ns - clock.now_ns()) / 1e9
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif accepted % 100 == 0:
+            # Behind schedule: still yield now and then, so the loop's other work (publishing) goes on.
+            await asyncio.sleep(0)
+        if await send(message):
             accepted += 1
             if on_sent is not None:
                 on_sent(message, clock.now_ns())
