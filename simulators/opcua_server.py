@@ -217,14 +217,17 @@ class PlantServer:
         server, self._server = self._server, None
         if server is None:
             return
+        # Stop listening first, as a dying server process does. asyncua's own stop
+        # closes the client connections before the listener, so a client that
+        # reconnects at once gets back in mid-stop, re-activates its session on the
+        # dying server and loses its subscription when the stop then cuts it.
+        listener = getattr(server.bserver, "_server", None)
+        if listener is not None:
+            listener.close()
         try:
             await asyncio.wait_for(server.stop(), STOP_TIMEOUT_S)
         except TimeoutError:
-            # asyncua's stop waits for every connection to close; a client that
-            # reconnects while the server stops can keep one open. Cut them.
-            listener = getattr(server.bserver, "_server", None)
-            if listener is not None:
-                listener.close()
+            # asyncua's stop waits for every connection to close; cut any still open.
             for transport in list(server.iserver.asyncio_transports):
                 transport.abort()
 

@@ -141,10 +141,6 @@ def test_source_converts_source_timestamp_and_status(tmp_path: Path) -> None:
     assert source.stats.placeholders == 8  # 2 machines x 4 variables, skipped and counted
 
 
-# Not in the default run yet: on a loaded 2-core machine the asyncua client's
-# reconnect after a server restart took from 1 s to over 15 s, and once a server
-# stop hung (now bounded by a timeout). Run with: pytest -m slow tests/test_opcua.py
-@pytest.mark.slow
 def test_source_reconnects_after_a_server_restart() -> None:
     received: list[int] = []
     clock = MonotonicWallClock()
@@ -265,10 +261,6 @@ def test_secured_server_accepts_only_encrypted_clients_with_the_password(tmp_pat
     assert source.security_policy_uri == "http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256"
 
 
-# Not in the default run yet: on a loaded 2-core machine the asyncua client's
-# reconnect after a server restart took from 1 s to over 15 s, and once a server
-# stop hung (now bounded by a timeout). Run with: pytest -m slow tests/test_opcua.py
-@pytest.mark.slow
 def test_server_restart_losses_are_counted_with_their_cause(
     write_scenario: Callable[[str], Path], tmp_path: Path
 ) -> None:
