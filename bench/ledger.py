@@ -7,6 +7,7 @@ file holds 999.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MISSING_SAMPLE = 20
@@ -31,6 +33,8 @@ class ReadBack:
     unfinalised: list[str]
     dropped_seqs: list[int | None] = field(default_factory=list)
     dropped_reasons: list[str] = field(default_factory=list)
+    anonymous_payloads: list[bytes] = field(default_factory=list)
+    """Payloads of quarantined rows without a readable seq (malformed JSON, invalid UTF-8, oversize)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class Ledger:
     by_reason: dict[str, int] = field(default_factory=dict)
     dropped_by_reason: dict[str, int] = field(default_factory=dict)
     unfinalised_files: list[str] = field(default_factory=list)
+    redelivered: int = 0
+    """Extra copies the transport delivered (QoS 1) that the validator quarantined as duplicates."""
+    quarantine_rows: int = 0
+    """Rows in the quarantine files: rejected + redelivered + unexpected ones there."""
 
     @property
     def reconciled(self) -> bool:
@@ -76,6 +84,12 @@ class Ledger:
         return data
 
 
+def payload_key(payload: bytes) -> bytes:
+    """How a quarantined payload is matched to what was sent: a digest of its stored prefix."""
+    # The quarantine keeps at most 4 KiB of an oversize payload.
+    return hashlib.blake2b(payload[:4096], digest_size=12).digest()
+
+
 def _read_column(folder: Path, columns: Sequence[str]) -> tuple[dict[str, list[Any]], int, list[str]]:
     values: dict[str, list[Any]] = {c: [] for c in columns}
     files = 0
@@ -87,6 +101,14 @@ def _read_column(folder: Path, columns: Sequence[str]) -> tuple[dict[str, list[A
             values[c].extend(table.column(c).to_pylist())
         files += 1
     return values, files, unfinalised
+
+
+def _anonymous_payloads(folder: Path) -> list[bytes]:
+    out: list[bytes] = []
+    for path in sorted(folder.rglob("*.parquet")) if folder.exists() else []:
+        table = pq.read_table(path, columns=["seq", "payload"])
+        out.extend(table.filter(pc.is_null(table.column("seq"))).column("payload").to_pylist())
+    return out
 
 
 def read_back(data_dir: Path, quarantine_dir: Path, dropped_dir: Path | None = None) -> ReadBack:
@@ -104,51 +126,85 @@ def read_back(data_dir: Path, quarantine_dir: Path, dropped_dir: Path | None = N
         rejected_reasons=rej["reason"],
         files=data_files + rej_files,
         unfinalised=data_tmp + rej_tmp,
+        anonymous_payloads=_anonymous_payloads(quarantine_dir) if None in rej["seq"] else [],
     )
+
+
+def resolve_anonymous(back: ReadBack, sent_payloads: dict[bytes, int]) -> list[int | None]:
+    """The quarantine's seq column with anonymous rows matched to what was sent, where the payload says."""
+    payloads = iter(back.anonymous_payloads)
+    out: list[int | None] = []
+    for seq in back.rejected_seqs:
+        if seq is None:
+            out.append(sent_payloads.get(payload_key(next(payloads))))
+        else:
+            out.append(seq)
+    return out
 
 
 def reconcile(
     sent_seqs: Iterable[int],
     back: ReadBack,
     dropped: dict[int, str] | None = None,
+    *,
+    copies: Counter[int] | None = None,
+    sent_payloads: dict[bytes, int] | None = None,
 ) -> Ledger:
+    """Account for every send.
+
+    A seq is sent once, plus ``copies`` (a scenario's ``duplicate`` anomaly
+    sends a message twice on purpose). Per seq, persisted, rejected and dropped
+    rows are counted up to the number of sends; what is missing is lost, a
+    persisted row beyond the sends is a duplicate (a problem), and a rejected
+    row beyond them is a redelivery the validator caught. Quarantined rows with
+    no readable seq are matched by payload (``sent_payloads``); any left
+    unmatched still count as rejected, so ``lost`` is right in total.
+    """
     if dropped is None:
         dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
-    """Account for every sent seq id.
-
-    A seq counts as persisted once however often it was written (extra copies
-    count as duplicates); a rejection without a readable seq still counts as
-    rejected, so ``lost`` is computed from counts, and ``missing_seq_sample``
-    lists ids found nowhere.
-    """
-    sent = set(sent_seqs)
+    copies = copies or Counter()
+    sends = Counter(sent_seqs)
+    sends.update({s: c for s, c in copies.items() if s in sends})
     persisted_counts = Counter(back.persisted_seqs)
-    persisted = {s for s in persisted_counts if s in sent}
-    unexpected = sum(1 for s in persisted_counts if s not in sent)
-    duplicates = sum(c - 1 for c in persisted_counts.values() if c > 1)
-    rejected_counts = Counter(s for s in back.rejected_seqs if s is not None)
-    # A quarantined message whose seq was never sent is foreign traffic too.
-    unexpected += sum(1 for s in rejected_counts if s not in sent)
-    duplicates += sum(c - 1 for c in rejected_counts.values() if c > 1)
-    rejected_known = {s for s in rejected_counts if s in sent and s not in persisted}
-    rejected_anonymous = sum(1 for s in back.rejected_seqs if s is None)
-    rejected = len(rejected_known) + rejected_anonymous
-    dropped_known = {s for s in dropped if s in sent and s not in persisted and s not in rejected_known}
-    accounted = persisted | rejected_known | dropped_known
-    missing = sorted(sent - accounted)
-    lost = max(0, len(sent) - len(persisted) - rejected - len(dropped_known))
+    rejected_seqs = resolve_anonymous(back, sent_payloads) if sent_payloads else back.rejected_seqs
+    rejected_counts = Counter(s for s in rejected_seqs if s is not None)
+    unmatched_anonymous = sum(1 for s in rejected_seqs if s is None)
+    persisted = rejected = dropped_n = duplicates = redelivered = 0
+    dropped_reasons: Counter[str] = Counter()
+    missing: list[int] = []
+    for seq, n in sends.items():
+        p = min(persisted_counts.get(seq, 0), n)
+        r = min(rejected_counts.get(seq, 0), n - p)
+        d = 1 if seq in dropped and p + r < n else 0
+        persisted, rejected, dropped_n = persisted + p, rejected + r, dropped_n + d
+        if d:
+            dropped_reasons[dropped[seq]] += 1
+        duplicates += max(0, persisted_counts.get(seq, 0) - n)
+        redelivered += max(0, rejected_counts.get(seq, 0) - r)
+        if p + r + d < n:
+            missing.append(seq)
+    unexpected = sum(1 for s in persisted_counts if s not in sends) + sum(1 for s in rejected_counts if s not in sends)
+    # More anonymous rows than missing sends: foreign or corrupt traffic nobody can vouch for.
+    unexpected += max(0, unmatched_anonymous - (total_sends := sum(sends.values())) + persisted + rejected + dropped_n)
+    total = total_sends
+    lost_by_seq = total - persisted - rejected - dropped_n
+    # Anonymous rows no payload matched: rejected for sure, but which seq is unknown.
+    anonymous = min(unmatched_anonymous, lost_by_seq)
     return Ledger(
-        sent=len(sent),
-        persisted=len(persisted),
-        rejected=rejected,
-        dropped=len(dropped_known),
-        lost=lost,
+        sent=total,
+        persisted=persisted,
+        rejected=rejected + anonymous,
+        dropped=dropped_n,
+        lost=lost_by_seq - anonymous,
         duplicates=duplicates,
         unexpected=unexpected,
-        missing_seq_sample=missing[:MISSING_SAMPLE],
+        # Ids found nowhere, including those anonymous rejections may stand for.
+        missing_seq_sample=sorted(missing)[:MISSING_SAMPLE],
         by_reason=dict(Counter(back.rejected_reasons)),
-        dropped_by_reason=dict(Counter(dropped[s] for s in dropped_known)),
+        dropped_by_reason=dict(dropped_reasons),
         unfinalised_files=back.unfinalised,
+        redelivered=redelivered,
+        quarantine_rows=len(back.rejected_seqs),
     )
 
 

@@ -16,7 +16,8 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,18 +27,29 @@ from pydantic import ValidationError
 
 from bench import opcua_reference
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
-from bench.ledger import Ledger, attribute_outage, attribute_queue_overflow, read_back, reconcile
+from bench.ledger import (
+    Ledger,
+    ReadBack,
+    attribute_outage,
+    attribute_queue_overflow,
+    payload_key,
+    read_back,
+    reconcile,
+    resolve_anonymous,
+)
 from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
+from bench.scoring import Decision, expect, read_outcomes, score
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import SqlSettings, format_validation_error, resolve_env
+from pipeline.config import PipelineSettings, SqlSettings, format_validation_error, resolve_env
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
 from pipeline.opcua_source import OpcUaNames, OpcUaSource
 from pipeline.probes import Recorder
 from pipeline.runtime import Pipeline
+from simulators.anomalies import OPCUA_KINDS, inject
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
 from simulators.opcua_server import NodeNames, PlantServer
@@ -50,6 +62,8 @@ from simulators.stream import Message, PhaseSpec, StreamSpec, machine_of, planne
 START_LEAD_NS = 200_000_000
 ACK_TIMEOUT_S = 30.0
 REFERENCE_MESSAGES = 2000
+# Anomalies whose payload cannot name its seq: the quarantine row is matched to the send by payload.
+UNREADABLE = frozenset({"malformed_json", "invalid_utf8", "oversize"})
 
 
 @dataclass(frozen=True)
@@ -133,10 +147,21 @@ class _SendLog:
         self.count = 0
         self.last_intended_ns = 0
         self.last_sent_ns = 0
+        self.copies: Counter[int] = Counter()
+        # Only messages carrying an anomaly are kept whole (few); a clean one is known from its seq.
+        self.anomalous: dict[int, list[Message]] = {}
+        self.payloads: dict[bytes, int] = {}
 
     def on_sent(self, message: Message, sent_ns: int) -> None:
-        self.intended[message.seq] = message.intended_send_ns
-        self.sent_flags[message.seq] = 1
+        if message.truth != "valid":
+            self.anomalous.setdefault(message.seq, []).append(message)
+            if message.truth in UNREADABLE:
+                self.payloads[payload_key(message.payload)] = message.seq
+        if message.copy:
+            self.copies[message.seq] += 1
+        else:
+            self.intended[message.seq] = message.intended_send_ns
+            self.sent_flags[message.seq] = 1
         self.lag.record_ns(sent_ns - message.intended_send_ns)
         self.count += 1
         self.last_intended_ns = message.intended_send_ns
@@ -279,9 +304,12 @@ def _run_variant(
     logs = [_SendLog(intended, flags) for _ in range(producers)]
     samples: list[tuple[float, int, int]] = []
     opcua_stats: dict[str, Any] | None = None
+    # The fleet and its zones filled in from the scenario: the validator knows what the plant is.
+    settings = sc.validation()
+    replay_offset_ns = 0
     try:
         try:
-            pipeline = Pipeline(sc.pipeline, out_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
+            pipeline = Pipeline(settings, out_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
             pipeline.start()
             publishers: list[_Publisher] = []
             if transport.kind in ("mqtt", "both"):
@@ -357,7 +385,21 @@ def _run_variant(
 
         epoch_ns = clock.now_ns() + START_LEAD_NS
         ts_epoch = None if sc.run.start is None else int(sc.run.start.timestamp() * 1e9)
+        if ts_epoch is not None:
+            # Replaying another time: the validator's clock reads that time too, or every reading would be far past.
+            replay_offset_ns = ts_epoch - epoch_ns
+            pipeline.replay_offset_ns = replay_offset_ns
         messages: Iterable[Message] = stream(spec, epoch_ns, ts_epoch)
+        if sc.anomalies:
+            on_opcua_only = set(opcua_machines) if transport.kind == "both" else set()
+            messages = inject(
+                messages,
+                [a.spec() for a in sc.anomalies],
+                seed=sc.seed,
+                start_ns=epoch_ns,
+                zones=sc.machines.zones(),
+                eligible=lambda kind, machine: kind in OPCUA_KINDS or machine not in on_opcua_only,
+            )
         shares: list[Iterable[Message]] = (
             [messages] if producers == 1 else list(_split(messages, producers, spec.machines))
         )
@@ -496,10 +538,17 @@ def _run_variant(
         opcua_stats["reference"] = opcua_reference.measure(
             spec.machines, reference, transport.opcua.publishing * 1000, sc.pipeline
         )
-    settings = sc.pipeline
     back = read_back(out_dir / settings.parquet.path, out_dir / settings.quarantine.path, out_dir / "dropped")
     sent_seqs = [i for i, f in enumerate(flags) if f]
-    ledger = reconcile(sent_seqs, back)
+    copies: Counter[int] = Counter()
+    anomalous: dict[int, list[Message]] = {}
+    sent_payloads: dict[bytes, int] = {}
+    for log in logs:
+        copies.update(log.copies)
+        sent_payloads.update(log.payloads)
+        for seq, sent_messages in log.anomalous.items():
+            anomalous.setdefault(seq, []).extend(sent_messages)
+    ledger = reconcile(sent_seqs, back, copies=copies, sent_payloads=sent_payloads)
     if transport.kind in ("opcua", "both") and ledger.lost:
         dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
         on_opcua = set(opcua_machines)
@@ -516,11 +565,33 @@ def _run_variant(
                     publishing_s=transport.opcua.publishing,
                 )
             )
-        ledger = reconcile(sent_seqs, back, dropped)
+        ledger = reconcile(sent_seqs, back, dropped, copies=copies, sent_payloads=sent_payloads)
     if sql_back is not None:
         problem = _check_sql(sql_back, ledger.persisted, settings.sql.aggregate if settings.sql else "raw")
         if problem:
             pipeline_errors.append(problem)
+
+    validation: dict[str, Any] | None = None
+    if sc.anomalies:
+        validation = _score_validation(
+            sc,
+            settings,
+            out_dir,
+            back,
+            sent_seqs=sent_seqs,
+            anomalous=anomalous,
+            sent_payloads=sent_payloads,
+            intended=intended,
+            machine=lambda seq: machine_of(spec, seq),
+            replay_offset_ns=replay_offset_ns,
+        )
+        validation["quarantine_rows"] = ledger.quarantine_rows
+        if ledger.quarantine_rows != ledger.rejected + ledger.redelivered:
+            validation["problems"].append(
+                f"quarantine holds {ledger.quarantine_rows} rows, the ledger accounts for {ledger.rejected} "
+                f"rejected + {ledger.redelivered} redelivered"
+            )
+        pipeline_errors.extend(f"validation: {p}" for p in validation["problems"])
 
     durable_by_batch = {f.batch_id: f.durable_ns for f in flushes if f.sink == "parquet"}
     e2e = Recorder()
@@ -588,12 +659,77 @@ def _run_variant(
             else 0,
             "errors": pipeline_errors,
         },
+        "validation": validation,
         "opcua": opcua_stats,
         "sql": sql_back,
         "faults": [f.model_dump(mode="json") for f in sc.faults],
         "files": back.files,
     }
     return result, ledger, pipeline_errors
+
+
+def _score_validation(
+    sc: Scenario,
+    settings: PipelineSettings,
+    out_dir: Path,
+    back: ReadBack,
+    *,
+    sent_seqs: list[int],
+    anomalous: dict[int, list[Message]],
+    sent_payloads: dict[bytes, int],
+    intended: array[int],
+    machine: Callable[[int], str],
+    replay_offset_ns: int,
+) -> dict[str, Any]:
+    """The confusion table of truth against decision, and the checks on what was persisted."""
+    v = settings.validate_
+    rejected = zip(resolve_anonymous(back, sent_payloads), back.rejected_reasons, strict=True)
+    dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
+    outcomes = read_outcomes(
+        out_dir / settings.parquet.path,
+        rejected,
+        dropped,
+        future_tolerance_s=v.future_tolerance,
+        replay_offset_ns=replay_offset_ns,
+    )
+
+    def clean(seq: int) -> Message:
+        # A clean message's payload says exactly its intended instant (shifted to the replayed time).
+        at = intended[seq]
+        return Message(seq, machine(seq), at, b"", ts_ns=(at + replay_offset_ns) // 1000 * 1000)
+
+    def sends() -> Iterator[tuple[int, list[Message]]]:
+        for seq in sent_seqs:
+            sent = anomalous.get(seq)
+            if sent is None:
+                yield seq, [clean(seq)]
+            elif all(m.copy for m in sent):
+                yield seq, [clean(seq), *sent]
+            else:
+                yield seq, sent
+
+    overrides: dict[str, Decision] = {a.kind: a.expect for a in sc.anomalies if a.expect is not None}
+    result = score(sends(), outcomes, lambda m: expect(m, v, m.intended_send_ns + replay_offset_ns), overrides)
+    out = result.to_json()
+    problems: list[str] = []
+    if result.mismatches:
+        worst = ", ".join(f"{k} {n}" for k, n in result.mismatches_by_class.most_common(5))
+        problems.append(f"{result.mismatches} decision(s) differ from the truth ({worst}); see mismatch_sample")
+    checks = {
+        "rows_read_back": outcomes.rows,
+        "non_finite_values": outcomes.non_finite_rows,
+        "files_with_naive_timestamps": outcomes.naive_ts_files,
+        "beyond_future_tolerance": outcomes.beyond_future_tolerance,
+    }
+    if outcomes.non_finite_rows:
+        problems.append(f"{outcomes.non_finite_rows} persisted value(s) are NaN or infinite")
+    if outcomes.naive_ts_files:
+        problems.append(f"{outcomes.naive_ts_files} file(s) store timestamps without a zone")
+    if outcomes.beyond_future_tolerance and v.rules.future_timestamp == "reject":
+        problems.append(f"{outcomes.beyond_future_tolerance} persisted row(s) are beyond the future tolerance")
+    out["output_checks"] = checks
+    out["problems"] = problems
+    return out
 
 
 def _schedule_faults(

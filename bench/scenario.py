@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bench.errors import ScenarioError
-from pipeline.config import Duration, Frozen, PipelineSettings, format_validation_error, load_yaml_mapping
+from pipeline.config import (
+    Duration,
+    Frozen,
+    PipelineSettings,
+    check_zone,
+    format_validation_error,
+    load_yaml_mapping,
+)
+from simulators.anomalies import OPCUA_KINDS, AnomalySpec
 from simulators.stream import PhaseSpec, SignalSpec, StreamSpec, planned_count, total_duration_s
 
 _ENV_REF_HELP = "an environment reference such as ${MQTT_PASSWORD}"
@@ -30,6 +38,16 @@ class Machines(Frozen):
 
     count: int = Field(10, ge=1, le=100_000, description="How many machines publish.")
     id: str = Field("machine-{i:03d}", description="Id pattern; {i} is the machine index from 0.")
+    extra: tuple[str, ...] = Field(
+        (),
+        description="More machine ids, taken literally (quotes, SQL, path separators, non-ASCII: a fleet's real "
+        "ids can be hostile). They publish like the others.",
+    )
+    timezone: str | tuple[str, ...] | dict[str, str] = Field(
+        "UTC",
+        description="IANA zone of every machine; a list is assigned round-robin; a mapping names machines "
+        "(others UTC). Matters for naive local timestamps and DST anomalies.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -43,8 +61,111 @@ class Machines(Frozen):
             raise ValueError(f"pattern cannot be formatted: {exc}") from None
         return value
 
+    @field_validator("extra")
+    @classmethod
+    def _check_extra(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for machine in value:
+            # Ids the validator refuses outright (bad_machine_id) cannot be a fleet's real ids.
+            if not machine or len(machine) > 255 or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in machine):
+                raise ValueError(f"expected ids of 1 to 255 characters without control characters, got {machine!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_zones(cls, value: str | tuple[str, ...] | dict[str, str]) -> str | tuple[str, ...] | dict[str, str]:
+        zones = [value] if isinstance(value, str) else list(value.values() if isinstance(value, dict) else value)
+        if not zones:
+            raise ValueError("expected at least one IANA time zone")
+        for zone in zones:
+            check_zone(zone)
+        return value
+
     def ids(self) -> tuple[str, ...]:
-        return tuple(self.id.format(i=i) for i in range(self.count))
+        return tuple(self.id.format(i=i) for i in range(self.count)) + self.extra
+
+    def zones(self) -> dict[str, str]:
+        """IANA zone per machine id."""
+        ids = self.ids()
+        tz = self.timezone
+        if isinstance(tz, str):
+            return dict.fromkeys(ids, tz)
+        if isinstance(tz, dict):
+            return {m: tz.get(m, "UTC") for m in ids}
+        return {m: tz[i % len(tz)] for i, m in enumerate(ids)}
+
+
+class Anomaly(Frozen):
+    """One kind of dirt to inject (``docs/validation.md`` lists every kind and what the validator does with it)."""
+
+    kind: Literal[
+        "nan",
+        "inf",
+        "null",
+        "missing_field",
+        "number_as_string",
+        "bool_value",
+        "out_of_range",
+        "mileage_backwards",
+        "future_timestamp",
+        "far_past",
+        "naive_timestamp",
+        "offset_timestamp",
+        "dst_ambiguous",
+        "dst_nonexistent",
+        "epoch_seconds",
+        "epoch_millis",
+        "duplicate",
+        "out_of_order",
+        "late",
+        "oversize",
+        "malformed_json",
+        "invalid_utf8",
+        "unknown_machine",
+        "hostile_id",
+        "extra_fields",
+        "status_uncertain",
+        "status_bad",
+    ]
+    rate: float | None = Field(
+        None, gt=0, le=1, description="Fraction of eligible messages hit (default 1 inside an at/duration window)."
+    )
+    at: Duration | None = Field(None, ge=0, description="Window start, seconds after the first send.")
+    duration: Duration | None = Field(None, gt=0, description="Window length (default: to the end).")
+    machines: tuple[str, ...] | None = Field(None, description="Only these machines (default: all).")
+    field: Literal["load_rate", "mileage", "ts", "machine"] | None = Field(
+        None, description="Field for nan/inf/null/missing_field (default: they take turns)."
+    )
+    by: Duration | None = Field(
+        None, gt=0, description="Shift for time kinds (seconds; default per kind) or km for mileage_backwards."
+    )
+    offset: str | None = Field(
+        None, pattern=r"^[+-](0\d|1[0-4]):[0-5]\d$", description="Fixed offset for offset_timestamp, e.g. +05:30."
+    )
+    size: int = Field(70_000, gt=0, description="Payload bytes of an oversize message.")
+    expect: Literal["accepted", "repaired", "rejected"] | None = Field(
+        None, description="Override the decision the scorer expects from the validator's policies."
+    )
+
+    @model_validator(mode="after")
+    def _when(self) -> Anomaly:
+        if self.rate is None and self.at is None:
+            raise ValueError("expected a rate (e.g. 0.02) or a window (at, and optionally duration)")
+        if self.field in ("ts", "machine") and self.kind not in ("missing_field", "null"):
+            raise ValueError(f"field: {self.kind} applies to load_rate or mileage, got {self.field!r}")
+        return self
+
+    def spec(self) -> AnomalySpec:
+        return AnomalySpec(
+            self.kind,
+            rate=self.rate,
+            at_s=self.at,
+            duration_s=self.duration,
+            machines=self.machines,
+            field=self.field,
+            by=self.by,
+            offset=self.offset,
+            size=self.size,
+        )
 
 
 class Steady(Frozen):
@@ -254,6 +375,9 @@ class Scenario(Frozen):
     phases: tuple[Phase, ...] = Field(min_length=1)
     transport: Transport = Transport()
     pipeline: PipelineSettings = PipelineSettings()
+    anomalies: tuple[Anomaly, ...] = Field(
+        (), description="Bad data injected on purpose; every message carries its truth label and is scored."
+    )
     faults: tuple[Fault, ...] = Field((), description="Faults injected during the run (slow_sink: slow storage).")
     run: RunSettings = RunSettings()
     matrix: tuple[dict[str, Any], ...] = Field(
@@ -261,6 +385,32 @@ class Scenario(Frozen):
         description="Variants run on the same stream: each has a name and dotted keys under pipeline. or "
         "transport., e.g. {name: coarse, pipeline.buffer.lock: coarse}.",
     )
+
+    @model_validator(mode="after")
+    def _anomalies_fit_the_transport(self) -> Scenario:
+        if self.transport.kind == "opcua":
+            for i, anomaly in enumerate(self.anomalies):
+                if anomaly.kind not in OPCUA_KINDS:
+                    raise ValueError(
+                        f"anomalies[{i}].kind: {anomaly.kind} cannot travel over OPC UA; expected one of "
+                        f"{', '.join(sorted(OPCUA_KINDS))}, or transport mqtt, memory or both"
+                    )
+        fleet = set(self.machines.ids())
+        for i, anomaly in enumerate(self.anomalies):
+            unknown = sorted(set(anomaly.machines or ()) - fleet)
+            if unknown:
+                raise ValueError(f"anomalies[{i}].machines: not machines of this scenario: {unknown[:5]}")
+        return self
+
+    def validation(self) -> PipelineSettings:
+        """The pipeline settings with what the scenario knows filled in: the fleet and its time zones."""
+        v = self.pipeline.validate_
+        update: dict[str, Any] = {}
+        if v.machines is None:
+            update["machines"] = self.machines.ids()
+        if not v.timezones:
+            update["timezones"] = {m: z for m, z in self.machines.zones().items() if z != v.default_timezone}
+        return self.pipeline.model_copy(update={"validate_": v.model_copy(update=update)})
 
     def sink_delay_s(self) -> float:
         return sum(f.delay for f in self.faults if isinstance(f, SlowSinkFault))

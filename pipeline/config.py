@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import (
@@ -28,25 +29,25 @@ from pydantic import (
 
 from pipeline.errors import ConfigError
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from ``"500ms"``, ``"2s"``, ``"1m"``, ``"1h"`` or a number.
+    """Seconds from ``"500ms"``, ``"2s"``, ``"1m"``, ``"1h"``, ``"7d"`` or a number.
 
     >>> parse_duration("1m"), parse_duration("250ms"), parse_duration(3)
     (60.0, 0.25, 3.0)
     """
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as '500ms', '2s', '1m', '1h' or seconds")
+        raise ValueError("expected a duration such as '500ms', '2s', '1m', '1h', '7d' or seconds")
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
         match = _DURATION.match(value)
         if match:
             return float(match.group(1)) * _UNIT_S[match.group(2)]
-    raise ValueError(f"expected a duration such as '500ms', '2s', '1m', '1h' or seconds, got {value!r}")
+    raise ValueError(f"expected a duration such as '500ms', '2s', '1m', '1h', '7d' or seconds, got {value!r}")
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
@@ -103,12 +104,110 @@ class BufferSettings(Frozen):
         return self
 
 
+RejectOrAccept = Literal["reject", "accept"]
+RejectOrRepair = Literal["reject", "repair"]
+
+
+class RulePolicies(Frozen):
+    """What each validation rule does with a message it catches.
+
+    ``reject``: to quarantine with the rule's name as the reason. ``repair``:
+    fix the value, store the row and name the repair in its ``repairs`` column.
+    ``accept``: the check is off. Rules that leave nothing to store (malformed
+    JSON, invalid UTF-8, missing fields, NaN/inf, unparseable timestamps,
+    over-long ids) always reject.
+    """
+
+    oversize: RejectOrAccept = Field("reject", description="Payload larger than max_payload bytes.")
+    wrong_type: RejectOrRepair = Field(
+        "reject", description="A value of the wrong JSON type; repair turns a numeric string into a number."
+    )
+    out_of_range: RejectOrAccept = Field("reject", description="load_rate outside load_rate_range, mileage < 0.")
+    mileage_backwards: RejectOrAccept = Field(
+        "reject", description="Mileage below the machine's last accepted reading (a counter never runs backwards)."
+    )
+    status_uncertain: RejectOrAccept = Field("reject", description="OPC UA Uncertain* status codes.")
+    status_bad: RejectOrAccept = Field("reject", description="OPC UA Bad* status codes.")
+    offset_timestamp: RejectOrRepair = Field(
+        "repair", description="A timestamp with a UTC offset other than Z; repair normalises it to UTC."
+    )
+    epoch_timestamp: RejectOrRepair = Field(
+        "repair", description="A number instead of an ISO string; repair reads it as epoch s/ms/us/ns by magnitude."
+    )
+    ambiguous_local_time: RejectOrRepair = Field(
+        "reject", description="A naive local time that happens twice (DST ends); repair takes the earlier instant."
+    )
+    nonexistent_local_time: RejectOrRepair = Field(
+        "reject", description="A naive local time that never happens (DST starts); repair shifts it by the gap."
+    )
+    future_timestamp: RejectOrAccept = Field("reject", description="Further ahead than future_tolerance.")
+    far_past: RejectOrAccept = Field("reject", description="Further back than past_tolerance.")
+    late: RejectOrAccept = Field(
+        "reject", description="Older than the machine's newest reading minus the watermark (closed aggregates)."
+    )
+    duplicate: RejectOrAccept = Field("reject", description="Same (machine, seq) as an accepted reading.")
+    unknown_machine: RejectOrAccept = Field("reject", description="A machine id not in the fleet (when one is set).")
+    extra_fields: RejectOrAccept = Field("accept", description="Fields the schema does not know; never stored.")
+
+
 class ValidateSettings(Frozen):
-    """First-line validation of decoded messages."""
+    """First-line validation of decoded messages: one rule per anomaly class, each with a policy."""
 
     future_tolerance: Duration = Field(
         300.0, ge=0, description="Reject timestamps further than this ahead of the pipeline clock."
     )
+    past_tolerance: Duration = Field(
+        7 * 86400.0, gt=0, description="Reject timestamps further back than this (backfill after an outage is fine)."
+    )
+    watermark: Duration = Field(
+        60.0, ge=0, description="Out of order within this (behind the machine's newest reading) is accepted."
+    )
+    naive_timestamps: Literal["reject", "assume_utc", "assume_machine_zone"] = Field(
+        "reject", description="A timestamp without a zone: refuse it, or read it as UTC or as the machine's zone."
+    )
+    max_payload: int = Field(65_536, gt=0, description="Bytes; larger payloads are refused before decoding.")
+    load_rate_range: tuple[float, float] = Field((0.0, 100.0), description="Inclusive valid range of load_rate.")
+    machines: tuple[str, ...] | None = Field(
+        None, description="The fleet: ids outside it are unknown_machine. Unset: any id is accepted."
+    )
+    timezones: dict[str, str] = Field(
+        default_factory=dict, description="IANA time zone per machine id, for naive local timestamps."
+    )
+    default_timezone: str = Field("UTC", description="Zone of a machine not listed in timezones.")
+    dedup_window: int = Field(
+        100_000, gt=0, description="Recent seq ids remembered per machine for duplicate detection."
+    )
+    rules: RulePolicies = RulePolicies()
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        check_zone(value)
+        return value
+
+    @field_validator("timezones")
+    @classmethod
+    def _zones(cls, value: dict[str, str]) -> dict[str, str]:
+        for zone in value.values():
+            check_zone(zone)
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> ValidateSettings:
+        low, high = self.load_rate_range
+        if not low <= high:
+            raise ValueError(
+                f"load_rate_range: expected [low, high] with low <= high, got {list(self.load_rate_range)}"
+            )
+        return self
+
+
+def check_zone(name: str) -> None:
+    """Raise ValueError unless ``name`` is an IANA time zone this machine knows."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"expected an IANA time zone such as 'Europe/Paris', got {name!r}") from None
 
 
 class ParquetSettings(Frozen):

@@ -26,11 +26,10 @@ def decode(payload: bytes) -> dict[str, Any] | DecodeFailure:
     except UnicodeDecodeError as exc:
         return DecodeFailure("invalid_utf8", f"byte {exc.start}: {exc.reason}")
     try:
-        # NaN/Infinity literals are not JSON; refuse them here rather than let
-        # them through as floats that only a later rule might catch.
-        obj = json.loads(text, parse_constant=_refuse_constant)
-    except _NonJsonConstant as exc:
-        return DecodeFailure("non_finite", f"JSON has non-standard constant {exc.args[0]}")
+        # NaN/Infinity literals are not JSON, but plant gateways send them. Parse
+        # them as floats so the validator refuses them as non_finite with the
+        # message's seq and machine known, instead of as anonymous malformed JSON.
+        obj = json.loads(text)
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and also integers past Python's
         # digit limit (int_max_str_digits), which json.loads raises plainly.
@@ -38,11 +37,3 @@ def decode(payload: bytes) -> dict[str, Any] | DecodeFailure:
     if not isinstance(obj, dict):
         return DecodeFailure("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     return obj
-
-
-class _NonJsonConstant(ValueError):
-    pass
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _NonJsonConstant(name)

@@ -24,6 +24,8 @@ class Reading:
     mileage: float
     seq: int
     received_ns: int
+    repairs: tuple[str, ...] = ()
+    """What the validator fixed to accept it (e.g. ``utc_normalised``); empty when nothing."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,8 @@ READING_SCHEMA = pa.schema(
         pa.field("seq", pa.int64(), nullable=False),
         pa.field("received_at", TS, nullable=False),
         pa.field("batch_id", pa.int64(), nullable=False),
+        # Comma-separated repairs the validator made (null when none): lineage for every changed row.
+        pa.field("repairs", pa.string()),
     ]
 )
 
@@ -402,9 +404,11 @@ def readings_table(items: Sequence[Reading], batch_id: int) -> pa.Table:
             "seq": pa.array([r.seq for r in items], pa.int64()),
             "received_at": pa.array([r.received_ns // 1000 for r in items], TS),
             "batch_id": pa.array([batch_id] * len(items), pa.int64()),
+            "repairs": pa.array([",".join(r.repairs) if r.repairs else None for r in items], pa.string()),
         },
         schema=READING_SCHEMA,
-    )
+        # Out-of-order readings (within the watermark) land in time order within each flush.
+    ).sort_by([("machine", "ascending"), ("ts", "ascending")])
 
 
 class ParquetSink:

@@ -58,12 +58,16 @@ class Pipeline:
         clock: Clock,
         on_flush: Callable[[FlushStat], None] | None = None,
         sink_delay_s: float = 0.0,
+        *,
+        replay_offset_ns: int = 0,
     ) -> None:
+        """``replay_offset_ns`` shifts the validator's notion of now, for a run that replays another time."""
         self.settings = settings
         self.output = output
         self._clock = clock
         self._on_flush = on_flush
-        self._validator = Validator(future_tolerance_ns=int(settings.validate_.future_tolerance * 1e9))
+        self._validator = Validator(settings.validate_)
+        self.replay_offset_ns = replay_offset_ns
         pq = settings.parquet
         self.parquet = ParquetSink(
             output / pq.path,
@@ -143,7 +147,8 @@ class Pipeline:
         ready.wait(10)
 
     def _validate(self, payload: bytes, topic: str) -> Reading | Rejection:
-        result = self._validator.check(payload, topic, self._clock.now_ns())
+        now = self._clock.now_ns()
+        result = self._validator.check(payload, topic, now, now + self.replay_offset_ns)
         with self._lock:
             self._received += 1
             if isinstance(result, Rejection):

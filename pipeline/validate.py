@@ -1,39 +1,139 @@
-"""First-line validation: required fields, types, finite numbers, UTC timestamps.
+"""First-line validation: one rule per anomaly class, each with a policy.
 
-Pure: given a decoded object and the pipeline clock's reading, return a
-:class:`~pipeline.model.Reading` or a :class:`~pipeline.model.Rejection` with a
-reason. Reasons are short stable names (``missing_field``, ``wrong_type``,
-``non_finite``, ``bad_timestamp``, ``naive_timestamp``, ``future_timestamp``)
-so that results can be counted by reason.
+Given the raw bytes of a message and the pipeline clock's reading, return a
+:class:`~pipeline.model.Reading` (accepted, or repaired with the repairs named)
+or a :class:`~pipeline.model.Rejection` whose reason is the rule that caught it.
+Never raises. Reasons and repairs are short stable names so results can be
+counted by them; ``docs/validation.md`` lists every rule, its default policy
+and why.
+
+Most rules look at one message alone. Three compare it with what the same
+machine sent before (``duplicate``, ``late`` beyond the watermark,
+``mileage_backwards``); that per-machine state sits behind one lock, since
+several source threads may validate at once.
+
+>>> v = Validator()
+>>> now = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
+>>> ok = b'{"machine":"m","ts":"2026-01-01T05:30:00+05:30","load_rate":1,"mileage":2,"seq":1}'
+>>> v.check(ok, "t", now).repairs
+('utc_normalised',)
+>>> v.check(ok, "t", now).reason
+'duplicate'
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+import threading
+from collections import deque
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Any
+from zoneinfo import ZoneInfo
 
+from pipeline.config import ValidateSettings
 from pipeline.decode import DecodeFailure, decode
 from pipeline.model import Reading, Rejection
 
 REQUIRED = ("machine", "ts", "load_rate", "mileage", "seq")
+KNOWN_FIELDS = frozenset((*REQUIRED, "status"))
 MAX_MACHINE_CHARS = 255
+# A plain decimal number, nothing Python's float() also takes ("1_000", " inf", "nan").
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+# C0/C1 controls: PostgreSQL cannot store NUL at all, and none belongs in an id.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Epoch numbers by magnitude: below 1e11 seconds (until year 5138), then ms, us, ns.
+_EPOCH_UNITS = ((1e11, 10**9, "epoch_seconds"), (1e14, 10**6, "epoch_millis"), (1e17, 10**3, "epoch_micros"))
+
+REASONS = (
+    "oversize",
+    "invalid_utf8",
+    "malformed_json",
+    "not_an_object",
+    "missing_field",
+    "wrong_type",
+    "bad_machine_id",
+    "unknown_machine",
+    "non_finite",
+    "out_of_range",
+    "status_uncertain",
+    "status_bad",
+    "extra_fields",
+    "bad_timestamp",
+    "naive_timestamp",
+    "offset_timestamp",
+    "epoch_timestamp",
+    "ambiguous_local_time",
+    "nonexistent_local_time",
+    "future_timestamp",
+    "far_past",
+    "duplicate",
+    "late",
+    "mileage_backwards",
+)
+"""Every rejection reason the validator gives, in the order the rules run."""
+
+REPAIRS = (
+    "number_from_string",
+    "utc_normalised",
+    "epoch_seconds",
+    "epoch_millis",
+    "epoch_micros",
+    "epoch_nanos",
+    "assumed_utc",
+    "assumed_machine_zone",
+    "ambiguous_earlier",
+    "nonexistent_shifted",
+)
 
 
-@dataclass(frozen=True, slots=True)
+class _Reject(Exception):
+    """Raised inside a check to stop at the first rule that refuses the message."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class _MachineState:
+    newest_ts_ns: int = -(2**63)
+    newest_mileage: float = -math.inf
+    recent: deque[int] = field(default_factory=deque)
+    recent_set: set[int] = field(default_factory=set)
+
+
 class Validator:
-    """Validate decoded messages against the pipeline's rules.
+    """Validate raw messages against the rules and policies of ``settings``."""
 
-    ``future_tolerance_ns``: a reading stamped further ahead of the clock than
-    this is refused; a sensor clock that far off corrupts every per-minute
-    aggregate it lands in.
-    """
+    def __init__(self, settings: ValidateSettings | None = None) -> None:
+        self.settings = settings if settings is not None else ValidateSettings()
+        s = self.settings
+        self.rules = s.rules
+        self._future_ns = int(s.future_tolerance * 1e9)
+        self._past_ns = int(s.past_tolerance * 1e9)
+        self._watermark_ns = int(s.watermark * 1e9)
+        self._fleet = frozenset(s.machines) if s.machines is not None else None
+        self._zones = {machine: ZoneInfo(zone) for machine, zone in s.timezones.items()}
+        self._default_zone = ZoneInfo(s.default_timezone)
+        self._state: dict[str, _MachineState] = {}
+        self._lock = threading.Lock()
 
-    future_tolerance_ns: int = 300 * 10**9
+    def check(self, payload: bytes, topic: str, received_ns: int, now_ns: int | None = None) -> Reading | Rejection:
+        """Decode and validate one message; never raises.
 
-    def check(self, payload: bytes, topic: str, received_ns: int) -> Reading | Rejection:
-        """Decode and validate one message; never raises."""
+        ``received_ns`` is stored with the row; ``now_ns`` (default: the same)
+        is what the timestamp rules compare with, which differs when a run
+        replays another time.
+        """
+        now = received_ns if now_ns is None else now_ns
+        if self.rules.oversize == "reject" and len(payload) > self.settings.max_payload:
+            detail = f"{len(payload)} bytes, more than max_payload {self.settings.max_payload}"
+            return Rejection("oversize", detail, payload[:4096], topic, received_ns)
         obj = decode(payload)
         if isinstance(obj, DecodeFailure):
             return Rejection(obj.reason, obj.detail, payload, topic, received_ns)
@@ -43,59 +143,212 @@ class Validator:
         seq_known = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
         machine = obj.get("machine")
         machine_known = machine if isinstance(machine, str) and _is_utf8(machine) else None
+        try:
+            return self._check(obj, received_ns, now, seq=seq_known, machine=machine_known)
+        except _Reject as refused:
+            return Rejection(refused.reason, refused.detail, payload, topic, received_ns, seq_known, machine_known)
 
-        def reject(reason: str, detail: str) -> Rejection:
-            return Rejection(reason, detail, payload, topic, received_ns, seq_known, machine_known)
-
-        missing = [name for name in REQUIRED if name not in obj or obj[name] is None]
-        if missing:
-            return reject("missing_field", f"missing or null: {', '.join(missing)}")
-        if seq_known is None:
-            if isinstance(seq, int) and not isinstance(seq, bool):
-                return reject("out_of_range", f"seq: expected 0 <= seq < 2**63, got {seq}")
-            return reject("wrong_type", f"seq: expected an integer, got {_kind(seq)}")
-        if machine_known is None or not machine_known:
-            if isinstance(machine, str) and machine:
-                # JSON may carry lone surrogates (\ud800) that no UTF-8 sink can store.
-                return reject("invalid_utf8", f"machine: not encodable as UTF-8: {machine[:64]!r}")
-            return reject("wrong_type", f"machine: expected a non-empty string, got {_kind(machine)}")
-        if len(machine_known) > MAX_MACHINE_CHARS:
-            # SQL keys are VARCHAR(255); one longer id would fail a whole batch there.
-            return reject("bad_machine_id", f"machine: longer than {MAX_MACHINE_CHARS} characters")
+    def _check(
+        self,
+        obj: dict[str, Any],
+        received_ns: int,
+        now: int,
+        *,
+        seq: int | None,
+        machine: str | None,
+    ) -> Reading:
+        rules = self.rules
+        repairs: list[str] = []
+        missing = [name for name in REQUIRED if name not in obj]
+        nulls = [name for name in REQUIRED if name in obj and obj[name] is None]
+        if missing or nulls:
+            parts = ([f"missing: {', '.join(missing)}"] if missing else []) + (
+                [f"null: {', '.join(nulls)}"] if nulls else []
+            )
+            raise _Reject("missing_field", "; ".join(parts))
+        if seq is None:
+            raw = obj["seq"]
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                raise _Reject("out_of_range", f"seq: expected 0 <= seq < 2**63, got {raw}")
+            raise _Reject("wrong_type", f"seq: expected an integer, got {_kind(raw)}")
+        machine = self._machine(obj["machine"], machine)
         numbers: dict[str, float] = {}
         for name in ("load_rate", "mileage"):
-            value = obj[name]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return reject("wrong_type", f"{name}: expected a number, got {_kind(value)}")
-            try:
-                number = float(value)
-            except OverflowError:
-                return reject("out_of_range", f"{name}: integer too large for a float")
-            if not math.isfinite(number):
-                return reject("non_finite", f"{name}: {number}")
-            numbers[name] = number
-        status = obj.get("status", "Good")
-        if status != "Good":
-            # OPC UA Uncertain/Bad values: quarantined by default, never silently mixed with Good data.
-            if isinstance(status, str) and status.startswith("Uncertain"):
-                return reject("status_uncertain", f"status: {status}")
-            if isinstance(status, str) and status.startswith("Bad"):
-                return reject("status_bad", f"status: {status}")
-            return reject("wrong_type", f"status: expected 'Good' or an OPC UA status name, got {str(status)[:64]!r}")
-        ts = _parse_ts(obj["ts"])
-        if isinstance(ts, str):
-            return reject("naive_timestamp" if ts.startswith("naive") else "bad_timestamp", ts)
-        if ts - received_ns > self.future_tolerance_ns:
-            ahead = (ts - received_ns) / 1e9
-            return reject("future_timestamp", f"ts is {ahead:.1f} s ahead of the pipeline clock")
+            numbers[name] = self._number(name, obj[name], repairs)
+        low, high = self.settings.load_rate_range
+        if rules.out_of_range == "reject":
+            if not low <= numbers["load_rate"] <= high:
+                raise _Reject(
+                    "out_of_range", f"load_rate: expected {low:g} <= load_rate <= {high:g}, got {numbers['load_rate']}"
+                )
+            if numbers["mileage"] < 0:
+                raise _Reject("out_of_range", f"mileage: expected >= 0, got {numbers['mileage']}")
+        self._status(obj.get("status", "Good"))
+        if rules.extra_fields == "reject":
+            extra = sorted(set(obj) - KNOWN_FIELDS)
+            if extra:
+                raise _Reject("extra_fields", f"unknown fields: {', '.join(extra)[:200]}")
+        ts = self._timestamp(obj["ts"], machine, repairs)
+        if rules.future_timestamp == "reject" and ts - now > self._future_ns:
+            raise _Reject("future_timestamp", f"ts is {(ts - now) / 1e9:.1f} s ahead of the pipeline clock")
+        if rules.far_past == "reject" and now - ts > self._past_ns:
+            raise _Reject("far_past", f"ts is {(now - ts) / 86400e9:.1f} days behind the pipeline clock")
+        self._against_history(machine, seq, ts, numbers["mileage"], now)
         return Reading(
-            machine=machine_known,
+            machine=machine,
             ts_ns=ts,
             load_rate=numbers["load_rate"],
             mileage=numbers["mileage"],
-            seq=seq_known,
+            seq=seq,
             received_ns=received_ns,
+            repairs=tuple(repairs),
         )
+
+    # -- one rule each -----------------------------------------------------------
+
+    def _machine(self, raw: Any, machine: str | None) -> str:
+        if machine is None or not machine:
+            if isinstance(raw, str) and raw:
+                # JSON may carry lone surrogates (\ud800) that no UTF-8 sink can store.
+                raise _Reject("invalid_utf8", f"machine: not encodable as UTF-8: {raw[:64]!r}")
+            raise _Reject("wrong_type", f"machine: expected a non-empty string, got {_kind(raw)}")
+        if len(machine) > MAX_MACHINE_CHARS:
+            # SQL keys are VARCHAR(255); one longer id would fail a whole batch there.
+            raise _Reject("bad_machine_id", f"machine: longer than {MAX_MACHINE_CHARS} characters")
+        if _CONTROL.search(machine):
+            raise _Reject("bad_machine_id", f"machine: contains control characters: {machine[:64]!r}")
+        if self._fleet is not None and self.rules.unknown_machine == "reject" and machine not in self._fleet:
+            raise _Reject("unknown_machine", f"machine: not in the fleet: {machine[:64]!r}")
+        return machine
+
+    def _number(self, name: str, value: Any, repairs: list[str]) -> float:
+        if isinstance(value, str) and self.rules.wrong_type == "repair" and _NUMBER.fullmatch(value.strip()):
+            number = float(value)
+            if "number_from_string" not in repairs:
+                repairs.append("number_from_string")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Reject("wrong_type", f"{name}: expected a number, got {_kind(value)}")
+        else:
+            try:
+                number = float(value)
+            except OverflowError:
+                raise _Reject("out_of_range", f"{name}: integer too large for a float") from None
+        if not math.isfinite(number):
+            raise _Reject("non_finite", f"{name}: {number}")
+        return number
+
+    def _status(self, status: Any) -> None:
+        if status == "Good":
+            return
+        # OPC UA Uncertain/Bad values: quarantined by default, never silently mixed with Good data.
+        if isinstance(status, str) and status.startswith("Uncertain"):
+            if self.rules.status_uncertain == "reject":
+                raise _Reject("status_uncertain", f"status: {status[:64]}")
+            return
+        if isinstance(status, str) and status.startswith("Bad"):
+            if self.rules.status_bad == "reject":
+                raise _Reject("status_bad", f"status: {status[:64]}")
+            return
+        raise _Reject("wrong_type", f"status: expected 'Good' or an OPC UA status name, got {str(status)[:64]!r}")
+
+    def _timestamp(self, value: Any, machine: str, repairs: list[str]) -> int:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return self._epoch(value, repairs)
+        if not isinstance(value, str):
+            raise _Reject("bad_timestamp", f"ts: expected an ISO 8601 string with a zone, got {_kind(value)}")
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise _Reject("bad_timestamp", f"ts: not ISO 8601: {value[:64]!r}") from None
+        offset = parsed.utcoffset()
+        if offset is None:
+            parsed = self._naive(parsed, value, machine, repairs)
+        elif offset:
+            if self.rules.offset_timestamp == "reject":
+                raise _Reject("offset_timestamp", f"ts: offset other than UTC: {value[:64]!r}")
+            repairs.append("utc_normalised")
+        return _ns(parsed, value)
+
+    def _naive(self, parsed: datetime, value: str, machine: str, repairs: list[str]) -> datetime:
+        policy = self.settings.naive_timestamps
+        if policy == "reject":
+            raise _Reject("naive_timestamp", f"ts has no zone: {value[:64]!r}")
+        if policy == "assume_utc":
+            repairs.append("assumed_utc")
+            return parsed.replace(tzinfo=UTC)
+        zone = self._zones.get(machine, self._default_zone)
+        early, late = parsed.replace(tzinfo=zone, fold=0), parsed.replace(tzinfo=zone, fold=1)
+        repairs.append("assumed_machine_zone")
+        if early.utcoffset() == late.utcoffset():
+            return early
+        # The wall time survives a round trip through UTC only if it exists.
+        exists = early.astimezone(UTC).astimezone(zone).replace(tzinfo=None) == parsed.replace(tzinfo=None)
+        if exists:
+            if self.rules.ambiguous_local_time == "reject":
+                raise _Reject("ambiguous_local_time", f"ts: {value[:64]!r} happens twice in {zone.key}")
+            repairs.append("ambiguous_earlier")
+            return early
+        if self.rules.nonexistent_local_time == "reject":
+            raise _Reject("nonexistent_local_time", f"ts: {value[:64]!r} never happens in {zone.key}")
+        repairs.append("nonexistent_shifted")
+        # fold=0 reads the wall time with the offset before the gap: shifted forward by it.
+        return early
+
+    def _epoch(self, value: float, repairs: list[str]) -> int:
+        if self.rules.epoch_timestamp == "reject":
+            raise _Reject("epoch_timestamp", f"ts: a number ({value!r}), expected an ISO 8601 string")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Reject("bad_timestamp", f"ts: {value}")
+        try:
+            # repr() is the shortest exact decimal of a float: 1767225600.123 stays .123, not .12299990654.
+            exact = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        except InvalidOperation:
+            raise _Reject("bad_timestamp", f"ts: {value!r}") from None
+        scale, name = 1, "epoch_nanos"
+        for limit, factor, unit in _EPOCH_UNITS:
+            if abs(exact) < limit:
+                scale, name = factor, unit
+                break
+        ns = int(exact * scale)
+        if not -62_135_596_800 * 10**9 <= ns <= 253_402_300_799 * 10**9:
+            raise _Reject("bad_timestamp", f"ts: {value!r} is outside years 1..9999")
+        repairs.append(name)
+        # Stored at microsecond precision, like every other timestamp.
+        return ns // 1000 * 1000
+
+    def _against_history(self, machine: str, seq: int, ts: int, mileage: float, now: int) -> None:
+        rules = self.rules
+        with self._lock:
+            state = self._state.get(machine)
+            if state is None:
+                state = self._state[machine] = _MachineState()
+            if rules.duplicate == "reject" and seq in state.recent_set:
+                raise _Reject("duplicate", f"seq {seq} of {machine[:64]!r} was already accepted")
+            if rules.late == "reject" and ts < state.newest_ts_ns - self._watermark_ns:
+                behind = (state.newest_ts_ns - ts) / 1e9
+                raise _Reject("late", f"ts is {behind:.1f} s behind the machine's newest reading (watermark)")
+            if rules.mileage_backwards == "reject" and ts >= state.newest_ts_ns and mileage < state.newest_mileage:
+                raise _Reject(
+                    "mileage_backwards", f"mileage {mileage} is below the last accepted {state.newest_mileage}"
+                )
+            state.recent.append(seq)
+            state.recent_set.add(seq)
+            if len(state.recent) > self.settings.dedup_window:
+                state.recent_set.discard(state.recent.popleft())
+            if ts >= state.newest_ts_ns:
+                # An accepted future timestamp must not push the watermark ahead and make every later reading late.
+                state.newest_ts_ns = min(ts, now + self._future_ns)
+                state.newest_mileage = mileage
+
+
+def _ns(parsed: datetime, value: str) -> int:
+    try:
+        utc = parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise _Reject("bad_timestamp", f"ts: outside the representable range: {value[:64]!r}") from None
+    # Exact integer arithmetic: float seconds lose microseconds at epoch scale.
+    delta = utc - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000
 
 
 def _is_utf8(text: str) -> bool:
@@ -108,22 +361,3 @@ def _is_utf8(text: str) -> bool:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
-
-
-def _parse_ts(value: Any) -> int | str:
-    """UTC nanoseconds from an ISO 8601 string with a zone, or an error text."""
-    if not isinstance(value, str):
-        return f"ts: expected an ISO 8601 string with a zone, got {_kind(value)}"
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return f"ts: not ISO 8601: {value[:64]!r}"
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        return f"naive: ts has no zone: {value[:64]!r}"
-    try:
-        utc = parsed.astimezone(UTC)
-    except (OverflowError, ValueError):
-        return f"ts: outside the representable range: {value[:64]!r}"
-    # Exact integer arithmetic: float seconds lose microseconds at epoch scale.
-    delta = utc - datetime(1970, 1, 1, tzinfo=UTC)
-    return (delta.days * 86_400 + delta.seconds) * 10**9 + delta.microseconds * 1000

@@ -8,6 +8,8 @@ pipeline.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import asyncio
 import threading
 import time
@@ -21,6 +23,24 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from simulators.errors import SimulatorError
 from simulators.stream import Message
+
+
+def topic_segment(machine: str) -> str:
+    """A machine id as one MQTT topic level.
+
+    ``/`` would split it into several levels (and miss a ``plant/+/telemetry``
+    subscription), ``+`` and ``#`` are wildcards a publisher may not use, and
+    NUL is forbidden: percent-encode those (and ``%`` itself, so the mapping is
+    reversible). The id inside the payload is untouched.
+
+    >>> topic_segment("../../etc/passwd")
+    '..%2F..%2Fetc%2Fpasswd'
+    """
+    return (
+        quote(machine, safe="".join(chr(c) for c in range(32, 127) if chr(c) not in "/+#%"))
+        if any(c in machine for c in "/+#%\x00")
+        else machine
+    )
 
 
 class Clock(Protocol):
@@ -102,7 +122,7 @@ class DirectPublisher:
         on_sent: Callable[[Message, int], None] | None = None,
     ) -> int:
         def send(message: Message) -> bool:
-            self._deliver(message.payload, self.topic_pattern.format(machine=message.machine))
+            self._deliver(message.payload, self.topic_pattern.format(machine=topic_segment(message.machine)))
             return True
 
         return pace(messages, clock, send, stop=stop, on_sent=on_sent)
@@ -168,7 +188,7 @@ class PacedPublisher:
         """Send every message at its intended time; returns how many the client accepted."""
 
         def send(message: Message) -> bool:
-            topic = self.topic_pattern.format(machine=message.machine)
+            topic = self.topic_pattern.format(machine=topic_segment(message.machine))
             info = self._client.publish(topic, message.payload, qos=self.qos)
             return bool(info.rc == mqtt.MQTT_ERR_SUCCESS)
 

@@ -83,6 +83,13 @@ class Message:
     intended_send_ns: int
     payload: bytes
     truth: str = "valid"
+    """The anomaly this message carries (``simulators.anomalies``), or ``valid``."""
+    ts_ns: int | None = None
+    """The instant its ``ts`` denotes (UTC ns); None when it has no single true instant."""
+    copy: bool = False
+    """A second send of an earlier message (``duplicate``): same seq, counted apart by the ledger."""
+    behind_ns: int | None = None
+    """For ``out_of_order``/``late``: how far behind its machine's newest reading the timestamp is."""
 
 
 def planned_count(spec: StreamSpec) -> int:
@@ -145,12 +152,14 @@ def stream(spec: StreamSpec, epoch_ns: int, ts_epoch_ns: int | None = None) -> I
         load[machine] = value
         offset_ns = round(offset_s * 1e9)
         send_ns = epoch_ns + offset_ns
+        # Payload timestamps carry microseconds; the instant is what they say, exactly.
+        ts_ns = (ts_epoch + offset_ns) // 1000 * 1000
         body = {
             "machine": machine,
-            "ts": format_ts(ts_epoch + offset_ns),
+            "ts": format_ts(ts_ns),
             "load_rate": round(value, 3),
             "mileage": round(mileage0[machine] + sig.mileage_per_second * offset_s, 3),
             "seq": seq,
         }
         payload = json.dumps(body, separators=(",", ":")).encode()
-        yield Message(seq=seq, machine=machine, intended_send_ns=send_ns, payload=payload)
+        yield Message(seq=seq, machine=machine, intended_send_ns=send_ns, payload=payload, ts_ns=ts_ns)

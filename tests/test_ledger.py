@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
-from bench.ledger import MISSING_SAMPLE, ReadBack, read_back, reconcile
+from bench.ledger import MISSING_SAMPLE, ReadBack, payload_key, read_back, reconcile
 from pipeline.model import Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 
@@ -70,11 +72,28 @@ def test_duplicates_counted_and_not_reconciled() -> None:
     assert any("more than once" in p for p in ledger.problems())
 
 
-def test_duplicate_rejections_counted() -> None:
+def test_a_second_rejection_of_one_send_is_a_redelivery() -> None:
+    """The transport delivered seq 9 twice (QoS 1) and both copies were quarantined: counted, not lost, not a dup."""
     ledger = reconcile(range(10), back(list(range(8)), rejected=[8, 9, 9]))
-    assert ledger.duplicates == 1
-    assert ledger.rejected == 2
-    assert not ledger.reconciled
+    assert (ledger.rejected, ledger.redelivered, ledger.duplicates, ledger.quarantine_rows) == (2, 1, 0, 3)
+    assert ledger.reconciled
+
+
+def test_intended_copies_are_sends_of_their_own() -> None:
+    """A duplicate sent on purpose: one copy persisted and one quarantined account for both sends."""
+    ledger = reconcile(range(3), back([0, 1, 2], rejected=[1], reasons=["duplicate"]), copies=Counter({1: 1}))
+    assert (ledger.sent, ledger.persisted, ledger.rejected, ledger.lost) == (4, 3, 1, 0)
+    assert ledger.reconciled
+    missing = reconcile(range(3), back([0, 1, 2]), copies=Counter({1: 1}))
+    assert (missing.lost, missing.missing_seq_sample) == (1, [1])
+
+
+def test_anonymous_rejections_are_matched_by_payload() -> None:
+    sent = {payload_key(b"{broken 7"): 7}
+    data = back(list(range(7)), rejected=[None], reasons=["malformed_json"])
+    data = replace(data, anonymous_payloads=[b"{broken 7"])
+    ledger = reconcile(range(8), data, sent_payloads=sent)
+    assert (ledger.rejected, ledger.lost, ledger.missing_seq_sample) == (1, 0, [])
 
 
 def test_unexpected_seqs() -> None:
@@ -114,7 +133,7 @@ def test_rejected_without_seq_still_accounts() -> None:
 def test_more_anonymous_rejections_than_gaps_is_not_reconciled() -> None:
     ledger = reconcile(range(10), back(list(range(10)), rejected=[None]))
     assert ledger.lost == 0  # clamped, not negative
-    assert ledger.sent != ledger.persisted + ledger.rejected + ledger.dropped + ledger.lost
+    assert ledger.unexpected == 1  # an unreadable row nothing sent can explain
     assert not ledger.reconciled
 
 

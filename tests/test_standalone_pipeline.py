@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -17,11 +18,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from simulators.broker import EmbeddedBroker
 from tests.conftest import ROOT
 
+# Today's midnight (UTC): recent enough for the validator's far-past rule on any day the tests run.
+DAY = datetime.now(UTC).strftime("%Y-%m-%d")
 GOOD = [
-    {"machine": "m-1", "ts": "2026-01-01T00:00:00Z", "load_rate": 10.0, "mileage": 1.0, "seq": 0},
-    {"machine": "m-2", "ts": "2026-01-01T05:30:00+05:30", "load_rate": 20, "mileage": 2.5, "seq": 1},
+    {"machine": "m-1", "ts": f"{DAY}T00:00:00Z", "load_rate": 10.0, "mileage": 1.0, "seq": 0},
+    {"machine": "m-2", "ts": f"{DAY}T05:30:00+05:30", "load_rate": 20, "mileage": 2.5, "seq": 1},
 ]
-BAD = [b"{not json", b'{"machine": "m-1", "ts": "2026-01-01T00:00:00", "load_rate": 1, "mileage": 1, "seq": 2}']
+BAD = [b"{not json", f'{{"machine": "m-1", "ts": "{DAY}T00:00:00", "load_rate": 1, "mileage": 1, "seq": 2}}'.encode()]
 
 
 def _publish(url_port: int, payloads: list[bytes]) -> None:
@@ -113,7 +116,7 @@ def test_pipeline_runs_standalone_against_an_opcua_server(tmp_path: Path) -> Non
     from simulators.stream import Message
 
     def msg(seq: int) -> Message:
-        body = {"machine": "m-1", "ts": f"2026-01-01T00:00:0{seq}Z", "load_rate": 1.0 + seq, "mileage": 2.0, "seq": seq}
+        body = {"machine": "m-1", "ts": f"{DAY}T00:00:0{seq}Z", "load_rate": 1.0 + seq, "mileage": 2.0, "seq": seq}
         return Message(seq, "m-1", 0, json.dumps(body).encode())
 
     with PlantServer(["m-1"]) as plant:
