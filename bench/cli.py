@@ -110,6 +110,9 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         print(json.dumps(outcome.results, indent=2))
     else:
         out.print(summary_table(outcome.results))
+        scored = validation_table(outcome.results)
+        if scored is not None:
+            out.print(scored)
         out.print(f"results: {outcome.run_dir / 'results.json'}")
     overhead = _get(outcome.results["variants"][0], "probes", "overhead")
     if overhead and not args.json:
@@ -255,6 +258,33 @@ def summary_table(results: dict[str, Any]) -> Table:
         for v in variants
     ]
     table.add_row("coalesced triggers", *coalesced)
+    return table
+
+
+def validation_table(results: dict[str, Any]) -> Table | None:
+    """Truth against decision per anomaly class (first variant with a score), or None without anomalies."""
+    variant = next((v for v in results["variants"] if v.get("validation")), None)
+    if variant is None:
+        return None
+    score = variant["validation"]
+    title = f"validation ({variant['name']}): {score['mismatches']:,} mismatch(es) between truth and decision"
+    table = Table(title=title)
+    for name, justify in (("class (truth)", "left"), ("injected", "right"), ("expected", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("decisions", justify="left")
+    table.add_column("mismatches", justify="right")
+    for truth, row in score["classes"].items():
+        expected = ", ".join(f"{k} {n:,}" for k, n in row["expected"].items())
+        decided = ", ".join(f"{k} {n:,}" for k, n in sorted(row["decisions"].items(), key=lambda kv: -kv[1]))
+        bad = row["mismatches"]
+        table.add_row(truth, f"{row['injected']:,}", expected, decided, f"[red]{bad:,}[/]" if bad else "0")
+    checks = score["output_checks"]
+    table.caption = (
+        f"read back: {checks['rows_read_back']:,} rows; NaN/inf {checks['non_finite_values']}, "
+        f"files with naive timestamps {checks['files_with_naive_timestamps']}, "
+        f"beyond the future tolerance {checks['beyond_future_tolerance']}; "
+        f"quarantine rows {score.get('quarantine_rows', 0):,}"
+    )
     return table
 
 

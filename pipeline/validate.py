@@ -336,8 +336,10 @@ class Validator:
             if len(state.recent) > self.settings.dedup_window:
                 state.recent_set.discard(state.recent.popleft())
             if ts >= state.newest_ts_ns:
-                # An accepted future timestamp must not push the watermark ahead and make every later reading late.
-                state.newest_ts_ns = min(ts, now + self._future_ns)
+                # The watermark never runs ahead of the pipeline clock: a reading from a clock that is fast
+                # (within the future tolerance, or accepted by policy) would otherwise make every later
+                # reading of its machine late.
+                state.newest_ts_ns = min(ts, now)
                 state.newest_mileage = mileage
 
 

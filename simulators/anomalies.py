@@ -298,15 +298,13 @@ def _apply(spec: AnomalySpec, message: Message, past: _History, zone: ZoneInfo, 
         body["status"] = names[n % len(names)]
     else:
         raise ValueError(f"unknown anomaly kind {kind!r}; expected one of {', '.join(KINDS)}")
-    shifted = kind in ("out_of_order", "late") and past.newest_ts_ns is not None and instant is not None
-    behind = past.newest_ts_ns - instant if shifted and past.newest_ts_ns is not None and instant is not None else None
     return replace(
         message,
         payload=payload if payload is not None else _dumps(body),
         truth=label,
         ts_ns=instant,
         copy=kind == "duplicate",
-        behind_ns=behind,
+        newest_ns=past.newest_ts_ns,
     )
 
 

@@ -8,15 +8,13 @@ pipeline.
 
 from __future__ import annotations
 
-from urllib.parse import quote
-
 import asyncio
 import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion

@@ -88,8 +88,8 @@ class Message:
     """The instant its ``ts`` denotes (UTC ns); None when it has no single true instant."""
     copy: bool = False
     """A second send of an earlier message (``duplicate``): same seq, counted apart by the ledger."""
-    behind_ns: int | None = None
-    """For ``out_of_order``/``late``: how far behind its machine's newest reading the timestamp is."""
+    newest_ns: int | None = None
+    """Instant of its machine's newest earlier clean reading, where the validator's watermark stands; anomalies only."""
 
 
 def planned_count(spec: StreamSpec) -> int:
