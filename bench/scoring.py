@@ -160,10 +160,10 @@ def expect(message: Message, v: ValidateSettings, now_ns: int) -> Expectation:
             return _reject("far_past")
     if message.copy and rules.duplicate == "reject":
         return _reject("duplicate")
-    if instant is not None and message.newest_ns is not None and rules.late == "reject":
-        # Lateness is judged on the instant the validator sees (a repaired local time may land months away).
-        if message.newest_ns - instant > v.watermark * 1e9:
-            return _reject("late")
+    # Lateness is judged on the instant the validator sees (a repaired local time may land months away).
+    newest = message.newest_ns
+    if instant is not None and newest is not None and rules.late == "reject" and newest - instant > v.watermark * 1e9:
+        return _reject("late")
     if truth == "mileage_backwards" and rules.mileage_backwards == "reject":
         return _reject("mileage_backwards")
     return Expectation(
