@@ -430,7 +430,8 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
             and not isinstance(err["input"], dict | list)
         ):
             msg = f"{msg} (got {err['input']!r})"
-        lines.append(f"{path}: {loc or '<top>'}: {msg}")
+        # A check across fields names its own location in the message.
+        lines.append(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
     return "\n".join(lines)
 
 

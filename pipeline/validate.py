@@ -159,6 +159,9 @@ class Validator:
     ) -> Reading:
         rules = self.rules
         repairs: list[str] = []
+        # First: an OPC UA Bad value may carry no value at all, and "status_bad" says why better than
+        # "missing_field" would.
+        self._status(obj.get("status", "Good"))
         missing = [name for name in REQUIRED if name not in obj]
         nulls = [name for name in REQUIRED if name in obj and obj[name] is None]
         if missing or nulls:
@@ -183,7 +186,6 @@ class Validator:
                 )
             if numbers["mileage"] < 0:
                 raise _Reject("out_of_range", f"mileage: expected >= 0, got {numbers['mileage']}")
-        self._status(obj.get("status", "Good"))
         if rules.extra_fields == "reject":
             extra = sorted(set(obj) - KNOWN_FIELDS)
             if extra:

@@ -246,18 +246,22 @@ class PlantServer:
         status_name = body.get("status", "Good")
         code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status_name, StatusCodes.Good)))
 
-        def value(v: Any, kind: ua.VariantType) -> ua.DataValue:
+        good = ua.StatusCode(cast(ua.UInt32, StatusCodes.Good))
+
+        def value(v: Any, kind: ua.VariantType, status: ua.StatusCode = code) -> ua.DataValue:
             return ua.DataValue(
                 ua.Variant(v, kind),
-                StatusCode=code,
+                StatusCode=status,
                 SourceTimestamp=cast(ua.DateTime, source),
                 ServerTimestamp=cast(ua.DateTime, written),
             )
 
         await server.write_attribute_value(nodes["load_rate"], value(float(body["load_rate"]), ua.VariantType.Double))
         await server.write_attribute_value(nodes["mileage"], value(float(body["mileage"]), ua.VariantType.Double))
-        await server.write_attribute_value(nodes["status"], value(status_name, ua.VariantType.String))
-        await server.write_attribute_value(nodes["seq"], value(int(body["seq"]), ua.VariantType.Int64))
+        # The status belongs to the measurements; the gateway's own Status and Seq variables stay Good
+        # (a Bad DataValue carries no value, and the reading's seq must survive).
+        await server.write_attribute_value(nodes["status"], value(status_name, ua.VariantType.String, good))
+        await server.write_attribute_value(nodes["seq"], value(int(body["seq"]), ua.VariantType.Int64, good))
         self.written += 1
         return True
 

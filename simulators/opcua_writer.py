@@ -89,11 +89,14 @@ class RemotePlant:
         source = datetime.fromisoformat(body["ts"]).astimezone(UTC)
         status = body.get("status", "Good")
         code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status, StatusCodes.Good)))
+        good = ua.StatusCode(cast(ua.UInt32, StatusCodes.Good))
+        # The status belongs to the measurements; the gateway's own Status and Seq variables stay Good
+        # (a Bad DataValue carries no value, and the reading's seq must survive).
         values = [
             _value(float(body["load_rate"]), ua.VariantType.Double, code, source),
             _value(float(body["mileage"]), ua.VariantType.Double, code, source),
-            _value(status, ua.VariantType.String, code, source),
-            _value(int(body["seq"]), ua.VariantType.Int64, code, source),
+            _value(status, ua.VariantType.String, good, source),
+            _value(int(body["seq"]), ua.VariantType.Int64, good, source),
         ]
         try:
             await self._client.write_values(nodes, values)

@@ -1,0 +1,161 @@
+"""End to end with the anomaly catalogue: every class injected, scored against the truth, read back."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as ds
+import pytest
+import sqlalchemy as sa
+
+from bench import runner
+from bench.cli import main
+from bench.scenario import load_scenario
+from simulators.anomalies import KINDS, OPCUA_KINDS
+
+FLEET_EXTRA = ["O'Hara\"; DELETE FROM readings; --", "..\\\\plant/..\\\\etc", "Presse Müller/Ω 東京 #1"]
+
+
+def every_kind(rate: float) -> str:
+    lines = [f"  - {{kind: {kind!r}, rate: {rate}}}" for kind in KINDS if not kind.startswith("dst_")]
+    # DST kinds only on machines whose zone has DST (m-0 and m-2 are in Europe/Paris).
+    lines += [
+        f"  - {{kind: {kind}, rate: {rate * 2}, machines: [m-0, m-2]}}" for kind in KINDS if kind.startswith("dst_")
+    ]
+    return "anomalies:\n" + "\n".join(lines) + "\n"
+
+
+SCENARIO = (
+    """
+name: dirt
+seed: 11
+machines:
+  count: 4
+  id: "m-{i}"
+  extra: EXTRA
+  timezone: [Europe/Paris, Asia/Kolkata]
+phases:
+  - {kind: steady, rate: 2000, duration: 2s}
+transport: {kind: memory}
+pipeline:
+  buffer: {size: 500, flush_interval: 200ms}
+  parquet: {fsync: false}
+  sql: {strategy: bulk, aggregate: raw}
+"""
+    # YAML single quotes: a quote inside is written twice.
+    .replace("EXTRA", "[" + ", ".join("'" + m.replace("'", "''") + "'" for m in FLEET_EXTRA) + "]")
+    + every_kind(0.02)
+)
+
+
+def classes(outcome: runner.RunOutcome, variant: int = 0) -> dict[str, Any]:
+    validation = outcome.results["variants"][variant]["validation"]
+    assert validation is not None
+    result: dict[str, Any] = validation["classes"]
+    return result
+
+
+def test_every_class_is_scored_and_matches_its_policy(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    outcome = runner.run(
+        load_scenario(write_scenario(SCENARIO)), runner.RunOptions(out=tmp_path / "r", calibrate=False)
+    )
+    assert outcome.ok, outcome.problems()
+    validation = outcome.results["variants"][0]["validation"]
+    assert validation["mismatches"] == 0, validation["mismatch_sample"]
+    table = classes(outcome)
+    assert set(KINDS) | {"valid"} <= set(table), set(KINDS) - set(table)
+    # A few decisions spelled out, so a wrong oracle and a wrong validator cannot agree silently.
+    assert table["nan"]["decisions"] == {"rejected:non_finite": table["nan"]["injected"]}
+    assert table["offset_timestamp"]["decisions"] == {"repaired:utc_normalised": table["offset_timestamp"]["injected"]}
+    assert table["out_of_order"]["decisions"] == {"accepted": table["out_of_order"]["injected"]}
+    assert table["duplicate"]["decisions"] == {"rejected:duplicate": table["duplicate"]["injected"]}
+    ledger = outcome.ledger
+    assert ledger.reconciled and ledger.quarantine_rows == ledger.rejected
+    checks = validation["output_checks"]
+    assert checks["non_finite_values"] == checks["files_with_naive_timestamps"] == 0
+    # Hostile but real ids: stored exactly in Parquet and SQL, and never a path.
+    data = ds.dataset(tmp_path / "r" / "data", format="parquet").to_table(columns=["machine"])
+    stored = set(data.column("machine").to_pylist())
+    assert set(FLEET_EXTRA) <= stored
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'r' / 'loading_rate.db'}")
+    with engine.connect() as conn:
+        sql_ids = {row[0] for row in conn.execute(sa.text("SELECT DISTINCT machine FROM readings"))}
+    engine.dispose()
+    assert sql_ids == stored
+    assert not any(".." in p.name for p in (tmp_path / "r").rglob("*"))
+
+
+def test_a_wrong_expectation_fails_the_run(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    """The scenario claims NaN is accepted: the truth disagrees, the run fails and says where."""
+    text = SCENARIO.split("anomalies:")[0] + "anomalies:\n  - {kind: nan, rate: 0.05, expect: accepted}\n"
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
+    assert outcome.ledger.reconciled
+    assert not outcome.ok
+    assert any("differ from the truth (nan" in p for p in outcome.problems()), outcome.problems()
+
+
+def test_a_policy_change_changes_the_expected_decisions(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
+    text = (
+        SCENARIO.split("anomalies:")[0].replace(
+            "  parquet: {fsync: false}",
+            "  parquet: {fsync: false}\n"
+            "  validate: {naive_timestamps: assume_machine_zone, rules: {wrong_type: repair}}",
+        )
+        + "anomalies:\n  - {kind: naive_timestamp, rate: 0.05}\n  - {kind: number_as_string, rate: 0.05}\n"
+    )
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
+    assert outcome.ok, outcome.problems()
+    table = classes(outcome)
+    # Every naive local time repaired to the instant its machine meant (the scorer compares each stored ts).
+    assert set(table["naive_timestamp"]["decisions"]) <= {
+        "repaired:assumed_machine_zone",
+        "rejected:ambiguous_local_time",
+    }
+    assert table["number_as_string"]["decisions"] == {
+        "repaired:number_from_string": table["number_as_string"]["injected"]
+    }
+
+
+def test_status_codes_travel_over_opcua_and_are_quarantined(
+    write_scenario: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Uncertain/Bad StatusCodes and NaN written by the plant server reach the validator's policy."""
+    text = """
+name: ua-dirt
+seed: 3
+machines: {count: 5, id: "m-{i}"}
+phases:
+  - {kind: steady, rate: 200, duration: 1.5s}
+transport: {kind: opcua, opcua: {publishing: 50ms}}
+pipeline:
+  buffer: {size: 100, flush_interval: 200ms}
+  parquet: {fsync: false}
+anomalies:
+  - {kind: status_uncertain, rate: 0.1}
+  - {kind: status_bad, rate: 0.1}
+  - {kind: nan, rate: 0.05}
+  - {kind: out_of_range, rate: 0.05}
+"""
+    outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
+    assert outcome.ok, outcome.problems()
+    table = classes(outcome)
+    assert table["status_uncertain"]["decisions"] == {
+        "rejected:status_uncertain": table["status_uncertain"]["injected"]
+    }
+    assert table["status_bad"]["decisions"] == {"rejected:status_bad": table["status_bad"]["injected"]}
+    assert table["nan"]["decisions"] == {"rejected:non_finite": table["nan"]["injected"]}
+    assert min(table[k]["injected"] for k in ("status_uncertain", "status_bad")) >= 10
+
+
+def test_kinds_that_cannot_travel_over_opcua_are_refused(
+    write_scenario: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = SCENARIO.replace("transport: {kind: memory}", "transport: {kind: opcua}")
+    path = write_scenario(text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    first = next(i for i, kind in enumerate(k for k in KINDS if not k.startswith("dst_")) if kind not in OPCUA_KINDS)
+    assert f"{path}: anomalies[{first}].kind: null cannot travel over OPC UA" in err, err
+    assert "Traceback" not in err
