@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.probes import Recorder
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PACKAGES = (
     "iiot-bench",
     "asyncua",
