@@ -159,7 +159,8 @@ def inject(
     machine)`` may refuse a kind for a machine (e.g. one on OPC UA).
     """
     rules = list(specs)
-    rng = random.Random(f"{seed}:anomalies")
+    # One random stream per rule, one draw per message: adding a rule never reshuffles the others' hits.
+    rngs = [random.Random(f"{seed}:anomalies:{i}") for i in range(len(rules))]
     zone_of = {m: ZoneInfo(z) for m, z in (zones or {}).items()}
     history: dict[str, _History] = {}
     counters = _Counters()
@@ -170,8 +171,7 @@ def inject(
         past = history.setdefault(message.machine, _History())
         elapsed_s = (message.intended_send_ns - start) / 1e9
         chosen: AnomalySpec | None = None
-        for spec in rules:
-            # One draw per (message, rule) whatever happens, so adding a rule does not reshuffle the others.
+        for spec, rng in zip(rules, rngs, strict=True):
             draw = rng.random()
             if chosen is not None or not _applies(spec, message, elapsed_s, past, eligible):
                 continue

@@ -102,8 +102,36 @@ def test_adding_a_rule_does_not_reshuffle_the_first() -> None:
     assert hit_alone == hit_both
     # Same bytes too, not just the same seqs.
     assert [m.payload for m in alone if m.truth == "nan"] == [m.payload for m in both if m.truth == "nan"]
+    # The appended rule only takes what the first left, and adding a third moves neither.
     inf_hits = {m.seq for m in both if m.truth == "inf"}
     assert inf_hits and not inf_hits & hit_both
+    three = run(messages, [nan, AnomalySpec("inf", rate=0.3), AnomalySpec("null", rate=0.3)])
+    assert {m.seq for m in three if m.truth == "nan"} == hit_both
+    assert {m.seq for m in three if m.truth == "inf"} == inf_hits
+
+
+def test_one_draw_per_rule_whatever_the_rules_do() -> None:
+    """What the one-draw-per-(message, rule) scheme does guarantee: a rule's rate, window, machines or
+    eligibility never move the other rules' draws; it only takes (first wins) messages they would have hit."""
+    messages = clean(2000)
+    second = AnomalySpec("inf", rate=0.3)
+    # With the first rule off, inf hits exactly the messages whose inf draw is below its rate.
+    candidates = {m.seq for m in run(messages, [AnomalySpec("nan", rate=0.0), second]) if m.truth == "inf"}
+    assert abs(len(candidates) / 2000 - 0.3) < 0.05
+    variants = [
+        AnomalySpec("nan", rate=0.3),
+        AnomalySpec("nan", rate=0.9),
+        AnomalySpec("nan", rate=0.5, machines=("press-0",)),
+        AnomalySpec("nan", at_s=10.0, duration_s=5.0),
+        AnomalySpec("mileage_backwards", rate=0.3),  # needs history: refuses each machine's first message
+    ]
+    for first in variants:
+        out = run(messages, [first, second])
+        first_hits = {m.seq for m in out if m.truth == first.kind}
+        assert first_hits, first
+        assert {m.seq for m in out if m.truth == "inf"} == candidates - first_hits, first
+    refused = run(messages, [AnomalySpec("nan", rate=0.9), second], eligible=lambda kind, machine: kind == "inf")
+    assert {m.seq for m in refused if m.truth == "inf"} == candidates
 
 
 # -- every kind --------------------------------------------------------------------
@@ -249,7 +277,10 @@ def test_offset_timestamp_keeps_the_instant() -> None:
 @pytest.mark.parametrize("zone", ["Europe/Paris", "America/New_York", "Asia/Kolkata", "UTC"])
 def test_naive_timestamp_is_the_machine_wall_time(zone: str) -> None:
     messages = clean(40)
-    out = labelled(run(messages, [AnomalySpec("naive_timestamp", rate=1.0)], zones=dict.fromkeys(MACHINES, zone)), "naive_timestamp")
+    out = labelled(
+        run(messages, [AnomalySpec("naive_timestamp", rate=1.0)], zones=dict.fromkeys(MACHINES, zone)),
+        "naive_timestamp",
+    )
     assert len(out) == 40
     for m in out:
         wall = datetime.fromisoformat(body(m)["ts"])
@@ -262,7 +293,9 @@ def test_naive_timestamp_is_the_machine_wall_time(zone: str) -> None:
 
 def test_dst_wall_times_for_paris() -> None:
     paris = ZoneInfo("Europe/Paris")
-    out = run(clean(40), [AnomalySpec("dst_ambiguous", rate=0.5), AnomalySpec("dst_nonexistent", rate=1.0)], zones=PARIS)
+    out = run(
+        clean(40), [AnomalySpec("dst_ambiguous", rate=0.5), AnomalySpec("dst_nonexistent", rate=1.0)], zones=PARIS
+    )
     ambiguous, nonexistent = labelled(out, "dst_ambiguous"), labelled(out, "dst_nonexistent")
     assert ambiguous and nonexistent and len(ambiguous) + len(nonexistent) == 40
     for m in ambiguous + nonexistent:
@@ -307,7 +340,11 @@ def test_hostile_ids_are_verbatim() -> None:
 
 
 def test_broken_payloads() -> None:
-    specs = [AnomalySpec("malformed_json", rate=0.3), AnomalySpec("invalid_utf8", rate=0.4), AnomalySpec("oversize", rate=1.0)]
+    specs = [
+        AnomalySpec("malformed_json", rate=0.3),
+        AnomalySpec("invalid_utf8", rate=0.4),
+        AnomalySpec("oversize", rate=1.0),
+    ]
     out = run(clean(300), specs)
     malformed, invalid, oversize = (labelled(out, s) for s in ("malformed_json", "invalid_utf8", "oversize"))
     assert malformed and invalid and oversize

@@ -505,6 +505,14 @@ def test_status_bad(status: str) -> None:
     assert isinstance(check(body(status=status), policy(status_bad="accept")), Reading)
 
 
+def test_status_checked_before_missing_fields() -> None:
+    """An OPC UA Bad value may carry no value at all: status_bad says why better than missing_field."""
+    obj = {"machine": "m-1", "seq": 3, "status": "BadNoCommunication"}
+    result = rejected(obj)
+    assert (result.reason, result.seq, result.machine) == ("status_bad", 3, "m-1")
+    assert rejected(obj, policy(status_bad="accept")).reason == "missing_field"
+
+
 def test_status_policies_are_independent() -> None:
     assert rejected(body(status="BadNoCommunication"), policy(status_uncertain="accept")).reason == "status_bad"
     assert rejected(body(status="UncertainInitialValue"), policy(status_bad="accept")).reason == "status_uncertain"
@@ -845,13 +853,18 @@ def test_first_reading_before_1677_is_not_late(ts: str) -> None:
 # --- per-machine history: duplicate, late, mileage_backwards --------------------
 
 
+def at(seconds: float) -> str:
+    """ISO text of the pipeline clock plus ``seconds`` (history tests are relative to it)."""
+    return iso(NOW_NS + round(seconds * SECOND_NS))
+
+
 def test_duplicate_seq_rejected() -> None:
     v = Validator()
     accepted(body(), v)
     result = rejected(body(), v)
     assert result.reason == "duplicate"
     assert (result.seq, result.machine) == (7, "m-1")
-    assert rejected(body(ts=iso(TS_NS + SECOND_NS), mileage=2000), v).reason == "duplicate"  # any content
+    assert rejected(body(ts=at(-1), mileage=2000), v).reason == "duplicate"  # whatever the content
 
 
 def test_duplicate_is_per_machine() -> None:
@@ -896,75 +909,76 @@ def test_dedup_window_remembers_exactly_the_last_n_seqs() -> None:
 
 def test_out_of_order_within_watermark_accepted() -> None:
     v = Validator()
-    accepted(body(seq=1), v)
-    two_s_older = accepted(body(seq=2, ts=iso(TS_NS - 2 * SECOND_NS)), v)
-    assert two_s_older.ts_ns == TS_NS - 2 * SECOND_NS
-    assert accepted(body(seq=3, ts=iso(TS_NS - 60 * SECOND_NS)), v).seq == 3  # exactly the watermark
+    accepted(body(seq=1, ts=at(0)), v)
+    two_s_older = accepted(body(seq=2, ts=at(-2)), v)
+    assert two_s_older.ts_ns == NOW_NS - 2 * SECOND_NS
+    assert accepted(body(seq=3, ts=at(-60)), v).seq == 3  # exactly the watermark
 
 
 def test_late_beyond_watermark_rejected() -> None:
     v = Validator()
-    accepted(body(seq=1), v)
-    result = rejected(body(seq=2, ts=iso(TS_NS - 120 * SECOND_NS)), v)
+    accepted(body(seq=1, ts=at(0)), v)
+    result = rejected(body(seq=2, ts=at(-120)), v)
     assert result.reason == "late"
     assert "120.0 s" in result.detail
     assert (result.seq, result.machine) == (2, "m-1")
-    assert rejected(body(seq=3, ts=iso(TS_NS - 60 * SECOND_NS - 1000)), v).reason == "late"
+    assert rejected(body(seq=3, ts=at(-60.000001)), v).reason == "late"
 
 
 def test_late_is_measured_from_the_newest_not_the_last() -> None:
     v = Validator()
-    accepted(body(seq=1), v)
-    accepted(body(seq=2, ts=iso(TS_NS - 50 * SECOND_NS)), v)
-    assert rejected(body(seq=3, ts=iso(TS_NS - 61 * SECOND_NS)), v).reason == "late"
+    accepted(body(seq=1, ts=at(0)), v)
+    accepted(body(seq=2, ts=at(-50)), v)
+    assert rejected(body(seq=3, ts=at(-61)), v).reason == "late"
 
 
 def test_late_is_per_machine() -> None:
     v = Validator()
-    accepted(body(machine="m-1", seq=1), v)
-    assert accepted(body(machine="m-2", seq=2, ts=iso(TS_NS - 3600 * SECOND_NS)), v).machine == "m-2"
+    accepted(body(machine="m-1", seq=1, ts=at(0)), v)
+    assert accepted(body(machine="m-2", seq=2, ts=at(-3600)), v).machine == "m-2"
 
 
 def test_watermark_is_configurable() -> None:
     v = make(watermark=0)
-    accepted(body(seq=1), v)
-    assert accepted(body(seq=2), v).ts_ns == TS_NS  # same instant is not behind
-    assert rejected(body(seq=3, ts=iso(TS_NS - 1000)), v).reason == "late"
+    accepted(body(seq=1, ts=at(-10)), v)
+    assert accepted(body(seq=2, ts=at(-10)), v).ts_ns == NOW_NS - 10 * SECOND_NS  # same instant is not behind
+    assert rejected(body(seq=3, ts=at(-10.000001)), v).reason == "late"
     wide = make(watermark="1h")
-    accepted(body(seq=1), wide)
-    assert accepted(body(seq=2, ts=iso(TS_NS - 3599 * SECOND_NS)), wide).seq == 2
+    accepted(body(seq=1, ts=at(0)), wide)
+    assert accepted(body(seq=2, ts=at(-3599)), wide).seq == 2
+    assert rejected(body(seq=3, ts=at(-3601)), wide).reason == "late"
 
 
 def test_late_accept_policy() -> None:
     v = policy(late="accept")
-    accepted(body(seq=1), v)
-    late = accepted(body(seq=2, ts=iso(TS_NS - 120 * SECOND_NS)), v)
-    assert late.ts_ns == TS_NS - 120 * SECOND_NS
+    accepted(body(seq=1, ts=at(0)), v)
+    late = accepted(body(seq=2, ts=at(-120)), v)
+    assert late.ts_ns == NOW_NS - 120 * SECOND_NS
 
 
 def test_late_reading_does_not_become_the_newest() -> None:
     v = policy(late="accept")
-    accepted(body(seq=1), v)
-    accepted(body(seq=2, ts=iso(TS_NS - 3600 * SECOND_NS), mileage=1), v)
+    accepted(body(seq=1, ts=at(-10), mileage=100), v)
+    accepted(body(seq=2, ts=at(-3600), mileage=1), v)
     # The newest reading is still seq 1: its mileage is the bar, its ts the watermark.
-    assert rejected(body(seq=3, ts=iso(TS_NS + SECOND_NS), mileage=1000), v).reason == "mileage_backwards"
+    assert rejected(body(seq=3, ts=at(-5), mileage=50), v).reason == "mileage_backwards"
 
 
 def test_mileage_backwards_rejected() -> None:
     v = Validator()
-    accepted(body(seq=1, mileage=100), v)
-    result = rejected(body(seq=2, ts=iso(TS_NS + SECOND_NS), mileage=99.5), v)
+    accepted(body(seq=1, ts=at(-10), mileage=100), v)
+    result = rejected(body(seq=2, ts=at(-9), mileage=99.5), v)
     assert result.reason == "mileage_backwards"
     assert "99.5" in result.detail and "100" in result.detail
-    assert accepted(body(seq=3, ts=iso(TS_NS + 2 * SECOND_NS), mileage=100), v).mileage == 100.0  # equal is fine
-    assert rejected(body(seq=4, ts=iso(TS_NS + 2 * SECOND_NS), mileage=50), v).reason == "mileage_backwards"
+    assert accepted(body(seq=3, ts=at(-8), mileage=100), v).mileage == 100.0  # equal is fine
+    assert rejected(body(seq=4, ts=at(-8), mileage=50), v).reason == "mileage_backwards"  # same ts compares
 
 
 def test_mileage_of_an_older_reading_is_not_compared() -> None:
     """Out of order within the watermark: an older reading naturally has a lower mileage."""
     v = Validator()
-    accepted(body(seq=2, mileage=100), v)
-    assert accepted(body(seq=1, ts=iso(TS_NS - 2 * SECOND_NS), mileage=90), v).mileage == 90.0
+    accepted(body(seq=2, ts=at(-1), mileage=100), v)
+    assert accepted(body(seq=1, ts=at(-3), mileage=90), v).mileage == 90.0
 
 
 def test_mileage_backwards_is_per_machine() -> None:
@@ -975,38 +989,59 @@ def test_mileage_backwards_is_per_machine() -> None:
 
 def test_mileage_backwards_accept_policy() -> None:
     v = policy(mileage_backwards="accept")
-    accepted(body(seq=1, mileage=100), v)
-    assert accepted(body(seq=2, ts=iso(TS_NS + SECOND_NS), mileage=1), v).mileage == 1.0
+    accepted(body(seq=1, ts=at(-10), mileage=100), v)
+    assert accepted(body(seq=2, ts=at(-9), mileage=1), v).mileage == 1.0
 
 
-def test_watermark_clamped_to_future_tolerance() -> None:
-    """The newest ts counts at most now + future_tolerance, so one reading from a broken clock (accepted
-    by policy) cannot hold the machine's later readings back; here future_tolerance < watermark."""
-    v = make(future_tolerance=30, rules={"future_timestamp": "accept"})
+@pytest.mark.parametrize(
+    "rules", [{"future_timestamp": "accept"}, {"future_timestamp": "accept", "far_past": "accept"}]
+)
+def test_accepted_future_timestamp_does_not_make_the_next_reading_late(rules: dict[str, str]) -> None:
+    """The watermark never runs ahead of the pipeline clock: one reading from a broken clock
+    (accepted by policy) cannot hold back the machine's on-time readings."""
+    v = policy(**rules)
     assert accepted(body(seq=1, ts="2030-01-01T00:00:00Z"), v).ts_ns == ns_at("2030-01-01T00:00:00Z")
-    assert accepted(body(seq=2), v).ts_ns == TS_NS
-    assert accepted(body(seq=3, ts=iso(TS_NS - 29 * SECOND_NS)), v).seq == 3
+    assert accepted(body(seq=2, ts=at(0)), v).ts_ns == NOW_NS
+    assert accepted(body(seq=3, ts=at(-59)), v).seq == 3
+    assert rejected(body(seq=4, ts=at(-61)), v).reason == "late"  # measured from the clock, not from 2030
+
+
+def test_future_timestamp_within_tolerance_does_not_make_the_next_reading_late() -> None:
+    v = Validator()
+    accepted(body(seq=1, ts=at(240)), v)  # a fast clock, within future_tolerance
+    assert accepted(body(seq=2, ts=at(0)), v).ts_ns == NOW_NS
+    assert accepted(body(seq=3, ts=at(-60)), v).seq == 3
+
+
+def test_watermark_follows_the_clock_of_each_check() -> None:
+    """now_ns moves on: the clamp is to the clock of the check that accepted the reading."""
+    v = policy(future_timestamp="accept")
+    accepted(body(seq=1, ts="2030-01-01T00:00:00Z"), v, now=NOW_NS)
+    accepted(body(seq=2, ts=at(3600)), v, now=NOW_NS + 3600 * SECOND_NS)  # an hour later, on time
+    assert rejected(body(seq=3, ts=at(0)), v, now=NOW_NS + 3600 * SECOND_NS).reason == "late"
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG in pipeline/validate.py: the watermark is clamped to now + future_tolerance (300 s by default), "
-    "which is more than the watermark (60 s), so after an accepted future reading the next on-time reading is late",
+    reason="BUG in pipeline/validate.py: newest_ts_ns is clamped to the pipeline clock, and the same clamped value "
+    "decides which readings are compared for mileage_backwards; so readings of a machine whose clock is ahead "
+    "(within future_tolerance) that arrive out of order are all compared, and an older one is refused",
 )
-def test_accepted_future_timestamp_does_not_make_the_next_reading_late() -> None:
-    v = policy(future_timestamp="accept")
-    accepted(body(seq=1, ts="2030-01-01T00:00:00Z"), v)
-    accepted(body(seq=2), v)
+def test_out_of_order_readings_ahead_of_the_clock_keep_their_mileage() -> None:
+    v = Validator()
+    accepted(body(seq=2, ts=at(2), mileage=100), v)  # the machine's clock is 2 s fast
+    # seq 1 was measured a second earlier (lower mileage) and arrives second: out of order, not backwards.
+    assert accepted(body(seq=1, ts=at(1), mileage=99), v).mileage == 99.0
 
 
 def test_history_survives_rule_rejections() -> None:
     """Rejections in between (any rule) leave the machine's state as it was."""
     v = Validator()
-    accepted(body(seq=1, mileage=100), v)
+    accepted(body(seq=1, ts=at(-10), mileage=100), v)
     for bad in (body(seq=2, load_rate=-1), body(seq=2, ts="2030-01-01T00:00:00Z"), body(seq=2, status="Bad")):
         rejected(bad, v)
-    assert rejected(body(seq=2, ts=iso(TS_NS + SECOND_NS), mileage=99), v).reason == "mileage_backwards"
-    assert accepted(body(seq=2, ts=iso(TS_NS + SECOND_NS), mileage=101), v).seq == 2
+    assert rejected(body(seq=2, ts=at(-9), mileage=99), v).reason == "mileage_backwards"
+    assert accepted(body(seq=2, ts=at(-9), mileage=101), v).seq == 2
 
 
 # --- thread safety -------------------------------------------------------------

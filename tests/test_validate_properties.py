@@ -8,9 +8,12 @@ the default settings and under random ones; the history rules (duplicate, late,
 mileage_backwards) agree with a small model; timestamps give the exact instant.
 
 Example counts: the two main properties (arbitrary bytes, JSON objects around the
-required keys) run 10,000 examples each, as the issue requires. The others run
-fewer so that this file stays well under 90 s on a 2-core machine; their inputs
-are narrower, so fewer examples cover them (see ``SMALL``/``MEDIUM``).
+required keys) run 10,000 examples each, as the issue requires (about 25 s each
+on the 2-core CI machine). The others run 300 to 2,000 (``HISTORY``, ``MEDIUM``,
+``SMALL``) so that the whole file stays under about 90 s: 10,000 of each would
+take several minutes. Their inputs are narrower (one field, one rule, a few
+machines), so fewer examples cover them. The xfail properties (known bugs, see
+``KNOWN_BUG``) stop at the first counterexample.
 ``derandomize=True``: a fixed seed per test, so CI runs are reproducible and never
 flaky; ``database=None``: nothing is written to ``.hypothesis/``.
 """
@@ -29,7 +32,7 @@ from zoneinfo import ZoneInfo
 
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RulePolicies, ValidateSettings
@@ -44,7 +47,6 @@ YEAR_1_NS = -62_135_596_800 * SECOND_NS  # 0001-01-01T00:00:00Z
 YEAR_10000_NS = 253_402_300_800 * SECOND_NS  # 10000-01-01T00:00:00Z, exclusive
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 DEFAULT = ValidateSettings()
-HISTORY_REASONS = frozenset({"duplicate", "late", "mileage_backwards"})
 MACHINES = ("m-1", "m-2", "press-3")
 ZONES = (
     "UTC",
@@ -70,8 +72,11 @@ MAIN = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-MEDIUM = settings(MAIN, max_examples=3_000)
-SMALL = settings(MAIN, max_examples=1_000)
+HISTORY = settings(MAIN, max_examples=1_500)
+MEDIUM = settings(MAIN, max_examples=1_000)
+SMALL = settings(MAIN, max_examples=500)
+# For the properties marked xfail (known bugs): stop at the first failure, do not spend time shrinking it.
+KNOWN_BUG = settings(SMALL, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 
 
 # --- checks ------------------------------------------------------------------------
@@ -250,28 +255,36 @@ timestamps: st.SearchStrategy[Any] = st.one_of(
     texts,
     json_values,
 )
-machines = st.sampled_from(MACHINES) | texts | st.just("x" * 256) | json_values
-load_rates = st.floats(0, 100) | st.integers(0, 100) | st.floats() | huge_ints | number_strings | json_values
-mileages = st.floats(0, 1e9) | st.integers(0, 10**12) | st.floats() | huge_ints | number_strings | json_values
-seqs = st.integers(0, 2**63 - 1) | st.integers(-(2**64), 2**64) | huge_ints | json_values
-status_names = st.sampled_from(["Good", "Bad", "BadSensorFailure", "Uncertain", "UncertainInitialValue", "GoodClamped"])
-statuses: st.SearchStrategy[Any] = (
-    status_names | st.tuples(st.sampled_from(["Good", "Bad", "Uncertain", ""]), texts).map("".join) | json_values
+# Per field: a plausible value, or anything (wrong types, out of range, odd text).
+plausible_machines = st.sampled_from(MACHINES) | st.text(st.characters(codec="ascii", min_codepoint=32), min_size=1)
+plausible_timestamps: st.SearchStrategy[Any] = st.one_of(
+    st.tuples(near_now_ns, offsets).map(lambda t: iso(t[0], t[1].utcoffset(None))),
+    near_now_ns.map(iso),
+    near_now_ns.map(lambda ns: ns // 10**6),
 )
+FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
+    "machine": (plausible_machines, texts | st.just("x" * 256) | json_values),
+    "ts": (plausible_timestamps, timestamps),
+    "load_rate": (st.floats(0, 100) | st.integers(0, 100), st.floats() | huge_ints | number_strings | json_values),
+    "mileage": (st.floats(0, 1e9) | st.integers(0, 10**12), st.floats() | huge_ints | number_strings | json_values),
+    "seq": (st.integers(0, 2**63 - 1), st.integers(-(2**64), 2**64) | huge_ints | json_values),
+    "status": (
+        st.just("Good"),
+        st.sampled_from(["Bad", "BadSensorFailure", "Uncertain", "UncertainInitialValue", "GoodClamped"])
+        | st.tuples(st.sampled_from(["Good", "Bad", "Uncertain", ""]), texts).map("".join)
+        | json_values,
+    ),
+}
 
 
 @st.composite
 def json_objects(draw: st.DrawFn) -> dict[str, Any]:
-    """An object around the required keys: plausible or mixed-type values, maybe a key gone, extra keys."""
-    obj: dict[str, Any] = {
-        "machine": draw(machines),
-        "ts": draw(timestamps),
-        "load_rate": draw(load_rates),
-        "mileage": draw(mileages),
-        "seq": draw(seqs),
-    }
-    if draw(st.booleans()):
-        obj["status"] = draw(statuses)
+    """An object around the required keys: each value plausible (3 in 4) or anything, maybe a key gone, extras."""
+    obj: dict[str, Any] = {}
+    for name, (plausible, anything) in FIELDS.items():
+        if name == "status" and draw(st.booleans()):
+            continue  # optional
+        obj[name] = draw(anything if draw(st.integers(0, 3)) == 0 else plausible)
     if draw(st.integers(0, 4)) == 0:
         for name in draw(st.sets(st.sampled_from(REQUIRED), max_size=2)):
             del obj[name]
@@ -284,7 +297,8 @@ def to_payload(value: Any, ensure_ascii: bool = True) -> bytes:
     return json.dumps(value, ensure_ascii=ensure_ascii).encode("utf-8", "surrogatepass")
 
 
-payload_of_objects = st.tuples(json_objects(), st.booleans()).map(lambda t: to_payload(*t))
+# Mostly ASCII-escaped JSON; sometimes raw UTF-8 (where a lone surrogate becomes invalid UTF-8).
+payload_of_objects = st.tuples(json_objects(), st.sampled_from([True, True, True, False])).map(lambda t: to_payload(*t))
 
 
 @st.composite
@@ -314,7 +328,7 @@ def validate_settings(draw: st.DrawFn) -> ValidateSettings:
             "past_tolerance": draw(durations.filter(lambda d: d > 0)),
             "watermark": draw(durations),
             "naive_timestamps": draw(st.sampled_from(["reject", "assume_utc", "assume_machine_zone"])),
-            "max_payload": draw(st.sampled_from([65_536, 1]) | st.integers(1, 400)),
+            "max_payload": draw(st.integers(1, 400)) if draw(st.integers(0, 3)) == 0 else 65_536,
             "load_rate_range": draw(st.sampled_from([(0.0, 100.0), (low, high)])),
             "machines": draw(st.none() | st.tuples() | st.lists(st.sampled_from(MACHINES), max_size=3).map(tuple)),
             "timezones": draw(st.dictionaries(st.sampled_from(MACHINES), zone_names, max_size=3)),
@@ -367,12 +381,12 @@ def test_json_object_strategy_reaches_every_outcome() -> None:
 
 
 @MEDIUM
-@given(validate_settings(), payload_of_objects | mutated())
+@given(validate_settings(), payload_of_objects | mutated() | st.binary(max_size=300))
 def test_random_settings_never_raise_and_keep_the_invariants(s: ValidateSettings, payload: bytes) -> None:
     outcome(check_fresh(payload, s), payload, s)
 
 
-@SMALL
+@settings(SMALL, max_examples=300)
 @given(validate_settings(), st.lists(payload_of_objects, min_size=2, max_size=6))
 def test_random_settings_with_history_never_raise(s: ValidateSettings, payloads: list[bytes]) -> None:
     v = Validator(s)
@@ -433,7 +447,7 @@ def odd_status_or_extra_key(draw: st.DrawFn) -> bytes:
     return to_payload(obj)
 
 
-@SMALL
+@KNOWN_BUG
 @given(validate_settings(), payload_of_objects | odd_status_or_extra_key())
 def test_rejections_are_writable_to_quarantine(s: ValidateSettings, payload: bytes) -> None:
     result = check_fresh(payload, s)
@@ -445,8 +459,9 @@ def test_rejections_are_writable_to_quarantine(s: ValidateSettings, payload: byt
     strict=True,
     reason="BUG in pipeline/validate.py: a machine's newest ts starts at -(2**63) ns (1677-09-21), so a first "
     "reading before 1677 (far_past accepted) is rejected as late (see test_validate.py)",
+    raises=AssertionError,
 )
-@SMALL
+@KNOWN_BUG
 @given(st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31)))
 def test_first_message_is_never_late(moment: datetime) -> None:
     s = ValidateSettings.model_validate({"rules": {"far_past": "accept", "future_timestamp": "accept"}})
@@ -460,20 +475,26 @@ def test_first_message_is_never_late(moment: datetime) -> None:
 
 @dataclass
 class MachineModel:
-    newest_ts: float = -math.inf
-    newest_mileage: float = -math.inf
+    watermark: float = -math.inf  # newest accepted ts, never ahead of the clock that accepted it
+    newest_ts: float = -math.inf  # newest accepted ts
+    newest_mileage: float = -math.inf  # the mileage of that reading
     recent: deque[int] = field(default_factory=deque)
 
 
-history_messages = st.fixed_dictionaries(
-    {
-        "machine": st.sampled_from(MACHINES[:2]),
-        "seq": st.integers(0, 6),
-        "ts": st.integers(-150, 400).map(lambda s: iso(NOW_NS + s * SECOND_NS)),
-        "mileage": st.integers(0, 6),
-        "load_rate": st.sampled_from([50, 50, 50, 150]),
-    }
-)
+def history_messages(most_ahead_s: int) -> st.SearchStrategy[dict[str, Any]]:
+    """Few machines, seqs and mileages, so duplicates, late and backwards readings are frequent."""
+    return st.fixed_dictionaries(
+        {
+            "machine": st.sampled_from(MACHINES[:2]),
+            "seq": st.integers(0, 6),
+            "advance_s": st.integers(0, 30),  # the pipeline clock moves on between messages
+            "offset_s": st.integers(-150, most_ahead_s),  # ts relative to the clock at the check
+            "mileage": st.integers(0, 6),
+            "load_rate": st.sampled_from([50, 50, 50, 150]),
+        }
+    )
+
+
 history_settings = st.builds(
     lambda s, future, watermark, window: s.model_copy(
         update={"future_tolerance": future, "watermark": watermark, "dedup_window": window}
@@ -485,33 +506,39 @@ history_settings = st.builds(
 )
 
 
-@MEDIUM
-@given(history_settings, st.lists(history_messages, min_size=1, max_size=12))
-def test_history_rules_agree_with_a_model(s: ValidateSettings, messages: list[dict[str, Any]]) -> None:
-    """duplicate, late and mileage_backwards fire exactly when the model says, in that order."""
+def check_history_against_model(s: ValidateSettings, messages: list[dict[str, Any]]) -> None:
+    """duplicate, late and mileage_backwards fire exactly when the model says, in that order.
+
+    The model: a seq is a duplicate while it is among the last dedup_window accepted seqs; a reading
+    is late when older than the watermark (the newest accepted ts, clamped to the pipeline clock of the
+    check that accepted it) minus the watermark setting; its mileage is compared with the newest
+    accepted reading's when it is not older than that reading.
+    """
     v = Validator(s)
-    rules = s.rules
-    future_ns, watermark_ns = int(s.future_tolerance * 1e9), int(s.watermark * 1e9)
+    watermark_ns = int(s.watermark * 1e9)
     model: dict[str, MachineModel] = {}
+    clock = NOW_NS
     for msg in messages:
-        payload = to_payload(msg)
-        result = v.check(payload, TOPIC, NOW_NS)
-        outcome(result, payload, s)
-        alone = Validator(s).check(payload, TOPIC, NOW_NS)
+        clock += msg["advance_s"] * SECOND_NS
+        ts = clock + msg["offset_s"] * SECOND_NS
+        obj = {key: msg[key] for key in ("machine", "seq", "mileage", "load_rate")} | {"ts": iso(ts)}
+        payload = to_payload(obj)
+        result = v.check(payload, TOPIC, clock)
+        outcome(result, payload, s, clock)
+        alone = Validator(s).check(payload, TOPIC, clock)
         if isinstance(alone, Rejection):
             # Refused on its own: history plays no part, the same rule refuses it here.
             assert isinstance(result, Rejection) and result.reason == alone.reason
             continue
         state = model.setdefault(msg["machine"], MachineModel())
-        ts = ns_of(datetime.fromisoformat(msg["ts"]))
         violated = [
             reason
             for reason, hit in (
                 ("duplicate", msg["seq"] in state.recent),
-                ("late", ts < state.newest_ts - watermark_ns),
+                ("late", ts < state.watermark - watermark_ns),
                 ("mileage_backwards", ts >= state.newest_ts and msg["mileage"] < state.newest_mileage),
             )
-            if hit and getattr(rules, reason) == "reject"
+            if hit and getattr(s.rules, reason) == "reject"
         ]
         if violated:
             assert isinstance(result, Rejection) and result.reason == violated[0], (result, violated)
@@ -520,9 +547,35 @@ def test_history_rules_agree_with_a_model(s: ValidateSettings, messages: list[di
         state.recent.append(msg["seq"])
         if len(state.recent) > s.dedup_window:
             state.recent.popleft()
+        state.watermark = max(state.watermark, min(ts, clock))
         if ts >= state.newest_ts:
-            state.newest_ts = min(ts, NOW_NS + future_ns)
-            state.newest_mileage = msg["mileage"]
+            state.newest_ts, state.newest_mileage = ts, msg["mileage"]
+
+
+@HISTORY
+@given(history_settings, st.lists(history_messages(most_ahead_s=0), min_size=1, max_size=12))
+def test_history_rules_agree_with_a_model(s: ValidateSettings, messages: list[dict[str, Any]]) -> None:
+    """Timestamps up to the pipeline clock (the usual case: a message is sent before it is received)."""
+    check_history_against_model(s, messages)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG in pipeline/validate.py: the newest ts clamped to the pipeline clock also decides which readings "
+    "are compared for mileage_backwards, so an older reading from a machine whose clock is ahead is refused "
+    "(see test_validate.py::test_out_of_order_readings_ahead_of_the_clock_keep_their_mileage)",
+    raises=AssertionError,
+)
+@KNOWN_BUG
+@given(
+    st.sampled_from([0.0, 60.0]).map(lambda w: ValidateSettings(watermark=w)),
+    st.lists(history_messages(most_ahead_s=300), min_size=1, max_size=12),
+)
+def test_history_rules_agree_with_a_model_ahead_of_the_clock(
+    s: ValidateSettings, messages: list[dict[str, Any]]
+) -> None:
+    """Timestamps up to future_tolerance ahead of the pipeline clock (a machine whose clock is fast)."""
+    check_history_against_model(s, messages)
 
 
 @SMALL
@@ -577,7 +630,7 @@ def test_aware_iso_timestamps_give_the_exact_instant(moment: datetime, offset_po
         assert isinstance(result, Rejection) and result.reason == "bad_timestamp", (text, result)
 
 
-@MEDIUM
+@settings(MEDIUM, max_examples=2_000)
 @given(st.integers(0, 2**32 - 1), st.integers(0, 999_999))
 def test_epoch_float_seconds_keep_exact_microseconds(seconds: int, micros: int) -> None:
     """A float written with 6 decimals (until 2106) is read back as exactly those microseconds."""
@@ -671,7 +724,7 @@ def local_instants(wall: datetime, zone: ZoneInfo) -> tuple[list[int], list[int]
     return [ns_of(c) for c in real], [ns_of(c) for c in candidates]
 
 
-@MEDIUM
+@settings(MEDIUM, max_examples=2_000)
 @given(zoned_wall_times(), st.sampled_from(["repair", "reject"]), st.sampled_from(["repair", "reject"]))
 def test_naive_times_in_the_machine_zone_give_the_right_instant(
     zone_and_wall: tuple[str, datetime], ambiguous: str, nonexistent: str
