@@ -41,7 +41,7 @@ REQUIRED = ("machine", "ts", "load_rate", "mileage", "seq")
 KNOWN_FIELDS = frozenset((*REQUIRED, "status"))
 MAX_MACHINE_CHARS = 255
 # A plain decimal number, nothing Python's float() also takes ("1_000", " inf", "nan").
-_NUMBER = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # C0/C1 controls: PostgreSQL cannot store NUL at all, and none belongs in an id.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -101,7 +101,7 @@ class _Reject(Exception):
 
 @dataclass
 class _MachineState:
-    newest_ts_ns: int = -(2**63)
+    newest_ts_ns: int | None = None
     newest_mileage: float = -math.inf
     recent: deque[int] = field(default_factory=deque)
     recent_set: set[int] = field(default_factory=set)
@@ -146,7 +146,9 @@ class Validator:
         try:
             return self._check(obj, received_ns, now, seq=seq_known, machine=machine_known)
         except _Reject as refused:
-            return Rejection(refused.reason, refused.detail, payload, topic, received_ns, seq_known, machine_known)
+            # Details quote input; a lone surrogate there would make the quarantine batch unwritable.
+            detail = refused.detail.encode("utf-8", "backslashreplace").decode("utf-8")
+            return Rejection(refused.reason, detail, payload, topic, received_ns, seq_known, machine_known)
 
     def _check(
         self,
@@ -258,6 +260,9 @@ class Validator:
             return self._epoch(value, repairs)
         if not isinstance(value, str):
             raise _Reject("bad_timestamp", f"ts: expected an ISO 8601 string with a zone, got {_kind(value)}")
+        if "\x00" in value:
+            # CPython 3.11's fromisoformat stops at a NUL after "Z" and would accept trailing garbage.
+            raise _Reject("bad_timestamp", f"ts: contains NUL: {value[:64]!r}")
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
@@ -326,10 +331,12 @@ class Validator:
                 state = self._state[machine] = _MachineState()
             if rules.duplicate == "reject" and seq in state.recent_set:
                 raise _Reject("duplicate", f"seq {seq} of {machine[:64]!r} was already accepted")
-            if rules.late == "reject" and ts < state.newest_ts_ns - self._watermark_ns:
-                behind = (state.newest_ts_ns - ts) / 1e9
+            newest = state.newest_ts_ns
+            if rules.late == "reject" and newest is not None and ts < newest - self._watermark_ns:
+                behind = (newest - ts) / 1e9
                 raise _Reject("late", f"ts is {behind:.1f} s behind the machine's newest reading (watermark)")
-            if rules.mileage_backwards == "reject" and ts >= state.newest_ts_ns and mileage < state.newest_mileage:
+            later = newest is None or ts >= newest
+            if rules.mileage_backwards == "reject" and later and mileage < state.newest_mileage:
                 raise _Reject(
                     "mileage_backwards", f"mileage {mileage} is below the last accepted {state.newest_mileage}"
                 )
@@ -337,7 +344,7 @@ class Validator:
             state.recent_set.add(seq)
             if len(state.recent) > self.settings.dedup_window:
                 state.recent_set.discard(state.recent.popleft())
-            if ts >= state.newest_ts_ns:
+            if later:
                 # The watermark never runs ahead of the pipeline clock: a reading from a clock that is fast
                 # (within the future tolerance, or accepted by policy) would otherwise make every later
                 # reading of its machine late.

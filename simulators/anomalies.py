@@ -183,6 +183,11 @@ def inject(
             continue
         zone = zone_of.get(message.machine, ZoneInfo("UTC"))
         changed = _apply(chosen, message, past, zone, counters.next(chosen.kind))
+        if changed is message:
+            # Left clean (a DST kind in a zone without DST): it is history like any clean message.
+            _remember(past, message)
+            yield message
+            continue
         if chosen.kind == "duplicate":
             _remember(past, message)
             yield message

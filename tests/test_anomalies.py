@@ -486,11 +486,6 @@ def test_validator_agrees_on_a_mixed_stream(policy: str) -> None:
     assert not problems, "\n".join(problems[:20])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generator bug: a dst_* rule that leaves a message clean (zone without DST) skips _remember(), so the "
-    "machine's later anomalies carry a stale newest_ns and the oracle misjudges lateness",
-)
 def test_message_left_clean_by_a_dst_rule_still_counts_as_history() -> None:
     # One machine, one message every 30 s: seq 0 at 0 s, seq 1 at 30 s, seq 2 at 60 s.
     messages = clean(3, rate=1 / 30, machines=("m",))

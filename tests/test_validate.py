@@ -357,11 +357,6 @@ def test_wrong_type_repair_refuses_what_is_not_a_plain_decimal(text: str) -> Non
     assert "mileage" in result.detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in pipeline/validate.py: _NUMBER uses \\d, which matches any Unicode digit, so non-ASCII "
-    "digit strings are 'repaired' although only plain decimal strings should be",
-)
 @pytest.mark.parametrize("text", ["٣", "１２", "४२"])
 def test_wrong_type_repair_refuses_non_ascii_digits(text: str) -> None:
     assert rejected(body(mileage=text), policy(wrong_type="repair")).reason == "wrong_type"
@@ -840,11 +835,6 @@ def test_far_past_accept_policy() -> None:
     assert accepted(body(ts="1700-01-01T00:00:00Z"), policy(far_past="accept")).ts_ns == ns_at("1700-01-01T00:00Z")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in pipeline/validate.py: _MachineState.newest_ts_ns starts at -(2**63) ns (1677-09-21), not below "
-    "year 1, so a machine's first reading before 1677 is rejected as 'late' behind a reading that never came",
-)
 @pytest.mark.parametrize("ts", ["1600-01-01T00:00:00Z", "0001-01-01T00:00:00Z"])
 def test_first_reading_before_1677_is_not_late(ts: str) -> None:
     assert accepted(body(ts=ts), policy(far_past="accept")).ts_ns == ns_at(ts)
@@ -1226,11 +1216,6 @@ def test_regression_naive_timestamp_at_datetime_limits_in_a_zone(ts: str) -> Non
     assert rejected(body(ts=ts), v).reason == "bad_timestamp"  # a year 0 or 10000 instant
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (CPython 3.11 datetime.fromisoformat, relied on by pipeline/validate.py): after a 'Z' the parser "
-    "stops at a NUL character, so a timestamp with trailing garbage is accepted instead of bad_timestamp",
-)
 @pytest.mark.parametrize("ts", ["2023-11-14T22:13:20Z\x00", "2023-11-14T22:13:20Z\x00garbage"])
 def test_timestamp_with_nul_and_trailing_garbage_is_bad(ts: str) -> None:
     assert rejected(body(ts=ts)).reason == "bad_timestamp"
@@ -1244,12 +1229,6 @@ def test_regression_lone_surrogate_machine_accepted() -> None:
     assert result.detail.encode()  # repr() escaped it
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="BUG in pipeline/validate.py: status and extra field names go unescaped into Rejection.detail; "
-    "a lone surrogate there makes the whole quarantine batch unwritable (pyarrow string needs UTF-8)",
-)
 @pytest.mark.parametrize(
     ("obj", "rules"),
     [
