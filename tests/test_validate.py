@@ -1230,14 +1230,19 @@ def test_regression_lone_surrogate_machine_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    ("obj", "rules"),
+    ("obj", "rules", "reason"),
     [
-        (body(status="Bad\ud800"), {}),
-        (body(status="Uncertain\udfff"), {}),
-        (body(**{"\ud800": 1}), {"extra_fields": "reject"}),
+        (body(status="Bad\ud800"), {}, "status_bad"),
+        (body(status="Uncertain\udfff"), {}, "status_uncertain"),
+        (body(**{"\ud800": 1}), {"extra_fields": "reject"}, "extra_fields"),
     ],
     ids=["status_bad", "status_uncertain", "extra_fields"],
 )
-def test_rejection_with_lone_surrogate_is_writable_to_quarantine(obj: dict[str, Any], rules: dict[str, str]) -> None:
+def test_rejection_with_lone_surrogate_is_writable_to_quarantine(
+    obj: dict[str, Any], rules: dict[str, str], reason: str
+) -> None:
+    """Details quote the input; a lone surrogate there once made the whole quarantine batch unwritable."""
     result = rejected(obj, policy(**rules))
-    pa.array([result.detail], pa.string())
+    assert result.reason == reason
+    assert pa.array([result.detail], pa.string()).to_pylist() == [result.detail]  # raised UnicodeEncodeError
+    assert "\\ud" in result.detail  # escaped, still legible
