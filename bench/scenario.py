@@ -27,7 +27,7 @@ from pipeline.config import (
     format_validation_error,
     load_yaml_mapping,
 )
-from simulators.anomalies import OPCUA_KINDS, AnomalySpec
+from simulators.anomalies import OPCUA_KINDS, AnomalyKind, AnomalySpec
 from simulators.stream import PhaseSpec, SignalSpec, StreamSpec, planned_count, total_duration_s
 
 _ENV_REF_HELP = "an environment reference such as ${MQTT_PASSWORD}"
@@ -97,35 +97,7 @@ class Machines(Frozen):
 class Anomaly(Frozen):
     """One kind of dirt to inject (``docs/validation.md`` lists every kind and what the validator does with it)."""
 
-    kind: Literal[
-        "nan",
-        "inf",
-        "null",
-        "missing_field",
-        "number_as_string",
-        "bool_value",
-        "out_of_range",
-        "mileage_backwards",
-        "future_timestamp",
-        "far_past",
-        "naive_timestamp",
-        "offset_timestamp",
-        "dst_ambiguous",
-        "dst_nonexistent",
-        "epoch_seconds",
-        "epoch_millis",
-        "duplicate",
-        "out_of_order",
-        "late",
-        "oversize",
-        "malformed_json",
-        "invalid_utf8",
-        "unknown_machine",
-        "hostile_id",
-        "extra_fields",
-        "status_uncertain",
-        "status_bad",
-    ]
+    kind: AnomalyKind
     rate: float | None = Field(
         None, gt=0, le=1, description="Fraction of eligible messages hit (default 1 inside an at/duration window)."
     )
