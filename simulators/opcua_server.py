@@ -86,6 +86,32 @@ def _iso_to_dt(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
 
 
+def reading_values(payload: bytes, server_ns: int | None = None) -> list[ua.DataValue]:
+    """The DataValues of one reading, in the order LoadRate, Mileage, Status, Seq.
+
+    Each carries the reading's SourceTimestamp (and ``server_ns`` as the
+    ServerTimestamp when given). The status belongs to the measurements; the
+    gateway's own Status and Seq variables stay Good, since a Bad DataValue
+    carries no value and the reading's seq must survive.
+    """
+    body = json.loads(payload)
+    source = cast(ua.DateTime, _iso_to_dt(body["ts"]))
+    written = cast(ua.DateTime, _dt(server_ns)) if server_ns is not None else None
+    status = body.get("status", "Good")
+    code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status, StatusCodes.Good)))
+    good = ua.StatusCode(cast(ua.UInt32, StatusCodes.Good))
+
+    def value(v: Any, kind: ua.VariantType, code: ua.StatusCode) -> ua.DataValue:
+        return ua.DataValue(ua.Variant(v, kind), StatusCode=code, SourceTimestamp=source, ServerTimestamp=written)
+
+    return [
+        value(float(body["load_rate"]), ua.VariantType.Double, code),
+        value(float(body["mileage"]), ua.VariantType.Double, code),
+        value(status, ua.VariantType.String, good),
+        value(int(body["seq"]), ua.VariantType.Int64, good),
+    ]
+
+
 class PlantServer:
     """Start an asyncua server in a thread; replay messages into it.
 
@@ -237,31 +263,12 @@ class PlantServer:
             # Down (a fault): the plant produced it, nobody could read it. Counted, never hidden.
             self.unsent.append(message.seq)
             return False
-        body = json.loads(message.payload)
         nodes = self._nodes.get(message.machine)
         if nodes is None:
             return False
-        source = _iso_to_dt(body["ts"])
-        written = _dt(now_ns)
-        status_name = body.get("status", "Good")
-        code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status_name, StatusCodes.Good)))
-
-        good = ua.StatusCode(cast(ua.UInt32, StatusCodes.Good))
-
-        def value(v: Any, kind: ua.VariantType, status: ua.StatusCode = code) -> ua.DataValue:
-            return ua.DataValue(
-                ua.Variant(v, kind),
-                StatusCode=status,
-                SourceTimestamp=cast(ua.DateTime, source),
-                ServerTimestamp=cast(ua.DateTime, written),
-            )
-
-        await server.write_attribute_value(nodes["load_rate"], value(float(body["load_rate"]), ua.VariantType.Double))
-        await server.write_attribute_value(nodes["mileage"], value(float(body["mileage"]), ua.VariantType.Double))
-        # The status belongs to the measurements; the gateway's own Status and Seq variables stay Good
-        # (a Bad DataValue carries no value, and the reading's seq must survive).
-        await server.write_attribute_value(nodes["status"], value(status_name, ua.VariantType.String, good))
-        await server.write_attribute_value(nodes["seq"], value(int(body["seq"]), ua.VariantType.Int64, good))
+        values = reading_values(message.payload, now_ns)
+        for key, value in zip(("load_rate", "mileage", "status", "seq"), values, strict=True):
+            await server.write_attribute_value(nodes[key], value)
         self.written += 1
         return True
 

@@ -9,27 +9,18 @@ SourceTimestamp; the server stamps its own ServerTimestamp.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
-from typing import Any, cast
 
-from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
-from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError
 
 from simulators.errors import SimulatorError
 from simulators.loop_thread import LoopThread
-from simulators.opcua_server import Clock, NodeNames
+from simulators.opcua_server import Clock, NodeNames, reading_values
 from simulators.publisher import apace
 from simulators.stream import Message
-
-
-def _value(v: Any, kind: ua.VariantType, code: ua.StatusCode, source: datetime) -> ua.DataValue:
-    return ua.DataValue(ua.Variant(v, kind), StatusCode=code, SourceTimestamp=cast(ua.DateTime, source))
 
 
 class RemotePlant:
@@ -85,19 +76,7 @@ class RemotePlant:
         if nodes is None:
             self.unsent.append(message.seq)
             return False
-        body = json.loads(message.payload)
-        source = datetime.fromisoformat(body["ts"]).astimezone(UTC)
-        status = body.get("status", "Good")
-        code = ua.StatusCode(cast(ua.UInt32, getattr(StatusCodes, status, StatusCodes.Good)))
-        good = ua.StatusCode(cast(ua.UInt32, StatusCodes.Good))
-        # The status belongs to the measurements; the gateway's own Status and Seq variables stay Good
-        # (a Bad DataValue carries no value, and the reading's seq must survive).
-        values = [
-            _value(float(body["load_rate"]), ua.VariantType.Double, code, source),
-            _value(float(body["mileage"]), ua.VariantType.Double, code, source),
-            _value(status, ua.VariantType.String, good, source),
-            _value(int(body["seq"]), ua.VariantType.Int64, good, source),
-        ]
+        values = reading_values(message.payload)
         try:
             await self._client.write_values(nodes, values)
         except (TimeoutError, OSError, UaError):
