@@ -19,6 +19,7 @@ from rich.table import Table
 
 from bench import runner
 from bench.errors import BenchError
+from bench.metrics import METRIC_ROWS, get_path
 from bench.scenario import json_schema, load_scenario
 
 
@@ -114,7 +115,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         if scored is not None:
             out.print(scored)
         out.print(f"results: {outcome.run_dir / 'results.json'}")
-    overhead = _get(outcome.results["variants"][0], "probes", "overhead")
+    overhead = get_path(outcome.results["variants"][0], "probes", "overhead")
     if overhead and not args.json:
         out.print(
             f"probe overhead: {overhead['ns_per_put_on'] - overhead['ns_per_put_off']:,.0f} ns per put, "
@@ -176,50 +177,6 @@ def _line_printer(console: Console, every_s: float = 5.0) -> Any:
     return update
 
 
-def _get(data: Any, *path: str) -> Any:
-    for key in path:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
-
-
-# (label, path into a variant, format, whether a ratio to the first variant is worth showing)
-_ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
-    ("  sent", ("ledger", "sent"), "{:,.0f}", False),
-    ("  persisted", ("ledger", "persisted"), "{:,.0f}", False),
-    ("  rejected", ("ledger", "rejected"), "{:,.0f}", False),
-    ("  dropped", ("ledger", "dropped"), "{:,.0f}", False),
-    ("  lost", ("ledger", "lost"), "{:,.0f}", False),
-    ("  duplicates", ("ledger", "duplicates"), "{:,.0f}", False),
-    ("offered msg/s", ("throughput", "offered_per_s"), "{:,.1f}", False),
-    ("sent msg/s", ("throughput", "sent_per_s"), "{:,.1f}", True),
-    ("persisted msg/s", ("throughput", "persisted_per_s"), "{:,.1f}", True),
-    ("end-to-end p50 ms", ("latency_ms", "end_to_end", "p50"), "{:,.1f}", True),
-    ("end-to-end p99 ms", ("latency_ms", "end_to_end", "p99"), "{:,.1f}", True),
-    ("end-to-end max ms", ("latency_ms", "end_to_end", "max"), "{:,.1f}", True),
-    ("send lag p99 ms", ("latency_ms", "send_lag", "p99"), "{:,.1f}", True),
-    ("flush p99 ms (size)", ("probes", "flush", "parquet", "size", "total_ms", "p99"), "{:,.2f}", True),
-    ("flush p99 ms (timeout)", ("probes", "flush", "parquet", "timeout", "total_ms", "p99"), "{:,.2f}", True),
-    ("lock wait p99 ms", ("probes", "lock", "wait_ms", "p99"), "{:,.3f}", True),
-    ("lock hold p99 ms", ("probes", "lock", "hold_ms", "p99"), "{:,.3f}", True),
-    ("producer stall p99 ms", ("probes", "lock", "stall_ms", "p99"), "{:,.3f}", True),
-    ("event-loop lag p99 ms", ("probes", "loop_lag_ms", "p99"), "{:,.2f}", True),
-    ("event-loop lag max ms", ("probes", "loop_lag_ms", "max"), "{:,.2f}", True),
-    ("append cost first ms", ("probes", "append_cost", "first_ms"), "{:,.2f}", True),
-    ("append cost last ms", ("probes", "append_cost", "last_ms"), "{:,.2f}", True),
-    ("append last/first", ("probes", "append_cost", "last_over_first"), "{:,.2f}", False),
-    ("append last/first (fit)", ("probes", "append_cost", "fit_last_over_first"), "{:,.2f}", False),
-    ("append slope ms/MB", ("probes", "append_cost", "slope_ms_per_mb"), "{:,.3f}", False),
-    ("parquet sink rows/s", ("throughput", "sink_rows_per_s", "parquet"), "{:,.0f}", True),
-    ("sql sink rows/s", ("throughput", "sink_rows_per_s", "sql"), "{:,.0f}", True),
-    ("opcua notifications/s", ("opcua", "notifications_per_s"), "{:,.0f}", True),
-    ("opcua capacity: pipeline / bare", ("opcua", "reference", "pipeline_fraction"), "{:.3f}", False),
-    ("queue depth max", ("probes", "queue_depth", "depth_max"), "{:,.0f}", True),
-    ("files", ("files",), "{:,.0f}", False),
-]
-
-
 def _cell(value: Any, fmt: str, base: Any, ratio: bool) -> str:
     if value is None:
         return "-"
@@ -242,20 +199,19 @@ def summary_table(results: dict[str, Any]) -> Table:
         "ledger",
         *["[green]reconciled[/]" if v["ledger"]["reconciled"] else "[red]NOT reconciled[/]" for v in variants],
     )
-    for label, path, fmt, ratio in _ROWS:
-        values = [_get(v, *path) for v in variants]
+    for label, path, fmt, ratio in METRIC_ROWS:
+        values = [get_path(v, *path) for v in variants]
         if all(v is None for v in values):
             continue
         base = values[0]
         table.add_row(label, *[_cell(val, fmt, base, ratio and i > 0) for i, val in enumerate(values)])
+    triggers = ("size", "timeout", "shutdown")
     flush_counts = [
-        "/".join(str(_get(v, "probes", "flush", "parquet", t, "count") or 0) for t in ("size", "timeout", "shutdown"))
-        for v in variants
+        "/".join(str(get_path(v, "probes", "flush", "parquet", t, "count") or 0) for t in triggers) for v in variants
     ]
     table.add_row("flushes size/timeout/shutdown", *flush_counts)
     coalesced = [
-        str(sum(_get(v, "probes", "flush", "parquet", t, "coalesced") or 0 for t in ("size", "timeout", "shutdown")))
-        for v in variants
+        str(sum(get_path(v, "probes", "flush", "parquet", t, "coalesced") or 0 for t in triggers)) for v in variants
     ]
     table.add_row("coalesced triggers", *coalesced)
     return table

@@ -36,7 +36,7 @@ def flush_summary(flushes: list[FlushStat]) -> dict[str, Any]:
             "count": len(items),
             "rows": sum(f.rows for f in items),
             "coalesced": sum(f.coalesced for f in items),
-            "total_ms": total.summary(),
+            "total_ms": total.summary(ladder=True),
             "build_ms": build.summary(),
             "write_ms": write.summary(),
             "commit_ms": commit.summary(),
@@ -118,7 +118,7 @@ def lock_summary(probes: LockProbes | None, kind: str) -> dict[str, Any]:
         return {"strategy": kind, "enabled": False}
     return {
         "strategy": kind,
-        "wait_ms": probes.wait.summary(),
+        "wait_ms": probes.wait.summary(ladder=True),
         "hold_ms": probes.hold.summary(),
         "stall_ms": probes.stall.summary(),
     }
@@ -142,6 +142,16 @@ def series_summary(samples: list[tuple[float, int, int]]) -> dict[str, Any]:
         "backlog_max": backlog[-1],
         "backlog_p99": pct(backlog, 0.99),
         "series": _downsample([[round(t, 3), d, b] for t, d, b in samples]),
+    }
+
+
+def timeline_json(samples: list[tuple[float, int, int]]) -> dict[str, list[float]]:
+    """Cumulative sent and durable counts over elapsed seconds (downsampled): throughput over time."""
+    points = _downsample(samples)
+    return {
+        "t_s": [round(t, 3) for t, _, _ in points],
+        "sent": [s for _, s, _ in points],
+        "durable": [d for _, _, d in points],
     }
 
 

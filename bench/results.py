@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.probes import Recorder
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PACKAGES = (
     "iiot-bench",
     "asyncua",

@@ -37,7 +37,15 @@ from bench.ledger import (
     reconcile,
     resolve_anonymous,
 )
-from bench.probes import append_cost, flush_summary, lock_summary, probe_overhead, series_summary, sink_rows_per_s
+from bench.probes import (
+    append_cost,
+    flush_summary,
+    lock_summary,
+    probe_overhead,
+    series_summary,
+    sink_rows_per_s,
+    timeline_json,
+)
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
 from bench.scoring import Decision, expect, read_outcomes, score
@@ -303,6 +311,7 @@ def _run_variant(
     opcua_machines = list(spec.machines[1::2] if transport.kind == "both" else spec.machines)
     logs = [_SendLog(intended, flags) for _ in range(producers)]
     samples: list[tuple[float, int, int]] = []
+    timeline: list[tuple[float, int, int]] = []  # (elapsed s, sent, durable): throughput over time
     opcua_stats: dict[str, Any] | None = None
     # The fleet and its zones filled in from the scenario: the validator knows what the plant is.
     settings = sc.validation()
@@ -435,6 +444,7 @@ def _run_variant(
             lag = max(0.0, (now - last_intended) / 1e9) if 0 < sent < planned else 0.0
             backlog = max(0, sent - durable)
             samples.append((elapsed, stats.readings.buffered if stats.readings else 0, backlog))
+            timeline.append((elapsed, sent, durable))
             return Progress(
                 variant=name,
                 variant_index=position[0],
@@ -634,6 +644,7 @@ def _run_variant(
             "sink_rows_per_s": sink_rows_per_s(flushes),
         },
         "latency_ms": {"end_to_end": e2e.summary(), "send_lag": send_lag.summary()},
+        "timeline": timeline_json(timeline),
         "probes": {
             "flush": flush_summary(flushes),
             "lock": lock,

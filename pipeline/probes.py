@@ -16,6 +16,8 @@ from hdrh.histogram import HdrHistogram
 
 # Histograms are in microseconds, 1 us to 1 hour, 3 significant digits.
 _LOWEST_US, _HIGHEST_US, _DIGITS = 1, 3_600_000_000, 3
+# Percentiles of the distribution plots in reports: enough points to draw the tail.
+LADDER_PERCENTILES = (0, 10, 25, 50, 75, 90, 95, 99, 99.9, 99.99, 100)
 
 
 class Recorder:
@@ -78,8 +80,12 @@ class Recorder:
     def percentile_ms(self, pct: float) -> float:
         return float(self.histogram().get_value_at_percentile(pct)) / 1000
 
-    def summary(self) -> dict[str, Any]:
-        """p50/p90/p99/p99.9/max/mean in ms, count and total; empty -> ``{"count": 0}``."""
+    def summary(self, ladder: bool = False) -> dict[str, Any]:
+        """p50/p90/p99/p99.9/max/mean in ms, count and total; empty -> ``{"count": 0}``.
+
+        With ``ladder``, also ``"ladder": [[percentile, ms], ...]`` at :data:`LADDER_PERCENTILES`, the
+        whole distribution in a few points (what a report plots).
+        """
         if self._count == 0:
             return {"count": 0}
         hist = self.histogram()
@@ -94,6 +100,13 @@ class Recorder:
             "count": self._count,
             "total": round(self.total_ns / 1e6, 3),
         }
+        if ladder:
+            values = hist.get_percentile_to_value_dict([p for p in LADDER_PERCENTILES if 0 < p < 100])
+            out["ladder"] = [
+                [0, hist.get_min_value() / 1000],
+                *([p, values[p] / 1000] for p in LADDER_PERCENTILES if 0 < p < 100),
+                [100, hist.get_max_value() / 1000],
+            ]
         if self.below_zero:
             out["below_zero"] = self.below_zero
         if self.clipped:
