@@ -45,6 +45,30 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers separated by commas, e.g. 1,2, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive whole numbers, e.g. 1,2, got {text!r}")
+    return values
+
+
+def _rate_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected rates separated by commas, e.g. 500,1000,2000, got {text!r}"
+        ) from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive rates, e.g. 500,1000,2000, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench", description="Test bench for industrial-IoT ingestion pipelines.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_run.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
     p_run.add_argument("--json", action="store_true", help="print results.json to stdout instead of the table")
+    p_cap = sub.add_parser(
+        "capacity", help="step the offered rate until the pipeline cannot keep up: sustainable throughput, knee, USL"
+    )
+    p_cap.add_argument("scenario", type=Path, help="scenario YAML file with a capacity: section")
+    p_cap.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-capacity-<UTC time>/)")
+    p_cap.add_argument("--broker", metavar="URL", help="broker instead of the scenario's, e.g. mqtt://127.0.0.1:1883")
+    p_cap.add_argument("--workers", type=_int_list, metavar="N[,N...]", help="pipeline worker counts, e.g. 1,2")
+    p_cap.add_argument("--rates", type=_rate_list, metavar="R[,R...]", help="offered rates of the steps (msg/s)")
+    p_cap.add_argument("--step", type=_positive_seconds, metavar="S", help="duration of each step, e.g. 10s")
+    p_cap.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
+    p_cap.add_argument("--json", action="store_true", help="print results.json to stdout instead of the tables")
+    p_rep = sub.add_parser("report", help="write report.html (self-contained) and summary.md from run folders")
+    p_rep.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders (or their results.json)")
+    p_rep.add_argument("--out", type=Path, help="folder for report.html and summary.md (default: the first run's)")
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
     p_val.add_argument("scenario", type=Path, nargs="+")
     sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
@@ -82,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
             for path in args.scenario:
                 loaded = load_scenario(path)
                 out.print(f"{path}: ok ({loaded.scenario.name}, {len(loaded.scenario.phases)} phases)")
+            return 0
+        if args.command == "capacity":
+            return _capacity(args, out, err)
+        if args.command == "report":
+            from bench.report import write_report
+
+            paths = write_report(args.runs, args.out)
+            out.print(f"report: {paths.html}\nsummary: {paths.markdown}")
             return 0
         return _run(args, out, err)
     except BenchError as exc:
@@ -128,6 +174,130 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from bench import capacity
+
+    loaded = load_scenario(args.scenario)
+    options = capacity.CapacityOptions(
+        out=args.out, broker=args.broker, workers=args.workers, rates=args.rates, step_s=args.step
+    )
+    show = not args.quiet and not args.json
+    outcome = capacity.run_capacity(loaded, options, on_progress=_capacity_printer(err) if show else None)
+    if args.json:
+        print(json.dumps(outcome.results, indent=2))
+    else:
+        for table in capacity_tables(outcome.results):
+            out.print(table)
+        for line in capacity_lines(outcome.results):
+            out.print(line)
+        report = outcome.run_dir / "report.html"
+        out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report.exists() else ""))
+    if not outcome.ok:
+        err.print("bench: FAILED: the capacity run did not pass its checks", style="bold red")
+        for problem in outcome.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _capacity_printer(console: Console, every_s: float = 2.0) -> Any:
+    """A status line every few seconds and one per finished step (works in a terminal and in CI logs)."""
+    last = [-every_s]
+
+    def update(p: Any) -> None:
+        done = p.phase not in ("send", "drain")
+        if not done and p.elapsed_s - last[0] < every_s and p.elapsed_s >= last[0]:
+            return
+        last[0] = -every_s if done else p.elapsed_s
+        where = f"workers={p.workers} step {p.step + 1}/{p.steps} offered {p.offered_per_s:,.0f} msg/s"
+        if done:
+            console.print(f"{where}: [bold]{p.phase}[/]", highlight=False)
+        else:
+            console.print(
+                f"{where} {p.phase} {p.elapsed_s:5.1f}/{p.step_s:g}s sent {p.sent:,} durable {p.durable:,} "
+                f"backlog {max(0, p.sent - p.durable):,}",
+                markup=False,
+                highlight=False,
+            )
+
+    return update
+
+
+def capacity_tables(results: dict[str, Any]) -> list[Table]:
+    """One table per worker count: the steps side by side with the evidence behind each verdict."""
+    tables = []
+    for sr in results["capacity"]["series"]:
+        table = Table(title=f"capacity, {sr['workers']} pipeline worker(s): {sr['stopped']}")
+        if sr.get("limit"):
+            table.caption = f"limit: {sr['limit']}"
+        cols = [
+            "offered/s",
+            "sent/s",
+            "send lag p99 ms",
+            "persisted/s",
+            "achieved",
+            "backlog slope/s",
+            "backlog end",
+            "e2e p50 ms",
+            "e2e p99 ms",
+            "flush p99 ms",
+            "lock wait p99 ms",
+            "CPU %",
+            "RSS MB",
+            "lost",
+            "verdict",
+        ]
+        for c in cols:
+            table.add_column(c, justify="left" if c == "verdict" else "right")
+        for s in sr["steps"]:
+            e2e = s["latency_ms"]["end_to_end"]
+            colour = {"sustainable": "green", "unsustainable": "red"}.get(s["verdict"], "yellow")
+            table.add_row(
+                f"{s['offered_per_s']:,.0f}",
+                f"{s['sent_per_s']:,.0f}",
+                f"{s['send_lag_p99_ms']:,.0f}",
+                f"{s['persisted_per_s']:,.0f}",
+                f"{s['achieved_ratio']:.3f}",
+                f"{s['backlog_slope_per_s']:,.1f}",
+                f"{s['backlog_end']:,}",
+                f"{e2e.get('p50', 0):,.1f}",
+                f"{e2e.get('p99', 0):,.1f}",
+                f"{s['flush_ms'].get('p99', 0):,.1f}",
+                f"{s['lock_wait_ms'].get('p99', 0):,.3f}",
+                f"{s['cpu_pct']:,.0f}",
+                f"{s['rss_mb']:,.0f}",
+                f"{s['lost']:,}",
+                f"[{colour}]{s['verdict']}[/]",
+            )
+        tables.append(table)
+    return tables
+
+
+def capacity_lines(results: dict[str, Any]) -> list[str]:
+    cap = results["capacity"]
+    lines = []
+    for sr in cap["series"]:
+        sus = sr["sustainable_per_s"]
+        knee = sr["knee"]
+        lines.append(
+            f"workers={sr['workers']}: sustainable throughput "
+            + (f"[bold]{sus:,.0f} msg/s[/]" if sus else "[red]none found[/]")
+            + f" (achieved >= {cap['threshold']:.0%} of offered, backlog not growing); peak achieved "
+            + f"{sr['peak_per_s'] or 0:,.0f} msg/s; knee "
+            + (f"at {knee['offered_per_s']:,.0f} msg/s (p99 {knee['p99_ms']:,.0f} ms)" if knee else "not reached")
+        )
+    fit = cap.get("usl")
+    if fit:
+        peak = f"{fit['peak_per_s']:,.0f} msg/s" if fit["peak_per_s"] else "none"
+        lines.append(
+            f"USL fit: lambda {fit['lambda']:,.0f} msg/s, sigma {fit['sigma']:.4f}, kappa {fit['kappa']:.5f}; "
+            f"predicted peak ({fit['peak_kind']}) {peak}" + (f" [dim]({fit['note']})[/]" if fit["note"] else "")
+        )
+    for r in cap["recommendations"]:
+        lines.append(f"advice ({r['topic']}): {r['text']} [dim]— {r['evidence']}[/]")
+    return lines
 
 
 def _info(p: runner.Progress) -> str:

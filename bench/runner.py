@@ -176,12 +176,13 @@ class _SendLog:
         self.last_sent_ns = sent_ns
 
 
-def _run_dir(loaded: LoadedScenario, options: RunOptions) -> Path:
-    if options.out is not None:
-        run_dir = options.out
+def make_run_dir(name: str, out: Path | None, reports_dir: Path) -> Path:
+    """``out``, or reports_dir/<name>-<UTC time>/; refuses a folder that already holds something."""
+    if out is not None:
+        run_dir = out
     else:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        run_dir = options.reports_dir / f"{loaded.scenario.name}-{stamp}"
+        run_dir = reports_dir / f"{name}-{stamp}"
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"--out {run_dir}: folder exists and is not empty; choose a new one so runs never mix")
     try:
@@ -200,7 +201,7 @@ def run(
     """Run every variant of a scenario end to end; raises :class:`BenchError` subclasses on failure to run."""
     sc = loaded.scenario
     spec = apply_overrides(sc.stream_spec(), options.messages, options.duration_s)
-    run_dir = _run_dir(loaded, options)
+    run_dir = make_run_dir(sc.name, options.out, options.reports_dir)
     shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
     run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
     started_wall = time.time()

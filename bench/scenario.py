@@ -336,6 +336,67 @@ class ServerRestartFault(Frozen):
 Fault = Annotated[SlowSinkFault | ServerRestartFault, Field(discriminator="kind")]
 
 
+class RateRamp(Frozen):
+    from_: float = Field(alias="from", gt=0, description="First step's offered rate (msg/s).")
+    to: float = Field(gt=0, description="Last step's offered rate (msg/s).")
+    steps: int = Field(ge=2, le=100, description="Number of steps from `from` to `to`.")
+    spacing: Literal["linear", "geometric"] = Field(
+        "geometric", description="geometric: each step the same factor higher (finer where rates are low)."
+    )
+
+    @model_validator(mode="after")
+    def _rising(self) -> RateRamp:
+        if self.to <= self.from_:
+            raise ValueError(f"to: expected more than from ({self.from_:g}), got {self.to:g}")
+        return self
+
+    def rates(self) -> tuple[float, ...]:
+        n = self.steps - 1
+        if self.spacing == "linear":
+            return tuple(round(self.from_ + (self.to - self.from_) * i / n, 1) for i in range(self.steps))
+        return tuple(round(self.from_ * (self.to / self.from_) ** (i / n), 1) for i in range(self.steps))
+
+
+class CapacitySettings(Frozen):
+    """A capacity sweep (``bench capacity``): constant-rate steps, each a short run of its own."""
+
+    rates: tuple[float, ...] | None = Field(None, description="Offered rates of the steps, msg/s, rising.")
+    ramp: RateRamp | None = Field(None, description="Or: generate the steps' rates from `from` to `to`.")
+    step: Duration = Field(15.0, gt=0, description="How long each step offers its rate.")
+    settle: Duration = Field(
+        3.0, ge=0, description="Start of each step left out of the slopes and percentiles (warm-up, first flushes)."
+    )
+    workers: tuple[int, ...] = Field(
+        (1,), min_length=1, description="Pipeline worker processes to measure; more than 1 needs shared subscriptions."
+    )
+    publishers: int = Field(2, ge=1, le=64, description="Publisher processes offering the load.")
+    threshold: float = Field(0.98, gt=0, le=1, description="Sustainable: achieved >= threshold x offered.")
+    backlog_growth: float = Field(
+        0.02, gt=0, description="Backlog growing: its slope exceeds this fraction of the offered rate."
+    )
+    stop_after: int = Field(1, ge=1, description="Stop a series after this many unsustainable steps.")
+    target_rate: float | None = Field(None, gt=0, description="The plant's future rate (msg/s), for the advice.")
+    headroom: float = Field(0.3, ge=0, lt=5, description="Spare capacity to keep above the target (0.3 = 30%).")
+
+    @model_validator(mode="after")
+    def _one_ladder(self) -> CapacitySettings:
+        if (self.rates is None) == (self.ramp is None):
+            raise ValueError("expected exactly one of rates: [...] or ramp: {from, to, steps}")
+        rates = self.step_rates()
+        if any(r <= 0 for r in rates) or list(rates) != sorted(set(rates)):
+            raise ValueError(f"rates: expected positive, strictly rising rates, got {list(rates)}")
+        if self.settle >= self.step:
+            raise ValueError(f"settle: expected less than step ({self.step:g} s), got {self.settle:g} s")
+        if any(w < 1 for w in self.workers) or list(self.workers) != sorted(set(self.workers)):
+            raise ValueError(f"workers: expected rising worker counts >= 1, got {list(self.workers)}")
+        return self
+
+    def step_rates(self) -> tuple[float, ...]:
+        if self.ramp is not None:
+            return self.ramp.rates()
+        return self.rates or ()
+
+
 class Scenario(Frozen):
     """A runnable scenario: what to send, over what, into which pipeline."""
 
@@ -352,6 +413,7 @@ class Scenario(Frozen):
     )
     faults: tuple[Fault, ...] = Field((), description="Faults injected during the run (slow_sink: slow storage).")
     run: RunSettings = RunSettings()
+    capacity: CapacitySettings | None = Field(None, description="The sweep `bench capacity` runs.")
     matrix: tuple[dict[str, Any], ...] = Field(
         (),
         description="Variants run on the same stream: each has a name and dotted keys under pipeline. or "

@@ -40,7 +40,10 @@ class MqttSource:
         client_id: str | None = None,
         username: str | None = None,
         password: str | None = None,
+        protocol: int = 4,
     ) -> None:
+        """``protocol`` 5 speaks MQTT v5 (needed for shared subscriptions ``$share/<group>/<filter>`` on
+        brokers that follow the v5 specification); 4 is MQTT 3.1.1."""
         self.url = url
         self.host, self.port = parse_mqtt_url(url)
         self.topic = topic
@@ -48,10 +51,15 @@ class MqttSource:
         self._on_payload = on_payload
         self._subscribed = threading.Event()
         self._refused: str | None = None
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"iiot-pipeline-{uuid.uuid4().hex[:8]}",
-            clean_session=True,
+        if protocol not in (4, 5):
+            raise SourceError(f"MQTT protocol: expected 4 (3.1.1) or 5, got {protocol}")
+        self.protocol = protocol
+        client_id = client_id or f"iiot-pipeline-{uuid.uuid4().hex[:8]}"
+        self._client = (
+            mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+            if protocol == 5
+            # v5 has no clean_session; its clean start is the default of connect().
+            else mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         )
         if username is not None:
             self._client.username_pw_set(username, password)

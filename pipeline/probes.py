@@ -61,6 +61,24 @@ class Recorder:
         self.total_ns += other.total_ns
         self._count += other._count
 
+    def to_json(self) -> dict[str, Any]:
+        """The raw counts, so a recorder can cross a process boundary and be merged there."""
+        return {
+            "counts": [[v, c] for v, c in self._counts.items()],
+            "below_zero": self.below_zero,
+            "total_ns": self.total_ns,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Recorder:
+        rec = cls()
+        for value, count in data["counts"]:
+            rec._counts[int(value)] = rec._counts.get(int(value), 0) + int(count)
+            rec._count += int(count)
+        rec.below_zero = int(data["below_zero"])
+        rec.total_ns = int(data["total_ns"])
+        return rec
+
     @property
     def count(self) -> int:
         return self._count
