@@ -280,7 +280,14 @@ def recommendations(
     if one is not None and one.get("sustainable_per_s"):
         base = one["sustainable_per_s"]
         peak = one.get("peak_per_s") or base
-        if target_rate is not None:
+        if target_rate is not None and fit is not None and "lower bound" in fit.get("note", ""):
+            best = max(series, key=lambda s: s.get("sustainable_per_s") or 0)
+            text = (
+                f"no worker count for {target_rate:,.0f} msg/s yet: {best['workers']} worker(s) sustained "
+                f"{best['sustainable_per_s'] or 0:,.0f} msg/s without saturating, so the fit is only a lower bound; "
+                "offer more load (more publisher processes or machines: bench load) to find their limit"
+            )
+        elif target_rate is not None:
             need = workers_for(target_rate, headroom, fit, peak)
             text = (
                 f"{need['workers']} pipeline worker(s) for {target_rate:,.0f} msg/s with {headroom:.0%} headroom "

@@ -153,6 +153,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         outcome = _run_with_bar(loaded, options, err)
     else:
         outcome = runner.run(loaded, options, on_progress=_line_printer(err) if show else None)
+    report = _write_report(outcome.run_dir, err)
     if args.json:
         print(json.dumps(outcome.results, indent=2))
     else:
@@ -160,7 +161,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         scored = validation_table(outcome.results)
         if scored is not None:
             out.print(scored)
-        out.print(f"results: {outcome.run_dir / 'results.json'}")
+        out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
     overhead = get_path(outcome.results["variants"][0], "probes", "overhead")
     if overhead and not args.json:
         out.print(
@@ -185,6 +186,7 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
     )
     show = not args.quiet and not args.json
     outcome = capacity.run_capacity(loaded, options, on_progress=_capacity_printer(err) if show else None)
+    report = _write_report(outcome.run_dir, err)
     if args.json:
         print(json.dumps(outcome.results, indent=2))
     else:
@@ -192,14 +194,24 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
             out.print(table)
         for line in capacity_lines(outcome.results):
             out.print(line)
-        report = outcome.run_dir / "report.html"
-        out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report.exists() else ""))
+        out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
     if not outcome.ok:
         err.print("bench: FAILED: the capacity run did not pass its checks", style="bold red")
         for problem in outcome.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_report(run_dir: Path, err: Console) -> Path | None:
+    """The run's report.html and summary.md; a report that fails to render never costs the run its results."""
+    from bench.report import write_report
+
+    try:
+        return write_report([run_dir]).html
+    except Exception as exc:  # the results are written; say what went wrong and go on
+        err.print(f"bench: warning: could not write the report into {run_dir}: {exc}", style="yellow")
+        return None
 
 
 def _capacity_printer(console: Console, every_s: float = 2.0) -> Any:

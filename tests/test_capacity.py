@@ -1,0 +1,155 @@
+"""bench capacity end to end: real publisher and pipeline worker processes, a real broker, read-back from Parquet."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import capacity
+from bench.cli import main
+from bench.scenario import load_scenario
+from tests.conftest import SCENARIOS
+
+SMALL = """
+name: cap-small
+seed: 3
+machines: {count: 8}
+phases: [{kind: steady, rate: 100, duration: 2s}]
+transport: {kind: mqtt, mqtt: {broker: embedded, topic: "plant/{run}/{machine}/telemetry", qos: 1}}
+pipeline:
+  buffer: {size: 200, flush_interval: 250ms}
+  parquet: {path: data, strategy: writer}
+  quarantine: {path: quarantine}
+run: {drain_timeout: 10s}
+capacity:
+  rates: [100, 200]
+  step: 3s
+  settle: 1s
+  publishers: 2
+  target_rate: 1000
+"""
+
+
+@dataclass(frozen=True)
+class SmallRun:
+    run_dir: Path
+    results: dict[str, Any]
+    exit_code: int
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> SmallRun:
+    """Through the CLI, as a user runs it: the report must land in the run folder too."""
+    folder = tmp_path_factory.mktemp("cap")
+    path = folder / "cap.yaml"
+    path.write_text(SMALL, encoding="utf-8")
+    code = main(["capacity", str(path), "--out", str(folder / "run"), "--quiet"])
+    return SmallRun(folder / "run", json.loads((folder / "run" / "results.json").read_text()), code)
+
+
+def test_a_small_sweep_finds_a_sustainable_rate_with_its_evidence(small_run: SmallRun) -> None:
+    assert small_run.exit_code == 0
+    cap = small_run.results["capacity"]
+    (series,) = cap["series"]
+    assert [s["offered_per_s"] for s in series["steps"]] == [100, 200]
+    for step in series["steps"]:
+        # Far below any limit of this machine: both steps are sustainable, every message read back from disk.
+        assert step["verdict"] == "sustainable", step
+        assert step["ledger"]["reconciled"] and step["ledger"]["lost"] == 0
+        assert step["sent"] == step["ledger"]["persisted"] == int(step["offered_per_s"] * 3)
+        assert step["achieved_ratio"] >= 0.98
+        assert step["latency_ms"]["end_to_end"]["count"] > 0
+        assert step["flush_ms"]["count"] > 0
+        assert step["cpu_pct"] > 0 and step["rss_mb"] > 10
+        assert step["timeline"]["t_s"] and len(step["timeline"]["backlog"]) == len(step["timeline"]["t_s"])
+    assert series["sustainable_per_s"] == 200
+    assert cap["usl"] is None  # one worker count: nothing to fit
+    assert {r["topic"] for r in cap["recommendations"]} >= {"workers", "flush interval", "buffer size"}
+    # Two publisher processes each sent a share; together every seq once.
+    step_dir = small_run.run_dir / series["steps"][0]["dir"]
+    shares = [json.loads((step_dir / f"publisher-{p}.json").read_text())["sent"] for p in (0, 1)]
+    assert all(n > 0 for n in shares) and sum(shares) == 300
+
+
+def test_results_carry_a_run_shaped_variant_per_worker_count(small_run: SmallRun) -> None:
+    (variant,) = small_run.results["variants"]
+    assert variant["name"] == "workers-1"
+    assert variant["ledger"]["reconciled"]
+    assert variant["probes"]["flush"]["parquet"]
+    assert variant["timeline"]["t_s"] and variant["timeline"]["durable"]
+
+
+def test_a_capacity_run_writes_its_report(small_run: SmallRun) -> None:
+    html = small_run.run_dir / "report.html"
+    assert html.exists() and (small_run.run_dir / "summary.md").exists()
+    text = html.read_text(encoding="utf-8")
+    for section in ("plot-capacity", "plot-capacity-latency", "table-capacity", "table-recommendations"):
+        assert f'id="{section}"' in text
+
+
+def test_more_workers_on_the_embedded_broker_is_refused_with_the_reason(
+    write_scenario: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_scenario(SMALL)
+    assert main(["capacity", str(path), "--workers", "1,2", "--out", str(path.parent / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "shared subscriptions" in err and "--broker mqtt://127.0.0.1:1883" in err
+    assert "Traceback" not in err
+
+
+def test_a_scenario_without_a_capacity_section_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["capacity", str(SCENARIOS / "burst.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "burst.yaml" in err and "capacity: missing" in err
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("{rates: [200, 100], step: 3s}", "strictly rising"),
+        ("{rates: [100], ramp: {from: 1, to: 2, steps: 2}}", "exactly one of"),
+        ("{rates: [100], step: 2s, settle: 2s}", "settle: expected less than step"),
+        ("{ramp: {from: 500, to: 100, steps: 3}}", "to: expected more than from"),
+    ],
+)
+def test_bad_capacity_sections_name_the_field(
+    section: str, expected: str, write_scenario: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = SMALL.split("capacity:", maxsplit=1)[0] + f"capacity: {section}\n"
+    path = write_scenario(text)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "capacity" in err and expected in err
+
+
+def test_the_shipped_capacity_scenario_validates() -> None:
+    loaded = load_scenario(SCENARIOS / "capacity.yaml")
+    assert loaded.scenario.capacity is not None
+    assert len(loaded.scenario.capacity.step_rates()) >= 4
+
+
+@pytest.mark.services
+def test_two_workers_share_the_subscription_on_mosquitto_and_a_usl_is_fitted(
+    mosquitto_url: str, write_scenario: Callable[..., Path]
+) -> None:
+    path = write_scenario(SMALL)
+    outcome = capacity.run_capacity(
+        load_scenario(path),
+        capacity.CapacityOptions(out=path.parent / "run", broker=mosquitto_url, workers=(1, 2), rates=(300.0,)),
+    )
+    assert outcome.ok, outcome.problems
+    series: list[dict[str, Any]] = outcome.results["capacity"]["series"]
+    assert [s["workers"] for s in series] == [1, 2]
+    two = series[1]["steps"][0]
+    assert two["ledger"]["reconciled"] and two["ledger"]["persisted"] == 900
+    # The broker split the stream between the two workers: each received a real share, none got everything.
+    step_dir = outcome.run_dir / two["dir"]
+    received = [json.loads((step_dir / f"worker-{w}" / "final.json").read_text())["received"] for w in (0, 1)]
+    assert sum(received) == 900 and min(received) > 100, received
+    fit = outcome.results["capacity"]["usl"]
+    assert fit is not None and fit["points"][0][0] == 1 and fit["points"][1][0] == 2
