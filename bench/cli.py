@@ -225,13 +225,14 @@ def _capacity_printer(console: Console, every_s: float = 2.0) -> Any:
         last[0] = -every_s if done else p.elapsed_s
         where = f"workers={p.workers} step {p.step + 1}/{p.steps} offered {p.offered_per_s:,.0f} msg/s"
         if done:
-            console.print(f"{where}: [bold]{p.phase}[/]", highlight=False)
+            console.print(f"{where}: [bold]{p.phase}[/]", highlight=False, soft_wrap=True)
         else:
             console.print(
                 f"{where} {p.phase} {p.elapsed_s:5.1f}/{p.step_s:g}s sent {p.sent:,} durable {p.durable:,} "
                 f"backlog {max(0, p.sent - p.durable):,}",
                 markup=False,
                 highlight=False,
+                soft_wrap=True,
             )
 
     return update

@@ -11,6 +11,9 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
    refused_after_close; latency summaries gain "total" (ms).
 3. opcua (source statistics, security, reference), publisher.not_sent;
    ledger dropped reasons opcua_queue_overflow and server_outage.
+4. validation; ledger.redelivered and quarantine_rows.
+5. timeline per variant; percentile ladders in flush total_ms and lock
+   wait_ms; capacity runs (kind, capacity).
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ PACKAGES = (
     "PyYAML",
     "hdrhistogram",
     "rich",
+    "jinja2",
+    "matplotlib",
+    "numpy",
+    "locust",
 )
 # Latency histograms: one implementation, shared with the pipeline's probes.
 LatencyRecorder = Recorder
