@@ -246,6 +246,7 @@ def run_capacity(
                     cap,
                     url=url,
                     external=broker is None,
+                    broker_pid=broker.pid if broker is not None else None,
                     workers=workers,
                     rate=rate,
                     index=(k, len(rates)),
@@ -355,6 +356,7 @@ def _run_step(
     *,
     url: str,
     external: bool,
+    broker_pid: int | None,
     workers: int,
     rate: float,
     index: tuple[int, int],
@@ -372,7 +374,8 @@ def _run_step(
         # so 1 and N workers are measured the same way.
         subscription = f"$share/{run_id}/{subscription}"
     clock = MonotonicWallClock()
-    own_cpu: list[tuple[int, float]] = []
+    broker_cpu: list[tuple[int, float]] = []
+    machine_cpu: list[tuple[int, float, float]] = []
     pipes: list[_Child] = []
     pubs: list[_Child] = []
     try:
@@ -436,8 +439,14 @@ def _run_step(
             )
 
         while not all(c.events["done"].is_set() for c in pubs):
-            # This process hosts the embedded broker: its CPU tells whether the broker was the limit.
-            own_cpu.append((clock.now_ns(), time.process_time()))
+            busy = machine_busy_s()
+            if busy is not None:
+                machine_cpu.append((clock.now_ns(), *busy))
+            if broker_pid is not None:
+                # The embedded broker's CPU tells whether it, not the pipeline, was the limit.
+                cpu = process_cpu_s(broker_pid)
+                if cpu is not None:
+                    broker_cpu.append((clock.now_ns(), cpu))
             progress("send")
             for c in pipes:
                 if not c.alive:
@@ -472,14 +481,45 @@ def _run_step(
         sc, cap, step_dir, rate=rate, workers=workers, epoch_ns=epoch_ns, publishers=len(pubs)
     )
     start, end = epoch_ns + cap.settle * 1e9, epoch_ns + cap.step * 1e9
-    window = [c for c in own_cpu if start <= c[0] <= end]
-    step["bench_cpu_pct"] = (
+    window = [c for c in broker_cpu if start <= c[0] <= end]
+    step["broker_cpu_pct"] = (
         round((window[-1][1] - window[0][1]) / ((window[-1][0] - window[0][0]) / 1e9) * 100, 1)
         if len(window) >= 2
         else None
     )
-    step["bench_hosts_broker"] = not external
+    cores = [c for c in machine_cpu if start <= c[0] <= end]
+    # All cores together, 100 = every core busy: on a small machine publishers, broker and pipeline compete.
+    step["machine_cpu_pct"] = (
+        round((cores[-1][1] - cores[0][1]) / max(cores[-1][2] - cores[0][2], 1e-9) * 100, 1)
+        if len(cores) >= 2
+        else None
+    )
     return step, flushes, locks
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) another process has used so far; None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            # The command name (field 2) may hold spaces; the fields after its closing parenthesis are fixed.
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def machine_busy_s() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, all cores; None without /proc/stat."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks) - idle) / _TICKS, sum(ticks) / _TICKS
 
 
 def _analyse(
@@ -613,14 +653,18 @@ def _limit(steps: list[dict[str, Any]]) -> str | None:
         return f"publishers (send lag p99 {bad['send_lag_p99_ms']:,.0f} ms at {bad['offered_per_s']:g} msg/s)"
     per_worker = bad["cpu_pct_per_worker"]
     roles = [f"pipeline worker {per_worker:.0f}% of a core", f"publishers {bad['publisher_cpu_pct']:.0f}%"]
-    if bad.get("bench_hosts_broker") and bad.get("bench_cpu_pct") is not None:
-        roles.append(f"embedded broker (bench process) {bad['bench_cpu_pct']:.0f}%")
+    if bad.get("broker_cpu_pct") is not None:
+        roles.append(f"embedded broker {bad['broker_cpu_pct']:.0f}%")
+    if bad.get("machine_cpu_pct") is not None:
+        roles.append(f"machine {bad['machine_cpu_pct']:.0f}% of all {os.cpu_count()} cores")
     busy = ", ".join(roles)
     if per_worker >= BUSY_PCT:
         return f"the pipeline's CPU ({busy})"
-    if bad.get("bench_hosts_broker") and (bad.get("bench_cpu_pct") or 0) >= BUSY_PCT:
+    if (bad.get("broker_cpu_pct") or 0) >= BUSY_PCT:
         return f"the embedded broker, not the pipeline ({busy}); measure against Mosquitto with --broker"
-    return f"not one busy core ({busy}): I/O, the broker's delivery or the machine's cores are shared"
+    if (bad.get("machine_cpu_pct") or 0) >= BUSY_PCT:
+        return f"the machine's cores, shared by every role ({busy}); spread the roles over more cores or machines"
+    return f"not one busy core ({busy}): I/O or the broker's delivery"
 
 
 def _variant(

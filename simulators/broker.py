@@ -80,6 +80,11 @@ class EmbeddedBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (for measuring its CPU)."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> EmbeddedBroker:
         log = open(self._log_path, "w") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ, PYTHONUNBUFFERED="1")
