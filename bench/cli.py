@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep = sub.add_parser("report", help="write report.html (self-contained) and summary.md from run folders")
     p_rep.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders (or their results.json)")
     p_rep.add_argument("--out", type=Path, help="folder for report.html and summary.md (default: the first run's)")
+    p_rep.add_argument(
+        "--markdown", action="store_true", help="print summary.md to stdout (e.g. >> $GITHUB_STEP_SUMMARY)"
+    )
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
     p_val.add_argument("scenario", type=Path, nargs="+")
     sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
@@ -127,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench.report import write_report
 
             paths = write_report(args.runs, args.out)
-            out.print(f"report: {paths.html}\nsummary: {paths.markdown}")
+            if args.markdown:
+                print(paths.markdown.read_text(encoding="utf-8"), end="")
+            else:
+                out.print(f"report: {paths.html}\nsummary: {paths.markdown}")
             return 0
         return _run(args, out, err)
     except BenchError as exc:

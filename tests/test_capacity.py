@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from bench import capacity
 from bench.cli import main
+from bench.report import PLOT_IDS
 from bench.scenario import load_scenario
 from tests.conftest import SCENARIOS
 
@@ -138,18 +138,32 @@ def test_two_workers_share_the_subscription_on_mosquitto_and_a_usl_is_fitted(
     mosquitto_url: str, write_scenario: Callable[..., Path]
 ) -> None:
     path = write_scenario(SMALL)
-    outcome = capacity.run_capacity(
-        load_scenario(path),
-        capacity.CapacityOptions(out=path.parent / "run", broker=mosquitto_url, workers=(1, 2), rates=(300.0,)),
-    )
-    assert outcome.ok, outcome.problems
-    series: list[dict[str, Any]] = outcome.results["capacity"]["series"]
+    out = path.parent / "run"
+    argv = ["capacity", str(path), "--out", str(out), "--broker", mosquitto_url, "--workers", "1,2", "--quiet"]
+    assert main([*argv, "--rates", "300"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    series: list[dict[str, Any]] = results["capacity"]["series"]
     assert [s["workers"] for s in series] == [1, 2]
     two = series[1]["steps"][0]
     assert two["ledger"]["reconciled"] and two["ledger"]["persisted"] == 900
     # The broker split the stream between the two workers: each received a real share, none got everything.
-    step_dir = outcome.run_dir / two["dir"]
+    step_dir = out / two["dir"]
     received = [json.loads((step_dir / f"worker-{w}" / "final.json").read_text())["received"] for w in (0, 1)]
     assert sum(received) == 900 and min(received) > 100, received
-    fit = outcome.results["capacity"]["usl"]
+    fit = results["capacity"]["usl"]
     assert fit is not None and fit["points"][0][0] == 1 and fit["points"][1][0] == 2
+    # The run's own report: every plot drawn from this real sweep, the USL included.
+    html = (out / "report.html").read_text(encoding="utf-8")
+    for plot in PLOT_IDS:
+        section = html.split(f'id="{plot}"', 1)[1].split("</section>", 1)[0]
+        assert "data:image/png;base64," in section, plot
+
+
+def test_bench_report_prints_the_markdown_summary_for_a_ci_job(
+    small_run: SmallRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", str(small_run.run_dir), "--out", str(tmp_path), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert out == (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "### Recommendations" in out and "| " in out
+    assert (tmp_path / "report.html").exists()

@@ -1,0 +1,1263 @@
+"""``bench report``: one self-contained HTML report and a Markdown summary from one or more run folders.
+
+The HTML file needs no network to be read: every plot is a PNG in a ``data:``
+URI, the CSS is inline and there is no JavaScript. The Markdown summary holds
+tables only, for a CI job summary (GitHub's ``$GITHUB_STEP_SUMMARY``)::
+
+    paths = write_report([Path("reports/burst-20261125T120000Z")])
+    paths.html      # reports/burst-20261125T120000Z/report.html
+    paths.markdown  # reports/burst-20261125T120000Z/summary.md
+
+Every plot and table has a fixed section id (:data:`PLOT_IDS`, :data:`TABLE_IDS`)
+and is always present: when the runs hold no data for it, the section says what
+is missing instead of showing an image, so a reader knows it was not forgotten.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import numpy as np
+from matplotlib import rc_context
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from matplotlib.typing import RcKeyType
+
+from bench.errors import UsageError
+from bench.metrics import METRIC_ROWS, get_path
+from bench.results import SCHEMA_VERSION
+
+__all__ = ["PLOT_IDS", "TABLE_IDS", "ReportPaths", "write_report"]
+
+HTML_NAME = "report.html"
+MARKDOWN_NAME = "summary.md"
+PLOT_IDS = (
+    "plot-throughput",
+    "plot-latency",
+    "plot-flush",
+    "plot-lock",
+    "plot-append",
+    "plot-capacity",
+    "plot-capacity-latency",
+    "plot-usl",
+)
+TABLE_IDS = (
+    "table-runs",
+    "table-ledger",
+    "table-strategies",
+    "table-environment",
+    "table-capacity-summary",
+    "table-capacity",
+    "table-recommendations",
+)
+FLUSH_SINK = "parquet"
+# The shutdown flush is one per run and flushes whatever is left: it says little about the distribution.
+FLUSH_TRIGGERS = ("size", "timeout")
+# Okabe-Ito (without its yellow, too pale on white), then two of Paul Tol's: distinct for colour-blind readers too.
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999", "#882255", "#44AA99")
+FIG_SIZE_IN = (8.0, 4.5)
+# 8 x 4.5 in (plus the legend below) at 150 dpi, shown at 100 CSS px per inch (800 px wide): sharp on
+# high-density screens, about 60 kB a plot.
+FIG_DPI = 150
+DISPLAY_DPI = 100
+E2E_PERCENTILES = (("p50", "p50"), ("p90", "p90"), ("p99", "p99"), ("p99.9", "p999"), ("max", "max"))
+STYLE: dict[RcKeyType, Any] = {
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 12,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 10,
+    "legend.fontsize": 8.5,
+    "legend.framealpha": 0.85,
+    "font.family": "DejaVu Sans",
+}
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where :func:`write_report` wrote the report."""
+
+    html: Path
+    markdown: Path
+
+
+@dataclass(frozen=True)
+class _Run:
+    folder: Path
+    file: Path
+    label: str
+    results: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Series:
+    """One variant of one run: one line in every plot, one column in every table."""
+
+    label: str
+    run: _Run
+    variant: dict[str, Any]
+    color: str
+    style: str = "-"
+
+
+# What the templates render: tables of cells, and plots.
+
+
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    note: str = ""  # the ratio to the first column, shown small beside the value
+    tone: str = ""  # CSS classes: "good", "bad" (bold in Markdown), "dim", "text" (a left-aligned prose cell)
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    cells: tuple[Cell, ...]
+    indent: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    id: str
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[Row, ...]
+    caption: str = ""
+    missing: str = ""
+    numeric: bool = True  # right-align the value columns
+
+
+@dataclass(frozen=True)
+class Plot:
+    id: str
+    title: str
+    caption: str = ""
+    image: str = ""  # data: URI
+    width: int = 0  # CSS px the image is shown at
+    height: int = 0
+    alt: str = ""
+    missing: str = ""
+    notes: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> ReportPaths:
+    """Read ``results.json`` from each run folder; write ``report.html`` and ``summary.md`` into ``out_dir``.
+
+    A run folder or a ``results.json`` path may be given. ``out_dir`` defaults to the
+    first run folder. Raises :class:`~bench.errors.UsageError` naming the path when a
+    results file is missing, unreadable or not a bench results file.
+    """
+    if not run_dirs:
+        raise UsageError("bench report: expected at least one run folder (holding results.json)")
+    runs = _load_runs([Path(p) for p in run_dirs])
+    series = _series(runs)
+    out = out_dir if out_dir is not None else runs[0].folder
+    context = _context(runs, series)
+    env = _environment()
+    html = env.get_template("report.html.j2").render(**context)
+    markdown = env.get_template("summary.md.j2").render(**context)
+    paths = ReportPaths(out / HTML_NAME, out / MARKDOWN_NAME)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_text(paths.html, html)
+        _write_text(paths.markdown, markdown)
+    except OSError as exc:
+        raise UsageError(f"cannot write the report into {out}: {exc}") from None
+    return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("bench", "templates"),
+        # Markdown is not HTML: its cells are escaped by the md filter instead.
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html", "html.j2"), disabled_extensions=("md.j2",)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters["md"] = _md_escape
+    return env
+
+
+def _md_escape(value: Any) -> str:
+    """A Markdown table cell: pipes escaped, one line, no raw HTML."""
+    text = str(value).replace("\r", " ").replace("\n", " ")
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _load_runs(paths: list[Path]) -> list[_Run]:
+    loaded: list[tuple[Path, Path, dict[str, Any]]] = []
+    for path in paths:
+        folder, file = (path, path / "results.json") if path.is_dir() else (path.parent, path)
+        loaded.append((folder, file, _read_results(path, file)))
+    names = [folder.resolve().name or str(folder) for folder, _, _ in loaded]
+    runs = []
+    for i, (folder, file, results) in enumerate(loaded):
+        label = names[i] if names.count(names[i]) == 1 else f"{names[i]}#{i + 1}"
+        runs.append(_Run(folder, file, label, results))
+    return runs
+
+
+def _read_results(given: Path, file: Path) -> dict[str, Any]:
+    expected = "a run folder holding results.json, as written by `bench run` or `bench capacity`"
+    if not given.exists():
+        raise UsageError(f"{given}: no such file or folder; expected {expected}")
+    if not file.is_file():
+        raise UsageError(f"{given}: no results.json in this folder; expected {expected}")
+    if file.name != "results.json" and file.suffix != ".json":
+        raise UsageError(f"{given}: not a results.json file; expected {expected}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{file}: cannot read it ({exc}); expected {expected}") from None
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{file}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); expected a results.json "
+            "written by `bench run`"
+        ) from None
+    if not isinstance(results, dict):
+        raise UsageError(f"{file}: expected a JSON object with a 'variants' list, got {type(results).__name__}")
+    variants = results.get("variants", [] if "capacity" in results else None)
+    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
+        raise UsageError(
+            f"{file}: expected a bench results file: an object with a 'variants' list of objects "
+            f"(schema_version {SCHEMA_VERSION}); got keys {sorted(results)[:8]}"
+        )
+    if "capacity" in results and results["capacity"] is not None and not isinstance(results["capacity"], dict):
+        raise UsageError(f"{file}: 'capacity' must be an object, got {type(results['capacity']).__name__}")
+    return results
+
+
+def _series(runs: list[_Run]) -> list[_Series]:
+    several = len(runs) > 1
+    out: list[_Series] = []
+    for run in runs:
+        for variant in run.results.get("variants", []):
+            name = str(variant.get("name", f"variant {len(out) + 1}"))
+            i = len(out)
+            # Past ten series the colours repeat: the line style tells them apart.
+            style = ("-", "--", ":", "-.")[(i // len(PALETTE)) % 4]
+            out.append(
+                _Series(f"{run.label}/{name}" if several else name, run, variant, PALETTE[i % len(PALETTE)], style)
+            )
+    return out
+
+
+# ----------------------------------------------------------------------------- the template's context
+
+
+def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
+    capacity = _capacity_series(runs)
+    plots = [
+        _throughput_plot(series),
+        _latency_plot(series),
+        _flush_plot(series),
+        _lock_plot(series),
+        _append_plot(series),
+        _capacity_plot(capacity),
+        _capacity_latency_plot(capacity),
+        _usl_plot(runs),
+    ]
+    tables = {
+        "runs": _runs_table(runs),
+        "ledger": _ledger_table(series),
+        "strategies": _strategies_table(series),
+        "environment": _environment_table(runs),
+        "capacity": _capacity_table(capacity),
+        "capacity_summary": _capacity_summary_table(capacity),
+        "recommendations": _recommendations_table(runs),
+    }
+    names = sorted({str(get_path(r.results, "scenario", "name") or "?") for r in runs})
+    title = f"iiot-bench report: {', '.join(names)}"
+    versions = sorted({r.results.get("schema_version") for r in runs}, key=str)
+    schema_note = ""
+    if any(v != SCHEMA_VERSION for v in versions):
+        schema_note = (
+            f"results written with schema_version {', '.join(map(str, versions))}; this report reads "
+            f"{SCHEMA_VERSION}: sections missing from older files say so"
+        )
+    return {
+        "title": title,
+        "runs": runs,
+        "series": series,
+        "plots": plots,
+        "plot_by_id": {p.id: p for p in plots},
+        "tables": tables,
+        "schema_note": schema_note,
+        "bench_version": _bench_version(),
+    }
+
+
+def _bench_version() -> str:
+    try:
+        return importlib.metadata.version("iiot-bench")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+@dataclass(frozen=True)
+class _Image:
+    uri: str
+    width: int
+    height: int
+
+
+def _draw(draw: Callable[[Axes], None]) -> _Image:
+    """Run ``draw`` on a fresh axes; the legend goes below the plot, so it never hides a line."""
+    with rc_context(STYLE):
+        # The object API with an explicit Agg canvas: no pyplot state, no display, nothing to leak between plots.
+        fig = Figure(figsize=FIG_SIZE_IN, dpi=FIG_DPI, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        draw(ax)
+        handles, labels = ax.get_legend_handles_labels()
+        width_in, height_in = FIG_SIZE_IN
+        if handles:
+            longest = max(len(label) for label in labels)
+            ncols = max(1, min(4, len(handles), int(width_in * 100) // (longest * 6 + 60)))
+            rows = math.ceil(len(handles) / ncols)
+            height_in += 0.25 * rows + 0.1
+            fig.set_size_inches(width_in, height_in)
+            fig.legend(handles, labels, loc="outside lower center", ncols=ncols, frameon=False)
+        buf = io.BytesIO()
+        # No Software/time metadata: the same results give the same bytes.
+        fig.savefig(buf, format="png", dpi=FIG_DPI, metadata={"Software": None})
+        fig.clear()
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return _Image(uri, round(width_in * DISPLAY_DPI), round(height_in * DISPLAY_DPI))
+
+
+def _ms_axis(ax: Axes, values: Iterable[float | None], label: str) -> None:
+    """Milliseconds on y: a log scale when the values span 20x or more, else linear from 0."""
+    positive = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    if positive and max(positive) / min(positive) >= 20:
+        decades = math.log10(max(positive) / min(positive))
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if decades > 4 else (1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(_ms_tick))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylabel(f"{label} (ms, log scale)")
+    else:
+        ax.set_ylim(bottom=0, top=max(positive, default=1.0) * 1.08)
+        ax.yaxis.set_major_formatter(FuncFormatter(_ms_tick))
+        ax.set_ylabel(f"{label} (ms)")
+
+
+def _plot(id: str, title: str, caption: str, image: _Image, alt: str, *, notes: tuple[str, ...] = ()) -> Plot:
+    return Plot(id, title, caption, image.uri, image.width, image.height, alt, notes=notes)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _missing_note(names: list[str], what: str) -> tuple[str, ...]:
+    return (f"not shown ({what}): {', '.join(names)}",) if names else ()
+
+
+def _cumulative(t_s: list[Any], counts: list[Any]) -> tuple[Any, Any] | None:
+    """Sorted (elapsed s, cumulative count) from a timeline, starting at (0, 0); a repeated time keeps its latest."""
+    points: dict[float, float] = {}
+    for t, c in zip(t_s, counts, strict=False):
+        tf, cf = _number(t), _number(c)
+        if tf is not None and cf is not None and tf > 0:
+            points[tf] = max(cf, points.get(tf, 0.0))
+    if not points:
+        return None
+    ts = np.array([0.0, *sorted(points)])
+    return ts, np.maximum.accumulate(np.array([0.0, *(points[t] for t in ts[1:])]))
+
+
+def _window_s(durable_t: Any, durable: Any, flush_interval_s: float | None) -> float:
+    """The averaging window for rates: a whole number of flush cadences (two when the run is long enough).
+
+    Durable moves one flush at a time; averaged over a whole number of flushes it reads as a rate rather than as
+    spikes or a square wave. The cadence is what the timeline shows (the median time between durable steps,
+    size-triggered flushes included), the configured flush interval only when durable never moved.
+    """
+    span = float(durable_t[-1])
+    sampling = float(np.median(np.diff(durable_t))) if len(durable_t) > 2 else span
+    steps = durable_t[1:][np.diff(durable) > 0]
+    if len(steps) >= 3:
+        cadence: float | None = float(np.median(np.diff(steps)))
+    else:
+        cadence = flush_interval_s
+    if not cadence or cadence > span / 4:
+        return max(sampling, min(1.0, span / 4))
+    return max(sampling, cadence * min(2, math.floor(span / 4 / cadence)))
+
+
+def _centred_rate(ts: Any, cum: Any, at: Any, window: float) -> Any:
+    """msg/s over a ``window`` centred on each time in ``at``; near the ends of the timeline the window slides
+    inwards rather than shrinking (a shrunk window would bring the flush spikes back)."""
+    window = min(window, float(ts[-1]))
+    lo = np.clip(at - window / 2, 0.0, ts[-1] - window)
+    hi = lo + window
+    return (np.interp(hi, ts, cum) - np.interp(lo, ts, cum)) / max(window, 1e-9)
+
+
+def _throughput_plot(series: list[_Series]) -> Plot:
+    title = "Throughput over time"
+    drawn: list[tuple[_Series, Any, Any, Any]] = []
+    windows: set[float] = set()
+    without: list[str] = []
+    for s in series:
+        timeline = s.variant.get("timeline")
+        t_s = get_path(timeline, "t_s") or []
+        sent = _cumulative(t_s, get_path(timeline, "sent") or [])
+        durable = _cumulative(t_s, get_path(timeline, "durable") or [])
+        if sent is None or durable is None or len(sent[0]) < 3:
+            without.append(s.label)
+            continue
+        window = _window_s(*durable, _number(get_path(s.variant, "config", "pipeline", "buffer", "flush_interval")))
+        windows.add(round(window, 2))
+        at = sent[0][1:]
+        drawn.append(
+            (s, at, _centred_rate(*sent, at, window), _centred_rate(*durable, at, window)),
+        )
+    if not drawn:
+        return Plot("plot-throughput", title, missing="no timeline (sent/durable over time) in these runs")
+
+    def draw(ax: Axes) -> None:
+        for s, at, sent, durable in drawn:
+            ax.plot(at, sent, color=s.color, linewidth=1.6, label=f"{s.label} sent")
+            ax.plot(at, durable, color=s.color, linewidth=1.2, linestyle="--", alpha=0.85, label=f"{s.label} durable")
+        ax.set_title(title)
+        ax.set_xlabel("elapsed time since the variant started (s)")
+        ax.set_ylabel("messages per second")
+        ax.set_ylim(bottom=0)
+        ax.set_xlim(left=0)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+
+    window_text = " / ".join(f"{w:g}" for w in sorted(windows))
+    return _plot(
+        "plot-throughput",
+        title,
+        (
+            "Messages per second handed to the transport (solid) and made durable in Parquet (dashed), from the "
+            f"cumulative counts in each variant's timeline, averaged over a sliding {window_text} s window (whole "
+            "flush intervals: durable moves one flush at a time, so a lone spike or dip is a flush a little early or "
+            "late). "
+            "Sent staying above durable means a backlog is building; durable catching up after a burst is the "
+            "pipeline draining it."
+        ),
+        _draw(draw),
+        f"{title}: sent and durable messages per second against elapsed seconds for "
+        + ", ".join(s.label for s, *_ in drawn),
+        notes=_missing_note(without, "no timeline"),
+    )
+
+
+def _latency_plot(series: list[_Series]) -> Plot:
+    title = "End-to-end latency percentiles"
+    drawn: list[tuple[_Series, list[float | None], Any]] = []
+    without: list[str] = []
+    for s in series:
+        e2e = get_path(s.variant, "latency_ms", "end_to_end")
+        values = [_number(get_path(e2e, key)) for _, key in E2E_PERCENTILES]
+        if not get_path(e2e, "count") or all(v is None for v in values):
+            without.append(s.label)
+            continue
+        drawn.append((s, values, get_path(e2e, "count")))
+    if not drawn:
+        return Plot("plot-latency", title, missing="no end-to-end latency in these runs (nothing was persisted)")
+
+    def draw(ax: Axes) -> None:
+        x = np.arange(len(E2E_PERCENTILES))
+        for s, values, count in drawn:
+            ys = [v if v is not None and v > 0 else np.nan for v in values]
+            n = f" (n={count:,})" if isinstance(count, int) else ""
+            ax.plot(x, ys, marker="o", color=s.color, linestyle=s.style, label=f"{s.label}{n}")
+        ax.set_xticks(x, [name for name, _ in E2E_PERCENTILES])
+        _ms_axis(ax, (v for _, values, _ in drawn for v in values), "durable time - intended send time")
+        ax.set_title(title)
+        ax.set_xlabel("percentile of persisted messages")
+
+    return _plot(
+        "plot-latency",
+        title,
+        (
+            "Per persisted message: the time its Parquet flush became durable minus its intended send time (open "
+            "model, so a stalled pipeline cannot hide behind a publisher that slowed down). Lower is better; a "
+            "steep rise towards p99.9 and max is the tail a burst or a slow flush leaves."
+        ),
+        _draw(draw),
+        f"{title}: p50, p90, p99, p99.9 and max in ms for " + ", ".join(s.label for s, *_ in drawn),
+        notes=_missing_note(without, "no end-to-end latency"),
+    )
+
+
+def _ms_tick(value: float, _pos: Any) -> str:
+    if value >= 10 or value == 0:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+# Percentiles on a "nines" axis: p90 -> 1, p99 -> 2, p99.9 -> 3; min at 0 and max one step past the last nine.
+_LADDER_TICKS = ((0, "min"), (50, "p50"), (90, "p90"), (99, "p99"), (99.9, "p99.9"), (99.99, "p99.99"))
+
+
+def _nines(p: float) -> float:
+    return -math.log10(1 - p / 100) if p < 100 else math.inf
+
+
+def _ladder_xy(ladder: Any) -> tuple[list[float], list[float]] | None:
+    if not isinstance(ladder, list):
+        return None
+    pairs = []
+    for item in ladder:
+        if isinstance(item, list | tuple) and len(item) == 2:
+            p, v = _number(item[0]), _number(item[1])
+            if p is not None and v is not None and 0 <= p <= 100:
+                pairs.append((p, v))
+    if not pairs:
+        return None
+    below = [_nines(p) for p, _ in pairs if p < 100]
+    top = (max(below) if below else 0) + 1
+    xs = [_nines(p) if p < 100 else top for p, _ in pairs]
+    ys = [v if v > 0 else math.nan for _, v in pairs]
+    return xs, ys
+
+
+def _ladder_axes(ax: Axes, top: float, values: Iterable[float], ylabel: str) -> None:
+    ticks = [(_nines(p), name) for p, name in _LADDER_TICKS if _nines(p) < top] + [(top, "max")]
+    ax.set_xticks([t for t, _ in ticks], [name for _, name in ticks])
+    ax.set_xlim(-0.15, top + 0.15)
+    _ms_axis(ax, values, ylabel)
+    ax.set_xlabel('percentile ("nines" scale: each step to the right is ten times rarer)')
+
+
+def _flush_plot(series: list[_Series]) -> Plot:
+    title = f"Flush latency distribution per strategy ({FLUSH_SINK} sink)"
+    drawn: list[tuple[_Series, str, list[float], list[float], Any]] = []
+    without: list[str] = []
+    for s in series:
+        found = False
+        for trigger in FLUSH_TRIGGERS:
+            total = get_path(s.variant, "probes", "flush", FLUSH_SINK, trigger, "total_ms")
+            xy = _ladder_xy(get_path(total, "ladder"))
+            if xy is not None:
+                drawn.append((s, trigger, xy[0], xy[1], get_path(total, "count")))
+                found = True
+        if not found:
+            without.append(s.label)
+    if not drawn:
+        what = f"no size- or timeout-triggered {FLUSH_SINK} flushes (with a percentile ladder) in these runs"
+        if series and all(get_path(s.variant, "probes", "flush", FLUSH_SINK, "shutdown") for s in series):
+            what += ": only the shutdown flush, one per variant (the runs ended before the buffer filled or timed out)"
+        return Plot("plot-flush", title, missing=what)
+    top = max(max(xs) for _, _, xs, _, _ in drawn)
+
+    def draw(ax: Axes) -> None:
+        for s, trigger, xs, ys, count in drawn:
+            style, marker = ("-", "o") if trigger == "size" else ("--", "s")
+            n = f", n={count:,}" if isinstance(count, int) else ""
+            ax.plot(
+                xs, ys, color=s.color, linestyle=style, marker=marker, markersize=4, label=f"{s.label} {trigger}{n}"
+            )
+        _ladder_axes(ax, top, (y for *_, ys, _ in drawn for y in ys), "flush total time")
+        ax.set_title(title)
+
+    return _plot(
+        "plot-flush",
+        title,
+        (
+            f"Each flush's total time (build + write + commit) in the {FLUSH_SINK} sink, as a percentile ladder: "
+            "solid lines and circles for size-triggered flushes, dashed lines and squares for timeout-triggered "
+            "ones (not merged: percentiles of two groups cannot be combined without the raw samples). The "
+            "shutdown flush, one per run, is left out. Flat and low is good; a line rising at the right shows "
+            "rare slow flushes. With few flushes (small n) the ladder is coarse."
+        ),
+        _draw(draw),
+        f"{title}: flush time in ms against percentile for " + ", ".join(f"{s.label} {t}" for s, t, *_ in drawn),
+        notes=_missing_note(without, f"no {FLUSH_SINK} size/timeout flushes"),
+    )
+
+
+def _lock_plot(series: list[_Series]) -> Plot:
+    title = "Lock wait distribution per strategy"
+    drawn: list[tuple[_Series, str, list[float], list[float], Any]] = []
+    disabled: list[str] = []
+    without: list[str] = []
+    for s in series:
+        lock = get_path(s.variant, "probes", "lock")
+        if isinstance(lock, dict) and lock.get("enabled") is False:
+            disabled.append(s.label)
+            continue
+        xy = _ladder_xy(get_path(lock, "wait_ms", "ladder"))
+        if xy is None:
+            without.append(s.label)
+            continue
+        strategy = str(get_path(lock, "strategy") or "?")
+        drawn.append((s, strategy, xy[0], xy[1], get_path(lock, "wait_ms", "count")))
+    notes = _missing_note(disabled, "lock probes disabled") + _missing_note(without, "no lock probes")
+    if not drawn:
+        what = "no lock probes in these runs"
+        if disabled:
+            what += f" (disabled in {', '.join(disabled)})"
+        return Plot("plot-lock", title, missing=what)
+    top = max(max(xs) for _, _, xs, _, _ in drawn)
+
+    def draw(ax: Axes) -> None:
+        for s, strategy, xs, ys, count in drawn:
+            name = s.label if s.label.rsplit("/", 1)[-1] == strategy else f"{s.label} ({strategy} lock)"
+            n = f", n={count:,}" if isinstance(count, int) else ""
+            ax.plot(xs, ys, color=s.color, linestyle=s.style, marker="o", markersize=4, label=f"{name}{n}")
+        _ladder_axes(ax, top, (y for *_, ys, _ in drawn for y in ys), "wait for the buffer lock")
+        ax.set_title(title)
+
+    return _plot(
+        "plot-lock",
+        title,
+        (
+            "Per put into the readings buffer: the time from asking for the lock to holding it, as a percentile "
+            "ladder. A coarse lock (held across the flush, disk included) shows as a jump in the tail to about one "
+            "flush time; a swap lock stays near a microsecond throughout."
+        ),
+        _draw(draw),
+        f"{title}: lock wait in ms against percentile for " + ", ".join(s.label for s, *_ in drawn),
+        notes=notes,
+    )
+
+
+def _append_plot(series: list[_Series]) -> Plot:
+    title = "Append cost against file size"
+    drawn: list[tuple[_Series, list[float], list[float], float | None, float | None]] = []
+    without: list[str] = []
+    for s in series:
+        cost = get_path(s.variant, "probes", "append_cost")
+        points = get_path(cost, "points")
+        xy = []
+        for p in points if isinstance(points, list) else []:
+            if isinstance(p, list | tuple) and len(p) >= 3:
+                mb, ms = _number(p[0]), _number(p[2])
+                if mb is not None and ms is not None:
+                    xy.append((mb, ms))
+        if not xy:
+            without.append(s.label)
+            continue
+        slope, intercept = _number(get_path(cost, "slope_ms_per_mb")), _number(get_path(cost, "intercept_ms"))
+        drawn.append((s, [mb for mb, _ in xy], [ms for _, ms in xy], slope, intercept))
+    if not drawn:
+        return Plot("plot-append", title, missing="no append-cost points (Parquet flushes) in these runs")
+
+    def draw(ax: Axes) -> None:
+        for s, mbs, costs, slope, intercept in drawn:
+            ax.scatter(mbs, costs, s=14, color=s.color, alpha=0.6, label=f"{s.label} flushes (n={len(mbs):,})")
+            if slope is not None and intercept is not None:
+                xs = np.linspace(0, max(mbs), 50)
+                sign = "+" if slope >= 0 else "-"
+                ax.plot(
+                    xs,
+                    intercept + slope * xs,
+                    color=s.color,
+                    linestyle=s.style,
+                    linewidth=1.8,
+                    label=f"{s.label} fit: {intercept:,.2f} ms {sign} {abs(slope):,.3g} ms/MB",
+                )
+        ax.set_title(title)
+        ax.set_xlabel("size of the file appended to, before the flush (MB)")
+        ax.set_ylabel("append cost: write + commit (ms)")
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
+
+    return _plot(
+        "plot-append",
+        title,
+        (
+            "Each point is one Parquet flush: the MB already in the file it appended to, and what putting the batch "
+            "into it cost (write + commit). The line is the least-squares fit. A flat line means a true append "
+            "(row groups, or a file per flush); a rising one means each append rewrites or rereads the file, so "
+            "flushes get slower as the file grows, until the file rotates."
+        ),
+        _draw(draw),
+        f"{title}: append cost in ms against MB in the file, with fitted lines, for "
+        + ", ".join(s.label for s, *_ in drawn),
+        notes=_missing_note(without, "no append-cost points"),
+    )
+
+
+# ----------------------------------------------------------------------------- capacity
+
+
+@dataclass(frozen=True)
+class _CapacitySeries:
+    label: str
+    run: _Run
+    workers: Any
+    steps: list[dict[str, Any]]
+    data: dict[str, Any]
+    color: str
+
+
+def _capacity_series(runs: list[_Run]) -> list[_CapacitySeries]:
+    several = len(runs) > 1
+    out: list[_CapacitySeries] = []
+    for run in runs:
+        for entry in _iter_dicts(get_path(run.results, "capacity", "series")):
+            workers = entry.get("workers")
+            name = f"{workers} worker{'' if workers == 1 else 's'}"
+            steps = list(_iter_dicts(entry.get("steps")))
+            color = PALETTE[len(out) % len(PALETTE)]
+            out.append(_CapacitySeries(f"{run.label}/{name}" if several else name, run, workers, steps, entry, color))
+    return out
+
+
+def _sustainable_step(cs: _CapacitySeries) -> dict[str, Any] | None:
+    """The step the sweep called sustainable: by its offered rate, else by its index."""
+    rate = _number(cs.data.get("sustainable_per_s"))
+    if rate is not None:
+        for step in cs.steps:
+            offered = _number(step.get("offered_per_s"))
+            if offered is not None and math.isclose(offered, rate, rel_tol=1e-6):
+                return step
+    index = cs.data.get("sustainable_step")
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(cs.steps):
+        return cs.steps[index]
+    return None
+
+
+NO_CAPACITY = "no capacity sweep in these runs (`bench capacity` writes one: the 'capacity' key of results.json)"
+
+
+def _step_points(
+    steps: list[dict[str, Any]], x_key: str, y_path: tuple[str, ...]
+) -> list[tuple[float, float, dict[str, Any]]]:
+    pts = []
+    for step in steps:
+        x, y = _number(step.get(x_key)), _number(get_path(step, *y_path))
+        if x is not None and y is not None:
+            pts.append((x, y, step))
+    return sorted(pts, key=lambda p: p[0])
+
+
+def _rate_axes(ax: Axes) -> None:
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+
+
+# Steps that were not sustainable, and why: marker and face colour in the capacity plot.
+_UNSUSTAINABLE_MARKERS = {"unsustainable": ("X", "black"), "publisher-limited": ("s", "none")}
+_STEP_KIND_LABELS = {
+    "unsustainable": "step not sustainable",
+    "publisher-limited": "publishers could not offer the rate (says nothing of the pipeline)",
+}
+
+
+def _step_kind(step: dict[str, Any]) -> str:
+    verdict = step.get("verdict")
+    if isinstance(verdict, str):
+        return verdict
+    return "sustainable" if step.get("sustainable") is not False else "unsustainable"
+
+
+def _capacity_plot(capacity: list[_CapacitySeries]) -> Plot:
+    title = "Capacity: achieved against offered rate"
+    drawn = [(cs, pts) for cs in capacity if (pts := _step_points(cs.steps, "offered_per_s", ("persisted_per_s",)))]
+    if not drawn:
+        what = NO_CAPACITY if not capacity else "no steps with offered and persisted rates in the capacity sweeps"
+        return Plot("plot-capacity", title, missing=what)
+    thresholds = {_number(get_path(cs.run.results, "capacity", "threshold")) for cs, _ in drawn} - {None}
+    threshold = min(t for t in thresholds if t is not None) if thresholds else None
+    top = max(max(max(x, y) for x, y, _ in pts) for _, pts in drawn) * 1.05
+
+    def draw(ax: Axes) -> None:
+        ax.plot([0, top], [0, top], color="#777777", linewidth=1, linestyle="--", label="achieved = offered")
+        if threshold is not None:
+            ax.plot(
+                [0, top],
+                [0, top * threshold],
+                color="#777777",
+                linewidth=0.8,
+                linestyle=":",
+                label=f"{threshold:.0%} of offered (sustainable threshold)",
+            )
+        for cs, pts in drawn:
+            ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], color=cs.color, marker="o", markersize=4,
+                    label=cs.label)  # fmt: skip
+            for kind, (marker, face) in _UNSUSTAINABLE_MARKERS.items():
+                xy = [(x, y) for x, y, step in pts if _step_kind(step) == kind]
+                if xy:
+                    ax.scatter([x for x, _ in xy], [y for _, y in xy], marker=marker, s=45, facecolors=face,
+                               edgecolors="black", linewidths=1.2, zorder=3)  # fmt: skip
+            best = _sustainable_step(cs)
+            sx, sy = _number(get_path(best, "offered_per_s")), _number(get_path(best, "persisted_per_s"))
+            if sx is not None and sy is not None:
+                ax.scatter([sx], [sy], marker="*", s=220, color=cs.color, edgecolors="black", linewidths=0.8, zorder=4,
+                           label=f"{cs.label} sustainable: {sx:,.0f} msg/s")  # fmt: skip
+        kinds = {_step_kind(step) for _, pts in drawn for *_, step in pts}
+        for kind, (marker, face) in _UNSUSTAINABLE_MARKERS.items():
+            if kind in kinds:
+                ax.scatter([], [], marker=marker, facecolors=face, edgecolors="black", label=_STEP_KIND_LABELS[kind])
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_title(title)
+        ax.set_xlabel("offered rate (msg/s)")
+        ax.set_ylabel("achieved rate: persisted (msg/s)")
+        _rate_axes(ax)
+
+    return _plot(
+        "plot-capacity",
+        title,
+        (
+            "One line per worker count: each step of the sweep offered a fixed rate and measured what was persisted. "
+            "On the dashed diagonal the pipeline keeps up; where a line bends below it, it saturates. The star marks "
+            "the highest step the sweep called sustainable (persisted at least the threshold share of offered, "
+            "backlog not growing); a cross marks a step that was not, a hollow square one where the publishers could "
+            "not offer the rate (publisher-limited: it says nothing about the pipeline)."
+        ),
+        _draw(draw),
+        f"{title}: persisted against offered msg/s per worker count, with the y = x line and the sustainable "
+        "point marked, for " + ", ".join(cs.label for cs, _ in drawn),
+    )
+
+
+def _capacity_latency_plot(capacity: list[_CapacitySeries]) -> Plot:
+    title = "Latency against load"
+    drawn = []
+    for cs in capacity:
+        p50 = _step_points(cs.steps, "offered_per_s", ("latency_ms", "end_to_end", "p50"))
+        p99 = _step_points(cs.steps, "offered_per_s", ("latency_ms", "end_to_end", "p99"))
+        if p50 or p99:
+            drawn.append((cs, p50, p99))
+    if not drawn:
+        what = NO_CAPACITY if not capacity else "no end-to-end latency in the capacity steps of these runs"
+        return Plot("plot-capacity-latency", title, missing=what)
+
+    def draw(ax: Axes) -> None:
+        values: list[float] = []
+        for cs, p50, p99 in drawn:
+            for pts, style, name in ((p99, "-", "p99"), (p50, "--", "p50")):
+                if pts:
+                    ys = [y if y > 0 else np.nan for _, y, _ in pts]
+                    values += [y for _, y, _ in pts]
+                    ax.plot([x for x, _, _ in pts], ys, color=cs.color, linestyle=style, marker="o", markersize=3,
+                            label=f"{cs.label} {name}")  # fmt: skip
+            knee = cs.data.get("knee")
+            kx, ky = _number(get_path(knee, "offered_per_s")), _number(get_path(knee, "p99_ms"))
+            if kx is not None:
+                ax.axvline(kx, color=cs.color, linewidth=0.9, linestyle=":")
+                if ky is not None and ky > 0:
+                    ax.scatter([kx], [ky], marker="D", s=60, color=cs.color, edgecolors="black", zorder=4,
+                               label=f"{cs.label} knee: {kx:,.0f} msg/s")  # fmt: skip
+        _ms_axis(ax, values, "end-to-end latency")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_xlim(left=0)
+        ax.set_title(title)
+        ax.set_xlabel("offered rate (msg/s)")
+
+    return _plot(
+        "plot-capacity-latency",
+        title,
+        (
+            "End-to-end latency of each capacity step: p99 solid, p50 dashed, one colour per worker count. Latency "
+            "stays flat while the pipeline keeps up and climbs once a queue forms; the diamond and the dotted "
+            "vertical line mark the knee the sweep found (where p99 starts to climb)."
+        ),
+        _draw(draw),
+        f"{title}: p50 and p99 end-to-end latency in ms against offered msg/s, knee marked, for "
+        + ", ".join(cs.label for cs, *_ in drawn),
+    )
+
+
+def _usl(n: Any, lam: float, sigma: float, kappa: float) -> Any:
+    return lam * n / (1 + sigma * (n - 1) + kappa * n * (n - 1))
+
+
+def _usl_plot(runs: list[_Run]) -> Plot:
+    title = "Universal Scalability Law fit"
+    fits: list[tuple[_Run, dict[str, Any], tuple[float, float, float], list[tuple[float, float]]]] = []
+    unfitted: list[str] = []
+    for run in runs:
+        capacity = run.results.get("capacity")
+        if not isinstance(capacity, dict):
+            continue
+        usl = capacity.get("usl")
+        lam, sigma, kappa = (_number(get_path(usl, k)) for k in ("lambda", "sigma", "kappa"))
+        if not isinstance(usl, dict) or lam is None or sigma is None or kappa is None:
+            unfitted.append(run.label)
+            continue
+        points = []
+        for p in _iter_lists(usl.get("points")):
+            n, x = (_number(p[0]), _number(p[1])) if len(p) == 2 else (None, None)
+            if n is not None and x is not None:
+                points.append((n, x))
+        fits.append((run, usl, (lam, sigma, kappa), points))
+    if not fits:
+        what = NO_CAPACITY
+        if unfitted:
+            what = f"no USL fit in these runs: the capacity sweep of {', '.join(unfitted)} has none (usl is null)"
+        return Plot("plot-usl", title, missing=what)
+    several = len(runs) > 1
+
+    def draw(ax: Axes) -> None:
+        top_n = 1.0
+        for i, (run, usl, (lam, sigma, kappa), points) in enumerate(fits):
+            measured = max((n for n, _ in points), default=1.0)
+            peak = _number(usl.get("peak_workers"))
+            # Show the peak when it is within reach of the data; a far-off peak would flatten the measured part.
+            reach = max(measured * 2, min(peak * 1.25, measured * 6) if peak is not None else 0)
+            top_n = max(top_n, reach)
+            prefix = f"{run.label}: " if several else ""
+            color = PALETTE[i % len(PALETTE)]
+            ns = np.linspace(1, reach, 200)
+            ax.plot(ns, _usl(ns, lam, sigma, kappa), color=color,
+                    label=f"{prefix}USL fit: λ={lam:,.0f} msg/s per worker, σ={sigma:.3g}, κ={kappa:.3g}")  # fmt: skip
+            if points:
+                ax.scatter([n for n, _ in points], [x for _, x in points], color=color, edgecolors="black", zorder=3,
+                           s=36, label=f"{prefix}measured")  # fmt: skip
+            peak_x = _number(usl.get("peak_per_s"))
+            if peak is not None and peak_x is not None and peak <= reach:
+                ax.scatter([peak], [peak_x], marker="*", s=200, color=color, edgecolors="black", zorder=4,
+                           label=f"{prefix}predicted peak: {peak_x:,.0f} msg/s at {peak:.3g} workers")  # fmt: skip
+        ax.set_xlim(0, top_n * 1.02)
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.set_title(title)
+        ax.set_xlabel("workers (N)")
+        ax.set_ylabel("throughput (msg/s)")
+
+    notes = tuple(
+        f"{r.label}: {usl['note']}" if several else str(usl["note"]) for r, usl, *_ in fits if usl.get("note")
+    )
+    return _plot(
+        "plot-usl",
+        title,
+        (
+            "X(N) = λN / (1 + σ(N-1) + κN(N-1)), fitted to the throughput measured at each worker count (dots). σ "
+            "(contention) is the share of work that does not parallelise; κ (coherency) the cost of workers "
+            "keeping each other in step, which makes throughput fall past the peak. Trust the curve near the dots; "
+            "far beyond them it is an extrapolation."
+        ),
+        _draw(draw),
+        f"{title}: measured msg/s against workers with the fitted curve for " + ", ".join(r.label for r, *_ in fits),
+        notes=notes + _missing_note(unfitted, "no USL fit"),
+    )
+
+
+def _iter_lists(value: Any) -> list[list[Any] | tuple[Any, ...]]:
+    return [v for v in value if isinstance(v, list | tuple)] if isinstance(value, list) else []
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _fmt(value: Any, fmt: str = "{:,}") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _ratio(value: Any, base: Any) -> str:
+    """The terminal summary's ratio to the first column: x1.23, or 1/N below 0.1."""
+    v, b = _number(value), _number(base)
+    if v is None or not b:
+        return ""
+    r = v / b
+    return f"x{r:,.2f}" if r >= 0.1 or r == 0 else f"1/{1 / r:,.0f}"
+
+
+def _runs_table(runs: list[_Run]) -> Table:
+    rows = []
+    for label, get in (
+        ("folder", lambda r: str(r.folder)),
+        ("scenario", lambda r: get_path(r.results, "scenario", "name")),
+        ("scenario file", lambda r: get_path(r.results, "scenario", "path")),
+        ("scenario sha256", lambda r: get_path(r.results, "scenario", "sha256")),
+        ("seed", lambda r: get_path(r.results, "scenario", "seed")),
+        ("run id", lambda r: r.results.get("run_id")),
+        ("started at", lambda r: r.results.get("started_at")),
+        ("schema version", lambda r: r.results.get("schema_version")),
+        ("variants", lambda r: ", ".join(str(v.get("name")) for v in r.results.get("variants", [])) or None),
+        ("capacity sweep", lambda r: "yes" if isinstance(r.results.get("capacity"), dict) else "no"),
+    ):
+        rows.append(Row(label, tuple(Cell(_fmt(get(r), "{}")) for r in runs)))
+    return Table("table-runs", "Runs", ("", *(r.label for r in runs)), tuple(rows), numeric=False)
+
+
+def _ledger_table(series: list[_Series]) -> Table:
+    title = "Ledger: where every sent message went"
+    if not series:
+        return Table("table-ledger", title, (), (), missing="no variants in these runs (nothing was sent)")
+    ledgers = [_dict(s.variant.get("ledger")) for s in series]
+    rows = [Row("reconciled", tuple(_reconciled_cell(lg) for lg in ledgers))]
+    for key, bad_if_nonzero in (
+        ("sent", False),
+        ("persisted", False),
+        ("rejected", False),
+        ("dropped", False),
+        ("lost", True),
+        ("duplicates", True),
+        ("unexpected", True),
+        ("redelivered", False),
+        ("quarantine_rows", False),
+    ):
+        if all(key not in lg for lg in ledgers):
+            continue
+        values = [lg.get(key) for lg in ledgers]
+        rows.append(Row(key.replace("_", " "), tuple(_count_cell(v, bad_if_nonzero) for v in values)))
+    for group, name in (("by_reason", "rejected"), ("dropped_by_reason", "dropped")):
+        reasons = sorted({r for lg in ledgers for r in _dict(lg.get(group))})
+        for reason in reasons:
+            by = [get_path(lg, group, reason) or 0 for lg in ledgers]
+            rows.append(Row(f"{name}: {reason}", tuple(_count_cell(v) for v in by), indent=True))
+    if any(lg.get("missing_seq_sample") for lg in ledgers):
+        samples = [", ".join(map(str, lg.get("missing_seq_sample") or [])) or "-" for lg in ledgers]
+        rows.append(Row("missing seq (sample)", tuple(Cell(text, tone="bad") for text in samples)))
+    return Table(
+        "table-ledger",
+        title,
+        ("", *(s.label for s in series)),
+        tuple(rows),
+        caption="sent = persisted + rejected + dropped + lost, counted by reading the sinks back; lost, duplicates "
+        "and unexpected must be 0.",
+    )
+
+
+def _strategies_table(series: list[_Series]) -> Table:
+    title = "Strategies side by side"
+    if not series:
+        return Table("table-strategies", title, (), (), missing="no variants in these runs")
+    rows = [Row("ledger reconciled", tuple(_reconciled_cell(_dict(s.variant.get("ledger"))) for s in series))]
+    for label, path, fmt, ratio in METRIC_ROWS:
+        values = [get_path(s.variant, *path) for s in series]
+        if all(v is None for v in values):
+            continue
+        base = values[0]
+        cells = tuple(
+            Cell(_fmt(v, fmt), note=_ratio(v, base) if ratio and i > 0 and v is not None else "")
+            for i, v in enumerate(values)
+        )
+        rows.append(Row(label.strip(), cells, indent=label.startswith(" ")))
+    triggers = ("size", "timeout", "shutdown")
+    rows.append(
+        Row(
+            "flushes size/timeout/shutdown",
+            tuple(
+                Cell(
+                    "/".join(str(get_path(s.variant, "probes", "flush", FLUSH_SINK, t, "count") or 0) for t in triggers)
+                )
+                for s in series
+            ),
+        )
+    )
+    rows.append(
+        Row(
+            "coalesced triggers",
+            tuple(
+                Cell(
+                    str(sum(get_path(s.variant, "probes", "flush", FLUSH_SINK, t, "coalesced") or 0 for t in triggers))
+                )
+                for s in series
+            ),
+        )
+    )
+    return Table(
+        "table-strategies",
+        title,
+        ("metric", *(s.label for s in series)),
+        tuple(rows),
+        caption=f"The terminal summary's rows; (xN) is the ratio to the first column, {series[0].label}.",
+    )
+
+
+def _environment_table(runs: list[_Run]) -> Table:
+    envs = [_dict(r.results.get("environment")) for r in runs]
+
+    def load(value: Any) -> str:
+        if isinstance(value, list) and value:
+            return " / ".join(_fmt(v, "{:.2f}") for v in value)
+        return _fmt(value, "{}")
+
+    rows = [
+        Row(
+            "python",
+            tuple(Cell(f"{_fmt(e.get('python'), '{}')} ({_fmt(e.get('implementation'), '{}')})") for e in envs),
+        ),
+        Row("platform", tuple(Cell(_fmt(e.get("platform"), "{}")) for e in envs)),
+        Row("machine", tuple(Cell(_fmt(e.get("machine"), "{}")) for e in envs)),
+        Row("cpus", tuple(Cell(_fmt(e.get("cpus"), "{}")) for e in envs)),
+        Row("host load before (1/5/15 min)", tuple(Cell(load(e.get("host_load"))) for e in envs)),
+        Row("host load after (1/5/15 min)", tuple(Cell(load(e.get("host_load_after"))) for e in envs)),
+    ]
+    packages = sorted({p for e in envs if isinstance(e.get("packages"), dict) for p in e["packages"]})
+    for name in packages:
+        rows.append(Row(name, tuple(Cell(_fmt(get_path(e, "packages", name), "{}")) for e in envs), indent=True))
+    missing = "" if any(envs) else "no environment recorded in these runs"
+    header = ("", *(r.label for r in runs))
+    return Table("table-environment", "Environment", header, tuple(rows), missing=missing, numeric=False)
+
+
+_STEP_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("offered msg/s", ("offered_per_s",), "{:,.0f}"),
+    ("sent msg/s", ("sent_per_s",), "{:,.1f}"),
+    ("publisher kept up", ("publisher_kept_up",), "{}"),
+    ("persisted msg/s", ("persisted_per_s",), "{:,.1f}"),
+    ("achieved ratio", ("achieved_ratio",), "{:.3f}"),
+    ("backlog slope /s", ("backlog_slope_per_s",), "{:,.1f}"),
+    ("backlog end", ("backlog_end",), "{:,.0f}"),
+    ("backlog growing", ("backlog_growing",), "{}"),
+    ("e2e p50 ms", ("latency_ms", "end_to_end", "p50"), "{:,.1f}"),
+    ("e2e p99 ms", ("latency_ms", "end_to_end", "p99"), "{:,.1f}"),
+    ("flush p99 ms", ("flush_ms", "p99"), "{:,.1f}"),
+    ("lock wait p99 ms", ("lock_wait_ms", "p99"), "{:,.3f}"),
+    ("CPU %", ("cpu_pct",), "{:,.0f}"),
+    ("RSS MB", ("rss_mb",), "{:,.0f}"),
+    ("Little L/(λW)", ("little", "ratio"), "{:.2f}"),
+)
+VERDICT_TONES = {"sustainable": "good", "unsustainable": "bad", "publisher-limited": "dim"}
+
+
+def _capacity_table(capacity: list[_CapacitySeries]) -> Table:
+    title = "Capacity steps"
+    header = ("workers", *(name for name, _, _ in _STEP_COLUMNS), "verdict")
+    if not capacity:
+        return Table("table-capacity", title, header, (), missing="no capacity sweep in these runs")
+    rows = []
+    for cs in capacity:
+        for step in cs.steps:
+            cells = []
+            for _, path, fmt in _STEP_COLUMNS:
+                value = get_path(step, *path)
+                tone = ""
+                if path == ("publisher_kept_up",):
+                    tone = "bad" if value is False else ""
+                elif path == ("backlog_growing",):
+                    tone = "bad" if value is True else ""
+                cells.append(Cell(_fmt(value, fmt), tone=tone))
+            verdict = step.get("verdict")
+            if verdict is None and isinstance(step.get("sustainable"), bool):
+                verdict = "sustainable" if step["sustainable"] else "unsustainable"
+            cells.append(Cell(_fmt(verdict, "{}"), tone=VERDICT_TONES.get(str(verdict), "")))
+            rows.append(Row(cs.label, tuple(cells)))
+    return Table(
+        "table-capacity",
+        title,
+        header,
+        tuple(rows),
+        caption=(
+            "One row per step of the sweep. A step is sustainable when persisted reaches the threshold share of "
+            "offered and the backlog (sent, not yet durable) is not growing: its slope over the step, the backlog "
+            "left at its end and whether it grew are the evidence. publisher-limited: the publishers could not offer "
+            "the rate, so the step says nothing about the pipeline. Little L/(λW) near 1: the measured backlog and "
+            "latency agree."
+        ),
+    )
+
+
+def _capacity_summary_table(capacity: list[_CapacitySeries]) -> Table:
+    rows = []
+    notes: list[str] = []
+    for cs in capacity:
+        knee = cs.data.get("knee")
+        method = get_path(knee, "method")
+        if method and f"Knee: {method}." not in notes:
+            notes.append(f"Knee: {method}.")
+        notes += [f"{cs.label}: {w}." for w in cs.data.get("warnings") or [] if isinstance(w, str)]
+        rows.append(
+            Row(
+                cs.label,
+                (
+                    Cell(_fmt(cs.data.get("sustainable_per_s"), "{:,.0f}")),
+                    Cell(_fmt(cs.data.get("peak_per_s"), "{:,.0f}")),
+                    Cell(_fmt(get_path(knee, "offered_per_s"), "{:,.0f}")),
+                    Cell(_fmt(get_path(knee, "p99_ms"), "{:,.1f}")),
+                    Cell(_fmt(cs.data.get("limit"), "{}"), tone="text"),
+                    Cell(_fmt(cs.data.get("stopped"), "{}"), tone="text dim"),
+                ),
+            )
+        )
+    return Table(
+        "table-capacity-summary",
+        "Sustainable rate and knee per worker count",
+        (
+            "workers",
+            "sustainable msg/s",
+            "peak persisted msg/s",
+            "knee offered msg/s",
+            "knee p99 ms",
+            "limit",
+            "stopped",
+        ),
+        tuple(rows),
+        caption=" ".join(notes),
+        missing="" if rows else "no capacity sweep in these runs",
+    )
+
+
+def _recommendations_table(runs: list[_Run]) -> Table:
+    rows = []
+    several = len(runs) > 1
+    for run in runs:
+        for rec in _iter_dicts(get_path(run.results, "capacity", "recommendations")):
+            topic = _fmt(rec.get("topic"), "{}")
+            cells = (Cell(_fmt(rec.get("text"), "{}")), Cell(_fmt(rec.get("evidence"), "{}"), tone="dim"))
+            rows.append(Row(f"{run.label}: {topic}" if several else topic, cells))
+    return Table(
+        "table-recommendations",
+        "Recommendations",
+        ("topic", "recommendation", "evidence"),
+        tuple(rows),
+        missing="" if rows else "no recommendations in these runs (a capacity sweep makes them)",
+        numeric=False,
+    )
+
+
+def _count_cell(value: Any, bad_if_nonzero: bool = False) -> Cell:
+    bad = bad_if_nonzero and isinstance(value, int) and value > 0
+    return Cell(_fmt(value, "{:,}"), tone="bad" if bad else "")
+
+
+def _reconciled_cell(ledger: dict[str, Any]) -> Cell:
+    if "reconciled" not in ledger:
+        return Cell("-")
+    return Cell("yes", tone="good") if ledger["reconciled"] else Cell("NO", tone="bad")
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _iter_dicts(value: Any) -> list[dict[str, Any]]:
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
