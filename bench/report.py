@@ -419,7 +419,9 @@ def _window_s(durable_t: Any, durable: Any, flush_interval_s: float | None) -> f
         cadence = flush_interval_s
     if not cadence or cadence > span / 4:
         return max(sampling, min(1.0, span / 4))
-    return max(sampling, cadence * min(2, math.floor(span / 4 / cadence)))
+    # At least a second (on runs long enough): several workers flush out of step with each other, and their
+    # merged staircase has no single cadence to average over.
+    return max(sampling, cadence * min(2, math.floor(span / 4 / cadence)), min(1.0, span / 8))
 
 
 def _centred_rate(ts: Any, cum: Any, at: Any, window: float) -> Any:
