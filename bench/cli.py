@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench import runner
+from bench import load, runner
 from bench.errors import BenchError
 from bench.metrics import METRIC_ROWS, get_path
 from bench.scenario import json_schema, load_scenario
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
     p_val.add_argument("scenario", type=Path, nargs="+")
     sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
+    load.register(sub)
     return parser
 
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 loaded = load_scenario(path)
                 out.print(f"{path}: ok ({loaded.scenario.name}, {len(loaded.scenario.phases)} phases)")
             return 0
+        if args.command == "load":
+            return load.command(args)
         if args.command == "capacity":
             return _capacity(args, out, err)
         if args.command == "report":

@@ -1,0 +1,1102 @@
+"""``bench load``: locust as the load engine, for loads larger than one process or machine.
+
+The pipeline under test runs in this process, as in ``bench run``, behind the
+embedded broker (or OPC UA plant server); the load comes from a locust master
+and N worker processes running :mod:`bench.locustfile`, which replay the
+scenario's stream, each message once, paced by its intended send time. Then
+the bench does what it always does: drain, read back what was persisted and
+reconcile it against what the workers say they sent (their ``sent/`` files)::
+
+    bench load scenarios/burst.yaml --workers 4
+    # reports/burst-load-<UTC time>/: results.json, report.html, locust.html,
+    # locust_stats.csv ..., locust-master.log, locust-worker-<i>.log, sent/
+
+Locust's response time is the publish acknowledgement (PUBACK, or the OPC UA
+Write response), not the end-to-end latency: that one comes from the read-back
+(durable time minus intended send time), under ``latency_ms.end_to_end``.
+
+Locust monkey-patches the whole process with gevent when imported, so this
+module never imports it (nor the locustfile): locust runs in subprocesses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from bench.errors import BenchError, ScenarioError, ServiceError, UsageError
+from bench.ledger import Ledger, attribute_queue_overflow, read_back, reconcile
+from bench.probes import append_cost, flush_summary, lock_summary, series_summary, sink_rows_per_s, timeline_json
+from bench.results import SCHEMA_VERSION, environment, write_results
+from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides, load_scenario
+from pipeline.clock import MonotonicWallClock
+from pipeline.config import resolve_env
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.model import FlushStat
+from pipeline.mqtt_source import MqttSource
+from pipeline.opcua_source import OpcUaNames, OpcUaSource
+from pipeline.probes import Recorder
+from pipeline.runtime import Pipeline
+from simulators.broker import EmbeddedBroker
+from simulators.errors import SimulatorError
+from simulators.opcua_server import NodeNames, PlantServer
+from simulators.stream import machine_of, planned_count, total_duration_s
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+USER_CLASS = {"mqtt": "MqttUser", "opcua": "OpcUaUser"}
+SEND_REQUEST = {"mqtt": "MQTT publish", "opcua": "OPCUA write"}
+"""The locust request (type and name) that is one send; "connect" requests are counted apart."""
+SENT_DIR = "sent"
+SENT_GLOB = "sent-*.npz"
+PLAN_FILE = "plan.json"
+MASTER_PORT_FILE = "locust-master.port"
+LOCUST_CSV_PREFIX = "locust"
+LOCUST_HTML = "locust.html"
+SENT_FORMAT = 1
+START_LEAD_S = 2.0
+"""The first send is planned this long after the master has sent the plan: users connect in that time."""
+ACK_TIMEOUT_S = 30.0
+LOCUST_START_TIMEOUT_S = 60.0
+REMOTE_WORKERS_WAIT_S = 600.0
+"""How long the master waits for workers started by hand on other machines."""
+DEFAULT_MASTER_PORT = 5557
+WORKERS_EXIT_TIMEOUT_S = 30.0
+
+
+# ----------------------------------------------------------------------------- what the workers sent
+
+
+@dataclass(frozen=True)
+class SentRecords:
+    """What one locust process published: the bench's side of the ledger, one file per process.
+
+    Times are nanoseconds on the master's timeline (each worker corrects its clock by the master's).
+    ``ack_ns`` is -1 where no acknowledgement came. ``copy`` marks a scenario's deliberate second
+    send of a seq (the ``duplicate`` anomaly). ``payload_key``/``payload_seq`` name the seq of
+    payloads that cannot carry one (malformed JSON, invalid UTF-8, oversize; see
+    :func:`bench.ledger.payload_key`).
+    """
+
+    meta: dict[str, Any]
+    seq: NDArray[np.int64]
+    intended_ns: NDArray[np.int64]
+    sent_ns: NDArray[np.int64]
+    ack_ns: NDArray[np.int64]
+    copy: NDArray[np.bool_]
+    failed_seq: NDArray[np.int64]
+    payload_key: NDArray[np.str_]
+    payload_seq: NDArray[np.int64]
+
+    @classmethod
+    def empty(cls, meta: dict[str, Any]) -> SentRecords:
+        none = np.zeros(0, dtype=np.int64)
+        return cls(meta, none, none, none, none, np.zeros(0, dtype=np.bool_), none, np.zeros(0, dtype=np.str_), none)
+
+
+def sent_bytes(records: SentRecords) -> bytes:
+    """``records`` as the bytes of a NumPy ``.npz`` file (what a worker also sends to the master)."""
+    arrays = {k: v for k, v in asdict(records).items() if k != "meta"}
+    buffer = io.BytesIO()
+    np.savez(buffer, meta=np.array(json.dumps({"format": SENT_FORMAT, **records.meta})), **arrays)
+    return buffer.getvalue()
+
+
+def write_sent_bytes(path: Path, data: bytes) -> None:
+    """Write a sent file atomically: a reader never sees half a file, two writers never mix theirs."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_sent(path: Path, records: SentRecords) -> None:
+    write_sent_bytes(path, sent_bytes(records))
+
+
+def read_sent(path: Path) -> SentRecords:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            return SentRecords(
+                meta,
+                seq=data["seq"].astype(np.int64),
+                intended_ns=data["intended_ns"].astype(np.int64),
+                sent_ns=data["sent_ns"].astype(np.int64),
+                ack_ns=data["ack_ns"].astype(np.int64),
+                copy=data["copy"].astype(np.bool_),
+                failed_seq=data["failed_seq"].astype(np.int64),
+                payload_key=data["payload_key"].astype(np.str_),
+                payload_seq=data["payload_seq"].astype(np.int64),
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ServiceError(f"{path}: not a readable sent file ({exc.__class__.__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class Sent:
+    """Every worker's records, put together."""
+
+    files: list[str]
+    metas: list[dict[str, Any]]
+    seq: NDArray[np.int64]
+    intended_ns: NDArray[np.int64]
+    sent_ns: NDArray[np.int64]
+    ack_ns: NDArray[np.int64]
+    copy: NDArray[np.bool_]
+    failed_seq: NDArray[np.int64]
+    payloads: dict[bytes, int]
+    epoch_ns: int | None
+    problems: list[str]
+
+    @property
+    def sends(self) -> int:
+        """Messages handed to the transport, copies included."""
+        return len(self.seq)
+
+    def coverage(self, planned: int) -> dict[str, Any]:
+        """Did the users, together, publish every planned message exactly once?"""
+        originals = self.seq[~self.copy]
+        unique, counts = np.unique(originals, return_counts=True)
+        failed = np.setdiff1d(np.unique(self.failed_seq), unique)
+        covered = np.union1d(unique, failed)
+        in_plan = covered[(covered >= 0) & (covered < planned)]
+        missing = np.setdiff1d(np.arange(planned, dtype=np.int64), in_plan)
+        twice = unique[counts > 1]
+        return {
+            "planned": planned,
+            "published": len(unique),
+            "failed": len(failed),
+            "not_published": len(missing),
+            "not_published_sample": [int(s) for s in missing[:20]],
+            "published_twice": len(twice),
+            "published_twice_sample": [int(s) for s in twice[:20]],
+            "outside_plan": int(np.count_nonzero((unique < 0) | (unique >= planned))),
+        }
+
+
+def collect_sent(folder: Path) -> Sent:
+    """Read every ``sent-*.npz`` in ``folder``."""
+    paths = sorted(folder.glob(SENT_GLOB))
+    records = [read_sent(p) for p in paths]
+    problems: list[str] = []
+    epochs = {int(e) for r in records if (e := r.meta.get("epoch_ns")) is not None}
+    if len(epochs) > 1:
+        problems.append(f"sent files disagree on the epoch (first send time): {sorted(epochs)}; were they one test?")
+    payloads: dict[bytes, int] = {}
+    for r in records:
+        payloads.update({bytes.fromhex(k): int(s) for k, s in zip(r.payload_key, r.payload_seq, strict=True)})
+        problems += [f"{Path(r.meta.get('file', '?')).name}: {e}" for e in r.meta.get("errors", [])]
+
+    def cat(name: str, dtype: Any) -> Any:
+        parts = [getattr(r, name) for r in records]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    return Sent(
+        files=[p.name for p in paths],
+        metas=[r.meta for r in records],
+        seq=cat("seq", np.int64),
+        intended_ns=cat("intended_ns", np.int64),
+        sent_ns=cat("sent_ns", np.int64),
+        ack_ns=cat("ack_ns", np.int64),
+        copy=cat("copy", np.bool_),
+        failed_seq=cat("failed_seq", np.int64),
+        payloads=payloads,
+        epoch_ns=min(epochs) if epochs else None,
+        problems=problems,
+    )
+
+
+# ----------------------------------------------------------------------------- locust's own numbers
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "", "N/A") else None
+    except ValueError:
+        return None
+    return None if value is None or math.isnan(value) else value
+
+
+def parse_locust_stats(path: Path) -> dict[str, Any]:
+    """The aggregated row and one entry per request type of locust's ``<prefix>_stats.csv``."""
+
+    def entry(row: dict[str, str]) -> dict[str, Any]:
+        requests = int(_number(row.get("Request Count")) or 0)
+        return {
+            "requests": requests,
+            "failures": int(_number(row.get("Failure Count")) or 0),
+            "median_ms": _number(row.get("Median Response Time")),
+            "avg_ms": _number(row.get("Average Response Time")),
+            "min_ms": _number(row.get("Min Response Time")),
+            "max_ms": _number(row.get("Max Response Time")),
+            "p95_ms": _number(row.get("95%")),
+            "p99_ms": _number(row.get("99%")),
+            "p999_ms": _number(row.get("99.9%")),
+            "requests_per_s": _number(row.get("Requests/s")),
+            "failures_per_s": _number(row.get("Failures/s")),
+        }
+
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {"requests": 0, "failures": 0, "by_type": {}, "missing": str(path.name)}
+    out: dict[str, Any] = {"requests": 0, "failures": 0}
+    by_type: dict[str, Any] = {}
+    for row in rows:
+        if row.get("Name") == "Aggregated":
+            out.update(entry(row))
+        else:
+            by_type[f"{row.get('Type', '')} {row.get('Name', '')}".strip()] = entry(row)
+    out["by_type"] = by_type
+    return out
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    workers: int = 2
+    users: int | None = None
+    """Locust users over all workers (default: 4 per worker, at most one per machine)."""
+    out: Path | None = None
+    messages: int | None = None
+    broker: str | None = None
+    variant: str | None = None
+    reports_dir: Path = Path("reports")
+    start_lead_s: float = START_LEAD_S
+    ack_timeout_s: float = ACK_TIMEOUT_S
+    remote_workers: int = 0
+    """Workers started by hand on other machines (``locust -f ... --worker --master-host <this host>``)."""
+    master_bind: str | None = None
+    """HOST[:PORT] the master listens on; default 127.0.0.1 on a free port, 0.0.0.0:5557 with remote workers."""
+
+    def bind(self) -> tuple[str, int]:
+        default_port = DEFAULT_MASTER_PORT if self.remote_workers else 0
+        if self.master_bind is None:
+            return ("0.0.0.0" if self.remote_workers else "127.0.0.1"), default_port
+        host, sep, port = self.master_bind.rpartition(":")
+        if not sep:
+            host, port = self.master_bind, ""
+        try:
+            number = int(port) if port else default_port
+        except ValueError:
+            number = -1
+        if not host or not 0 <= number <= 65535:
+            raise UsageError(f"--master-bind: expected HOST or HOST:PORT, e.g. 0.0.0.0:5557, got {self.master_bind!r}")
+        return host, number
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """A snapshot for the progress display."""
+
+    stage: str
+    elapsed_s: float
+    """Seconds since the first planned send (negative before it)."""
+    planned: int
+    received: int
+    persisted: int
+    rejected: int
+    backlog: int
+    locust_requests: int
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    run_dir: Path
+    results: dict[str, Any]
+    ledger: Ledger
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.ledger.reconciled and not self.problems
+
+
+def _pick_variant(loaded: LoadedScenario, variant: str | None) -> tuple[str, Scenario]:
+    if variant is None:
+        return "default", loaded.scenario
+    names = dict(loaded.variants)
+    if variant not in names or not loaded.scenario.matrix:
+        known = ", ".join(names) if loaded.scenario.matrix else "none: the scenario has no matrix"
+        raise UsageError(f"--variant {variant}: no such variant in {loaded.path} (variants: {known})")
+    return variant, names[variant]
+
+
+def _check_supported(loaded: LoadedScenario, sc: Scenario, broker: str | None) -> None:
+    kind = sc.transport.kind
+    if kind not in USER_CLASS:
+        raise UsageError(
+            f"{loaded.path}: transport.kind: bench load replays over mqtt or opcua, got {kind!r} "
+            "(use bench run for memory and both)"
+        )
+    if kind == "opcua" and sc.transport.opcua.security != "None":
+        raise UsageError(
+            f"{loaded.path}: transport.opcua.security: the locust OPC UA user writes without security; "
+            "use bench run for Sign/SignAndEncrypt"
+        )
+    if any(isinstance(f, ServerRestartFault) for f in sc.faults):
+        raise UsageError(f"{loaded.path}: faults: server_restart is not supported by bench load; use bench run")
+    if broker is not None and not broker.startswith(("mqtt://", "tcp://")):
+        raise UsageError(f"--broker: expected a URL like mqtt://127.0.0.1:1883, got {broker!r}")
+    if broker is not None and kind != "mqtt":
+        raise UsageError(f"--broker: the scenario {loaded.path} replays over {kind}, not mqtt")
+
+
+def _check_reachable(loaded: LoadedScenario, sc: Scenario, broker: str | None) -> None:
+    """Workers on other machines cannot reach a broker or plant server bound to this host's loopback."""
+    if sc.transport.kind == "mqtt" and (broker or sc.transport.mqtt.broker) == "embedded":
+        raise UsageError(
+            "--remote-workers: workers on other machines cannot reach the embedded broker (loopback only); "
+            "give --broker mqtt://<host every machine reaches>:1883"
+        )
+    if sc.transport.kind == "opcua" and sc.transport.opcua.server == "embedded":
+        raise UsageError(
+            f"{loaded.path}: transport.opcua.server: workers on other machines cannot reach the embedded plant "
+            "server (loopback only); name a server every machine reaches"
+        )
+
+
+def _run_dir(name: str, options: LoadOptions) -> Path:
+    if options.out is not None:
+        run_dir = options.out
+    else:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        run_dir = options.reports_dir / f"{name}-load-{stamp}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UsageError(f"--out {run_dir}: folder exists and is not empty; choose a new one so runs never mix")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create run folder {run_dir}: {exc}") from None
+    return run_dir
+
+
+def default_users(machines: int, workers: int) -> int:
+    return max(1, min(machines, 4 * workers))
+
+
+class _Locust:
+    """A locust master and its workers as subprocesses, output captured into the run folder."""
+
+    def __init__(self, run_dir: Path, user_class: str, options: list[str], workers: int, bind: tuple[str, int]) -> None:
+        self.run_dir = run_dir
+        self.bind = bind
+        self.user_class = user_class
+        self.options = options
+        self.workers = workers
+        self.master: subprocess.Popen[bytes] | None = None
+        self.worker_procs: list[subprocess.Popen[bytes]] = []
+        self._logs: list[IO[bytes]] = []
+        package_root = str(Path(__file__).resolve().parent.parent)
+        path = os.environ.get("PYTHONPATH")
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=package_root + (os.pathsep + path if path else ""))
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        log = open(self.run_dir / log_name, "wb")  # noqa: SIM115 (closed in close())
+        self._logs.append(log)
+        command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), self.user_class, *args]
+        log.write((" ".join(command) + "\n\n").encode())
+        log.flush()
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env)
+
+    def start(self, master_args: list[str]) -> None:
+        port_file = self.run_dir / MASTER_PORT_FILE
+        bind = ["--master-bind-host", self.bind[0], "--master-bind-port", str(self.bind[1])]
+        self.master = self._spawn(["--master", *bind, *master_args, *self.options], "locust-master.log")
+        # By default the master binds port 0 (no clash with another locust on 5557); its init hook writes the port.
+        deadline = time.monotonic() + LOCUST_START_TIMEOUT_S
+        while not port_file.exists():
+            if self.master.poll() is not None:
+                raise ServiceError(f"locust master exited with code {self.master.returncode}: {self._tail('master')}")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"locust master did not start within {LOCUST_START_TIMEOUT_S:g} s")
+            time.sleep(0.1)  # polling for a file another process writes
+        port = int(port_file.read_text().strip())
+        port_file.unlink()
+        host = "127.0.0.1" if self.bind[0] in ("0.0.0.0", "*", "::") else self.bind[0]
+        for i in range(self.workers):
+            self.worker_procs.append(
+                self._spawn(["--worker", "--master-host", host, "--master-port", str(port)], f"locust-worker-{i}.log")
+            )
+
+    def _tail(self, which: str, lines: int = 15) -> str:
+        name = "locust-master.log" if which == "master" else f"locust-worker-{which}.log"
+        try:
+            text = (self.run_dir / name).read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"(no {name})"
+        return f"see {self.run_dir / name}; last lines:\n    " + "\n    ".join(text)
+
+    def wait_workers(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for proc in self.worker_procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._stop(proc)
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is not None:
+            return
+        # SIGTERM lets locust run its shutdown: workers then still write their sent files.
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def close(self) -> None:
+        for proc in [*self.worker_procs, *([self.master] if self.master else [])]:
+            self._stop(proc)
+        for log in self._logs:
+            log.close()
+
+    def exit_codes(self) -> dict[str, int | None]:
+        codes: dict[str, int | None] = {"master": self.master.returncode if self.master else None}
+        codes.update({f"worker-{i}": p.returncode for i, p in enumerate(self.worker_procs)})
+        return codes
+
+
+def _locust_requests(run_dir: Path) -> int:
+    """The aggregated request count locust has written so far (its CSV is rewritten every second)."""
+    try:
+        with (run_dir / f"{LOCUST_CSV_PREFIX}_stats.csv").open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                if row.get("Name") == "Aggregated":
+                    return int(_number(row.get("Request Count")) or 0)
+    except (OSError, csv.Error):
+        pass
+    return 0
+
+
+def _read_plan(path: Path) -> dict[str, Any] | None:
+    try:
+        plan = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # not written yet (it is replaced atomically, so never half)
+    return plan if isinstance(plan, dict) else None
+
+
+def run_load(
+    loaded: LoadedScenario,
+    options: LoadOptions,
+    on_progress: Callable[[LoadProgress], None] | None = None,
+    progress_every_s: float = 0.5,
+) -> LoadOutcome:
+    """Start broker (or plant server) and pipeline here, locust master + workers as subprocesses; reconcile."""
+    workers = options.workers + options.remote_workers
+    if options.workers < 0 or options.remote_workers < 0 or workers < 1:
+        raise UsageError(f"--workers {options.workers}, --remote-workers {options.remote_workers}: expected a worker")
+    bind = options.bind()
+    name, sc = _pick_variant(loaded, options.variant)
+    _check_supported(loaded, sc, options.broker)
+    if options.remote_workers:
+        _check_reachable(loaded, sc, options.broker)
+    spec = apply_overrides(sc.stream_spec(), options.messages)
+    planned = planned_count(spec)
+    users = options.users or default_users(len(spec.machines), workers)
+    transport = sc.transport
+    mq, ua_cfg = transport.mqtt, transport.opcua
+    try:
+        username = resolve_env(mq.username, "transport.mqtt.username")
+        password = resolve_env(mq.password, "transport.mqtt.password")
+        ua_user = resolve_env(ua_cfg.username, "transport.opcua.username")
+        ua_password = resolve_env(ua_cfg.password, "transport.opcua.password")
+    except ConfigError as exc:
+        raise ScenarioError(f"{loaded.path}: {exc}") from None
+
+    run_dir = _run_dir(sc.name, options)
+    shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
+    run_dir = run_dir.resolve()  # the locust processes get absolute paths, whatever their working folder
+    sent_dir = run_dir / SENT_DIR
+    sent_dir.mkdir()
+    run_id = f"{sc.name}-load-{uuid.uuid4().hex[:8]}"
+    started_wall = time.time()
+    env_before = environment()
+    clock = MonotonicWallClock()
+    flushes: list[FlushStat] = []
+    settings = sc.validation()
+    duration_s = total_duration_s(spec)
+    # The master quits the test when every user is done; this limit only stops a test that hangs.
+    run_time_s = math.ceil(options.start_lead_s + duration_s + max(60.0, duration_s / 2) + options.ack_timeout_s)
+
+    broker: EmbeddedBroker | None = None
+    pipeline: Pipeline | None = None
+    source: MqttSource | None = None
+    plant: PlantServer | None = None
+    ua_source: OpcUaSource | None = None
+    locust: _Locust | None = None
+    pipeline_closed = False
+    problems: list[str] = []
+    samples: list[tuple[float, int, int]] = []
+    opcua_stats: dict[str, Any] | None = None
+    broker_url: str | None = None
+    epoch_ns: int | None = None
+    plan: dict[str, Any] | None = None
+    locust_s = 0.0
+    try:
+        try:
+            pipeline = Pipeline(settings, run_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
+            pipeline.start()
+            if transport.kind == "mqtt":
+                setting = options.broker or mq.broker
+                if setting == "embedded":
+                    broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
+                    broker_url = broker.url
+                else:
+                    broker_url = setting
+                source = MqttSource(
+                    broker_url,
+                    mq.subscription(run_id),
+                    mq.qos,
+                    pipeline.submit,
+                    client_id=f"{run_id}-pipeline",
+                    username=username,
+                    password=password,
+                )
+                source.start()
+                target = ["--broker-url", broker_url, "--topic", mq.topic_for_run(run_id)]
+            else:
+                if ua_cfg.server == "embedded":
+                    plant = PlantServer(
+                        spec.machines,
+                        names=NodeNames(plant=ua_cfg.plant),
+                        users={ua_user: ua_password or ""} if ua_user is not None else None,
+                    ).start()
+                    ua_url = plant.url
+                else:
+                    ua_url = ua_cfg.server
+                ua_source = OpcUaSource(
+                    ua_url,
+                    pipeline.submit,
+                    names=OpcUaNames(plant=ua_cfg.plant),
+                    publishing_ms=ua_cfg.publishing * 1000,
+                    sampling_ms=ua_cfg.sampling * 1000,
+                    queue_size=ua_cfg.queue_size,
+                    discard_oldest=ua_cfg.discard_oldest,
+                    username=ua_user,
+                    password=ua_password,
+                )
+                ua_source.start()
+                target = ["--opcua-url", ua_url]
+        except (SimulatorError, PipelineError) as exc:
+            raise ServiceError(str(exc)) from None
+
+        custom = [
+            "--scenario",
+            str(loaded.path.resolve()),
+            "--run-id",
+            run_id,
+            "--sent-dir",
+            str(sent_dir),
+            "--start-lead",
+            str(options.start_lead_s),
+            "--ack-timeout",
+            str(options.ack_timeout_s),
+            *(["--messages", str(options.messages)] if options.messages else []),
+            *(["--variant", name] if options.variant else []),
+            *target,
+        ]
+        master_args = [
+            "--headless",
+            "--expect-workers",
+            str(workers),
+            "--expect-workers-max-wait",
+            str(int(REMOTE_WORKERS_WAIT_S if options.remote_workers else LOCUST_START_TIMEOUT_S)),
+            "--users",
+            str(users),
+            "--spawn-rate",
+            str(users),
+            "--run-time",
+            f"{run_time_s}s",
+            "--csv",
+            str(run_dir / LOCUST_CSV_PREFIX),
+            "--csv-full-history",
+            "--html",
+            str(run_dir / LOCUST_HTML),
+            "--only-summary",
+            "--master-port-file",
+            str(run_dir / MASTER_PORT_FILE),
+        ]
+        locust = _Locust(run_dir, USER_CLASS[transport.kind], custom, options.workers, bind)
+        started_locust = time.monotonic()
+
+        def snapshot(stage: str) -> LoadProgress:
+            assert pipeline is not None
+            stats = pipeline.statistics()
+            durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
+            elapsed = (clock.now_ns() - epoch_ns) / 1e9 if epoch_ns is not None else -1.0
+            if epoch_ns is not None:
+                samples.append((elapsed, stats.readings.buffered if stats.readings else 0, stats.received - durable))
+            return LoadProgress(
+                stage=stage,
+                elapsed_s=elapsed,
+                planned=planned,
+                received=stats.received,
+                persisted=stats.readings.flushed_rows if stats.readings else 0,
+                rejected=stats.rejected,
+                backlog=max(0, stats.received - durable),
+                locust_requests=_locust_requests(run_dir),
+            )
+
+        if on_progress:
+            on_progress(snapshot("starting locust"))
+        locust.start(master_args)
+        assert locust.master is not None
+        wait_s = REMOTE_WORKERS_WAIT_S if options.remote_workers else LOCUST_START_TIMEOUT_S
+        deadline = time.monotonic() + run_time_s + wait_s + 30
+        while locust.master.poll() is None:
+            if plan is None and (plan := _read_plan(sent_dir / PLAN_FILE)) is not None:
+                epoch_ns = int(plan["epoch_ns"])
+                if sc.run.start is not None:
+                    # Replaying another time: the validator's clock reads that time too.
+                    pipeline.replay_offset_ns = int(sc.run.start.timestamp() * 1e9) - epoch_ns
+            if time.monotonic() > deadline:
+                problems.append(f"locust did not finish within {deadline - started_locust:.0f} s; stopped it")
+                break
+            if on_progress:
+                stage = "waiting for locust workers" if plan is None else "sending"
+                on_progress(snapshot(stage))
+            time.sleep(progress_every_s)  # polling the master process and the pipeline's counters
+        if locust.master.poll() is None:
+            locust.close()
+        else:
+            locust.wait_workers(WORKERS_EXIT_TIMEOUT_S)
+        locust_s = time.monotonic() - started_locust
+        codes = locust.exit_codes()
+        locust.close()
+        if plan is None:
+            plan = _read_plan(sent_dir / PLAN_FILE)
+        if plan is None:
+            raise ServiceError(f"locust never started the test (no plan was made): {locust._tail('master')}")
+        epoch_ns = int(plan["epoch_ns"])
+
+        sent = collect_sent(sent_dir)
+        problems += sent.problems
+        # Drain: wait until the pipeline has received every send, or until it makes no progress
+        # for drain_timeout (then the ledger shows the loss).
+        last_received, last_change = -1, time.monotonic()
+        while True:
+            stats = pipeline.statistics()
+            if stats.received >= sent.sends:
+                break
+            if stats.received != last_received:
+                last_received, last_change = stats.received, time.monotonic()
+            elif time.monotonic() - last_change > sc.run.drain_timeout:
+                break
+            if on_progress:
+                on_progress(snapshot("draining"))
+            time.sleep(progress_every_s)  # polling a counter; nothing to wait on across threads
+        if source is not None:
+            source.close()
+            source = None
+        if ua_source is not None:
+            ua_source.close()
+            opcua_stats = asdict(ua_source.stats)
+            ua_source = None
+        pipeline.close()
+        pipeline_closed = True
+        if on_progress:
+            on_progress(snapshot("reading back"))
+        pipeline_stats = pipeline.statistics()
+        pipeline_errors = [str(e) for e in pipeline.errors]
+        lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
+    finally:
+        if locust is not None:
+            locust.close()
+        if ua_source is not None:
+            ua_source.close()
+        if plant is not None:
+            plant.close()
+        if source is not None:
+            source.close()
+        if pipeline is not None and not pipeline_closed:
+            pipeline.close()  # finalise files even when the run is aborted
+        if broker is not None:
+            broker.close()
+
+    back = read_back(run_dir / settings.parquet.path, run_dir / settings.quarantine.path, run_dir / "dropped")
+    originals = sent.seq[~sent.copy]
+    sent_seqs = [int(s) for s in originals]
+    copies: Counter[int] = Counter(int(s) for s in sent.seq[sent.copy])
+    ledger = reconcile(sent_seqs, back, copies=copies, sent_payloads=sent.payloads)
+    if transport.kind == "opcua" and ledger.lost:
+        dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
+        dropped.update(attribute_queue_overflow(sent_seqs, back, lambda seq: machine_of(spec, seq)))
+        ledger = reconcile(sent_seqs, back, dropped, copies=copies, sent_payloads=sent.payloads)
+    coverage = sent.coverage(planned)
+    if coverage["not_published"]:
+        problems.append(
+            f"{coverage['not_published']} planned message(s) were never published by any locust user "
+            f"(seq ids include {coverage['not_published_sample'][:10]}); see locust-*.log"
+        )
+    if coverage["failed"]:
+        problems.append(f"{coverage['failed']} publish(es) failed (see {LOCUST_CSV_PREFIX}_failures.csv)")
+    if coverage["published_twice"]:
+        problems.append(
+            f"{coverage['published_twice']} message(s) were published by more than one user "
+            f"(seq ids include {coverage['published_twice_sample'][:10]})"
+        )
+    problems += [f"pipeline: {e}" for e in pipeline_errors]
+    bad_codes = {k: c for k, c in codes.items() if c not in (0, 1)}  # 1: locust saw failed requests
+    if bad_codes:
+        problems.append(f"locust exited with {bad_codes} (see locust-*.log)")
+
+    intended = np.full(planned, -1, dtype=np.int64)
+    in_plan = (originals >= 0) & (originals < planned)
+    intended[originals[in_plan]] = sent.intended_ns[~sent.copy][in_plan]
+    durable_by_batch = {f.batch_id: f.durable_ns for f in flushes if f.sink == "parquet"}
+    e2e = Recorder()
+    for seq, batch in zip(back.persisted_seqs, back.persisted_batches, strict=True):
+        if 0 <= seq < planned and intended[seq] >= 0 and batch in durable_by_batch:
+            e2e.record_ns(durable_by_batch[batch] - int(intended[seq]))
+    send_lag = Recorder()
+    send_lag.record_all_ns(int(v) for v in sent.sent_ns - sent.intended_ns)
+    acked = sent.ack_ns >= 0
+    ack = Recorder()
+    ack.record_all_ns(int(v) for v in sent.ack_ns[acked] - sent.sent_ns[acked])
+
+    last_sent_ns = int(sent.sent_ns.max()) if sent.sends else epoch_ns
+    send_span_s = max((last_sent_ns - epoch_ns) / 1e9, 1e-9)
+    last_durable = max(durable_by_batch.values(), default=epoch_ns)
+    persist_span_s = max((last_durable - epoch_ns) / 1e9, 1e-9)
+    locust_stats = parse_locust_stats(run_dir / f"{LOCUST_CSV_PREFIX}_stats.csv")
+    locust_stats["sends"] = SEND_REQUEST[transport.kind]
+    plan_workers = [
+        {"index": w["index"], "users": sum(w["users"].values()), "host": w.get("host")} for w in plan.get("workers", [])
+    ]
+    variant: dict[str, Any] = {
+        "name": name,
+        "config": {
+            "pipeline": settings.model_dump(mode="json", by_alias=True),
+            "transport": {
+                "kind": transport.kind,
+                "broker": (options.broker or mq.broker) if transport.kind == "mqtt" else None,
+                "qos": mq.qos if transport.kind == "mqtt" else None,
+                "topic": mq.topic if transport.kind == "mqtt" else None,
+                "producers": users,
+            },
+            "stream": {
+                "planned": planned,
+                "duration_s": round(duration_s, 3),
+                "arrival": spec.arrival,
+                "machines": len(spec.machines),
+                "overrides": {"messages": options.messages, "duration_s": None},
+            },
+        },
+        "ledger": ledger.to_json(),
+        "throughput": {
+            "offered_per_s": round(planned / max(duration_s, 1e-9), 1),
+            "sent_per_s": round(ledger.sent / send_span_s, 1),
+            "persisted_per_s": round(ledger.persisted / persist_span_s, 1),
+            "sink_rows_per_s": sink_rows_per_s(flushes),
+        },
+        "latency_ms": {"end_to_end": e2e.summary(), "send_lag": send_lag.summary(), "ack": ack.summary()},
+        "timeline": timeline_json(_timeline(sent, flushes, epoch_ns)),
+        "probes": {
+            "flush": flush_summary(flushes),
+            "lock": lock,
+            "append_cost": append_cost(flushes),
+            "queue_depth": series_summary(samples),
+        },
+        "publisher": {
+            "accepted": sent.sends,
+            "acked": int(np.count_nonzero(acked)),
+            "all_acked": bool(acked.all()),
+            "failed": coverage["failed"],
+        },
+        "pipeline": {
+            "received": pipeline_stats.received,
+            "accepted": pipeline_stats.accepted,
+            "rejected": pipeline_stats.rejected,
+            "rejected_by_reason": pipeline_stats.rejected_by_reason,
+            "refused_after_close": pipeline_stats.refused_after_close,
+            "dropped_by_reason": pipeline.drops.counts(),
+            "errors": pipeline_errors,
+        },
+        "opcua": opcua_stats,
+        "faults": [f.model_dump(mode="json") for f in sc.faults],
+        "files": back.files,
+        "load": {
+            "engine": "locust",
+            "workers": workers,
+            "remote_workers": options.remote_workers,
+            "users": users,
+            "user_class": USER_CLASS[transport.kind],
+            "plan": {"epoch_ns": epoch_ns, "workers": plan_workers},
+            "coverage": coverage,
+            "locust": locust_stats,
+            "exit_codes": codes,
+            "locust_s": round(locust_s, 3),
+            "sent_files": sent.files,
+            "clock_offsets_ms": {
+                str(m.get("worker_index")): round(float(m.get("clock_offset_ns", 0)) / 1e6, 3) for m in sent.metas
+            },
+            "files": sorted(p.name for p in run_dir.iterdir() if p.name.startswith(LOCUST_CSV_PREFIX) and p.is_file()),
+        },
+    }
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "started_at": datetime.fromtimestamp(started_wall, UTC).isoformat(),
+        "scenario": {"name": sc.name, "path": str(loaded.path), "sha256": loaded.sha256, "seed": sc.seed},
+        "environment": {**env_before, "host_load_after": environment()["host_load"]},
+        "variants": [variant],
+    }
+    write_results(run_dir / "results.json", results)
+    return LoadOutcome(run_dir, results, ledger, problems)
+
+
+def _timeline(
+    sent: Sent, flushes: list[FlushStat], epoch_ns: int, step_s: float = 0.25
+) -> list[tuple[float, int, int]]:
+    """Cumulative sends and durable rows against seconds since the epoch, rebuilt from the records."""
+    durable = sorted((f.durable_ns, f.rows) for f in flushes if f.sink in ("parquet", "quarantine"))
+    durable_at = np.array([d for d, _ in durable], dtype=np.int64)
+    durable_rows = np.cumsum([r for _, r in durable]) if durable else np.zeros(0, dtype=np.int64)
+    sent_at = np.sort(sent.sent_ns)
+    end = max(int(sent_at[-1]) if len(sent_at) else epoch_ns, int(durable_at[-1]) if len(durable_at) else epoch_ns)
+    points: list[tuple[float, int, int]] = []
+    steps = max(1, math.ceil((end - epoch_ns) / 1e9 / step_s))
+    for i in range(steps + 1):
+        t = epoch_ns + round(i * step_s * 1e9)
+        n_sent = int(np.searchsorted(sent_at, t, side="right"))
+        k = int(np.searchsorted(durable_at, t, side="right"))
+        points.append((round(i * step_s, 3), n_sent, int(durable_rows[k - 1]) if k else 0))
+    return points
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bench load`` to the CLI's subcommands."""
+    p = sub.add_parser(
+        "load",
+        help="run a scenario with locust (master + N worker processes) as the load engine",
+        description="Replay a scenario's stream with locust (a local master and N worker processes) into the "
+        "pipeline under test, then read back and reconcile the ledger. Locust's response time is the publish "
+        "acknowledgement; end-to-end latency comes from the read-back. See docs/load.md.",
+    )
+    p.add_argument("scenario", type=Path, help="scenario YAML file (transport mqtt or opcua)")
+    p.add_argument(
+        "--workers", type=_count, default=2, metavar="N", help="locust worker processes on this machine (default 2)"
+    )
+    p.add_argument(
+        "--remote-workers",
+        type=_count,
+        default=0,
+        metavar="K",
+        help="also wait for K workers started by hand on other machines (see docs/load.md)",
+    )
+    p.add_argument(
+        "--master-bind",
+        metavar="HOST[:PORT]",
+        help="where the locust master listens (default 127.0.0.1 on a free port; 0.0.0.0:5557 with remote workers)",
+    )
+    p.add_argument(
+        "--users",
+        type=_positive_int,
+        metavar="U",
+        help="locust users over all workers (default 4 per worker, "
+        "at most one per machine); each publishes whole machines",
+    )
+    p.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-load-<UTC time>/)")
+    p.add_argument(
+        "--messages", type=_positive_int, metavar="N", help="send exactly N messages (rates kept, phases stretched)"
+    )
+    p.add_argument(
+        "--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)"
+    )
+    p.add_argument("--variant", metavar="NAME", help="pipeline settings of this matrix variant (default: the base)")
+    p.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``bench load``; returns the exit code (1: the run failed its checks). Raises BenchError for bad input."""
+    from rich.console import Console
+
+    loaded = load_scenario(args.scenario)
+    options = LoadOptions(
+        workers=args.workers,
+        users=getattr(args, "users", None),
+        out=args.out,
+        messages=args.messages,
+        broker=args.broker,
+        variant=getattr(args, "variant", None),
+        remote_workers=getattr(args, "remote_workers", 0),
+        master_bind=getattr(args, "master_bind", None),
+    )
+    out = Console() if sys.stdout.isatty() else Console(width=200)
+    err = Console(stderr=True)
+    if options.remote_workers:
+        _, sc = _pick_variant(loaded, options.variant)
+        host, port = options.bind()
+        where = socket.gethostname() if host in ("0.0.0.0", "*", "::") else host
+        print(
+            f"bench load: waiting for {options.remote_workers} remote worker(s); on each load machine run:\n"
+            f"  locust -f {LOCUSTFILE} {USER_CLASS.get(sc.transport.kind, '')} --worker "
+            f"--master-host {where} --master-port {port or DEFAULT_MASTER_PORT}",
+            file=sys.stderr,
+        )
+    if args.quiet:
+        outcome = run_load(loaded, options)
+    elif err.is_terminal:
+        outcome = _run_with_bar(loaded, options, err)
+    else:
+        outcome = run_load(loaded, options, on_progress=_line_printer(err))
+    report = _write_report(outcome.run_dir, err)
+    out.print(summary_table(outcome.results))
+    out.print(f"run folder: {outcome.run_dir}")
+    out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
+    out.print(f"locust report: {outcome.run_dir / LOCUST_HTML}")
+    if not outcome.ok:
+        err.print("bench: FAILED: the load run did not pass its checks", style="bold red")
+        for problem in [*outcome.ledger.problems(), *outcome.problems]:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_report(run_dir: Path, err: Any) -> Path | None:
+    """report.html and summary.md in the run folder; a report that fails to render never costs the results."""
+    from bench.report import write_report
+
+    try:
+        return write_report([run_dir]).html
+    except (BenchError, OSError, ValueError, KeyError, TypeError) as exc:
+        err.print(f"bench: warning: could not write the report into {run_dir}: {exc}", style="yellow")
+        return None
+
+
+def _info(p: LoadProgress) -> str:
+    when = f"{p.elapsed_s:6.1f}s" if p.elapsed_s >= 0 else "   -  "
+    return (
+        f"{when} {p.stage:<26} locust requests {p.locust_requests:,}  received {p.received:,}/{p.planned:,}  "
+        f"persisted {p.persisted:,}  rejected {p.rejected:,}  not yet durable {p.backlog:,}"
+    )
+
+
+def _run_with_bar(loaded: LoadedScenario, options: LoadOptions, console: Any) -> LoadOutcome:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("received"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("load", total=None, info="starting broker and pipeline")
+
+        def update(p: LoadProgress) -> None:
+            bar.update(task, total=p.planned, completed=min(p.received, p.planned), info=_info(p))
+
+        return run_load(loaded, options, on_progress=update)
+
+
+def _line_printer(console: Any, every_s: float = 5.0) -> Callable[[LoadProgress], None]:
+    """Without a terminal (CI logs): a status line every few seconds, and one per stage."""
+    last_t, last_stage = [-math.inf], [""]
+
+    def update(p: LoadProgress) -> None:
+        now = time.monotonic()
+        if p.stage != last_stage[0] or now - last_t[0] >= every_s:
+            last_t[0], last_stage[0] = now, p.stage
+            console.print(_info(p), markup=False, highlight=False, soft_wrap=True)
+
+    return update
+
+
+def summary_table(results: dict[str, Any]) -> Any:
+    """The end-of-run table: the ledger, the bench's throughput and latency, and locust's own figures."""
+    from rich.table import Table
+
+    v = results["variants"][0]
+    load, led = v["load"], v["ledger"]
+    loc = load["locust"]["by_type"].get(load["locust"].get("sends", ""), load["locust"])
+    table = Table(title=f"{results['scenario']['name']}: load run {results['run_id']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def ms(value: Any) -> str:
+        return "-" if value is None else f"{value:,.1f}"
+
+    rows = [
+        ("ledger", "[green]reconciled[/]" if led["reconciled"] else "[red]NOT reconciled[/]"),
+        ("locust master + workers", f"1 + {load['workers']} ({load['users']} {load['user_class']} users)"),
+        ("  of which on other machines", f"{load.get('remote_workers', 0)}"),
+        ("  sent", f"{led['sent']:,}"),
+        ("  persisted", f"{led['persisted']:,}"),
+        ("  rejected", f"{led['rejected']:,}"),
+        ("  dropped", f"{led['dropped']:,}"),
+        ("  lost", f"{led['lost']:,}"),
+        (
+            "  not published / failed / twice",
+            "{not_published} / {failed} / {published_twice}".format(**load["coverage"]),
+        ),
+        ("offered msg/s", f"{v['throughput']['offered_per_s']:,.1f}"),
+        ("sent msg/s", f"{v['throughput']['sent_per_s']:,.1f}"),
+        ("persisted msg/s", f"{v['throughput']['persisted_per_s']:,.1f}"),
+        (
+            "end-to-end p50 / p99 / max ms",
+            " / ".join(ms(v["latency_ms"]["end_to_end"].get(k)) for k in ("p50", "p99", "max")),
+        ),
+        ("send lag p50 / p99 ms", " / ".join(ms(v["latency_ms"]["send_lag"].get(k)) for k in ("p50", "p99"))),
+        (f"locust {load['locust'].get('sends', 'requests')} (failures)", f"{loc['requests']:,} ({loc['failures']:,})"),
+        ("  locust requests/s (over the whole test)", ms(loc.get("requests_per_s"))),
+        (
+            "  locust response ms p50 / p95 / p99 / max",
+            " / ".join(ms(loc.get(k)) for k in ("median_ms", "p95_ms", "p99_ms", "max_ms")),
+        ),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    table.caption = "locust response time = publish acknowledgement (PUBACK / Write response), not end-to-end"
+    return table
