@@ -38,7 +38,7 @@ from bench.ledger import ReadBack, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary
 from bench.publish_worker import spec_to_json
 from bench.results import SCHEMA_VERSION, environment, write_results
-from bench.runner import make_run_dir
+from bench.runner import make_run_dir, wait_received
 from bench.scenario import CapacitySettings, LoadedScenario, Scenario
 from pipeline.buffer import LockProbes
 from pipeline.clock import MonotonicWallClock
@@ -456,17 +456,13 @@ def _run_step(
             c.wait_for("done", 1.0, "publisher")
         total_sent = sum(int(c.latest.get("sent", 0)) for c in pubs)
         # Drain: until the workers received everything, or made no progress for the scenario's drain timeout.
-        last, last_change = -1, time.monotonic()
-        while True:
-            received = sum(int(c.latest.get("received", 0)) for c in pipes)
-            if received >= total_sent:
-                break
-            if received != last:
-                last, last_change = received, time.monotonic()
-            elif time.monotonic() - last_change > sc.run.drain_timeout:
-                break
-            progress("drain")
-            time.sleep(0.25)
+        wait_received(
+            lambda: sum(int(c.latest.get("received", 0)) for c in pipes),
+            total_sent,
+            sc.run.drain_timeout,
+            lambda: progress("drain"),
+            0.25,
+        )
         for c in pipes:
             c.send("stop")
         for c in pipes:

@@ -18,55 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench import load, runner
+from bench.cli_args import int_list, positive_int, positive_seconds, rate_list
 from bench.errors import BenchError
 from bench.metrics import METRIC_ROWS, get_path
+from bench.report import write_report_or_warn
 from bench.scenario import json_schema, load_scenario
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    from pipeline.config import parse_duration
-
-    try:
-        value = parse_duration(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive duration such as 30, 30s or 2m, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive duration such as 30, 30s or 2m, got {text}")
-    return value
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected whole numbers separated by commas, e.g. 1,2, got {text!r}"
-        ) from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive whole numbers, e.g. 1,2, got {text!r}")
-    return values
-
-
-def _rate_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected rates separated by commas, e.g. 500,1000,2000, got {text!r}"
-        ) from None
-    if not values or any(not v > 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive rates, e.g. 500,1000,2000, got {text!r}")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("scenario", type=Path, help="scenario YAML file")
     p_run.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-<UTC time>/)")
     p_run.add_argument(
-        "--messages", type=_positive_int, metavar="N", help="send exactly N messages (rates kept, phases stretched)"
+        "--messages",
+        type=positive_int,
+        metavar="N",
+        help="send exactly N messages (rates kept, phases stretched)",
     )
-    p_run.add_argument("--duration", type=_positive_seconds, metavar="S", help="stretch the phases to S seconds in all")
+    p_run.add_argument("--duration", type=positive_seconds, metavar="S", help="stretch the phases to S seconds in all")
     p_run.add_argument(
         "--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)"
     )
@@ -93,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cap.add_argument("scenario", type=Path, help="scenario YAML file with a capacity: section")
     p_cap.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-capacity-<UTC time>/)")
     p_cap.add_argument("--broker", metavar="URL", help="broker instead of the scenario's, e.g. mqtt://127.0.0.1:1883")
-    p_cap.add_argument("--workers", type=_int_list, metavar="N[,N...]", help="pipeline worker counts, e.g. 1,2")
-    p_cap.add_argument("--rates", type=_rate_list, metavar="R[,R...]", help="offered rates of the steps (msg/s)")
-    p_cap.add_argument("--step", type=_positive_seconds, metavar="S", help="duration of each step, e.g. 10s")
+    p_cap.add_argument("--workers", type=int_list, metavar="N[,N...]", help="pipeline worker counts, e.g. 1,2")
+    p_cap.add_argument("--rates", type=rate_list, metavar="R[,R...]", help="offered rates of the steps (msg/s)")
+    p_cap.add_argument("--step", type=positive_seconds, metavar="S", help="duration of each step, e.g. 10s")
     p_cap.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
     p_cap.add_argument("--json", action="store_true", help="print results.json to stdout instead of the tables")
     p_rep = sub.add_parser("report", help="write report.html (self-contained) and summary.md from run folders")
@@ -162,7 +121,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         outcome = _run_with_bar(loaded, options, err)
     else:
         outcome = runner.run(loaded, options, on_progress=_line_printer(err) if show else None)
-    report = _write_report(outcome.run_dir, err)
+    report = write_report_or_warn(outcome.run_dir, err)
     if args.json:
         print(json.dumps(outcome.results, indent=2))
     else:
@@ -195,7 +154,7 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
     )
     show = not args.quiet and not args.json
     outcome = capacity.run_capacity(loaded, options, on_progress=_capacity_printer(err) if show else None)
-    report = _write_report(outcome.run_dir, err)
+    report = write_report_or_warn(outcome.run_dir, err)
     if args.json:
         print(json.dumps(outcome.results, indent=2))
     else:
@@ -210,17 +169,6 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     return 0
-
-
-def _write_report(run_dir: Path, err: Console) -> Path | None:
-    """The run's report.html and summary.md; a report that fails to render never costs the run its results."""
-    from bench.report import write_report
-
-    try:
-        return write_report([run_dir]).html
-    except Exception as exc:  # the results are written; say what went wrong and go on
-        err.print(f"bench: warning: could not write the report into {run_dir}: {exc}", style="yellow")
-        return None
 
 
 def _capacity_printer(console: Console, every_s: float = 2.0) -> Any:

@@ -44,10 +44,13 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bench.errors import BenchError, ScenarioError, ServiceError, UsageError
+from bench.cli_args import count, positive_int
+from bench.errors import ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, attribute_queue_overflow, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, series_summary, sink_rows_per_s, timeline_json
+from bench.report import write_report_or_warn
 from bench.results import SCHEMA_VERSION, environment, write_results
+from bench.runner import make_run_dir, wait_received
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides, load_scenario
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import resolve_env
@@ -378,21 +381,6 @@ def _check_reachable(loaded: LoadedScenario, sc: Scenario, broker: str | None) -
         )
 
 
-def _run_dir(name: str, options: LoadOptions) -> Path:
-    if options.out is not None:
-        run_dir = options.out
-    else:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        run_dir = options.reports_dir / f"{name}-load-{stamp}"
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UsageError(f"--out {run_dir}: folder exists and is not empty; choose a new one so runs never mix")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create run folder {run_dir}: {exc}") from None
-    return run_dir
-
-
 def default_users(machines: int, workers: int) -> int:
     return max(1, min(machines, 4 * workers))
 
@@ -529,7 +517,7 @@ def run_load(
     except ConfigError as exc:
         raise ScenarioError(f"{loaded.path}: {exc}") from None
 
-    run_dir = _run_dir(sc.name, options)
+    run_dir = make_run_dir(f"{sc.name}-load", options.out, options.reports_dir)
     shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
     run_dir = run_dir.resolve()  # the locust processes get absolute paths, whatever their working folder
     sent_dir = run_dir / SENT_DIR
@@ -699,18 +687,13 @@ def run_load(
         problems += sent.problems
         # Drain: wait until the pipeline has received every send, or until it makes no progress
         # for drain_timeout (then the ledger shows the loss).
-        last_received, last_change = -1, time.monotonic()
-        while True:
-            stats = pipeline.statistics()
-            if stats.received >= sent.sends:
-                break
-            if stats.received != last_received:
-                last_received, last_change = stats.received, time.monotonic()
-            elif time.monotonic() - last_change > sc.run.drain_timeout:
-                break
-            if on_progress:
-                on_progress(snapshot("draining"))
-            time.sleep(progress_every_s)  # polling a counter; nothing to wait on across threads
+        wait_received(
+            lambda: pipeline.statistics().received,
+            sent.sends,
+            sc.run.drain_timeout,
+            tick=lambda: on_progress(snapshot("draining")) if on_progress else None,
+            every_s=progress_every_s,
+        )
         if source is not None:
             source.close()
             source = None
@@ -893,26 +876,6 @@ def _timeline(
 # ----------------------------------------------------------------------------- the command
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bench load`` to the CLI's subcommands."""
     p = sub.add_parser(
@@ -924,11 +887,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("scenario", type=Path, help="scenario YAML file (transport mqtt or opcua)")
     p.add_argument(
-        "--workers", type=_count, default=2, metavar="N", help="locust worker processes on this machine (default 2)"
+        "--workers",
+        type=count,
+        default=2,
+        metavar="N",
+        help="locust worker processes on this machine (default 2)",
     )
     p.add_argument(
         "--remote-workers",
-        type=_count,
+        type=count,
         default=0,
         metavar="K",
         help="also wait for K workers started by hand on other machines (see docs/load.md)",
@@ -940,14 +907,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument(
         "--users",
-        type=_positive_int,
+        type=positive_int,
         metavar="U",
         help="locust users over all workers (default 4 per worker, "
         "at most one per machine); each publishes whole machines",
     )
     p.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-load-<UTC time>/)")
     p.add_argument(
-        "--messages", type=_positive_int, metavar="N", help="send exactly N messages (rates kept, phases stretched)"
+        "--messages",
+        type=positive_int,
+        metavar="N",
+        help="send exactly N messages (rates kept, phases stretched)",
     )
     p.add_argument(
         "--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)"
@@ -989,7 +959,7 @@ def command(args: argparse.Namespace) -> int:
         outcome = _run_with_bar(loaded, options, err)
     else:
         outcome = run_load(loaded, options, on_progress=_line_printer(err))
-    report = _write_report(outcome.run_dir, err)
+    report = write_report_or_warn(outcome.run_dir, err)
     out.print(summary_table(outcome.results))
     out.print(f"run folder: {outcome.run_dir}")
     out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
@@ -1000,17 +970,6 @@ def command(args: argparse.Namespace) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     return 0
-
-
-def _write_report(run_dir: Path, err: Any) -> Path | None:
-    """report.html and summary.md in the run folder; a report that fails to render never costs the results."""
-    from bench.report import write_report
-
-    try:
-        return write_report([run_dir]).html
-    except (BenchError, OSError, ValueError, KeyError, TypeError) as exc:
-        err.print(f"bench: warning: could not write the report into {run_dir}: {exc}", style="yellow")
-        return None
 
 
 def _info(p: LoadProgress) -> str:

@@ -1263,3 +1263,16 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _iter_dicts(value: Any) -> list[dict[str, Any]]:
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def write_report_or_warn(run_dir: Path, err: Any) -> Path | None:
+    """report.html and summary.md in a run folder, for the commands that write one automatically.
+
+    A report that fails to render must not cost the run its results (already written): the failure is printed
+    as a warning on ``err`` (a rich Console) and the command goes on to its own verdict.
+    """
+    try:
+        return write_report([run_dir]).html
+    except Exception as exc:  # any rendering failure; the tests of this module keep it from being routine
+        err.print(f"bench: warning: could not write the report into {run_dir}: {exc}", style="yellow")
+        return None

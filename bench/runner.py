@@ -258,6 +258,27 @@ def run(
     return RunOutcome(run_dir, results, ledgers, errors)
 
 
+def wait_received(
+    received: Callable[[], int], expected: int, idle_timeout_s: float, tick: Callable[[], Any], every_s: float
+) -> None:
+    """Drain: wait until ``received()`` reaches ``expected``, or makes no progress for ``idle_timeout_s``.
+
+    Stopping on no progress rather than on a fixed deadline lets a slow pipeline finish a long backlog while a
+    loss (nothing more will come) ends the wait; the ledger then shows what is missing.
+    """
+    last, last_change = -1, time.monotonic()
+    while True:
+        now_received = received()
+        if now_received >= expected:
+            return
+        if now_received != last:
+            last, last_change = now_received, time.monotonic()
+        elif time.monotonic() - last_change > idle_timeout_s:
+            return
+        tick()
+        time.sleep(every_s)  # polling a counter; nothing to wait on across threads or processes
+
+
 def _split(messages: Iterable[Message], producers: int, machines: tuple[str, ...]) -> list[list[Message]]:
     """Each producer gets whole machines (machine index modulo producers), in send order."""
     index = {m: i % producers for i, m in enumerate(machines)}
@@ -486,19 +507,13 @@ def _run_variant(
 
         # Drain: wait until the pipeline has received every sent message, or
         # until it makes no progress for drain_timeout (then the ledger shows the loss).
-        last_received, last_change = -1, time.monotonic()
-        while True:
-            stats = pipeline.statistics()
-            if stats.received >= sent:
-                break
-            if stats.received != last_received:
-                last_received, last_change = stats.received, time.monotonic()
-            elif time.monotonic() - last_change > sc.run.drain_timeout:
-                break
-            progress = snapshot(0.0)
+        def tick() -> None:
+            progress = snapshot(0.0)  # also records the queue-depth sample
             if on_progress:
                 on_progress(progress)
-            time.sleep(progress_every_s)  # polling a counter; nothing to wait on across threads
+
+        running = pipeline
+        wait_received(lambda: running.statistics().received, sent, sc.run.drain_timeout, tick, progress_every_s)
         for timer in faults:
             timer.join(5)
         if source is not None:
