@@ -392,6 +392,7 @@ def _run_step(
                 "protocol": 5 if external else 4,
                 "final_path": str(wdir / "final.json"),
                 "sink_delay_s": sc.sink_delay_s(),
+                "sink_slowdown": sc.sink_slowdown(),
             }
             pipes.append(_Child("bench.pipeline_worker", config, wdir / "config.json", wdir / "worker.log"))
         for child in pipes:

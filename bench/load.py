@@ -548,7 +548,14 @@ def run_load(
     locust_s = 0.0
     try:
         try:
-            pipeline = Pipeline(settings, run_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
+            pipeline = Pipeline(
+                settings,
+                run_dir,
+                clock,
+                on_flush=flushes.append,
+                sink_delay_s=sc.sink_delay_s(),
+                sink_slowdown=sc.sink_slowdown(),
+            )
             pipeline.start()
             if transport.kind == "mqtt":
                 setting = options.broker or mq.broker

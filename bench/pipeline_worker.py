@@ -58,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(config["out_dir"])
     clock = MonotonicWallClock()
     flushes: list[FlushStat] = []
-    pipeline = Pipeline(settings, out_dir, clock, on_flush=flushes.append, sink_delay_s=config.get("sink_delay_s", 0))
+    pipeline = Pipeline(
+        settings,
+        out_dir,
+        clock,
+        on_flush=flushes.append,
+        sink_delay_s=config.get("sink_delay_s", 0),
+        sink_slowdown=config.get("sink_slowdown", 0),
+    )
     source = MqttSource(
         config["broker"],
         config["subscription"],

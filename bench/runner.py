@@ -340,7 +340,14 @@ def _run_variant(
     replay_offset_ns = 0
     try:
         try:
-            pipeline = Pipeline(settings, out_dir, clock, on_flush=flushes.append, sink_delay_s=sc.sink_delay_s())
+            pipeline = Pipeline(
+                settings,
+                out_dir,
+                clock,
+                on_flush=flushes.append,
+                sink_delay_s=sc.sink_delay_s(),
+                sink_slowdown=sc.sink_slowdown(),
+            )
             pipeline.start()
             publishers: list[_Publisher] = []
             if transport.kind in ("mqtt", "both"):

@@ -324,7 +324,16 @@ class RunSettings(Frozen):
 
 class SlowSinkFault(Frozen):
     kind: Literal["slow_sink"]
-    delay: Duration = Field(gt=0, description="Added to every flush of the readings sinks.")
+    delay: Duration = Field(0.0, ge=0, description="Added to every flush of the Parquet sink.")
+    factor: float = Field(
+        0.0, ge=0, le=100, description="Adds this fraction of each flush's own time (0.1: storage 10% slower)."
+    )
+
+    @model_validator(mode="after")
+    def _some_slowdown(self) -> SlowSinkFault:
+        if self.delay == 0 and self.factor == 0:
+            raise ValueError("expected delay (e.g. 50ms) or factor (e.g. 0.1 for 10% slower), or both")
+        return self
 
 
 class ServerRestartFault(Frozen):
@@ -448,6 +457,9 @@ class Scenario(Frozen):
 
     def sink_delay_s(self) -> float:
         return sum(f.delay for f in self.faults if isinstance(f, SlowSinkFault))
+
+    def sink_slowdown(self) -> float:
+        return sum(f.factor for f in self.faults if isinstance(f, SlowSinkFault))
 
     def stream_spec(self) -> StreamSpec:
         phases = []

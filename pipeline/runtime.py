@@ -57,8 +57,9 @@ class Pipeline:
         output: Path,
         clock: Clock,
         on_flush: Callable[[FlushStat], None] | None = None,
-        sink_delay_s: float = 0.0,
         *,
+        sink_delay_s: float = 0.0,
+        sink_slowdown: float = 0.0,
         replay_offset_ns: int = 0,
     ) -> None:
         """``replay_offset_ns`` shifts the validator's notion of now, for a run that replays another time."""
@@ -80,7 +81,9 @@ class Pipeline:
         self.drops = DropLog(output / "dropped")
         self.quarantine = QuarantineSink(output / settings.quarantine.path, rotate_s=pq.rotate, fsync=pq.fsync)
         self._readings_sinks: list[Sink[Reading]] = [
-            SlowSink(self.parquet, sink_delay_s) if sink_delay_s > 0 else self.parquet
+            SlowSink(self.parquet, sink_delay_s, sink_slowdown)
+            if sink_delay_s > 0 or sink_slowdown > 0
+            else self.parquet
         ]
         self.sql: SqlSink | None = None
         if settings.sql is not None:

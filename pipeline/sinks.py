@@ -66,23 +66,40 @@ class MemorySink(Generic[T]):
             return [item for _, batch in self.batches for item in batch]
 
 
-class SlowSink(Generic[T]):
-    """Wraps a sink and adds a fixed delay to every write: slow storage, on purpose.
+def _sleep_s(seconds: float) -> None:
+    """Sleep, finishing the last half millisecond by spinning: time.sleep overshoots by ~0.1 ms, a tenth of a
+    1 ms delay, which would blur the size of a proportional slowdown."""
+    if seconds <= 0:
+        return
+    end = time.perf_counter() + seconds
+    if seconds > 0.0005:
+        time.sleep(seconds - 0.0005)
+    while time.perf_counter() < end:
+        pass
 
-    Used by the bench's ``slow_sink`` fault to make flushes slow enough that
-    holding a lock across them shows. The delay counts as write time.
+
+class SlowSink(Generic[T]):
+    """Wraps a sink and makes every write slower: slow storage, on purpose.
+
+    ``delay_s`` is added to every write (a disk with a fixed cost per flush);
+    ``factor`` adds that fraction of the write's own time (a disk that is
+    ``factor`` x slower, e.g. 0.1 = 10% slower), the realistic regression a
+    performance gate must catch. Used by the bench's ``slow_sink`` fault; the
+    added time counts as write time.
     """
 
-    def __init__(self, inner: Sink[T], delay_s: float) -> None:
+    def __init__(self, inner: Sink[T], delay_s: float, factor: float = 0.0) -> None:
         self.inner = inner
         self.name = inner.name
         self.delay_s = delay_s
+        self.factor = factor
 
     def write_batch(self, items: Sequence[T], batch_id: int) -> SinkTiming:
-        start = time.perf_counter_ns()
-        time.sleep(self.delay_s)
-        slept = time.perf_counter_ns() - start
         timing = self.inner.write_batch(items, batch_id)
+        own_ns = timing.build_ns + timing.write_ns + timing.commit_ns
+        start = time.perf_counter_ns()
+        _sleep_s(self.delay_s + self.factor * own_ns / 1e9)
+        slept = time.perf_counter_ns() - start
         return SinkTiming(
             timing.build_ns, timing.write_ns + slept, timing.commit_ns, timing.bytes_before, timing.rows_before
         )
