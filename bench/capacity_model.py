@@ -168,25 +168,29 @@ def step_metrics(s: StepInput, *, threshold: float, backlog_growth: float) -> di
 
 
 def knee(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
-    """The first step whose e2e p99 exceeds ``KNEE_FACTOR`` x the lowest p99 of the steps before it.
+    """The first step from which e2e p99 stays above ``KNEE_FACTOR`` x the lowest p99 of the steps before it.
 
     Below saturation a timeout-triggered buffer keeps p99 near the flush
     interval (and higher rates even lower it, as size triggers fire sooner);
     past saturation the queue grows and p99 climbs with the step's length.
+    "Stays above" (every later step too) keeps one step with a passing stall
+    (a busy machine, a slow fsync) from being taken for the knee.
     """
-    best: float | None = None
-    for step in steps:
-        p99 = step.get("latency_ms", {}).get("end_to_end", {}).get("p99")
-        if p99 is None:
-            continue
-        if best is not None and p99 > KNEE_FACTOR * best:
+    points = [
+        (step, p99)
+        for step in steps
+        if (p99 := step.get("latency_ms", {}).get("end_to_end", {}).get("p99")) is not None
+    ]
+    for i in range(1, len(points)):
+        best = min(p for _, p in points[:i])
+        if all(p > KNEE_FACTOR * best for _, p in points[i:]):
+            step, p99 = points[i]
             return {
                 "offered_per_s": step["offered_per_s"],
                 "p99_ms": p99,
                 "below_p99_ms": best,
-                "method": f"first step whose end-to-end p99 exceeds {KNEE_FACTOR:g}x the lowest p99 of the steps below",
+                "method": f"first step from which end-to-end p99 stays above {KNEE_FACTOR:g}x the lowest p99 below",
             }
-        best = p99 if best is None else min(best, p99)
     return None
 
 

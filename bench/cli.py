@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,19 @@ from rich.table import Table
 
 from bench import load, runner
 from bench.cli_args import int_list, positive_int, positive_seconds, rate_list
-from bench.errors import BenchError
+from bench.errors import BenchError, UsageError
 from bench.metrics import METRIC_ROWS, get_path
-from bench.report import write_report_or_warn
 from bench.scenario import json_schema, load_scenario
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.removesuffix("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.2 or 20%, got {text!r}") from None
+    if not 0 < value < 10:
+        raise argparse.ArgumentTypeError(f"expected a positive fraction such as 0.2 or 20%, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument(
         "--markdown", action="store_true", help="print summary.md to stdout (e.g. >> $GITHUB_STEP_SUMMARY)"
     )
+    p_gate = sub.add_parser(
+        "gate", help="fail on a significant slowdown beyond tolerance, lost data or a broken service level"
+    )
+    p_gate.add_argument("scenario", type=Path, help="scenario YAML file (its gates: section says what is judged)")
+    p_gate.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="self (A/A), a git revision (e.g. main), python:/path/to/python (another install), "
+        "or a folder written by --save-baseline",
+    )
+    p_gate.add_argument("--replicates", type=positive_int, metavar="N", help="A/B pairs (default: the scenario's)")
+    p_gate.add_argument(
+        "--inject-slowdown", type=_fraction, metavar="F", help="make the candidate's storage F slower (0.2 = 20%%)"
+    )
+    p_gate.add_argument("--confidence", type=_fraction, metavar="C", help="override gates.confidence, e.g. 0.999")
+    p_gate.add_argument("--save-baseline", type=Path, metavar="DIR", help="keep the candidate's runs as a baseline")
+    p_gate.add_argument("--out", type=Path, help="gate folder (default reports/<scenario>-gate-<UTC time>/)")
+    p_gate.add_argument("--markdown", action="store_true", help="print the Markdown summary instead of the table")
+    p_gate.add_argument("--json", action="store_true", help="print gate.json instead of the table")
+    p_cmp = sub.add_parser("compare", help="per metric: change with a confidence interval and a verdict")
+    p_cmp.add_argument("a", type=Path, help="baseline: a run folder, results.json, or a folder of run folders")
+    p_cmp.add_argument("b", type=Path, help="candidate: the same kinds")
+    p_cmp.add_argument("--confidence", type=_fraction, default=0.90, metavar="C", help="default 0.90")
+    p_cmp.add_argument("--tolerance", type=_fraction, default=0.05, metavar="T", help="default 0.05 (5%%)")
+    p_cmp.add_argument("--markdown", action="store_true", help="print Markdown (for a PR comment or job summary)")
+    p_cmp.add_argument("--json", action="store_true", help="print JSON")
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
     p_val.add_argument("scenario", type=Path, nargs="+")
     sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
@@ -86,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "load":
             return load.command(args)
+        if args.command == "gate":
+            return _gate(args, out, err)
+        if args.command == "compare":
+            return _compare(args, out)
         if args.command == "capacity":
             return _capacity(args, out, err)
         if args.command == "report":
@@ -110,18 +151,22 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     loaded = load_scenario(args.scenario)
     if args.broker is not None and not args.broker.startswith(("mqtt://", "tcp://")):
-        from bench.errors import UsageError
-
         raise UsageError(f"--broker: expected a URL like mqtt://127.0.0.1:1883, got {args.broker!r}")
     options = runner.RunOptions(
-        out=args.out, messages=args.messages, duration_s=args.duration, broker=args.broker, sql_url=args.sql_url
+        out=args.out,
+        messages=args.messages,
+        duration_s=args.duration,
+        broker=args.broker,
+        sql_url=args.sql_url,
+        # Gate replicates skip the probe-overhead calibration: it is the same every replicate and costs a second.
+        calibrate=os.environ.get("BENCH_NO_CALIBRATE") != "1",
     )
     show = not args.quiet and not args.json
     if show and err.is_terminal:
         outcome = _run_with_bar(loaded, options, err)
     else:
         outcome = runner.run(loaded, options, on_progress=_line_printer(err) if show else None)
-    report = write_report_or_warn(outcome.run_dir, err)
+    report = _auto_report(outcome.run_dir, err)
     if args.json:
         print(json.dumps(outcome.results, indent=2))
     else:
@@ -145,6 +190,133 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from bench import gate
+
+    loaded = load_scenario(args.scenario)
+    if args.baseline is None:
+        if args.save_baseline is None:
+            raise UsageError("bench gate: expected --baseline REF (self, a git revision, python:PATH or a folder)")
+        path = gate.baseline_only(loaded, args.save_baseline, args.replicates)
+        out.print(f"baseline saved: {path}")
+        return 0
+    if args.confidence is not None and not 0.5 < args.confidence < 1:
+        raise UsageError(f"--confidence: expected a level between 0.5 and 1, e.g. 0.9, got {args.confidence}")
+    options = gate.GateOptions(
+        baseline=args.baseline,
+        out=args.out,
+        replicates=args.replicates,
+        inject_slowdown=args.inject_slowdown,
+        confidence=args.confidence,
+        save_baseline=args.save_baseline,
+    )
+    quiet = args.json or args.markdown
+
+    def progress(rep: gate.Replicate, total: int) -> None:
+        if not quiet:
+            flush = get_path(rep.variant, "probes", "flush", "parquet", "size", "total_ms", "mean")
+            err.print(
+                f"replicate {rep.side}{rep.index + 1:02d} ({rep.seconds:.1f} s): flush mean "
+                + ("-" if flush is None else f"{flush:.3f} ms")
+                + (f", reference {rep.reference_ms:.1f} ms" if rep.reference_ms else "")
+                + ("" if rep.exit_code == 0 else f" [red]exit {rep.exit_code}[/]"),
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    outcome = gate.run_gate(loaded, options, on_replicate=progress)
+    if args.json:
+        print(json.dumps(outcome.result, indent=2))
+    elif args.markdown:
+        print(gate.markdown(outcome.result), end="")
+    else:
+        out.print(gate_table(outcome.result))
+        out.print(f"gate: {outcome.gate_dir / 'gate.json'}\nsummary: {outcome.gate_dir / 'summary.md'}")
+    if outcome.failed:
+        err.print("bench: gate FAILED", style="bold red")
+        for reason in outcome.reasons:
+            print(f"  - {reason}", file=sys.stderr)
+        return 1
+    if not quiet:
+        err.print("bench: gate passed", style="bold green")
+    return 0
+
+
+def _compare(args: argparse.Namespace, out: Console) -> int:
+    from bench import gate
+
+    result = gate.compare(args.a, args.b, confidence=args.confidence, tolerance=args.tolerance)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.markdown:
+        print(gate.markdown(result), end="")
+    else:
+        out.print(gate_table(result))
+    return 0
+
+
+def gate_table(result: dict[str, Any]) -> Table:
+    """Per metric: medians, change with its interval, Holm p, tolerance, verdict; counters below."""
+    head = "FAILED" if result["failed"] else "passed"
+    title = f"{result['kind']} {result['scenario']['name']}: {result['design']} — {head}"
+    table = Table(title=title, caption=result["multiple_comparisons"])
+    for name in ("metric", "A median", "B median", "change", "CI", "p (Holm)", "tol.", "verdict"):
+        table.add_column(name, justify="left" if name in ("metric", "verdict", "CI") else "right")
+    for row in result["metrics"]:
+        if "change" not in row:
+            table.add_row(row["metric"], "-", "-", "-", "-", "-", "-", row["verdict"])
+            continue
+        p = row.get("p_holm")
+        colour = {"worse": "red", "better": "green"}.get(row["verdict"].split(" ")[0], "")
+        verdict = f"[{colour}]{row['verdict']}[/]" if colour else row["verdict"]
+        table.add_row(
+            row["metric"] + ("" if row["gated"] else " (not gated)"),
+            f"{row['a_median']:,.3f}",
+            f"{row['b_median']:,.3f}",
+            f"{row['change']:+.1%}" if row["change"] == row["change"] else "-",
+            "-" if row["ci"][0] != row["ci"][0] else f"{row['ci'][0]:+.1%} .. {row['ci'][1]:+.1%}",
+            "-" if p is None else f"{p:.4f}",
+            f"{row['tolerance']:.0%}",
+            verdict,
+        )
+    for c in result["counters"]:
+        check = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "-"}[c["ok"]]
+        known_a = [v for v in c["a"] if v is not None]
+        known_b = [v for v in c["b"] if v is not None]
+        table.add_row(
+            f"counter {c['counter']}",
+            f"{statistics.median(known_a):,.0f}" if known_a else "-",
+            f"{statistics.median(known_b):,.0f}" if known_b else "-",
+            "",
+            "",
+            "",
+            "exact" if c["tolerance"] == 0 else ("-" if c["tolerance"] is None else f"{c['tolerance']:.0%}"),
+            check,
+        )
+    for bnd in result.get("bounds", []):
+        table.add_row(
+            f"bound {bnd['metric']}",
+            "",
+            f"{bnd['worst']:,.1f}" if bnd["worst"] is not None else "-",
+            "",
+            "",
+            "",
+            f"<= {bnd['bound']:g}",
+            "[green]ok[/]" if bnd["ok"] else "[red]FAILED[/]",
+        )
+    return table
+
+
+def _auto_report(run_dir: Path, err: Console) -> Path | None:
+    """The report a run writes into its folder, unless BENCH_NO_REPORT=1 (gate replicates: hundreds of runs,
+    nobody reads their reports; an env var, so older versions that lack it simply ignore it)."""
+    if os.environ.get("BENCH_NO_REPORT") == "1":
+        return None
+    from bench.report import write_report_or_warn  # matplotlib: a second of start-up only runs that report pay
+
+    return write_report_or_warn(run_dir, err)
+
+
 def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
     from bench import capacity
 
@@ -154,7 +326,7 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
     )
     show = not args.quiet and not args.json
     outcome = capacity.run_capacity(loaded, options, on_progress=_capacity_printer(err) if show else None)
-    report = write_report_or_warn(outcome.run_dir, err)
+    report = _auto_report(outcome.run_dir, err)
     if args.json:
         print(json.dumps(outcome.results, indent=2))
     else:

@@ -48,7 +48,6 @@ from bench.cli_args import count, positive_int
 from bench.errors import ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, attribute_queue_overflow, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, series_summary, sink_rows_per_s, timeline_json
-from bench.report import write_report_or_warn
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.runner import make_run_dir, wait_received
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides, load_scenario
@@ -966,6 +965,8 @@ def command(args: argparse.Namespace) -> int:
         outcome = _run_with_bar(loaded, options, err)
     else:
         outcome = run_load(loaded, options, on_progress=_line_printer(err))
+    from bench.report import write_report_or_warn  # matplotlib is slow to import; only needed here
+
     report = write_report_or_warn(outcome.run_dir, err)
     out.print(summary_table(outcome.results))
     out.print(f"run folder: {outcome.run_dir}")

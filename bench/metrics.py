@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 
 def get_path(data: Any, *path: str) -> Any:
@@ -48,3 +48,52 @@ METRIC_ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
     ("queue depth max", ("probes", "queue_depth", "depth_max"), "{:,.0f}", True),
     ("files", ("files",), "{:,.0f}", False),
 ]
+
+
+MetricName = Literal[
+    "flush_mean_ms",
+    "flush_p50_ms",
+    "flush_p99_ms",
+    "e2e_p50_ms",
+    "e2e_p99_ms",
+    "lock_wait_p99_ms",
+    "sink_rows_per_s",
+    "persisted_per_s",
+    "peak_rss_mb",
+]
+CounterName = Literal["persisted", "rejected", "dropped", "lost", "duplicates", "files", "flushes", "rows_written"]
+
+# What a regression gate can compare, per variant of a run's results.json.
+# name -> (path, higher_is_better, unit). Times are medians or tails over one run; each gate replicate gives one value.
+GATE_METRICS: dict[MetricName, tuple[tuple[str, ...], bool, str]] = {
+    "flush_mean_ms": (("probes", "flush", "parquet", "size", "total_ms", "mean"), False, "ms"),
+    "flush_p50_ms": (("probes", "flush", "parquet", "size", "total_ms", "p50"), False, "ms"),
+    "flush_p99_ms": (("probes", "flush", "parquet", "size", "total_ms", "p99"), False, "ms"),
+    "e2e_p50_ms": (("latency_ms", "end_to_end", "p50"), False, "ms"),
+    "e2e_p99_ms": (("latency_ms", "end_to_end", "p99"), False, "ms"),
+    "lock_wait_p99_ms": (("probes", "lock", "wait_ms", "p99"), False, "ms"),
+    "sink_rows_per_s": (("throughput", "sink_rows_per_s", "parquet"), True, "rows/s"),
+    "persisted_per_s": (("throughput", "persisted_per_s"), True, "msg/s"),
+    "peak_rss_mb": (("resources", "peak_rss_mb"), False, "MB"),
+}
+_TRIGGERS = ("size", "timeout", "shutdown")
+
+
+def counter_value(variant: dict[str, Any], name: str) -> float | None:
+    """A deterministic counter of a run: the same stream into the same code must give the same number."""
+    if name in ("persisted", "rejected", "dropped", "lost", "duplicates"):
+        value = get_path(variant, "ledger", name)
+    elif name == "files":
+        value = get_path(variant, "files")
+    elif name in ("flushes", "rows_written"):
+        key = "count" if name == "flushes" else "rows"
+        parts = [get_path(variant, "probes", "flush", "parquet", t, key) for t in _TRIGGERS]
+        value = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
+    else:
+        raise KeyError(name)
+    return None if value is None else float(value)
+
+
+COUNTERS: tuple[CounterName, ...] = get_args(CounterName)
+# One list of names for the schema (Literal) and one table of paths: they must agree.
+assert set(get_args(MetricName)) == set(GATE_METRICS)

@@ -11,6 +11,7 @@ from hiding behind a publisher that slowed down with it.
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 import threading
 import time
@@ -698,6 +699,9 @@ def _run_variant(
         "sql": sql_back,
         "faults": [f.model_dump(mode="json") for f in sc.faults],
         "files": back.files,
+        # This process, pipeline included (the embedded broker is a child of its own): what a service level on
+        # memory would bound. Peak since the process started, so a later variant inherits an earlier's peak.
+        "resources": {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
     }
     return result, ledger, pipeline_errors
 

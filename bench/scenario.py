@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bench.errors import ScenarioError
+from bench.metrics import COUNTERS, CounterName, MetricName
 from pipeline.config import (
     Duration,
     Frozen,
@@ -406,6 +407,38 @@ class CapacitySettings(Frozen):
         return self.rates or ()
 
 
+class GateMetric(Frozen):
+    tolerance: float | None = Field(None, ge=0, lt=10, description="Smallest change that fails (0.05 = 5%).")
+    confidence: float | None = Field(None, gt=0.5, lt=1, description="Confidence for this metric (default: gates').")
+    gate: bool = Field(True, description="false: reported, never fails the gate.")
+
+
+def _default_gate_metrics() -> dict[MetricName, GateMetric]:
+    return {"flush_mean_ms": GateMetric(), "e2e_p99_ms": GateMetric()}
+
+
+class GateSettings(Frozen):
+    """How ``bench gate`` judges this scenario: replicates, confidence, tolerances, counters, service levels."""
+
+    replicates: int = Field(8, ge=3, le=200, description="A/B pairs (or runs per side against a stored baseline).")
+    confidence: float = Field(0.90, gt=0.5, lt=1, description="A regression must be significant at this level.")
+    tolerance: float = Field(0.05, ge=0, lt=10, description="... and at least this much worse (0.05 = 5%).")
+    erratic_cv: float = Field(
+        0.25, gt=0, description="A metric whose coefficient of variation exceeds this is erratic: shown, not gated."
+    )
+    metrics: dict[MetricName, GateMetric] = Field(
+        default_factory=_default_gate_metrics,
+        description="Timing metrics to compare; see docs/gates.md for the list.",
+    )
+    counters: dict[CounterName, float] = Field(
+        default_factory=lambda: dict.fromkeys(COUNTERS, 0.0),
+        description="Deterministic counters and their tolerance (0 = exact; 0.01 = 1%). lost > 0 always fails.",
+    )
+    bounds: dict[MetricName, float] = Field(
+        default_factory=dict, description="Service levels the candidate's worst replicate must meet, e.g. peak_rss_mb."
+    )
+
+
 class Scenario(Frozen):
     """A runnable scenario: what to send, over what, into which pipeline."""
 
@@ -423,6 +456,7 @@ class Scenario(Frozen):
     faults: tuple[Fault, ...] = Field((), description="Faults injected during the run (slow_sink: slow storage).")
     run: RunSettings = RunSettings()
     capacity: CapacitySettings | None = Field(None, description="The sweep `bench capacity` runs.")
+    gates: GateSettings | None = Field(None, description="How `bench gate` and `bench compare` judge this scenario.")
     matrix: tuple[dict[str, Any], ...] = Field(
         (),
         description="Variants run on the same stream: each has a name and dotted keys under pipeline. or "

@@ -106,12 +106,18 @@ def _steps(p99s: list[float]) -> list[dict[str, Any]]:
     return [{"offered_per_s": 100.0 * (i + 1), "latency_ms": {"end_to_end": {"p99": p}}} for i, p in enumerate(p99s)]
 
 
-def test_knee_is_the_first_step_whose_p99_more_than_doubles_the_best_below() -> None:
+def test_knee_is_the_first_step_from_which_p99_stays_above_twice_the_best_below() -> None:
     knee = model.knee(_steps([1000, 800, 600, 700, 1300, 5000]))
     assert knee is not None
     assert knee["offered_per_s"] == 500.0
     assert knee["below_p99_ms"] == 600
     assert model.knee(_steps([1000, 900, 950])) is None
+
+
+def test_one_stalled_step_below_saturation_is_not_the_knee() -> None:
+    # Measured: a passing stall gave 2,785 ms at 1,414 msg/s between 1,000 ms steps; saturation came at 2,828.
+    knee = model.knee(_steps([997, 1000, 1007, 2785, 1041, 5472]))
+    assert knee is not None and knee["offered_per_s"] == 600.0
 
 
 def _usl(n: int, lam: float, sigma: float, kappa: float) -> float:
