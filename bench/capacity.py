@@ -293,6 +293,15 @@ def run_capacity(
         fit["note"] = (fit["note"] + "; " if fit["note"] else "") + (
             "some worker counts never saturated: their throughput is a lower bound and so is the fit"
         )
+    if fit is not None:
+        others = [s for s in series if s.get("limit") and not s["limit"].startswith("the pipeline's CPU")]
+        fit["pipeline_limited"] = not others
+        if others:
+            fit["note"] = (fit["note"] + "; " if fit["note"] else "") + (
+                "the limit was not the pipeline's CPU ("
+                + "; ".join(f"workers={s['workers']}: {s['limit']}" for s in others)
+                + "): the fit describes this test set-up, not the pipeline's scaling"
+            )
     first = series[0] if series else None
     settings = sc.validation()
     best_steps = [s for sr in series for s in sr["steps"] if s["sustainable"]]

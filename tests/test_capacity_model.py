@@ -222,3 +222,23 @@ def test_no_worker_count_is_advised_from_a_lower_bound_fit() -> None:
     )
     (workers,) = [a for a in advice if a["topic"] == "workers"]
     assert workers["text"].startswith("no worker count") and "lower bound" in workers["text"]
+
+
+def test_no_worker_count_is_advised_when_the_pipeline_was_not_the_limit() -> None:
+    fit = model.usl([(1, 2800.0), (2, 2900.0)])
+    assert fit is not None
+    fit["pipeline_limited"] = False
+    series = [{"workers": 1, "sustainable_per_s": 2800.0, "peak_per_s": 2800.0}]
+    advice = model.recommendations(
+        series=series,
+        fit=fit,
+        append=None,
+        flush_ms=None,
+        flush_interval_s=1.0,
+        buffer_size=500,
+        rotate_s=60.0,
+        target_rate=5000.0,
+        headroom=0.3,
+    )
+    (workers,) = [a for a in advice if a["topic"] == "workers"]
+    assert "not the limit" in workers["text"] and "other machines" in workers["text"]
