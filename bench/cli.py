@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_gate.add_argument("--out", type=Path, help="gate folder (default reports/<scenario>-gate-<UTC time>/)")
     p_gate.add_argument("--markdown", action="store_true", help="print the Markdown summary instead of the table")
     p_gate.add_argument("--json", action="store_true", help="print gate.json instead of the table")
+    p_exp = sub.add_parser(
+        "gate-experiment", help="measure the gate itself: false alarms (A/A) and detection of injected slowdowns"
+    )
+    p_exp.add_argument("scenario", type=Path, help="scenario YAML file with a gates: section, e.g. scenarios/gate.yaml")
+    p_exp.add_argument("--trials", type=positive_int, default=20, metavar="N", help="gates per condition (default 20)")
+    p_exp.add_argument(
+        "--slowdowns", type=rate_list, default=(0.1, 0.2), metavar="F[,F...]", help="injected (default 0.1,0.2)"
+    )
+    p_exp.add_argument("--out", type=Path, help="folder (default reports/<scenario>-gate-experiment-<UTC time>/)")
     p_cmp = sub.add_parser("compare", help="per metric: change with a confidence interval and a verdict")
     p_cmp.add_argument("a", type=Path, help="baseline: a run folder, results.json, or a folder of run folders")
     p_cmp.add_argument("b", type=Path, help="candidate: the same kinds")
@@ -125,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             return load.command(args)
         if args.command == "gate":
             return _gate(args, out, err)
+        if args.command == "gate-experiment":
+            return _experiment(args, err)
         if args.command == "compare":
             return _compare(args, out)
         if args.command == "capacity":
@@ -239,6 +250,21 @@ def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
         return 1
     if not quiet:
         err.print("bench: gate passed", style="bold green")
+    return 0
+
+
+def _experiment(args: argparse.Namespace, err: Console) -> int:
+    from bench import gate
+
+    loaded = load_scenario(args.scenario)
+
+    def progress(condition: str, trial: int, outcome: Any) -> None:
+        verdict = "[red]FAILED[/]" if outcome.failed else "[green]passed[/]"
+        err.print(f"trial {trial + 1}/{args.trials} {condition}: {verdict}", highlight=False)
+
+    folder = gate.run_experiment(loaded, trials=args.trials, slowdowns=args.slowdowns, out=args.out, on_gate=progress)
+    print((folder / "experiment.md").read_text(encoding="utf-8"), end="")
+    print(f"experiment: {folder / 'experiment.json'}")
     return 0
 
 

@@ -88,6 +88,7 @@ class _Code:
     label: str
     python: str
     pythonpath: str | None = None
+    in_process: bool = False
 
     def command(self, scenario: Path, out: Path) -> tuple[list[str], dict[str, str]]:
         env = {**os.environ, "BENCH_NO_REPORT": "1", "BENCH_NO_CALIBRATE": "1", "PYTHONUNBUFFERED": "1"}
@@ -160,7 +161,7 @@ def _replicate_scenario(loaded: LoadedScenario, folder: Path, name: str, slowdow
 
 def _baseline_code(spec: str, gate_dir: Path) -> tuple[_Code, dict[str, Any]]:
     if spec == "self":
-        return _Code("self", sys.executable), {"kind": "self", "python": sys.executable}
+        return _Code("self", sys.executable, in_process=True), {"kind": "self", "python": sys.executable}
     if spec.startswith("python:"):
         python = spec.removeprefix("python:")
         if not Path(python).is_file():
@@ -191,7 +192,25 @@ def _git(args: list[str], cwd: Path, what: str) -> str:
     return done.stdout.strip()
 
 
+def _run_in_process(scenario: Path, out: Path, *, side: str, index: int, reference: bool) -> Replicate:
+    """A replicate of this very code, in this process: a second less per replicate than a new interpreter.
+
+    Used when both sides are this checkout (``--baseline self``, a stored baseline): there is no other code to
+    start, and each side runs alike, in the same process, interleaved.
+    """
+    from bench import runner
+    from bench.scenario import load_scenario
+
+    ref = reference_ms() if reference else None
+    start = time.monotonic()
+    outcome = runner.run(load_scenario(scenario), runner.RunOptions(out=out, calibrate=False))
+    seconds = time.monotonic() - start
+    return Replicate(side, index, out, 0 if outcome.ok else 1, outcome.results["variants"][0], ref, round(seconds, 2))
+
+
 def _run_replicate(code: _Code, scenario: Path, out: Path, *, side: str, index: int, reference: bool) -> Replicate:
+    if code.in_process:
+        return _run_in_process(scenario, out, side=side, index=index, reference=reference)
     ref = reference_ms() if reference else None
     command, env = code.command(scenario, out)
     start = time.monotonic()
@@ -262,7 +281,8 @@ def judge(
             if paired
             else gate_stats.unpaired(a_vals, b_vals, confidence=conf, seed=seed)
         )
-        cv_a, cv_b = gate_stats.cv(a_vals), gate_stats.cv(b_vals)
+        cv_a = gate_stats.cv(a_vals) if len(a_vals) >= 2 else 0.0
+        cv_b = gate_stats.cv(b_vals) if len(b_vals) >= 2 else 0.0
         erratic = max(cv_a, cv_b) > gates.erratic_cv
         row.update(
             a=a_vals,
@@ -299,6 +319,7 @@ def judge(
             row["confidence"],
             row["p_value"],
             row["method"],
+            row["note"],
         )
         row["verdict"] = gate_stats.verdict(
             change, higher_is_better=row["higher_is_better"], tolerance=row["tolerance"], significant=significant
@@ -374,12 +395,14 @@ def run_gate(
     (gate_dir / "scenario.yaml").write_bytes(loaded.path.read_bytes())
     stored = Path(options.baseline)
     n = gates.replicates
-    candidate = _Code("candidate", sys.executable)
+    # The candidate runs as the baseline does (in this process against self or a stored baseline, in a new
+    # interpreter against other code), so start-up costs never differ between the sides.
+    candidate = _Code("candidate", sys.executable, in_process=options.baseline == "self" or _is_stored(stored))
     b_scenario = _replicate_scenario(loaded, gate_dir, "B", options.inject_slowdown)
     a: list[Replicate] = []
     b: list[Replicate] = []
     total = 2 * n
-    if stored.is_dir() and (stored / BASELINE_FILE).exists():
+    if _is_stored(stored):
         design = "stored"
         baseline_info, a = _load_stored(stored)
         for i in range(n):
@@ -427,6 +450,10 @@ def run_gate(
     if options.save_baseline is not None:
         save_baseline(options.save_baseline, b, loaded)
     return GateOutcome(gate_dir, result, verdicts["failed"], verdicts["reasons"])
+
+
+def _is_stored(path: Path) -> bool:
+    return path.is_dir() and (path / BASELINE_FILE).exists()
 
 
 def _rep_json(r: Replicate) -> dict[str, Any]:
@@ -592,3 +619,95 @@ def compare(a: Path, b: Path, *, confidence: float = 0.90, tolerance: float = 0.
         "replicates": {"A": [_rep_json(r) for r in reps_a], "B": [_rep_json(r) for r in reps_b]},
         **verdicts,
     }
+
+
+def run_experiment(
+    loaded: LoadedScenario,
+    *,
+    trials: int,
+    slowdowns: Sequence[float],
+    out: Path | None = None,
+    reports_dir: Path = Path("reports"),
+    on_gate: Callable[[str, int, GateOutcome], None] | None = None,
+) -> Path:
+    """How often does the gate cry wolf (A/A), and how often does it catch an injected slowdown?
+
+    Each trial runs one A/A gate and one gate per slowdown, in turn, so that a drift of the machine during the
+    experiment hits every condition alike. Rates come with Clopper-Pearson 95% intervals. experiment.json and
+    experiment.md are rewritten after every gate, so an interrupted experiment still reports what it measured.
+    """
+    from scipy.stats import binomtest
+
+    folder = make_run_dir(f"{loaded.scenario.name}-gate-experiment", out, reports_dir)
+    conditions: list[tuple[str, float | None]] = [("A/A", None), *((f"{s:.0%} slower", s) for s in slowdowns)]
+    outcomes: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in conditions}
+    gates = _settings(loaded, GateOptions(baseline="self"))
+    for trial in range(trials):
+        for name, slowdown in conditions:
+            gate_dir = folder / f"trial-{trial + 1:03d}-{name.replace('/', '').replace(' ', '-').replace('%', 'pct')}"
+            outcome = run_gate(loaded, GateOptions(baseline="self", out=gate_dir, inject_slowdown=slowdown, seed=trial))
+            flush = next((m for m in outcome.result["metrics"] if m["metric"] == "flush_mean_ms"), None)
+            outcomes[name].append(
+                {
+                    "trial": trial + 1,
+                    "failed": outcome.failed,
+                    "reasons": outcome.reasons,
+                    "flush_mean_change": flush.get("change") if flush else None,
+                }
+            )
+            # Keep only the verdicts: the replicates' data files of hundreds of runs are not worth the disk.
+            for rep in gate_dir.glob("[AB][0-9]*"):
+                if rep.is_dir():
+                    shutil.rmtree(rep / "data", ignore_errors=True)
+            if on_gate:
+                on_gate(name, trial, outcome)
+        summary = []
+        for name, slowdown in conditions:
+            runs = outcomes[name]
+            k = sum(r["failed"] for r in runs)
+            ci = binomtest(k, len(runs)).proportion_ci(0.95, method="exact")
+            changes = [r["flush_mean_change"] for r in runs if r["flush_mean_change"] is not None]
+            summary.append(
+                {
+                    "condition": name,
+                    "injected_slowdown": slowdown,
+                    "gates": len(runs),
+                    "failed": k,
+                    "rate": k / len(runs),
+                    "rate_ci95": [ci.low, ci.high],
+                    "median_flush_mean_change": statistics.median(changes) if changes else None,
+                    "meaning": "false-alarm rate" if slowdown is None else "detection rate",
+                }
+            )
+        data = {
+            "kind": "gate-experiment",
+            "scenario": {"name": loaded.scenario.name, "path": str(loaded.path), "sha256": loaded.sha256},
+            "settings": gates.model_dump(mode="json"),
+            "trials_done": trial + 1,
+            "summary": summary,
+            "gates": outcomes,
+            "environment": environment(),
+        }
+        (folder / "experiment.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        (folder / "experiment.md").write_text(experiment_markdown(data), encoding="utf-8")
+    return folder
+
+
+def experiment_markdown(data: dict[str, Any]) -> str:
+    s = data["settings"]
+    lines = [
+        f"## Gate experiment: {data['scenario']['name']} ({data['trials_done']} trial(s) per condition)",
+        "",
+        f"Each gate: {s['replicates']} A/B pairs interleaved, Holm at family-wise {1 - s['confidence']:.0%}, "
+        f"tolerance {s['tolerance']:.0%}; the candidate's storage made slower by the slow_sink fault's factor.",
+        "",
+        "| condition | gates | failed | rate | 95% interval | median measured flush change |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for row in data["summary"]:
+        change = row["median_flush_mean_change"]
+        lines.append(
+            f"| {row['condition']} ({row['meaning']}) | {row['gates']} | {row['failed']} | {row['rate']:.1%} | "
+            f"{row['rate_ci95'][0]:.1%} .. {row['rate_ci95'][1]:.1%} | {_pct(change)} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pipeline.sinks import SinkTiming, SlowSink
 
 
 class _TimedSink:
-    """A sink whose own write takes a known time (reported, not slept: the proportion is of what it reports)."""
+    """A sink whose write takes a known time (busy-waited: the proportion is of the write's wall time)."""
 
     name = "fake"
 
@@ -23,6 +24,9 @@ class _TimedSink:
 
     def write_batch(self, items: Sequence[int], batch_id: int) -> SinkTiming:
         self.batches += 1
+        end = time.perf_counter_ns() + self.timing.build_ns + self.timing.write_ns + self.timing.commit_ns
+        while time.perf_counter_ns() < end:
+            pass
         return self.timing
 
     def close(self) -> None:
