@@ -147,7 +147,7 @@ def test_a_gate_against_a_git_revision_runs_both_sides_interleaved(tmp_path: Pat
     assert [r["index"] for r in result["replicates"]["A"]] == [0, 1, 2]
     assert all(c["ok"] in (True, None) for c in result["counters"])
     persisted = next(c for c in result["counters"] if c["counter"] == "persisted")
-    assert persisted["a"] == persisted["b"] == [10_000.0] * 3
+    assert persisted["a"] == persisted["b"] == [5_000.0] * 3
     assert not (tmp_path / "gate" / "baseline-src").exists(), "the worktree is removed afterwards"
 
 
