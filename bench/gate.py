@@ -607,7 +607,6 @@ def compare(a: Path, b: Path, *, confidence: float = 0.90, tolerance: float = 0.
         confidence=confidence,
         tolerance=tolerance,
         metrics={name: GateMetric() for name in present},
-        counters=dict.fromkeys(COUNTERS, 0.0),
     )
     verdicts = judge(reps_a, reps_b, gates, paired=False, normalise=False)
     return {

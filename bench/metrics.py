@@ -61,7 +61,9 @@ MetricName = Literal[
     "persisted_per_s",
     "peak_rss_mb",
 ]
-CounterName = Literal["persisted", "rejected", "dropped", "lost", "duplicates", "files", "flushes", "rows_written"]
+CounterName = Literal[
+    "persisted", "rejected", "dropped", "lost", "duplicates", "files", "data_bytes", "flushes", "rows_written"
+]
 
 # What a regression gate can compare, per variant of a run's results.json.
 # name -> (path, higher_is_better, unit). Times are medians or tails over one run; each gate replicate gives one value.
@@ -83,8 +85,8 @@ def counter_value(variant: dict[str, Any], name: str) -> float | None:
     """A deterministic counter of a run: the same stream into the same code must give the same number."""
     if name in ("persisted", "rejected", "dropped", "lost", "duplicates"):
         value = get_path(variant, "ledger", name)
-    elif name == "files":
-        value = get_path(variant, "files")
+    elif name in ("files", "data_bytes"):
+        value = get_path(variant, name)
     elif name in ("flushes", "rows_written"):
         key = "count" if name == "flushes" else "rows"
         parts = [get_path(variant, "probes", "flush", "parquet", t, key) for t in _TRIGGERS]

@@ -699,6 +699,8 @@ def _run_variant(
         "sql": sql_back,
         "faults": [f.model_dump(mode="json") for f in sc.faults],
         "files": back.files,
+        # Bytes of the finished Parquet data files: for the same stream and code, the same every run (a gate counter).
+        "data_bytes": sum(f.stat().st_size for f in (out_dir / settings.parquet.path).rglob("*.parquet")),
         # This process, pipeline included (the embedded broker is a child of its own): what a service level on
         # memory would bound. Peak since the process started, so a later variant inherits an earlier's peak.
         "resources": {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
