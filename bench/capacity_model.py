@@ -284,11 +284,16 @@ def recommendations(
     if one is not None and one.get("sustainable_per_s"):
         base = one["sustainable_per_s"]
         peak = one.get("peak_per_s") or base
-        if target_rate is not None and fit is not None and fit.get("pipeline_limited") is False:
+        limit = one.get("limit")
+        not_pipeline = (fit is not None and fit.get("pipeline_limited") is False) or (
+            isinstance(limit, str) and not limit.startswith("the pipeline's CPU")
+        )
+        if target_rate is not None and not_pipeline:
             text = (
                 f"no worker count for {target_rate:,.0f} msg/s from this sweep: the pipeline's CPU was not the "
-                "limit (see the USL note), so more workers here only share the same busy cores; run the "
-                "publishers and the broker on other machines (bench load with remote workers, --broker) and sweep again"
+                f"limit ({limit or 'see the USL note'}), so more workers here would only share the same busy "
+                "cores; run the publishers and the broker on other machines (bench load with remote workers, "
+                "--broker) and sweep again"
             )
         elif target_rate is not None and fit is not None and "lower bound" in fit.get("note", ""):
             best = max(series, key=lambda s: s.get("sustainable_per_s") or 0)

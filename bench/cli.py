@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument(
         "--slowdowns", type=rate_list, default=(0.1, 0.2), metavar="F[,F...]", help="injected (default 0.1,0.2)"
     )
+    p_exp.add_argument("--replicates", type=positive_int, metavar="N", help="A/B pairs per gate (default: scenario's)")
     p_exp.add_argument("--out", type=Path, help="folder (default reports/<scenario>-gate-experiment-<UTC time>/)")
     p_cmp = sub.add_parser("compare", help="per metric: change with a confidence interval and a verdict")
     p_cmp.add_argument("a", type=Path, help="baseline: a run folder, results.json, or a folder of run folders")

@@ -627,6 +627,7 @@ def run_experiment(
     *,
     trials: int,
     slowdowns: Sequence[float],
+    replicates: int | None = None,
     out: Path | None = None,
     reports_dir: Path = Path("reports"),
     on_gate: Callable[[str, int, GateOutcome], None] | None = None,
@@ -642,7 +643,7 @@ def run_experiment(
     folder = make_run_dir(f"{loaded.scenario.name}-gate-experiment", out, reports_dir)
     conditions: list[tuple[str, float | None]] = [("A/A", None), *((f"{s:.0%} slower", s) for s in slowdowns)]
     outcomes: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in conditions}
-    gates = _settings(loaded, GateOptions(baseline="self"))
+    gates = _settings(loaded, GateOptions(baseline="self", replicates=replicates))
     for trial in range(trials):
         for name, slowdown in conditions:
             gate_dir = folder / f"trial-{trial + 1:03d}-{name.replace('/', '').replace(' ', '-').replace('%', 'pct')}"

@@ -242,3 +242,27 @@ def test_no_worker_count_is_advised_when_the_pipeline_was_not_the_limit() -> Non
     )
     (workers,) = [a for a in advice if a["topic"] == "workers"]
     assert "not the limit" in workers["text"] and "other machines" in workers["text"]
+
+
+def test_no_worker_count_from_one_worker_whose_limit_was_the_machine() -> None:
+    series = [
+        {
+            "workers": 1,
+            "sustainable_per_s": 2828.0,
+            "peak_per_s": 2829.0,
+            "limit": "the machine's cores, shared by every role (pipeline worker 28% of a core, ...)",
+        }
+    ]
+    advice = model.recommendations(
+        series=series,
+        fit=None,
+        append=None,
+        flush_ms=None,
+        flush_interval_s=1.0,
+        buffer_size=500,
+        rotate_s=60.0,
+        target_rate=5000.0,
+        headroom=0.3,
+    )
+    (workers,) = [a for a in advice if a["topic"] == "workers"]
+    assert workers["text"].startswith("no worker count") and "machine's cores" in workers["text"]
