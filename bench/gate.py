@@ -382,7 +382,7 @@ def judge(
         "bounds": bounds,
         "multiple_comparisons": (
             f"Holm-Bonferroni step-down over the {len(pvalues)} gated, judgeable metric(s) at "
-            f"family-wise {1 - gates.confidence:.0%}"
+            f"family-wise {_level(1 - gates.confidence)}"
         ),
         "failed": bool(reasons),
         "reasons": reasons,
@@ -517,6 +517,11 @@ def baseline_only(loaded: LoadedScenario, folder: Path, replicates: int | None) 
         save_baseline(folder, reps, loaded)
         shutil.rmtree(Path(tmp), ignore_errors=True)
     return folder / BASELINE_FILE
+
+
+def _level(alpha: float) -> str:
+    """0.05 -> '5%', 0.001 -> '0.1%' (a level must not round to 0%)."""
+    return f"{round(alpha * 100, 4):g}%"
 
 
 def _pct(x: float | None) -> str:
@@ -700,7 +705,7 @@ def experiment_markdown(data: dict[str, Any]) -> str:
     lines = [
         f"## Gate experiment: {data['scenario']['name']} ({data['trials_done']} trial(s) per condition)",
         "",
-        f"Each gate: {s['replicates']} A/B pairs interleaved, Holm at family-wise {1 - s['confidence']:.0%}, "
+        f"Each gate: {s['replicates']} A/B pairs interleaved, Holm at family-wise {_level(1 - s['confidence'])}, "
         f"tolerance {s['tolerance']:.0%}; the candidate's storage made slower by the slow_sink fault's factor.",
         "",
         "| condition | gates | failed | rate | 95% interval | median measured flush change |",
