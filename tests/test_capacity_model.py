@@ -164,20 +164,31 @@ def test_workers_for_a_target_with_headroom() -> None:
     assert model.workers_for(50_000, 0.3, fit, 1000)["workers"] is None  # beyond the asymptote of 20,000
 
 
-def test_every_recommendation_shows_its_evidence() -> None:
-    series = [{"workers": 1, "sustainable_per_s": 2000.0, "peak_per_s": 2300.0}]
-    append = {"count": 40, "max_mb_before": 30.0, "slope_ms_per_mb": 0.5, "intercept_ms": 3.0}
-    advice = model.recommendations(
+def _advice(
+    series: list[dict[str, Any]],
+    *,
+    fit: dict[str, Any] | None = None,
+    append: dict[str, Any] | None = None,
+    flush_ms: dict[str, Any] | None = None,
+    target_rate: float | None = 5000.0,
+) -> list[dict[str, str]]:
+    return model.recommendations(
         series=series,
-        fit=None,
+        fit=fit,
         append=append,
-        flush_ms={"count": 30, "p99": 25.0},
+        flush_ms=flush_ms,
         flush_interval_s=1.0,
         buffer_size=500,
         rotate_s=60.0,
-        target_rate=5000.0,
+        target_rate=target_rate,
         headroom=0.3,
     )
+
+
+def test_every_recommendation_shows_its_evidence() -> None:
+    series = [{"workers": 1, "sustainable_per_s": 2000.0, "peak_per_s": 2300.0}]
+    append = {"count": 40, "max_mb_before": 30.0, "slope_ms_per_mb": 0.5, "intercept_ms": 3.0}
+    advice = _advice(series, append=append, flush_ms={"count": 30, "p99": 25.0})
     topics = {a["topic"]: a for a in advice}
     assert set(topics) == {"workers", "parquet rotation", "flush interval", "buffer size"}
     assert all(a["evidence"] for a in advice)
@@ -187,17 +198,8 @@ def test_every_recommendation_shows_its_evidence() -> None:
 
 
 def test_rotation_is_not_judged_from_files_that_barely_grew() -> None:
-    advice = model.recommendations(
-        series=[],
-        fit=None,
-        append={"count": 10, "max_mb_before": 0.2, "slope_ms_per_mb": 50.0, "intercept_ms": 1.0},
-        flush_ms=None,
-        flush_interval_s=1.0,
-        buffer_size=500,
-        rotate_s=60.0,
-        target_rate=None,
-        headroom=0.3,
-    )
+    append = {"count": 10, "max_mb_before": 0.2, "slope_ms_per_mb": 50.0, "intercept_ms": 1.0}
+    advice = _advice([], append=append, target_rate=None)
     assert len(advice) == 1 and advice[0]["text"].startswith("not judged")
 
 
@@ -209,17 +211,7 @@ def test_no_worker_count_is_advised_from_a_lower_bound_fit() -> None:
         {"workers": 1, "sustainable_per_s": 2000.0, "peak_per_s": 2800.0},
         {"workers": 2, "sustainable_per_s": 3000.0, "peak_per_s": 3000.0},
     ]
-    advice = model.recommendations(
-        series=series,
-        fit=fit,
-        append=None,
-        flush_ms=None,
-        flush_interval_s=1.0,
-        buffer_size=500,
-        rotate_s=60.0,
-        target_rate=5000.0,
-        headroom=0.3,
-    )
+    advice = _advice(series, fit=fit)
     (workers,) = [a for a in advice if a["topic"] == "workers"]
     assert workers["text"].startswith("no worker count") and "lower bound" in workers["text"]
 
@@ -229,17 +221,7 @@ def test_no_worker_count_is_advised_when_the_pipeline_was_not_the_limit() -> Non
     assert fit is not None
     fit["pipeline_limited"] = False
     series = [{"workers": 1, "sustainable_per_s": 2800.0, "peak_per_s": 2800.0}]
-    advice = model.recommendations(
-        series=series,
-        fit=fit,
-        append=None,
-        flush_ms=None,
-        flush_interval_s=1.0,
-        buffer_size=500,
-        rotate_s=60.0,
-        target_rate=5000.0,
-        headroom=0.3,
-    )
+    advice = _advice(series, fit=fit)
     (workers,) = [a for a in advice if a["topic"] == "workers"]
     assert "not the limit" in workers["text"] and "other machines" in workers["text"]
 
@@ -253,16 +235,6 @@ def test_no_worker_count_from_one_worker_whose_limit_was_the_machine() -> None:
             "limit": "the machine's cores, shared by every role (pipeline worker 28% of a core, ...)",
         }
     ]
-    advice = model.recommendations(
-        series=series,
-        fit=None,
-        append=None,
-        flush_ms=None,
-        flush_interval_s=1.0,
-        buffer_size=500,
-        rotate_s=60.0,
-        target_rate=5000.0,
-        headroom=0.3,
-    )
+    advice = _advice(series)
     (workers,) = [a for a in advice if a["topic"] == "workers"]
     assert workers["text"].startswith("no worker count") and "machine's cores" in workers["text"]
