@@ -652,7 +652,10 @@ def run_experiment(
     for trial in range(trials):
         for name, slowdown in conditions:
             gate_dir = folder / f"trial-{trial + 1:03d}-{name.replace('/', '').replace(' ', '-').replace('%', 'pct')}"
-            outcome = run_gate(loaded, GateOptions(baseline="self", out=gate_dir, inject_slowdown=slowdown, seed=trial))
+            options = GateOptions(
+                baseline="self", out=gate_dir, inject_slowdown=slowdown, replicates=replicates, seed=trial
+            )
+            outcome = run_gate(loaded, options)
             flush = next((m for m in outcome.result["metrics"] if m["metric"] == "flush_mean_ms"), None)
             outcomes[name].append(
                 {
