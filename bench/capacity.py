@@ -34,7 +34,7 @@ import numpy as np
 
 from bench import capacity_model as model
 from bench.errors import ScenarioError, ServiceError, UsageError
-from bench.ledger import ReadBack, read_back, reconcile
+from bench.ledger import ReadBack, durable_rows, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary
 from bench.publish_worker import spec_to_json
 from bench.results import SCHEMA_VERSION, environment, write_results
@@ -560,12 +560,9 @@ def _analyse(
         if final["lock"]:
             for name in ("wait", "hold", "stall"):
                 getattr(locks, name).merge(Recorder.from_json(final["lock"][name]))
-        durable_by_batch = {f.batch_id: f.durable_ns for f in mine if f.sink == "parquet"}
         back = read_back(wdir / settings.parquet.path, wdir / settings.quarantine.path, wdir / "dropped")
         backs.append(back)
-        for seq, batch in zip(back.persisted_seqs, back.persisted_batches, strict=True):
-            if batch in durable_by_batch:
-                durable_of[seq] = durable_by_batch[batch]
+        durable_of.update(durable_rows(back, mine))
         window = [s for s in final["samples"] if start <= s[0] <= end] or final["samples"]
         if len(window) >= 2:
             cpu_pct += (window[-1][1] - window[0][1]) / ((window[-1][0] - window[0][0]) / 1e9) * 100

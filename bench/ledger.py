@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,18 @@ def read_back(data_dir: Path, quarantine_dir: Path, dropped_dir: Path | None = N
         unfinalised=data_tmp + rej_tmp,
         anonymous_payloads=_anonymous_payloads(quarantine_dir) if None in rej["seq"] else [],
     )
+
+
+def durable_rows(back: ReadBack, flushes: Iterable[Any]) -> Iterator[tuple[int, int]]:
+    """(seq, durable_ns) per persisted row: the time the Parquet flush that wrote its batch became durable.
+
+    ``flushes`` are the run's :class:`pipeline.model.FlushStat` records; rows of a batch without a record
+    (none expected) are left out. A seq persisted twice yields twice, as it was read back.
+    """
+    durable_by_batch = {f.batch_id: f.durable_ns for f in flushes if f.sink == "parquet"}
+    for seq, batch in zip(back.persisted_seqs, back.persisted_batches, strict=True):
+        if batch in durable_by_batch:
+            yield seq, durable_by_batch[batch]
 
 
 def resolve_anonymous(back: ReadBack, sent_payloads: dict[bytes, int]) -> list[int | None]:

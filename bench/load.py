@@ -46,7 +46,7 @@ from numpy.typing import NDArray
 
 from bench.cli_args import count, positive_int
 from bench.errors import ScenarioError, ServiceError, UsageError
-from bench.ledger import Ledger, attribute_queue_overflow, read_back, reconcile
+from bench.ledger import Ledger, attribute_queue_overflow, durable_rows, read_back, reconcile
 from bench.probes import append_cost, flush_summary, lock_summary, series_summary, sink_rows_per_s, timeline_json
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.runner import make_run_dir, wait_received
@@ -758,11 +758,10 @@ def run_load(
     intended = np.full(planned, -1, dtype=np.int64)
     in_plan = (originals >= 0) & (originals < planned)
     intended[originals[in_plan]] = sent.intended_ns[~sent.copy][in_plan]
-    durable_by_batch = {f.batch_id: f.durable_ns for f in flushes if f.sink == "parquet"}
     e2e = Recorder()
-    for seq, batch in zip(back.persisted_seqs, back.persisted_batches, strict=True):
-        if 0 <= seq < planned and intended[seq] >= 0 and batch in durable_by_batch:
-            e2e.record_ns(durable_by_batch[batch] - int(intended[seq]))
+    for seq, durable_ns in durable_rows(back, flushes):
+        if 0 <= seq < planned and intended[seq] >= 0:
+            e2e.record_ns(durable_ns - int(intended[seq]))
     send_lag = Recorder()
     send_lag.record_all_ns(int(v) for v in sent.sent_ns - sent.intended_ns)
     acked = sent.ack_ns >= 0
@@ -771,7 +770,7 @@ def run_load(
 
     last_sent_ns = int(sent.sent_ns.max()) if sent.sends else epoch_ns
     send_span_s = max((last_sent_ns - epoch_ns) / 1e9, 1e-9)
-    last_durable = max(durable_by_batch.values(), default=epoch_ns)
+    last_durable = max((f.durable_ns for f in flushes if f.sink == "parquet"), default=epoch_ns)
     persist_span_s = max((last_durable - epoch_ns) / 1e9, 1e-9)
     locust_stats = parse_locust_stats(run_dir / f"{LOCUST_CSV_PREFIX}_stats.csv")
     locust_stats["sends"] = SEND_REQUEST[transport.kind]
@@ -866,7 +865,7 @@ def _timeline(
     """Cumulative sends and durable rows against seconds since the epoch, rebuilt from the records."""
     durable = sorted((f.durable_ns, f.rows) for f in flushes if f.sink in ("parquet", "quarantine"))
     durable_at = np.array([d for d, _ in durable], dtype=np.int64)
-    durable_rows = np.cumsum([r for _, r in durable]) if durable else np.zeros(0, dtype=np.int64)
+    durable_cum = np.cumsum([r for _, r in durable]) if durable else np.zeros(0, dtype=np.int64)
     sent_at = np.sort(sent.sent_ns)
     end = max(int(sent_at[-1]) if len(sent_at) else epoch_ns, int(durable_at[-1]) if len(durable_at) else epoch_ns)
     points: list[tuple[float, int, int]] = []
@@ -875,7 +874,7 @@ def _timeline(
         t = epoch_ns + round(i * step_s * 1e9)
         n_sent = int(np.searchsorted(sent_at, t, side="right"))
         k = int(np.searchsorted(durable_at, t, side="right"))
-        points.append((round(i * step_s, 3), n_sent, int(durable_rows[k - 1]) if k else 0))
+        points.append((round(i * step_s, 3), n_sent, int(durable_cum[k - 1]) if k else 0))
     return points
 
 

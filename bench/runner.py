@@ -33,6 +33,7 @@ from bench.ledger import (
     ReadBack,
     attribute_outage,
     attribute_queue_overflow,
+    durable_rows,
     payload_key,
     read_back,
     reconcile,
@@ -627,18 +628,17 @@ def _run_variant(
             )
         pipeline_errors.extend(f"validation: {p}" for p in validation["problems"])
 
-    durable_by_batch = {f.batch_id: f.durable_ns for f in flushes if f.sink == "parquet"}
     e2e = Recorder()
-    for seq, batch in zip(back.persisted_seqs, back.persisted_batches, strict=True):
-        if 0 <= seq < planned and flags[seq] and batch in durable_by_batch:
-            e2e.record_ns(durable_by_batch[batch] - intended[seq])
+    for seq, durable_ns in durable_rows(back, flushes):
+        if 0 <= seq < planned and flags[seq]:
+            e2e.record_ns(durable_ns - intended[seq])
     send_lag = Recorder()
     for log in logs:
         send_lag.merge(log.lag)
 
     last_sent_ns = max(log.last_sent_ns for log in logs)
     send_span_s = max((last_sent_ns - epoch_ns) / 1e9, 1e-9)
-    last_durable = max(durable_by_batch.values(), default=epoch_ns)
+    last_durable = max((f.durable_ns for f in flushes if f.sink == "parquet"), default=epoch_ns)
     persist_span_s = max((last_durable - epoch_ns) / 1e9, 1e-9)
     duration_s = total_duration_s(spec)
     result: dict[str, Any] = {
