@@ -88,19 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_gate.add_argument(
         "--inject-slowdown", type=_fraction, metavar="F", help="make the candidate's storage F slower (0.2 = 20%%)"
     )
+    p_gate.add_argument(
+        "--candidate-patch",
+        type=Path,
+        metavar="FILE",
+        help="judge --baseline REV with FILE applied (in a temporary worktree) as the candidate, as CI would",
+    )
+    p_gate.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the bootstrap intervals")
     p_gate.add_argument("--confidence", type=_fraction, metavar="C", help="override gates.confidence, e.g. 0.999")
     p_gate.add_argument("--save-baseline", type=Path, metavar="DIR", help="keep the candidate's runs as a baseline")
     p_gate.add_argument("--out", type=Path, help="gate folder (default reports/<scenario>-gate-<UTC time>/)")
     p_gate.add_argument("--markdown", action="store_true", help="print the Markdown summary instead of the table")
     p_gate.add_argument("--json", action="store_true", help="print gate.json instead of the table")
     p_exp = sub.add_parser(
-        "gate-experiment", help="measure the gate itself: false alarms (A/A) and detection of injected slowdowns"
+        "gate-experiment", help="measure the gate itself: false alarms (A/A) and detection of real slower patches"
     )
     p_exp.add_argument("scenario", type=Path, help="scenario YAML file with a gates: section, e.g. scenarios/gate.yaml")
     p_exp.add_argument("--trials", type=positive_int, default=20, metavar="N", help="gates per condition (default 20)")
     p_exp.add_argument(
-        "--slowdowns", type=rate_list, default=(0.1, 0.2), metavar="F[,F...]", help="injected (default 0.1,0.2)"
+        "--patches",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help="candidate patches, one condition each; aa-* ones measure false alarms "
+        "(default: scenarios/gate-patches/aa-comment, sink-cpu-10, validator-cpu-10)",
     )
+    p_exp.add_argument("--base", default="HEAD", metavar="REV", help="revision the patches apply to (default HEAD)")
     p_exp.add_argument("--replicates", type=positive_int, metavar="N", help="A/B pairs per gate (default: scenario's)")
     p_exp.add_argument("--out", type=Path, help="folder (default reports/<scenario>-gate-experiment-<UTC time>/)")
     p_cmp = sub.add_parser("compare", help="per metric: change with a confidence interval and a verdict")
@@ -110,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp.add_argument("--tolerance", type=_fraction, default=0.05, metavar="T", help="default 0.05 (5%%)")
     p_cmp.add_argument("--markdown", action="store_true", help="print Markdown (for a PR comment or job summary)")
     p_cmp.add_argument("--json", action="store_true", help="print JSON")
+    p_cmp.add_argument(
+        "--allow-different-scenarios", action="store_true", help="compare runs of different scenarios anyway"
+    )
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
     p_val.add_argument("scenario", type=Path, nargs="+")
     sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "gate-experiment":
             return _experiment(args, err)
         if args.command == "compare":
-            return _compare(args, out)
+            return _compare(args, out, err)
         if args.command == "capacity":
             return _capacity(args, out, err)
         if args.command == "report":
@@ -214,43 +230,80 @@ def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
         return 0
     if args.confidence is not None and not 0.5 < args.confidence < 1:
         raise UsageError(f"--confidence: expected a level between 0.5 and 1, e.g. 0.9, got {args.confidence}")
-    options = gate.GateOptions(
-        baseline=args.baseline,
-        out=args.out,
-        replicates=args.replicates,
-        inject_slowdown=args.inject_slowdown,
-        confidence=args.confidence,
-        save_baseline=args.save_baseline,
-    )
     quiet = args.json or args.markdown
-
-    def progress(rep: gate.Replicate, total: int) -> None:
+    if args.candidate_patch is not None:
+        if args.inject_slowdown is not None or args.save_baseline is not None:
+            raise UsageError("--candidate-patch: cannot be combined with --inject-slowdown or --save-baseline")
+        folder = args.out or runner.make_run_dir(f"{loaded.scenario.name}-patch-gate", None, Path("reports"))
         if not quiet:
-            flush = get_path(rep.variant, "probes", "flush", "parquet", "size", "total_ms", "mean")
-            err.print(
-                f"replicate {rep.side}{rep.index + 1:02d} ({rep.seconds:.1f} s): flush mean "
-                + ("-" if flush is None else f"{flush:.3f} ms")
-                + (f", reference {rep.reference_ms:.1f} ms" if rep.reference_ms else "")
-                + ("" if rep.exit_code == 0 else f" [red]exit {rep.exit_code}[/]"),
-                highlight=False,
-                soft_wrap=True,
-            )
-
-    outcome = gate.run_gate(loaded, options, on_replicate=progress)
-    if args.json:
-        print(json.dumps(outcome.result, indent=2))
-    elif args.markdown:
-        print(gate.markdown(outcome.result), end="")
+            err.print(f"gating {args.candidate_patch} on {args.baseline} against {args.baseline}, from a worktree")
+        outcome = gate.run_patched_gate(
+            loaded.path,
+            args.candidate_patch,
+            base=args.baseline,
+            out=folder,
+            replicates=args.replicates,
+            confidence=args.confidence,
+            seed=args.seed,
+        )
     else:
-        out.print(gate_table(outcome.result))
-        out.print(f"gate: {outcome.gate_dir / 'gate.json'}\nsummary: {outcome.gate_dir / 'summary.md'}")
-    if outcome.failed:
-        err.print("bench: gate FAILED", style="bold red")
-        for reason in outcome.reasons:
+        options = gate.GateOptions(
+            baseline=args.baseline,
+            out=args.out,
+            replicates=args.replicates,
+            inject_slowdown=args.inject_slowdown,
+            confidence=args.confidence,
+            save_baseline=args.save_baseline,
+            seed=args.seed,
+        )
+
+        def progress(rep: gate.Replicate, total: int) -> None:
+            if not quiet:
+                hot = get_path(rep.variant, "probes", "cpu", "hot_path_us_per_msg")
+                sink = get_path(rep.variant, "probes", "cpu", "sink_us_per_row", "parquet")
+                err.print(
+                    f"replicate {rep.side}{rep.index + 1:02d} ({rep.seconds:.1f} s): hot path "
+                    + ("-" if hot is None else f"{hot:.2f} us/msg")
+                    + ", sink "
+                    + ("-" if sink is None else f"{sink:.2f} us/row")
+                    + (f", reference {rep.reference_ms:.1f} ms" if rep.reference_ms else "")
+                    + ("" if rep.exit_code == 0 else f" [red]exit {rep.exit_code}[/]"),
+                    highlight=False,
+                    soft_wrap=True,
+                )
+
+        outcome = gate.run_gate(loaded, options, on_replicate=progress)
+    return _verdict(outcome.result, outcome.gate_dir, args, out, err)
+
+
+def _verdict(result: dict[str, Any], folder: Path | None, args: argparse.Namespace, out: Console, err: Console) -> int:
+    """Print a gate's or a comparison's verdict; exit 0 passed, 1 failed, 3 inconclusive (docs/gates.md)."""
+    from bench import gate
+
+    quiet = args.json or args.markdown
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif args.markdown:
+        print(gate.markdown(result), end="")
+    else:
+        out.print(gate_table(result))
+        if folder is not None:
+            out.print(f"gate: {folder / 'gate.json'}\nsummary: {folder / 'summary.md'}")
+    label = gate.outcome_label(result)
+    for warning in result.get("warnings", []):
+        err.print(f"bench: warning: {warning}", style="yellow")
+    if label == "FAILED":
+        err.print(f"bench: {result['kind']} FAILED", style="bold red")
+        for reason in result["reasons"]:
             print(f"  - {reason}", file=sys.stderr)
-        return 1
+        return gate.EXIT_CODES["failed"]
+    if label == "INCONCLUSIVE":
+        err.print(f"bench: {result['kind']} INCONCLUSIVE: neither passed nor failed", style="bold yellow")
+        for reason in result.get("inconclusive", []):
+            print(f"  - {reason}", file=sys.stderr)
+        return gate.EXIT_CODES["inconclusive"]
     if not quiet:
-        err.print("bench: gate passed", style="bold green")
+        err.print(f"bench: {result['kind']} passed", style="bold green")
     return 0
 
 
@@ -258,33 +311,47 @@ def _experiment(args: argparse.Namespace, err: Console) -> int:
     from bench import gate
 
     loaded = load_scenario(args.scenario)
+    patches = args.patches or [gate.PATCH_FOLDER / name for name in gate.DEFAULT_PATCHES]
+    for patch in patches:
+        if not Path(patch).is_file():
+            raise UsageError(f"--patches: {patch}: no such file (run from the repository root, or give paths)")
 
     def progress(condition: str, trial: int, outcome: Any) -> None:
-        verdict = "[red]FAILED[/]" if outcome.failed else "[green]passed[/]"
-        err.print(f"trial {trial + 1}/{args.trials} {condition}: {verdict}", highlight=False)
+        colour = {"failed": "red", "inconclusive": "yellow"}.get(outcome.outcome, "green")
+        err.print(f"trial {trial + 1}/{args.trials} {condition}: [{colour}]{outcome.outcome}[/]", highlight=False)
 
-    folder = gate.run_experiment(loaded, trials=args.trials, slowdowns=args.slowdowns, out=args.out, on_gate=progress)
+    folder = gate.run_experiment(
+        loaded,
+        trials=args.trials,
+        patches=[Path(p) for p in patches],
+        base=args.base,
+        replicates=args.replicates,
+        out=args.out,
+        on_gate=progress,
+    )
     print((folder / "experiment.md").read_text(encoding="utf-8"), end="")
     print(f"experiment: {folder / 'experiment.json'}")
     return 0
 
 
-def _compare(args: argparse.Namespace, out: Console) -> int:
+def _compare(args: argparse.Namespace, out: Console, err: Console) -> int:
     from bench import gate
 
-    result = gate.compare(args.a, args.b, confidence=args.confidence, tolerance=args.tolerance)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif args.markdown:
-        print(gate.markdown(result), end="")
-    else:
-        out.print(gate_table(result))
-    return 0
+    result = gate.compare(
+        args.a,
+        args.b,
+        confidence=args.confidence,
+        tolerance=args.tolerance,
+        allow_different_scenarios=args.allow_different_scenarios,
+    )
+    return _verdict(result, None, args, out, err)
 
 
 def gate_table(result: dict[str, Any]) -> Table:
     """Per metric: medians, change with its interval, Holm p, tolerance, verdict; counters below."""
-    head = "FAILED" if result["failed"] else "passed"
+    from bench.gate import outcome_label
+
+    head = outcome_label(result)
     title = f"{result['kind']} {result['scenario']['name']}: {result['design']} — {head}"
     table = Table(title=title, caption=result["multiple_comparisons"])
     for name in ("metric", "A median", "B median", "change", "CI", "p (Holm)", "tol.", "verdict"):

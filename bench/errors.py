@@ -6,7 +6,8 @@ Hierarchy::
     ├── ScenarioError        a scenario file is wrong: names file, field path, expected value (exit 2)
     ├── UsageError           a command-line value is wrong (exit 2)
     ├── ServiceError         a broker or server cannot be reached or started (exit 1)
-    └── RunFailed            the run finished but failed its checks, e.g. ledger (exit 1)
+    ├── RunFailed            the run finished but failed its checks, e.g. ledger (exit 1)
+    └── Inconclusive         a gate could not judge: too little data, or the wrong code ran (exit 3)
 
 Errors from pipeline, simulators and libraries are mapped to these in the runner.
 """
@@ -38,3 +39,10 @@ class ServiceError(BenchError):
 
 class RunFailed(BenchError):
     """The run completed but did not pass its checks."""
+
+
+class Inconclusive(BenchError):
+    """A gate or comparison could not reach a verdict (too few replicates, unjudgeable metrics, or the two
+    sides turned out not to be the code they claim): neither passed nor failed (exit 3)."""
+
+    exit_code = 3

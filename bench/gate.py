@@ -18,9 +18,11 @@ replicate.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import select
 import shutil
 import statistics
 import subprocess
@@ -35,8 +37,8 @@ from typing import Any
 
 import yaml
 
-from bench import gate_stats
-from bench.errors import ScenarioError, UsageError
+from bench import gate_stats, gate_worker
+from bench.errors import Inconclusive, ScenarioError, UsageError
 from bench.metrics import COUNTERS, GATE_METRICS, MetricName, counter_value, get_path
 from bench.results import environment
 from bench.runner import make_run_dir
@@ -47,6 +49,7 @@ BASELINE_FILE = "baseline.json"
 # Time metrics are divided by the reference workload in the stored-baseline design; these are not times.
 NOT_TIMES = frozenset({"peak_rss_mb"})
 REPLICATE_TIMEOUT_S = 600
+WORKER_START_TIMEOUT_S = 120
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,8 @@ class Replicate:
     variant: dict[str, Any]
     reference_ms: float | None = None
     seconds: float = 0.0
+    modules: dict[str, str | None] | None = None
+    """Where this replicate's process imported bench, pipeline and simulators from."""
 
 
 @dataclass
@@ -80,22 +85,163 @@ class GateOutcome:
     failed: bool
     reasons: list[str] = field(default_factory=list)
 
+    @property
+    def outcome(self) -> str:
+        """passed, failed or inconclusive."""
+        return str(self.result.get("outcome", "failed" if self.failed else "passed"))
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.outcome]
+
+
+EXIT_CODES = {"passed": 0, "failed": 1, "inconclusive": 3}
+
 
 @dataclass(frozen=True)
-class _Code:
-    """How to start ``bench run`` for one side."""
+class _Side:
+    """The code one side of a gate runs: an interpreter, and the folder its packages must come from."""
 
+    name: str  # "A" or "B"
     label: str
     python: str
-    pythonpath: str | None = None
-    in_process: bool = False
+    root: Path | None
+    """Where bench, pipeline and simulators must be imported from (None: another install, not checked)."""
+    pythonpath: Path | None = None
 
-    def command(self, scenario: Path, out: Path) -> tuple[list[str], dict[str, str]]:
-        env = {**os.environ, "BENCH_NO_REPORT": "1", "BENCH_NO_CALIBRATE": "1", "PYTHONUNBUFFERED": "1"}
-        if self.pythonpath is not None:
-            # Ahead of the editable install on sys.path: the baseline's own packages are imported.
-            env["PYTHONPATH"] = self.pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return [self.python, "-m", "bench", "run", str(scenario), "--out", str(out), "--quiet"], env
+
+def code_root() -> Path:
+    """The folder holding the bench and pipeline packages this process runs: the candidate's code."""
+    import pipeline
+
+    return Path(pipeline.__file__).resolve().parent.parent
+
+
+def code_digest(root: Path) -> str:
+    """SHA-256 over the Python sources of bench, pipeline and simulators under ``root``: the code itself."""
+    digest = hashlib.sha256()
+    for package in gate_worker.PACKAGES:
+        for file in sorted((root / package).rglob("*.py")):
+            digest.update(str(file.relative_to(root)).encode())
+            digest.update(b"\0")
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def gate_cpu() -> int | None:
+    """The CPU both sides' workers are pinned to (bench/gate_worker.py says why): the last one this process may
+    use, or none when it may use only one anyway."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[-1] if len(allowed) > 1 else None
+
+
+class _Worker:
+    """One warm ``bench run`` process per side (bench/gate_worker.py), started with ``python -P``."""
+
+    def __init__(self, side: _Side, folder: Path, name: str) -> None:
+        self.side = side
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(
+            BENCH_NO_REPORT="1",
+            BENCH_NO_CALIBRATE="1",
+            PYTHONUNBUFFERED="1",
+            # One hash seed for both sides: dict and set layouts, and so their cost, do not differ by chance.
+            PYTHONHASHSEED="0",
+        )
+        if side.pythonpath is not None:
+            env["PYTHONPATH"] = str(side.pythonpath)
+        cpu = gate_cpu()
+        if cpu is not None:
+            env["BENCH_GATE_CPU"] = str(cpu)
+        self.log_path = folder / f"{name}.worker.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in close())
+        self._proc = subprocess.Popen(
+            [side.python, "-P", str(Path(gate_worker.__file__).resolve())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            cwd=folder,  # outside any checkout: nothing may be imported from the working directory
+            text=True,
+        )
+        reply = self._read(WORKER_START_TIMEOUT_S, "start")
+        if "hello" not in reply:
+            self.close()
+            raise Inconclusive(
+                f"side {side.name} ({side.label}): the worker could not import the bench: "
+                f"{reply.get('error')}; sys.path {reply.get('sys_path')}"
+            )
+        self.hello: dict[str, Any] = reply["hello"]
+        self.check(self.hello["modules"])
+
+    def check(self, modules: dict[str, str | None]) -> None:
+        """The side's packages must come from its own folder; otherwise the gate would judge other code."""
+        if self.side.root is None:
+            return
+        wrong = {
+            name: file
+            for name, file in modules.items()
+            if file is None or not Path(file).is_relative_to(self.side.root.resolve())
+        }
+        if wrong:
+            found = ", ".join(f"{n} from {f}" for n, f in wrong.items())
+            raise Inconclusive(
+                f"side {self.side.name} ({self.side.label}) imported {found}, not from {self.side.root}: "
+                "the gate would not judge the code it claims to; refusing"
+            )
+
+    def _read(self, timeout_s: float, what: str) -> dict[str, Any]:
+        assert self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], timeout_s)
+        line = self._proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise Inconclusive(
+                f"side {self.side.name} ({self.side.label}): the gate worker "
+                + ("timed out" if not ready else f"exited (code {self._proc.poll()})")
+                + f" during {what}; see {self.log_path}"
+            )
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def run(self, scenario: Path, out: Path, *, index: int, reference: bool) -> Replicate:
+        ref = reference_ms() if reference else None
+        argv = ["run", str(scenario), "--out", str(out), "--quiet"]
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"argv": argv, "log": str(out.parent / f"{out.name}.log")}) + "\n")
+        self._proc.stdin.flush()
+        reply = self._read(REPLICATE_TIMEOUT_S, f"replicate {out.name}")
+        self.check(reply["modules"])
+        results_path = out / "results.json"
+        if not results_path.exists():
+            raise Inconclusive(
+                f"replicate {out.name} ({self.side.label}) wrote no results (exit code {reply['exit_code']}); "
+                f"see {out}.log"
+            )
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        return Replicate(
+            self.side.name,
+            index,
+            out,
+            int(reply["exit_code"]),
+            results["variants"][0],
+            ref,
+            float(reply["seconds"]),
+            reply["modules"],
+        )
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            try:
+                self._proc.stdin.close()
+                self._proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait(10)
+        self._log.close()
 
 
 def reference_ms(rows: int = 20_000, batches: int = 20, trials: int = 3) -> float:
@@ -159,24 +305,51 @@ def _replicate_scenario(loaded: LoadedScenario, folder: Path, name: str, slowdow
     return path
 
 
-def _baseline_code(spec: str, gate_dir: Path) -> tuple[_Code, dict[str, Any]]:
+def _candidate_side() -> _Side:
+    root = code_root()
+    # A source checkout goes first on sys.path, ahead of whatever is installed; an installed bench needs none.
+    return _Side("B", "candidate", sys.executable, root, root if (root / "pyproject.toml").exists() else None)
+
+
+def _repo_of(root: Path) -> Path:
+    """The git checkout the candidate's code lives in (or, for an installed bench, the working directory's)."""
+    for where in (root, Path.cwd()):
+        done = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=where, capture_output=True, text=True, check=False
+        )
+        if done.returncode == 0:
+            return Path(done.stdout.strip())
+    raise UsageError("--baseline: a git revision needs a git checkout (of the candidate or the working directory)")
+
+
+def _baseline_side(spec: str, gate_dir: Path) -> tuple[_Side, dict[str, Any]]:
     if spec == "self":
-        return _Code("self", sys.executable, in_process=True), {"kind": "self", "python": sys.executable}
+        cand = _candidate_side()
+        return _Side("A", "self", cand.python, cand.root, cand.pythonpath), {"kind": "self", "python": sys.executable}
     if spec.startswith("python:"):
         python = spec.removeprefix("python:")
         if not Path(python).is_file():
             raise UsageError(f"--baseline {spec}: no Python interpreter at {python}")
-        return _Code(spec, python), {"kind": "installed", "python": python}
-    root = _git(["rev-parse", "--show-toplevel"], Path.cwd(), f"--baseline {spec}")
-    commit = _git(["rev-parse", "--verify", f"{spec}^{{commit}}"], Path(root), f"--baseline {spec}")
+        return _Side("A", spec, python, None), {"kind": "installed", "python": python}
+    repo = _repo_of(code_root())
+    commit = _git(["rev-parse", "--verify", f"{spec}^{{commit}}"], repo, f"--baseline {spec}")
     tree = gate_dir / "baseline-src"
-    _git(["worktree", "add", "--detach", "--force", str(tree), commit], Path(root), f"--baseline {spec}")
-    return _Code(f"{spec} ({commit[:10]})", sys.executable, str(tree)), {
-        "kind": "git",
-        "rev": spec,
-        "commit": commit,
-        "worktree": str(tree),
-    }
+    _git(["worktree", "add", "--detach", "--force", str(tree), commit], repo, f"--baseline {spec}")
+    side = _Side("A", f"{spec} ({commit[:10]})", sys.executable, tree.resolve(), tree.resolve())
+    return side, {"kind": "git", "rev": spec, "commit": commit, "worktree": str(tree), "repo": str(repo)}
+
+
+def _differs_from(repo: Path, commit: str, root: Path) -> bool | None:
+    """Whether the candidate's packages differ from ``commit`` (committed or not); None if git cannot tell."""
+    if not root.is_relative_to(repo):
+        return None
+    done = subprocess.run(
+        ["git", "diff", "--quiet", commit, "--", *gate_worker.PACKAGES],
+        cwd=root,
+        capture_output=True,
+        check=False,
+    )
+    return {0: False, 1: True}.get(done.returncode)
 
 
 def _git(args: list[str], cwd: Path, what: str) -> str:
@@ -190,46 +363,6 @@ def _git(args: list[str], cwd: Path, what: str) -> str:
             f"git {' '.join(args[:2])} said: {done.stderr.strip() or done.stdout.strip()}"
         )
     return done.stdout.strip()
-
-
-def _run_in_process(scenario: Path, out: Path, *, side: str, index: int, reference: bool) -> Replicate:
-    """A replicate of this very code, in this process: a second less per replicate than a new interpreter.
-
-    Used when both sides are this checkout (``--baseline self``, a stored baseline): there is no other code to
-    start, and each side runs alike, in the same process, interleaved.
-    """
-    from bench import runner
-    from bench.scenario import load_scenario
-
-    ref = reference_ms() if reference else None
-    start = time.monotonic()
-    outcome = runner.run(load_scenario(scenario), runner.RunOptions(out=out, calibrate=False))
-    seconds = time.monotonic() - start
-    return Replicate(side, index, out, 0 if outcome.ok else 1, outcome.results["variants"][0], ref, round(seconds, 2))
-
-
-def _run_replicate(code: _Code, scenario: Path, out: Path, *, side: str, index: int, reference: bool) -> Replicate:
-    if code.in_process:
-        return _run_in_process(scenario, out, side=side, index=index, reference=reference)
-    ref = reference_ms() if reference else None
-    command, env = code.command(scenario, out)
-    start = time.monotonic()
-    with open(out.parent / f"{out.name}.log", "wb") as log:
-        try:
-            done = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=REPLICATE_TIMEOUT_S, check=False
-            )
-            code_ = done.returncode
-        except subprocess.TimeoutExpired:
-            code_ = -1
-    seconds = time.monotonic() - start
-    results_path = out / "results.json"
-    if not results_path.exists():
-        raise UsageError(
-            f"replicate {side}{index + 1} ({code.label}) wrote no results (exit code {code_}); see {out}.log"
-        )
-    results = json.loads(results_path.read_text(encoding="utf-8"))
-    return Replicate(side, index, out, code_, results["variants"][0], ref, round(seconds, 2))
 
 
 def _value(rep: Replicate, metric: MetricName, normalise: bool) -> float | None:
@@ -333,7 +466,7 @@ def judge(
                 f"Holm p {row['p_holm']:.4f}), beyond the {row['tolerance']:.0%} tolerance"
             )
         if row["erratic"] and row["gated"]:
-            row["verdict"] += " (erratic: not gated)"
+            row["verdict"] += " (erratic: not judged)"
 
     counters: list[dict[str, Any]] = []
     for cname in COUNTERS:
@@ -376,6 +509,8 @@ def judge(
     failed_runs = [f"{r.side}{r.index + 1}" for r in (*a, *b) if r.exit_code != 0]
     if failed_runs:
         reasons.append(f"replicate(s) {', '.join(failed_runs)} failed their own checks (ledger); see their logs")
+    unjudged = _unjudged(rows, gates, paired=paired)
+    failed = bool(reasons)
     return {
         "metrics": rows,
         "counters": counters,
@@ -384,52 +519,82 @@ def judge(
             f"Holm-Bonferroni step-down over the {len(pvalues)} gated, judgeable metric(s) at "
             f"family-wise {_level(1 - gates.confidence)}"
         ),
-        "failed": bool(reasons),
+        "outcome": "failed" if failed else ("inconclusive" if unjudged else "passed"),
+        "failed": failed,
         "reasons": reasons,
+        "inconclusive": unjudged,
     }
+
+
+def _unjudged(rows: list[dict[str, Any]], gates: GateSettings, *, paired: bool) -> list[str]:
+    """Why some gated metric got no verdict: then the gate is inconclusive, never "passed" on nothing."""
+    gated = [row for row in rows if row["gated"]]
+    out: list[str] = []
+    for row in gated:
+        name = row["metric"]
+        if "change" not in row:
+            out.append(f"{name}: not measured ({row.get('note')}; a baseline older than the metric lacks it)")
+            row["verdict"] = "insufficient data: not measured"
+            continue
+        if row["erratic"]:
+            out.append(f"{name}: too noisy to judge (robust CV {max(row['cv']):.2f} > erratic_cv {gates.erratic_cv:g})")
+            continue
+        if row["p_value"] is None:
+            out.append(f"{name}: no test possible ({row['note']})")
+            row["verdict"] = f"insufficient data: {row['note']}"
+            continue
+        # Holm's first step is the strictest: alpha / m. A test that cannot reach it can never reject.
+        level = (1 - row["confidence"]) / len(gated)
+        floor = gate_stats.smallest_p(len(row["a"]), len(row["b"]), paired=paired)
+        if floor > level:
+            out.append(
+                f"{name}: {len(row['a'])} vs {len(row['b'])} replicate(s) cannot reach p <= {level:.3g} "
+                f"(the smallest p these sizes allow is {floor:.3g}); add replicates"
+            )
+            row["verdict"] = "insufficient data: too few replicates for the test to ever reject"
+    return out
 
 
 def run_gate(
     loaded: LoadedScenario, options: GateOptions, on_replicate: Callable[[Replicate, int], None] | None = None
 ) -> GateOutcome:
     gates = _settings(loaded, options)
-    gate_dir = make_run_dir(f"{loaded.scenario.name}-gate", options.out, options.reports_dir)
+    gate_dir = make_run_dir(f"{loaded.scenario.name}-gate", options.out, options.reports_dir).resolve()
     (gate_dir / "scenario.yaml").write_bytes(loaded.path.read_bytes())
     stored = Path(options.baseline)
     n = gates.replicates
-    # The candidate runs as the baseline does (in this process against self or a stored baseline, in a new
-    # interpreter against other code), so start-up costs never differ between the sides.
-    candidate = _Code("candidate", sys.executable, in_process=options.baseline == "self" or _is_stored(stored))
+    candidate = _candidate_side()
     b_scenario = _replicate_scenario(loaded, gate_dir, "B", options.inject_slowdown)
     a: list[Replicate] = []
     b: list[Replicate] = []
-    total = 2 * n
-    if _is_stored(stored):
-        design = "stored"
-        baseline_info, a = _load_stored(stored)
-        for i in range(n):
-            rep = _run_replicate(candidate, b_scenario, gate_dir / f"B{i + 1:02d}", side="B", index=i, reference=True)
-            b.append(rep)
-            if on_replicate:
-                on_replicate(rep, n)
-    else:
-        design = "paired"
-        base, baseline_info = _baseline_code(options.baseline, gate_dir)
-        a_scenario = _replicate_scenario(loaded, gate_dir, "A", None)
-        try:
+    baseline_info: dict[str, Any] = {}
+    code: dict[str, Any] = {}
+    try:
+        if _is_stored(stored):
+            design = "stored"
+            baseline_info, a = _load_stored(stored)
             for i in range(n):
-                # A B, then B A: each side goes first equally often, so a warm-up or a drift favours neither.
-                order = [("A", base, a_scenario, a), ("B", candidate, b_scenario, b)]
-                for side, code, scenario, bucket in order if i % 2 == 0 else order[::-1]:
-                    rep = _run_replicate(
-                        code, scenario, gate_dir / f"{side}{i + 1:02d}", side=side, index=i, reference=False
-                    )
+                rep = _replicate(candidate, b_scenario, gate_dir / f"B{i + 1:02d}", i, code, reference=True)
+                b.append(rep)
+                if on_replicate:
+                    on_replicate(rep, n)
+        else:
+            design = "paired"
+            base, baseline_info = _baseline_side(options.baseline, gate_dir)
+            a_scenario = _replicate_scenario(loaded, gate_dir, "A", None)
+            for i in range(n):
+                # A B, then B A: each side goes first equally often, so a drift of the machine favours neither.
+                order = [(base, a_scenario, a), (candidate, b_scenario, b)]
+                for side, scenario, bucket in order if i % 2 == 0 else order[::-1]:
+                    rep = _replicate(side, scenario, gate_dir / f"{side.name}{i + 1:02d}", i, code, reference=False)
                     bucket.append(rep)
+                    if i == 0 and len(code) == 2:
+                        _refuse_same_code(baseline_info, code, candidate)
                     if on_replicate:
-                        on_replicate(rep, total)
-        finally:
-            if baseline_info.get("kind") == "git":
-                _git(["worktree", "remove", "--force", baseline_info["worktree"]], Path.cwd(), "cleanup")
+                        on_replicate(rep, 2 * n)
+    finally:
+        if baseline_info.get("kind") == "git":
+            _git(["worktree", "remove", "--force", baseline_info["worktree"]], Path(baseline_info["repo"]), "cleanup")
     verdicts = judge(a, b, gates, paired=design == "paired", normalise=design == "stored", seed=options.seed)
     result: dict[str, Any] = {
         "gate_schema": GATE_SCHEMA,
@@ -438,7 +603,12 @@ def run_gate(
         "scenario": {"name": loaded.scenario.name, "path": str(loaded.path), "sha256": loaded.sha256},
         "design": design,
         "baseline": baseline_info,
-        "candidate": {"python": sys.executable, "inject_slowdown": options.inject_slowdown},
+        "candidate": {
+            "python": sys.executable,
+            "inject_slowdown": options.inject_slowdown,
+            "root": str(candidate.root),
+        },
+        "code": code,
         "settings": gates.model_dump(mode="json"),
         "replicates": {
             "A": [_rep_json(r) for r in a],
@@ -454,6 +624,52 @@ def run_gate(
     return GateOutcome(gate_dir, result, verdicts["failed"], verdicts["reasons"])
 
 
+def _replicate(
+    side: _Side, scenario: Path, out: Path, index: int, code: dict[str, Any], *, reference: bool
+) -> Replicate:
+    """One replicate in a new worker process of its own.
+
+    Why a new process each time rather than one warm worker per side: pinned to one CPU, the CPU metrics of one
+    process vary by 0.5% (hot path) and 5% (sink) from run to run, but two processes of the same code differ
+    by up to 5% and 10% (memory layout); with one worker per side that difference is the same in every pair,
+    a bias no number of pairs removes and the rank test takes for a change. With a process per replicate it is
+    noise, independent from pair to pair, as the test assumes. The run's own warm-up (first samples, first
+    flush) is left out of the metrics, so the fresh interpreter does not need a warm-up run.
+    """
+    worker = _Worker(side, out.parent, out.name)
+    try:
+        code.setdefault(side.name, _code_info(worker))
+        return worker.run(scenario, out, index=index, reference=reference)
+    finally:
+        worker.close()
+
+
+def _code_info(worker: _Worker) -> dict[str, Any]:
+    """What one side's process really imported, and a digest of that code."""
+    hello = worker.hello
+    root = Path(hello["root"])
+    return {
+        "label": worker.side.label,
+        "modules": hello["modules"],
+        "root": str(root),
+        "commit": hello.get("commit"),
+        "python": hello.get("python"),
+        "code_sha256": code_digest(root) if root.is_dir() else None,
+    }
+
+
+def _refuse_same_code(baseline: dict[str, Any], code: dict[str, Any], candidate: _Side) -> None:
+    """A revision whose code differs from the candidate's must not run the candidate's code (or vice versa)."""
+    if baseline.get("kind") != "git" or candidate.root is None:
+        return
+    differs = _differs_from(Path(baseline["repo"]), baseline["commit"], candidate.root)
+    if differs and code["A"]["code_sha256"] == code["B"]["code_sha256"]:
+        raise Inconclusive(
+            f"--baseline {baseline['rev']}: git says the candidate's code differs from {baseline['commit'][:10]}, "
+            f"but both sides imported the same code ({code['A']['root']} and {code['B']['root']}); refusing to judge"
+        )
+
+
 def _is_stored(path: Path) -> bool:
     return path.is_dir() and (path / BASELINE_FILE).exists()
 
@@ -465,6 +681,7 @@ def _rep_json(r: Replicate) -> dict[str, Any]:
         "exit_code": r.exit_code,
         "reference_ms": r.reference_ms,
         "seconds": r.seconds,
+        "modules": r.modules,
     }
 
 
@@ -502,20 +719,14 @@ def baseline_only(loaded: LoadedScenario, folder: Path, replicates: int | None) 
     """``bench gate SCENARIO --save-baseline DIR`` without a comparison: run the replicates, keep them."""
     gates = _settings(loaded, GateOptions(baseline="self", replicates=replicates))
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
-        scenario = _replicate_scenario(loaded, Path(tmp), "A", None)
+        where = Path(tmp).resolve()
+        scenario = _replicate_scenario(loaded, where, "A", None)
+        code: dict[str, Any] = {}
         reps = [
-            _run_replicate(
-                _Code("baseline", sys.executable),
-                scenario,
-                Path(tmp) / f"A{i + 1:02d}",
-                side="A",
-                index=i,
-                reference=True,
-            )
+            _replicate(_candidate_side(), scenario, where / f"A{i + 1:02d}", i, code, reference=True)
             for i in range(gates.replicates)
         ]
         save_baseline(folder, reps, loaded)
-        shutil.rmtree(Path(tmp), ignore_errors=True)
     return folder / BASELINE_FILE
 
 
@@ -530,9 +741,9 @@ def _pct(x: float | None) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The gate's verdict as Markdown, for a pull-request comment or a CI job summary."""
-    head = "FAILED" if result["failed"] else "passed"
+    head = outcome_label(result)
     lines = [
-        f"## bench gate: {result['scenario']['name']} — {head}",
+        f"## bench {result.get('kind', 'gate')}: {result['scenario']['name']} — {head}",
         "",
         f"Design: {result['design']} ({len(result['replicates']['B'])} replicates per side); baseline: "
         f"{result['baseline'].get('rev') or result['baseline'].get('kind')}; "
@@ -563,7 +774,18 @@ def markdown(result: dict[str, Any]) -> str:
             )
     if result["reasons"]:
         lines += ["", "Why it failed:", *[f"- {r}" for r in result["reasons"]]]
+    if result.get("inconclusive"):
+        why = [f"- {r}" for r in result["inconclusive"]]
+        lines += ["", "Why it is inconclusive (neither passed nor failed):", *why]
+    if result.get("warnings"):
+        lines += ["", "Warnings:", *[f"- {w}" for w in result["warnings"]]]
     return "\n".join(lines) + "\n"
+
+
+def outcome_label(result: dict[str, Any]) -> str:
+    """FAILED, INCONCLUSIVE or passed (results from before the inconclusive outcome know only failed)."""
+    outcome = result.get("outcome") or ("failed" if result["failed"] else "passed")
+    return {"failed": "FAILED", "inconclusive": "INCONCLUSIVE"}.get(outcome, "passed")
 
 
 def _span(values: Sequence[float | None]) -> str:
@@ -574,8 +796,9 @@ def _span(values: Sequence[float | None]) -> str:
     return f"{lo:,.0f}" if lo == hi else f"{lo:,.0f} .. {hi:,.0f}"
 
 
-def _replicates_from(path: Path) -> list[Replicate]:
-    """A results.json, a run folder, or a folder of run folders (e.g. a gate's), as replicates."""
+def _replicates_from(path: Path) -> tuple[list[Replicate], list[dict[str, Any]]]:
+    """A results.json, a run folder, or a folder of run folders (e.g. a gate's), as replicates, with the
+    scenario each one ran."""
     if path.is_file():
         files = [path]
     elif (path / "results.json").exists():
@@ -587,6 +810,7 @@ def _replicates_from(path: Path) -> list[Replicate]:
     if not files:
         raise UsageError(f"{path}: expected a results.json, a run folder or a folder of run folders; found none")
     reps = []
+    scenarios = []
     for i, f in enumerate(files):
         try:
             results = json.loads(f.read_text(encoding="utf-8"))
@@ -594,16 +818,37 @@ def _replicates_from(path: Path) -> list[Replicate]:
         except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
             raise UsageError(f"{f}: not a bench results.json ({exc})") from None
         reps.append(Replicate("A", i, f.parent, 0, variant))
-    return reps
+        scenarios.append({"file": str(f), **(results.get("scenario") or {})})
+    return reps, scenarios
 
 
-def compare(a: Path, b: Path, *, confidence: float = 0.90, tolerance: float = 0.05) -> dict[str, Any]:
+def compare(
+    a: Path,
+    b: Path,
+    *,
+    confidence: float = 0.90,
+    tolerance: float = 0.05,
+    allow_different_scenarios: bool = False,
+) -> dict[str, Any]:
     """``bench compare A B``: every metric of the catalogue, unpaired (each side's replicates as a sample).
 
-    With fewer than three replicates a side the change is shown without an interval or a verdict (there is no
-    noise estimate to judge it against): compare folders of replicates, or use ``bench gate``.
+    With too few replicates a side for the test ever to reject, the outcome is inconclusive and each metric
+    says "insufficient data": compare folders of replicates, or use ``bench gate``. Runs of different scenarios
+    are refused (their ratios mean nothing) unless ``allow_different_scenarios``.
     """
-    reps_a, reps_b = _replicates_from(a), _replicates_from(b)
+    (reps_a, sc_a), (reps_b, sc_b) = _replicates_from(a), _replicates_from(b)
+    names = {s.get("name") for s in (*sc_a, *sc_b)}
+    warnings: list[str] = []
+    if len(names) > 1:
+        message = (
+            f"the runs are of different scenarios ({', '.join(sorted(str(n) for n in names))}): "
+            "a change between them is the scenarios', not the code's"
+        )
+        if not allow_different_scenarios:
+            raise UsageError(f"bench compare: {message}; pass --allow-different-scenarios to compare anyway")
+        warnings.append(message)
+    elif len({s.get("sha256") for s in (*sc_a, *sc_b)}) > 1:
+        warnings.append("the scenario file differs between runs (same name, other content): check it is intended")
     reps_b = [Replicate("B", r.index, r.run_dir, r.exit_code, r.variant) for r in reps_b]
     present = [
         name
@@ -618,106 +863,191 @@ def compare(a: Path, b: Path, *, confidence: float = 0.90, tolerance: float = 0.
     verdicts = judge(reps_a, reps_b, gates, paired=False, normalise=False)
     return {
         "kind": "compare",
-        "scenario": {"name": f"{a} vs {b}"},
+        "scenario": {"name": f"{a} vs {b}", "names": sorted(str(n) for n in names)},
         "design": f"unpaired, {len(reps_a)} vs {len(reps_b)} replicate(s)",
         "baseline": {"kind": "runs", "path": str(a)},
         "candidate": {"path": str(b)},
         "replicates": {"A": [_rep_json(r) for r in reps_a], "B": [_rep_json(r) for r in reps_b]},
+        "warnings": warnings,
         **verdicts,
     }
+
+
+PATCH_FOLDER = Path("scenarios") / "gate-patches"
+DEFAULT_PATCHES = ("aa-comment.patch", "sink-cpu-10.patch", "validator-cpu-10.patch")
+PATCHED_GATE_TIMEOUT_S = 3600
+
+
+def run_patched_gate(
+    scenario: Path,
+    patch: Path,
+    *,
+    base: str,
+    out: Path,
+    replicates: int | None = None,
+    confidence: float | None = None,
+    seed: int = 0,
+) -> GateOutcome:
+    """Gate a candidate built from ``patch`` on revision ``base`` against ``base``, as a user's CI would.
+
+    The candidate is a temporary worktree of ``base`` with the patch applied, uncommitted, like a branch checked
+    out in CI; ``bench gate SCENARIO --baseline <base>`` then runs from that worktree's root, its own code first
+    on ``sys.path``, in a new process: the same path as ``bench gate`` from a user's checkout.
+    """
+    repo = _repo_of(code_root())
+    commit = _git(["rev-parse", "--verify", f"{base}^{{commit}}"], repo, f"--baseline {base}")
+    patch = patch.resolve()
+    if not patch.is_file():
+        raise UsageError(f"--candidate-patch {patch}: no such file")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    tree = out / "candidate-src"
+    _git(["worktree", "add", "--detach", "--force", str(tree), commit], repo, f"--baseline {base}")
+    try:
+        _git(["apply", "--whitespace=nowarn", str(patch)], tree, f"--candidate-patch {patch}")
+        gate_dir = out / "gate"
+        command = [sys.executable, "-P", "-m", "bench", "gate", str(scenario.resolve()), "--baseline", commit]
+        command += ["--out", str(gate_dir), "--markdown", "--seed", str(seed)]
+        if replicates is not None:
+            command += ["--replicates", str(replicates)]
+        if confidence is not None:
+            command += ["--confidence", str(confidence)]
+        env = {**os.environ, "PYTHONPATH": str(tree)}
+        with open(out / "gate.log", "wb") as log:
+            done = subprocess.run(
+                command,
+                cwd=tree,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=PATCHED_GATE_TIMEOUT_S,
+                check=False,
+            )
+        path = gate_dir / "gate.json"
+        if not path.exists():
+            raise Inconclusive(f"the gate of {patch.name} wrote no gate.json (exit code {done.returncode}); see {out}")
+        result = json.loads(path.read_text(encoding="utf-8"))
+        result["candidate"]["patch"] = str(patch)
+        result["candidate"]["exit_code"] = done.returncode
+        return GateOutcome(gate_dir, result, bool(result["failed"]), list(result["reasons"]))
+    finally:
+        _git(["worktree", "remove", "--force", str(tree)], repo, "cleanup")
 
 
 def run_experiment(
     loaded: LoadedScenario,
     *,
     trials: int,
-    slowdowns: Sequence[float],
+    patches: Sequence[Path],
+    base: str = "HEAD",
     replicates: int | None = None,
     out: Path | None = None,
     reports_dir: Path = Path("reports"),
     on_gate: Callable[[str, int, GateOutcome], None] | None = None,
 ) -> Path:
-    """How often does the gate cry wolf (A/A), and how often does it catch an injected slowdown?
+    """How often does the gate cry wolf (A/A), and how often does it catch a real slower code change?
 
-    Each trial runs one A/A gate and one gate per slowdown, in turn, so that a drift of the machine during the
-    experiment hits every condition alike. Rates come with Clopper-Pearson 95% intervals. experiment.json and
+    Each condition is a patch on ``base`` (docs/gates.md: an A/A comment change, a 10% slower sink, a 10% slower
+    validator); every gate goes through :func:`run_patched_gate`, the path a user's CI takes. Each trial runs
+    every condition in turn, so a drift of the machine hits them alike. A patch named ``aa-*`` measures false
+    alarms, the others detection. Rates come with Clopper-Pearson 95% intervals; experiment.json and
     experiment.md are rewritten after every gate, so an interrupted experiment still reports what it measured.
     """
     from scipy.stats import binomtest
 
-    folder = make_run_dir(f"{loaded.scenario.name}-gate-experiment", out, reports_dir)
-    conditions: list[tuple[str, float | None]] = [("A/A", None), *((f"{s:.0%} slower", s) for s in slowdowns)]
-    outcomes: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in conditions}
+    folder = make_run_dir(f"{loaded.scenario.name}-gate-experiment", out, reports_dir).resolve()
+    outcomes: dict[str, list[dict[str, Any]]] = {p.stem: [] for p in patches}
     gates = _settings(loaded, GateOptions(baseline="self", replicates=replicates))
     for trial in range(trials):
-        for name, slowdown in conditions:
-            gate_dir = folder / f"trial-{trial + 1:03d}-{name.replace('/', '').replace(' ', '-').replace('%', 'pct')}"
-            options = GateOptions(
-                baseline="self", out=gate_dir, inject_slowdown=slowdown, replicates=replicates, seed=trial
+        for patch in patches:
+            name = patch.stem
+            started = time.monotonic()
+            outcome = run_patched_gate(
+                loaded.path,
+                patch,
+                base=base,
+                out=folder / f"trial-{trial + 1:03d}-{name}",
+                replicates=replicates,
+                seed=trial,
             )
-            outcome = run_gate(loaded, options)
-            flush = next((m for m in outcome.result["metrics"] if m["metric"] == "flush_mean_ms"), None)
+            changes = {m["metric"]: m.get("change") for m in outcome.result["metrics"]}
             outcomes[name].append(
                 {
                     "trial": trial + 1,
-                    "failed": outcome.failed,
+                    "outcome": outcome.outcome,
+                    "failed": outcome.outcome == "failed",
                     "reasons": outcome.reasons,
-                    "flush_mean_change": flush.get("change") if flush else None,
+                    "inconclusive": outcome.result.get("inconclusive", []),
+                    "changes": changes,
+                    "seconds": round(time.monotonic() - started, 1),
                 }
             )
-            # Keep only the verdicts: the replicates' data files of hundreds of runs are not worth the disk.
-            for rep in gate_dir.glob("[AB][0-9]*"):
+            # Keep the verdicts: the replicates' data files of hundreds of runs are not worth the disk.
+            for rep in outcome.gate_dir.glob("*"):
                 if rep.is_dir():
                     shutil.rmtree(rep / "data", ignore_errors=True)
             if on_gate:
                 on_gate(name, trial, outcome)
-        summary = []
-        for name, slowdown in conditions:
-            runs = outcomes[name]
-            k = sum(r["failed"] for r in runs)
-            ci = binomtest(k, len(runs)).proportion_ci(0.95, method="exact")
-            changes = [r["flush_mean_change"] for r in runs if r["flush_mean_change"] is not None]
-            summary.append(
-                {
-                    "condition": name,
-                    "injected_slowdown": slowdown,
-                    "gates": len(runs),
-                    "failed": k,
-                    "rate": k / len(runs),
-                    "rate_ci95": [ci.low, ci.high],
-                    "median_flush_mean_change": statistics.median(changes) if changes else None,
-                    "meaning": "false-alarm rate" if slowdown is None else "detection rate",
+            summary = []
+            for cname, runs in outcomes.items():
+                if not runs:
+                    continue
+                k = sum(r["failed"] for r in runs)
+                ci = binomtest(k, len(runs)).proportion_ci(0.95, method="exact")
+                medians = {
+                    metric: statistics.median(vals)
+                    for metric in GATE_METRICS
+                    if (vals := [r["changes"][metric] for r in runs if r["changes"].get(metric) is not None])
                 }
-            )
-        data = {
-            "kind": "gate-experiment",
-            "scenario": {"name": loaded.scenario.name, "path": str(loaded.path), "sha256": loaded.sha256},
-            "settings": gates.model_dump(mode="json"),
-            "trials_done": trial + 1,
-            "summary": summary,
-            "gates": outcomes,
-            "environment": environment(),
-        }
-        (folder / "experiment.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        (folder / "experiment.md").write_text(experiment_markdown(data), encoding="utf-8")
+                summary.append(
+                    {
+                        "condition": cname,
+                        "gates": len(runs),
+                        "failed": k,
+                        "inconclusive": sum(r["outcome"] == "inconclusive" for r in runs),
+                        "rate": k / len(runs),
+                        "rate_ci95": [ci.low, ci.high],
+                        "median_change": medians,
+                        "median_seconds": statistics.median(r["seconds"] for r in runs),
+                        "meaning": "false-alarm rate" if cname.startswith("aa-") else "detection rate",
+                    }
+                )
+            data = {
+                "kind": "gate-experiment",
+                "scenario": {"name": loaded.scenario.name, "path": str(loaded.path), "sha256": loaded.sha256},
+                "base": base,
+                "patches": [str(p) for p in patches],
+                "settings": gates.model_dump(mode="json"),
+                "trials_done": trial + 1,
+                "summary": summary,
+                "gates": outcomes,
+                "environment": environment(),
+            }
+            (folder / "experiment.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            (folder / "experiment.md").write_text(experiment_markdown(data), encoding="utf-8")
     return folder
 
 
 def experiment_markdown(data: dict[str, Any]) -> str:
     s = data["settings"]
+    gated = [name for name, m in s["metrics"].items() if m.get("gate", True)]
     lines = [
         f"## Gate experiment: {data['scenario']['name']} ({data['trials_done']} trial(s) per condition)",
         "",
-        f"Each gate: {s['replicates']} A/B pairs interleaved, Holm at family-wise {_level(1 - s['confidence'])}, "
-        f"tolerance {s['tolerance']:.0%}; the candidate's storage made slower by the slow_sink fault's factor.",
+        f"Each gate: a candidate built from a patch on {data.get('base', 'HEAD')}, gated against that revision "
+        f"from its own worktree; {s['replicates']} A/B pairs interleaved, Holm at family-wise "
+        f"{_level(1 - s['confidence'])}, tolerance {s['tolerance']:.0%}; gated: {', '.join(gated)}.",
         "",
-        "| condition | gates | failed | rate | 95% interval | median measured flush change |",
-        "|---|---:|---:|---:|---|---:|",
+        "| condition | gates | failed | inconclusive | rate | 95% interval | median change "
+        + " | ".join(gated)
+        + " | median s per gate |",
+        "|---|---:|---:|---:|---:|---|" + "---:|" * len(gated) + "---:|",
     ]
     for row in data["summary"]:
-        change = row["median_flush_mean_change"]
+        changes = " | ".join(_pct(row["median_change"].get(m)) for m in gated)
         lines.append(
-            f"| {row['condition']} ({row['meaning']}) | {row['gates']} | {row['failed']} | {row['rate']:.1%} | "
-            f"{row['rate_ci95'][0]:.1%} .. {row['rate_ci95'][1]:.1%} | {_pct(change)} |"
+            f"| {row['condition']} ({row['meaning']}) | {row['gates']} | {row['failed']} | {row['inconclusive']} | "
+            f"{row['rate']:.1%} | {row['rate_ci95'][0]:.1%} .. {row['rate_ci95'][1]:.1%} | {changes} | "
+            f"{row['median_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -316,6 +316,26 @@ def holm(pvalues: Mapping[str, float], alpha: float) -> dict[str, HolmResult]:
     return {name: results[name] for name in pvalues}
 
 
+def smallest_p(n_a: int, n_b: int, *, paired: bool) -> float:
+    """The smallest two-sided p-value the gate's exact test can give with these sample sizes.
+
+    Paired (Wilcoxon signed-rank, n pairs): every ratio on one side, 2 / 2**n. Unpaired (Mann-Whitney): the
+    two groups fully separated, 2 / C(n_a + n_b, n_a). When this exceeds the level a metric is tested at
+    (after Holm), no data could ever make the test reject: the gate is inconclusive, not passed.
+
+    >>> smallest_p(5, 5, paired=True)
+    0.0625
+    >>> round(smallest_p(3, 3, paired=False), 3)
+    0.1
+    """
+    if paired:
+        n = min(n_a, n_b)
+        return 1.0 if n < MIN_REPLICATES else min(1.0, 2.0 / 2**n)
+    if min(n_a, n_b) < MIN_REPLICATES:
+        return 1.0
+    return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
+
+
 def verdict(change: Change, *, higher_is_better: bool, tolerance: float, significant: bool) -> Verdict:
     """Classify a change: "worse" or "better" if significant AND beyond ``tolerance``, else "no significant change".
 

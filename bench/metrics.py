@@ -29,6 +29,8 @@ METRIC_ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
     ("end-to-end p99 ms", ("latency_ms", "end_to_end", "p99"), "{:,.1f}", True),
     ("end-to-end max ms", ("latency_ms", "end_to_end", "max"), "{:,.1f}", True),
     ("send lag p99 ms", ("latency_ms", "send_lag", "p99"), "{:,.1f}", True),
+    ("hot path CPU us/msg", ("probes", "cpu", "hot_path_us_per_msg"), "{:,.2f}", True),
+    ("parquet sink CPU us/row", ("probes", "cpu", "sink_us_per_row", "parquet"), "{:,.2f}", True),
     ("flush p99 ms (size)", ("probes", "flush", "parquet", "size", "total_ms", "p99"), "{:,.2f}", True),
     ("flush p99 ms (timeout)", ("probes", "flush", "parquet", "timeout", "total_ms", "p99"), "{:,.2f}", True),
     ("lock wait p99 ms", ("probes", "lock", "wait_ms", "p99"), "{:,.3f}", True),
@@ -51,6 +53,8 @@ METRIC_ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
 
 
 MetricName = Literal[
+    "hot_path_cpu_us",
+    "sink_cpu_us_per_row",
     "flush_mean_ms",
     "flush_p50_ms",
     "flush_p99_ms",
@@ -68,6 +72,9 @@ CounterName = Literal[
 # What a regression gate can compare, per variant of a run's results.json.
 # name -> (path, higher_is_better, unit). Times are medians or tails over one run; each gate replicate gives one value.
 GATE_METRICS: dict[MetricName, tuple[tuple[str, ...], bool, str]] = {
+    # Thread CPU time: what a gate can judge on a shared machine (a busy neighbour doubles wall times).
+    "hot_path_cpu_us": (("probes", "cpu", "hot_path_us_per_msg"), False, "us/msg"),
+    "sink_cpu_us_per_row": (("probes", "cpu", "sink_us_per_row", "parquet"), False, "us/row"),
     "flush_mean_ms": (("probes", "flush", "parquet", "size", "total_ms", "mean"), False, "ms"),
     "flush_p50_ms": (("probes", "flush", "parquet", "size", "total_ms", "p50"), False, "ms"),
     "flush_p99_ms": (("probes", "flush", "parquet", "size", "total_ms", "p99"), False, "ms"),

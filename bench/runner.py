@@ -41,6 +41,7 @@ from bench.ledger import (
 )
 from bench.probes import (
     append_cost,
+    cpu_summary,
     flush_summary,
     lock_summary,
     probe_overhead,
@@ -550,6 +551,7 @@ def _run_variant(
         sql_back = pipeline.sql.read_back() if pipeline.sql is not None else None
         lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
         loop_lag = pipeline.loop_lag_recorder.summary() if pipeline.loop_lag_recorder is not None else None
+        hot_path_cpu = pipeline.hot_path_cpu.statistics()
     finally:
         if opcua_source is not None:
             opcua_source.close()
@@ -675,6 +677,7 @@ def _run_variant(
             "append_cost": append_cost(flushes),
             "queue_depth": series_summary(samples),
             "loop_lag_ms": loop_lag,
+            "cpu": cpu_summary(flushes, hot_path_cpu),
         },
         "publisher": {
             "accepted": sent,

@@ -250,6 +250,7 @@ def write_to_sinks(
     out = []
     for sink in sinks:
         started = clock.now_ns()
+        cpu_started = time.thread_time_ns()
         for attempt, backoff in enumerate((*WRITE_RETRIES, None)):
             try:
                 timing = sink.write_batch(batch, batch_id)
@@ -272,6 +273,7 @@ def write_to_sinks(
                     durable_ns=clock.now_ns(),
                     bytes_before=timing.bytes_before,
                     rows_before=timing.rows_before,
+                    cpu_ns=time.thread_time_ns() - cpu_started,
                 )
             )
             break

@@ -64,6 +64,9 @@ class FlushStat:
     bytes_before: int | None = None
     """Size of the target file before this flush (append-cost probe), if the sink knows it."""
     rows_before: int | None = None
+    cpu_ns: int | None = None
+    """CPU time of the write in the thread that did it (``time.thread_time_ns``): unlike the wall times above,
+    it barely moves when another job shares the cores, so a regression gate can judge it on a busy machine."""
 
     @property
     def total_ns(self) -> int:
