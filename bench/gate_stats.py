@@ -113,9 +113,14 @@ def paired(
     seed: int = 0,
     resamples: int = 10_000,
 ) -> Change:
-    """Change from A to B over interleaved pairs: geometric mean of B_i / A_i, minus 1.
+    """Change from A to B over interleaved pairs: the Hodges-Lehmann estimate of the ratio B_i / A_i, minus 1.
 
-    Interval: percentile bootstrap over pairs of the mean log ratio, at an
+    Hodges-Lehmann: the median of the pairwise averages of the log ratios, the estimate that goes with the
+    signed-rank test. Why not the geometric mean: on a shared machine about one replicate in fifteen runs
+    1.3-2x slower as a whole; one such pair moves a mean of 20 log ratios by 2-3%, enough to carry a 7% change
+    under a 5% tolerance, while the rank test (rightly) still calls the change significant.
+
+    Interval: percentile bootstrap over pairs of that estimate, at an
     expanded level (see ``_expanded_level``), so that a 90% interval covers
     about 90% even with 8 pairs. P-value: Wilcoxon signed-rank test of the log
     ratios against 0, two-sided, exact for small n (by enumeration when there
@@ -132,7 +137,7 @@ def paired(
     pairs = av.size
     both_zero = (av == 0) & (bv == 0)
     one_zero = (av == 0) != (bv == 0)
-    method = f"paired: geometric mean ratio, bootstrap {confidence:.0%} CI, Wilcoxon signed-rank"
+    method = f"paired: Hodges-Lehmann ratio, bootstrap {confidence:.0%} CI, Wilcoxon signed-rank"
 
     def untestable(n: int, estimate: float, note: str | None) -> Change:
         return Change(n, n, estimate, math.nan, math.nan, confidence, None, method, note)
@@ -153,7 +158,7 @@ def paired(
     dropped_note = f"{dropped} pair(s) 0 in both A and B left out" if dropped else None
     log_ratio = np.log(bv[~both_zero]) - np.log(av[~both_zero])
     n = int(log_ratio.size)
-    estimate = float(np.expm1(log_ratio.mean()))
+    estimate = float(np.expm1(_hodges_lehmann(log_ratio, -1)))
     if n < MIN_REPLICATES:
         return untestable(
             n,
@@ -166,7 +171,7 @@ def paired(
     else:
         ci = stats.bootstrap(
             (log_ratio,),
-            _mean,
+            _hodges_lehmann,
             n_resamples=resamples,
             confidence_level=_expanded_level(confidence, n),
             method="percentile",
@@ -417,9 +422,13 @@ def _expanded_level(confidence: float, n: int) -> float:
     return 1 - 2 * float(stats.norm.sf(z))
 
 
-def _mean(x: NDArray[np.float64], axis: int) -> NDArray[np.float64]:
-    mean: NDArray[np.float64] = np.mean(x, axis=axis)
-    return mean
+def _hodges_lehmann(x: NDArray[np.float64], axis: int) -> NDArray[np.float64]:
+    """Median of the Walsh averages (x_i + x_j) / 2, i <= j, along ``axis`` (vectorised for the bootstrap)."""
+    values = np.moveaxis(np.asarray(x, dtype=np.float64), axis, -1)
+    i, j = np.triu_indices(values.shape[-1])
+    walsh = (values[..., i] + values[..., j]) / 2
+    median: NDArray[np.float64] = np.median(walsh, axis=-1)
+    return median
 
 
 def _median_ratio(a: NDArray[np.float64], b: NDArray[np.float64], axis: int) -> NDArray[np.float64]:

@@ -14,6 +14,8 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
 4. validation; ledger.redelivered and quarantine_rows.
 5. timeline per variant; percentile ladders in flush total_ms and lock
    wait_ms; capacity runs (kind, capacity).
+6. probes.cpu (thread CPU time: hot path per message, sinks per row); latency
+   summaries' mean is exact (total / count), no longer HdrHistogram's bucket mean.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 from pipeline.probes import Recorder
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PACKAGES = (
     "iiot-bench",
     "asyncua",

@@ -258,7 +258,9 @@ def test_backpressure_blocks_put_and_loses_nothing(monkeypatch: pytest.MonkeyPat
 
     # Replace only the buffer module's view of `time`, not the global module.
     monkeypatch.setattr(
-        pipeline.buffer, "time", types.SimpleNamespace(perf_counter_ns=perf_counter_ns, sleep=time.sleep)
+        pipeline.buffer,
+        "time",
+        types.SimpleNamespace(perf_counter_ns=perf_counter_ns, sleep=time.sleep, thread_time_ns=time.thread_time_ns),
     )
     buf = make(sink, size=4, capacity=8)
     for i in range(40):  # >> capacity: the stuck first flush makes a put block for sure

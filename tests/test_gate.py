@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import pytest
 
 from bench import gate, gate_stats
 from bench.cli import main
+from bench.errors import Inconclusive
 from bench.scenario import GateMetric, GateSettings
 from tests.conftest import ROOT, SCENARIOS
 
@@ -69,12 +73,39 @@ def test_a_significant_change_within_the_tolerance_passes() -> None:
     assert not verdict["failed"]
 
 
-def test_an_erratic_metric_is_shown_but_not_gated() -> None:
+def test_an_erratic_gated_metric_makes_the_gate_inconclusive_not_passed() -> None:
     wild = [10.0, 30.0, 5.0, 40.0, 8.0, 60.0, 9.0, 50.0]
     verdict = gate.judge(_reps("A", wild), _reps("B", [2 * v for v in wild]), SETTINGS, paired=True, normalise=False)
     row = verdict["metrics"][0]
     assert row["erratic"] and not row["regression"] and "erratic" in row["verdict"]
     assert not verdict["failed"]
+    assert verdict["outcome"] == "inconclusive"
+    assert "flush_mean_ms: too noisy to judge" in verdict["inconclusive"][0]
+
+
+def test_too_few_pairs_for_the_test_to_ever_reject_is_inconclusive() -> None:
+    # 4 pairs: the smallest two-sided Wilcoxon p is 2/16 = 0.125, above the 10% level: whatever the data.
+    a, b = _reps("A", [10.0, 10.1, 9.9, 10.0]), _reps("B", [20.0, 20.1, 19.9, 20.0])
+    verdict = gate.judge(a, b, SETTINGS, paired=True, normalise=False)
+    assert verdict["outcome"] == "inconclusive" and not verdict["failed"]
+    assert "cannot reach p <= 0.1" in verdict["inconclusive"][0]
+    assert verdict["metrics"][0]["verdict"].startswith("insufficient data")
+    # 5 pairs can (2/32 = 0.0625 <= 0.10): the same +100% now fails.
+    a5, b5 = _reps("A", [10.0, 10.1, 9.9, 10.0, 10.2]), _reps("B", [20.0, 20.1, 19.9, 20.0, 20.3])
+    assert gate.judge(a5, b5, SETTINGS, paired=True, normalise=False)["outcome"] == "failed"
+
+
+def test_a_gated_metric_missing_from_the_baseline_is_inconclusive() -> None:
+    # An older baseline revision that does not report a metric the scenario gates: nothing to judge it on.
+    settings = SETTINGS.model_copy(update={"metrics": {"flush_mean_ms": GateMetric(), "hot_path_cpu_us": GateMetric()}})
+    verdict = gate.judge(_reps("A", [10.0] * 8), _reps("B", [10.0] * 8), settings, paired=True, normalise=False)
+    assert verdict["outcome"] == "inconclusive"
+    assert any(r.startswith("hot_path_cpu_us: not measured") for r in verdict["inconclusive"])
+
+
+def test_lost_data_fails_even_when_the_timings_are_inconclusive() -> None:
+    verdict = gate.judge(_reps("A", [10.0] * 4), _reps("B", [10.0] * 4, lost=2), SETTINGS, paired=True, normalise=False)
+    assert verdict["outcome"] == "failed" and verdict["inconclusive"]
 
 
 def test_any_lost_message_fails_whatever_the_timings() -> None:
@@ -143,17 +174,96 @@ def _gate(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any]]:
 
 
 def test_a_gate_against_a_git_revision_runs_both_sides_interleaved(tmp_path: Path) -> None:
-    """A/B against HEAD of this checkout (a worktree on PYTHONPATH); three pairs, so no verdict can be
-    significant (Wilcoxon's smallest two-sided p with 3 pairs is 0.25): the gate must pass on the counters."""
+    """A/B against HEAD of this checkout (a worktree on PYTHONPATH); three pairs, so no verdict is possible
+    (Wilcoxon's smallest two-sided p with 3 pairs is 0.25): the gate is inconclusive (exit 3), never "passed",
+    and every replicate says which code it imported."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
     code, result = _gate(tmp_path, "--baseline", "HEAD")
-    assert code == 0, result["reasons"]
+    assert code == 3 and result["outcome"] == "inconclusive", result["reasons"]
     assert result["design"] == "paired" and result["baseline"]["commit"] == head.stdout.strip()
     assert [r["index"] for r in result["replicates"]["A"]] == [0, 1, 2]
     assert all(c["ok"] in (True, None) for c in result["counters"])
     persisted = next(c for c in result["counters"] if c["counter"] == "persisted")
-    assert persisted["a"] == persisted["b"] == [5_000.0] * 3
+    assert persisted["a"] == persisted["b"] == [20_000.0] * 3
+    worktree = (tmp_path / "gate" / "baseline-src").resolve()
+    for rep in result["replicates"]["A"]:
+        assert all(Path(f).is_relative_to(worktree) for f in rep["modules"].values()), rep["modules"]
+    for rep in result["replicates"]["B"]:
+        assert all(Path(f).is_relative_to(ROOT.resolve()) for f in rep["modules"].values()), rep["modules"]
+    assert result["code"]["A"]["commit"] == head.stdout.strip()
     assert not (tmp_path / "gate" / "baseline-src").exists(), "the worktree is removed afterwards"
+
+
+def _git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def marked_repo(tmp_path: Path) -> tuple[Path, str]:
+    """A git repository holding a copy of this project (the baseline commit), and in its working tree a
+    candidate whose runs write a mark into results.json that the baseline's runs cannot write."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("bench", "pipeline", "simulators"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", repo / "pyproject.toml")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "baseline")
+    base = _git(repo, "rev-parse", "HEAD")
+    runner = repo / "bench" / "runner.py"
+    text = runner.read_text()
+    anchor = '        "scenario": {"name": sc.name,'
+    assert anchor in text, "the mark needs a stable place in bench/runner.py's results"
+    runner.write_text(text.replace(anchor, '        "gate_test_mark": "candidate",\n' + anchor, 1))
+    return repo, base
+
+
+def test_a_marked_baseline_revision_is_really_the_code_that_ran(tmp_path: Path, marked_repo: tuple[Path, str]) -> None:
+    """Run as a user's CI does, from the candidate's checkout root (the working directory that ``python -m``
+    used to put ahead of the baseline's worktree): the baseline's replicates must run the baseline commit,
+    the candidate's the working tree, as the mark in each replicate's results.json shows."""
+    repo, base = marked_repo
+    out = tmp_path / "gate"
+    argv = ["gate", str(SCENARIOS / "gate.yaml"), "--baseline", base, "--replicates", "3", "--out", str(out), "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *argv],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr[-3000:]  # 3 pairs: inconclusive, as above
+    result = json.loads((out / "gate.json").read_text())
+    marks = {
+        side: [json.loads((Path(r["run_dir"]) / "results.json").read_text()).get("gate_test_mark") for r in reps]
+        for side, reps in result["replicates"].items()
+    }
+    assert marks == {"A": [None, None, None], "B": ["candidate"] * 3}
+    assert result["code"]["A"]["commit"] == base
+    assert result["code"]["B"]["root"] == str(repo.resolve())
+    assert result["code"]["A"]["code_sha256"] != result["code"]["B"]["code_sha256"]
+
+
+def test_the_same_code_on_both_sides_of_a_differing_revision_is_refused(marked_repo: tuple[Path, str]) -> None:
+    repo, base = marked_repo
+    same = {"code_sha256": "0" * 64, "root": str(repo)}
+    baseline = {"kind": "git", "rev": "base", "commit": base, "repo": str(repo)}
+    side = gate._Side("B", "candidate", sys.executable, repo)
+    with pytest.raises(Inconclusive, match="both sides imported the same code"):
+        gate._refuse_same_code(baseline, {"A": same, "B": same}, side)
+    # Different code, as git says: no objection.
+    gate._refuse_same_code(baseline, {"A": same, "B": {**same, "code_sha256": "1" * 64}}, side)
+
+
+def test_a_worker_that_imports_other_code_than_its_side_is_refused(tmp_path: Path) -> None:
+    # The side claims its code lives in tmp_path; the worker (no PYTHONPATH) imports this checkout instead.
+    side = gate._Side("A", "elsewhere", sys.executable, tmp_path)
+    with pytest.raises(Inconclusive, match=r"imported bench from .*, not from"):
+        gate._Worker(side, tmp_path, "check")
 
 
 def test_a_stored_baseline_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,15 +272,17 @@ def test_a_stored_baseline_round_trip(tmp_path: Path, capsys: pytest.CaptureFixt
     data = json.loads((stored / "baseline.json").read_text())
     assert len(data["replicates"]) == 3 and all(r["reference_ms"] > 0 for r in data["replicates"])
     code, result = _gate(tmp_path, "--baseline", str(stored))
-    assert code == 0, result["reasons"]
+    assert code == 3, result["reasons"]  # 3 vs 3: Mann-Whitney cannot reach the level
     assert result["design"] == "stored"
+    hot = next(m for m in result["metrics"] if m["metric"] == "hot_path_cpu_us")
+    assert hot["unit"] == "us/msg", "CPU time is not divided by the wall-time reference"
     flush = next(m for m in result["metrics"] if m["metric"] == "flush_mean_ms")
     assert flush["unit"] == "x reference" and "Mann-Whitney" in flush["method"]
 
 
 def test_bench_compare_two_folders_of_replicates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _ = _gate(tmp_path, "--baseline", "self")
-    assert code == 0
+    assert code == 3  # three pairs: inconclusive
     runs = tmp_path / "gate"
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -178,13 +290,44 @@ def test_bench_compare_two_folders_of_replicates(tmp_path: Path, capsys: pytest.
     for rep in sorted(runs.glob("[AB]0*/")):
         (a if rep.name.startswith("A") else b).joinpath(rep.name).symlink_to(rep)
     capsys.readouterr()
-    assert main(["compare", str(a), str(b), "--json"]) == 0
+    # 3 vs 3 runs: Mann-Whitney's smallest p is 0.1, far above 10% over a dozen metrics: insufficient data.
+    assert main(["compare", str(a), str(b), "--json"]) == 3
     result = json.loads(capsys.readouterr().out)
-    assert result["design"] == "unpaired, 3 vs 3 replicate(s)"
+    assert result["design"] == "unpaired, 3 vs 3 replicate(s)" and result["outcome"] == "inconclusive"
     names = {m["metric"] for m in result["metrics"]}
-    assert {"flush_mean_ms", "e2e_p99_ms", "peak_rss_mb"} <= names
-    assert main(["compare", str(a / "A01"), str(b / "B01"), "--markdown"]) == 0
-    assert "| flush_mean_ms |" in capsys.readouterr().out
+    assert {"flush_mean_ms", "e2e_p99_ms", "peak_rss_mb", "hot_path_cpu_us"} <= names
+    assert all(m["verdict"].startswith("insufficient data") for m in result["metrics"])
+    # One run a side: insufficient data in every output format, and a non-zero exit.
+    for fmt in ("--markdown", "--json", None):
+        argv = ["compare", str(a / "A01"), str(b / "B01")] + ([fmt] if fmt else [])
+        assert main(argv) == 3
+        captured = capsys.readouterr()
+        assert "insufficient data" in captured.out and "INCONCLUSIVE" in captured.out + captured.err
+
+
+def test_bench_compare_refuses_runs_of_different_scenarios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {}
+    for name in ("steady", "burst"):
+        folder = tmp_path / name
+        folder.mkdir()
+        variant = _variant(10.0)
+        (folder / "results.json").write_text(json.dumps({"scenario": {"name": name}, "variants": [variant]}))
+        runs[name] = folder
+    assert main(["compare", str(runs["steady"]), str(runs["burst"])]) == 2
+    err = capsys.readouterr().err
+    assert "different scenarios (burst, steady)" in err and "--allow-different-scenarios" in err
+    assert main(["compare", str(runs["steady"]), str(runs["burst"]), "--allow-different-scenarios"]) == 3
+    assert "warning: the runs are of different scenarios" in capsys.readouterr().err
+
+
+def test_a_failed_comparison_exits_1(tmp_path: Path) -> None:
+    for side, flush in (("a", 10.0), ("b", 20.0)):
+        for i in range(8):
+            folder = tmp_path / side / f"r{i}"
+            folder.mkdir(parents=True)
+            variant = _variant(flush * (1 + 0.01 * i))
+            (folder / "results.json").write_text(json.dumps({"scenario": {"name": "x"}, "variants": [variant]}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
 
 
 def test_a_bad_baseline_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -63,16 +63,30 @@ def test_paired_constant_factor_is_exact() -> None:
     assert (c.ci_low, c.ci_high) == pytest.approx((0.20, 0.20), abs=1e-12)
     assert c.p_value == pytest.approx(2 / 2**8)  # all 8 signs positive: the smallest two-sided p there is
     assert (c.n, c.n_a, c.n_b, c.confidence, c.note) == (8, 8, 8, 0.90, None)
-    assert "paired: geometric mean ratio" in c.method
+    assert "paired: Hodges-Lehmann ratio" in c.method
     assert "Wilcoxon signed-rank" in c.method
 
 
-def test_paired_estimate_is_the_geometric_mean_ratio() -> None:
+def test_paired_estimate_is_the_hodges_lehmann_ratio() -> None:
     ratios = [1.10, 1.30, 0.95, 1.20, 1.05, 1.25, 1.15, 1.00]
     c = paired(A8, [a * r for a, r in zip(A8, ratios, strict=True)])
-    assert c.estimate == pytest.approx(math.prod(ratios) ** (1 / 8) - 1)
+    logs = np.log(ratios)
+    walsh = [(logs[i] + logs[j]) / 2 for i in range(8) for j in range(i, 8)]
+    assert c.estimate == pytest.approx(math.expm1(float(np.median(walsh))))
     assert c.ci_low < c.estimate < c.ci_high
     assert c.p_value == pytest.approx(signed_rank_p(np.log(ratios)))
+
+
+def test_paired_estimate_shrugs_off_one_disturbed_pair() -> None:
+    """Seen on the shared machine: one replicate in fifteen runs 1.3-2x slower as a whole. With a true +7%
+    and the 5% tolerance, one baseline replicate at 2x must not carry the estimate under the tolerance (a
+    geometric mean of these 20 ratios reads +3.3%)."""
+    a = [10.0] * 20
+    b = [10.7] * 20
+    a[3] = 20.0
+    c = paired(a, b)
+    assert math.prod(bi / ai for ai, bi in zip(a, b, strict=True)) ** (1 / 20) - 1 < 0.05
+    assert c.estimate == pytest.approx(0.07, abs=1e-9)
 
 
 def test_paired_identical_is_zero_and_not_significant() -> None:
@@ -374,9 +388,9 @@ def test_verdict_and_regression(
 def test_tolerance_is_met_by_an_exact_five_percent_from_data() -> None:
     slower = paired([100, 200, 300, 400], [105, 210, 315, 420])
     lower = paired([100, 200, 300, 400], [95, 190, 285, 380])
-    # 0.0499999...: round-off, which the tolerance check forgives in both directions.
-    assert 0.05 - 1e-12 < slower.estimate < 0.05
-    assert -0.05 < lower.estimate < -0.05 + 1e-12
+    # 5% up to round-off (0.04999... or 0.05000...1), which the tolerance check forgives in both directions.
+    assert slower.estimate == pytest.approx(0.05, abs=1e-12)
+    assert lower.estimate == pytest.approx(-0.05, abs=1e-12)
     assert regression(slower, higher_is_better=False, tolerance=0.05, significant=True)
     assert regression(lower, higher_is_better=True, tolerance=0.05, significant=True)
 
@@ -477,7 +491,7 @@ def test_detection_rate_20_percent_slower_8_pairs(slower8: list[Change]) -> None
     With CV 10% per measurement the log ratio has sd 0.141 against an effect of 0.182; the exact
     test's power at alpha 0.10 with 8 pairs is 0.9168 +- 0.0003 (10**6 vectorised runs of
     scipy.stats.wilcoxon, seed 2024, the 5% tolerance changing it by 3e-5). The band takes the true
-    rate anywhere in [0.9157, 0.9179] (+-4 se): [0.8915, 0.9400]. Measured with seed 12345: 0.916.
+    rate anywhere in [0.9157, 0.9179] (+-4 se): [0.8915, 0.9400]. Measured with seed 12345: 0.9155.
     Ten pairs are needed for 95%: next test.
     """
     rate = sum(map(flagged, slower8)) / len(slower8)
@@ -490,7 +504,7 @@ def test_detection_rate_20_percent_slower_10_pairs() -> None:
 
     Reference power 0.9714 +- 0.0002 (10**6 runs as above). Taking it as low as 0.9708, a correct
     implementation lands below 95% with probability binom.cdf(949, 1000, 0.9708) = 1.3e-4.
-    Measured with seed 12345: 0.973.
+    Measured with seed 12345: 0.972.
     """
     assert stats.binom.cdf(949, 1000, 0.9708) < 1.3e-4
     changes = simulate(effect=1.2, pairs=10, experiments=1000)
@@ -499,14 +513,15 @@ def test_detection_rate_20_percent_slower_10_pairs() -> None:
 
 
 def test_interval_coverage(slower8: list[Change]) -> None:
-    """The 90% interval covers the true change (+0.20) in 0.857-0.926 of 2,000 runs of 8 pairs.
+    """The 90% interval covers the true change (+0.20) in 0.891-0.951 of 2,000 runs of 8 pairs.
 
-    Reference coverage at this setting (expanded percentile, 1,000 resamples): 0.8927 +- 0.0022
-    (20,000 runs, seed 777); the band takes the true coverage anywhere in [0.884, 0.902] (+-4 se).
-    A plain percentile interval covers about 0.81 here and fails this check. Not repeated on the
-    A/A runs: the interval of a mean log ratio shifts with the data, and those runs are these minus
-    the effect, so they cover exactly as often. Measured with seed 12345: 0.886.
+    Reference coverage at this setting (expanded percentile of the Hodges-Lehmann estimate, 1,000
+    resamples): 0.9224 +- 0.0019 (20,000 runs, seed 777; the expanded level was chosen for a mean, on
+    which it gave 0.8927, and is a little generous for the Hodges-Lehmann estimate); the band takes the
+    true coverage anywhere in [0.9148, 0.9300] (+-4 se). A plain percentile interval of a mean covers
+    about 0.81 here. Not repeated on the A/A runs: the estimate shifts with the data, and those runs are
+    these minus the effect, so they cover exactly as often. Measured with seed 12345: 0.9225.
     """
     rate = covered(slower8, 0.2)
-    low, high = band(len(slower8), 0.884, 0.902)
+    low, high = band(len(slower8), 0.9148, 0.9300)
     assert low <= rate <= high, (rate, low, high)

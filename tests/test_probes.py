@@ -1,15 +1,24 @@
-"""The probes' arithmetic: histogram precision, append-cost fit, queue-depth summary."""
+"""The probes' arithmetic: histogram precision, append-cost fit, queue-depth summary, CPU time."""
 
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hdrh.histogram import HdrHistogram
 
-from bench.probes import append_cost, series_summary
+from bench.probes import append_cost, cpu_summary, series_summary
+from pipeline.buffer import write_to_sinks
+from pipeline.clock import FakeClock
+from pipeline.config import PipelineSettings
 from pipeline.model import FlushStat, TriggerKind
-from pipeline.probes import Recorder
+from pipeline.probes import CpuSampler, CpuStatistics, Recorder
+from pipeline.runtime import Pipeline
+from pipeline.sinks import MemorySink, SinkTiming
 
 
 def test_recorder_matches_a_direct_hdr_histogram_within_its_precision() -> None:
@@ -107,3 +116,95 @@ def test_append_cost_leaves_out_the_build_step() -> None:
     out = append_cost(flushes)
     assert out["first_ms"] == out["last_ms"] == 3.0
     assert out["points"][0][2:] == [3.0, "size", 53.0]
+
+
+# ----------------------------------------------------------------------------- CPU time (the gate's metrics)
+
+
+def _burn_cpu(ns: int) -> None:
+    """Spend at least ``ns`` of this thread's CPU time."""
+    until = time.thread_time_ns() + ns
+    while time.thread_time_ns() < until:
+        pass
+
+
+def test_recorder_mean_is_exact_and_percentile_ns_is_finer_than_microseconds() -> None:
+    rec = Recorder()
+    for v in (1_000, 2_000, 9_000):
+        rec.record_ns(v)
+    assert rec.summary()["mean"] == pytest.approx(0.004, abs=1e-9)  # 12,000 ns / 3, in ms
+    # 14.2 us and 15.6 us differ by 10%: whole microseconds (HdrHistogram's unit here) would blur that.
+    fine = Recorder()
+    for v in [14_200] * 5 + [15_600] * 6:
+        fine.record_ns(v)
+    assert fine.percentile_ns(50) == pytest.approx(15_600, rel=0.002)
+    assert fine.percentile_ns(40) == pytest.approx(14_200, rel=0.002)
+    assert Recorder().percentile_ns(50) is None
+
+
+def test_cpu_sampler_times_one_call_in_every_and_skips_the_warm_up() -> None:
+    sampler = CpuSampler(every=4, warmup=2)
+    due = [sampler.due() for _ in range(12)]
+    assert due == [True, False, False, False] * 3
+    for ns in (10_000_000, 10_000_000, 1_000, 2_000, 3_000):  # the first two are the warm-up
+        sampler.add(ns)
+    stats = sampler.statistics()
+    assert (stats.samples, stats.warmup_samples, stats.every) == (3, 2, 4)
+    assert stats.mean_us == pytest.approx(2.0, rel=0.01)
+    assert stats.p50_us == pytest.approx(2.0, rel=0.01)
+
+
+def test_thread_cpu_of_a_sink_counts_its_work_not_its_waiting() -> None:
+    """What makes CPU time the gate's metric: a sink that burns 20 ms of CPU shows at least that; one that waits
+    50 ms (a slow disk, a busy neighbour) shows almost none. The 5 ms bound is 250x what a 50 ms sleep costs
+    here (20 us, measured), so it cannot fail by chance."""
+
+    class Burning(MemorySink[int]):
+        def write_batch(self, items: Sequence[int], batch_id: int) -> SinkTiming:
+            _burn_cpu(20_000_000)
+            return super().write_batch(items, batch_id)
+
+    class Waiting(MemorySink[int]):
+        def write_batch(self, items: Sequence[int], batch_id: int) -> SinkTiming:
+            time.sleep(0.05)
+            return super().write_batch(items, batch_id)
+
+    clock = FakeClock()
+    (burnt,), _ = write_to_sinks([Burning("burn")], [1, 2, 3], 0, "size", clock)  # type: ignore[misc]
+    (waited,), _ = write_to_sinks([Waiting("wait")], [1, 2, 3], 0, "size", clock)  # type: ignore[misc]
+    assert burnt.cpu_ns is not None and burnt.cpu_ns >= 20_000_000
+    assert waited.cpu_ns is not None and waited.cpu_ns < 5_000_000
+
+
+def test_cpu_summary_takes_medians_after_the_first_flush() -> None:
+    def flush(batch: int, cpu_us_per_row: float, trigger: TriggerKind = "size", rows: int = 100) -> FlushStat:
+        return replace(_flush(batch, 0.0, 1.0, trigger), rows=rows, cpu_ns=int(cpu_us_per_row * 1000 * rows))
+
+    flushes = [flush(0, 50.0)] + [flush(i, 2.0) for i in range(1, 6)] + [flush(6, 30.0), flush(7, 9.0, "shutdown")]
+    hot = CpuStatistics(samples=100, cpu_ns=1_500_000, p50_ns=12_000, every=8, warmup_samples=64)
+    out = cpu_summary(flushes, hot)
+    # The first flush (opens the file) and the shutdown flush are left out; one slow flush does not move a median.
+    assert out["sink_us_per_row"] == {"parquet": 2.0}
+    assert out["sink_us_per_row_mean"]["parquet"] == pytest.approx((5 * 2.0 + 30.0) / 6, abs=1e-4)
+    assert out["sink_flushes_counted"] == {"parquet": 6}
+    assert out["hot_path_us_per_msg"] == 12.0 and out["hot_path_us_mean"] == 15.0
+
+
+def test_a_pipeline_reports_the_hot_path_cpu_of_what_it_was_given(tmp_path: Path) -> None:
+    """End to end through Pipeline.submit: the sampled hot-path CPU per message is positive and bounded by the
+    thread's whole CPU over the same calls (it cannot invent time)."""
+    settings = PipelineSettings.model_validate({"buffer": {"size": 100, "flush_interval": 60}})
+    pipeline = Pipeline(settings, tmp_path, FakeClock())
+    pipeline.start()
+    payloads = [
+        f'{{"machine":"m{i % 5}","ts":"2023-11-14T22:13:20Z","load_rate":1,"mileage":{i},"seq":{i}}}'.encode()
+        for i in range(2_000)
+    ]
+    began = time.thread_time_ns()
+    for p in payloads:
+        pipeline.submit(p, "t")
+    whole_us = (time.thread_time_ns() - began) / 1000 / len(payloads)
+    pipeline.close()
+    stats = pipeline.hot_path_cpu.statistics()
+    assert stats.samples == 2_000 // 8 - 64
+    assert stats.p50_us is not None and 0 < stats.p50_us < 2 * whole_us
