@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -133,8 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("gate", "gate-experiment") and threading.current_thread() is threading.main_thread():
+        # A CI job cancelled with SIGTERM: unwind like Ctrl-C, so the git worktrees and worker processes of the
+        # gate are removed instead of left behind.
+        signal.signal(signal.SIGTERM, _interrupt)
     # Without a terminal rich assumes 80 columns and wraps the side-by-side table; logs can be wider.
     out = Console() if sys.stdout.isatty() else Console(width=200)
     err = Console(stderr=True)

@@ -916,21 +916,23 @@ def run_patched_gate(
             command += ["--confidence", str(confidence)]
         env = {**os.environ, "PYTHONPATH": str(tree)}
         with open(out / "gate.log", "wb") as log:
-            done = subprocess.run(
-                command,
-                cwd=tree,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=PATCHED_GATE_TIMEOUT_S,
-                check=False,
-            )
+            proc = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                returncode = proc.wait(PATCHED_GATE_TIMEOUT_S)
+            except BaseException:
+                # Interrupted or timed out: SIGTERM lets the inner gate remove its own worktree and workers.
+                proc.terminate()
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
         path = gate_dir / "gate.json"
         if not path.exists():
-            raise Inconclusive(f"the gate of {patch.name} wrote no gate.json (exit code {done.returncode}); see {out}")
+            raise Inconclusive(f"the gate of {patch.name} wrote no gate.json (exit code {returncode}); see {out}")
         result = json.loads(path.read_text(encoding="utf-8"))
         result["candidate"]["patch"] = str(patch)
-        result["candidate"]["exit_code"] = done.returncode
+        result["candidate"]["exit_code"] = returncode
         return GateOutcome(gate_dir, result, bool(result["failed"]), list(result["reasons"]))
     finally:
         _git(["worktree", "remove", "--force", str(tree)], repo, "cleanup")

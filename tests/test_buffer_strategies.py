@@ -281,7 +281,9 @@ def watch_producer_entry(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Eve
         return real()
 
     monkeypatch.setattr(
-        pipeline.buffer, "time", types.SimpleNamespace(perf_counter_ns=perf_counter_ns, sleep=time.sleep)
+        pipeline.buffer,
+        "time",
+        types.SimpleNamespace(perf_counter_ns=perf_counter_ns, sleep=time.sleep, thread_time_ns=time.thread_time_ns),
     )
     return entered, name
 
