@@ -356,3 +356,44 @@ def test_one_coalesced_flush_is_within_the_default_flush_tolerance() -> None:
     verdict = gate.judge(_reps("A", [10.0] * 8), b, defaults, paired=True, normalise=False)
     flushes = next(c for c in verdict["counters"] if c["counter"] == "flushes")
     assert flushes["ok"] and not verdict["failed"]
+
+
+PATCHES = sorted((ROOT / "scenarios" / "gate-patches").glob("*.patch"))
+
+
+@pytest.mark.parametrize("patch", PATCHES, ids=[p.stem for p in PATCHES])
+def test_the_shipped_gate_patches_apply_to_this_tree(patch: Path) -> None:
+    """The experiment and .ci/run build candidates from these; a patch that no longer applies must fail here."""
+    done = subprocess.run(
+        ["git", "apply", "--check", str(patch)], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_default_experiment_patches_are_shipped() -> None:
+    assert {p.name for p in PATCHES} >= set(gate.DEFAULT_PATCHES) | {"sink-cpu-50.patch"}
+
+
+def test_a_candidate_patch_gates_a_worktree_against_its_base(tmp_path: Path) -> None:
+    """The path the experiment and .ci/run take, end to end: HEAD + a patch in a worktree, gated from that
+    worktree's root against HEAD; three pairs, so inconclusive (exit 3), with the candidate's code from the
+    worktree and the baseline's from its own."""
+    out = tmp_path / "patched"
+    patch = ROOT / "scenarios" / "gate-patches" / "aa-comment.patch"
+    argv = ["gate", str(SCENARIOS / "gate.yaml"), "--baseline", "HEAD", "--candidate-patch", str(patch)]
+    assert main([*argv, "--replicates", "3", "--out", str(out), "--json"]) == 3
+    result = json.loads((out / "gate" / "gate.json").read_text())
+    assert result["outcome"] == "inconclusive"
+    assert result["code"]["B"]["root"] == str((out / "candidate-src").resolve())
+    assert result["code"]["A"]["root"] == str((out / "gate" / "baseline-src").resolve())
+    assert result["code"]["A"]["code_sha256"] != result["code"]["B"]["code_sha256"], "the comment is code too"
+    assert not (out / "candidate-src").exists() and not (out / "gate" / "baseline-src").exists()
+
+
+def test_a_patch_that_does_not_apply_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.patch"
+    bad.write_text("--- a/pipeline/nothing.py\n+++ b/pipeline/nothing.py\n@@ -1 +1 @@\n-x\n+y\n")
+    argv = ["gate", str(SCENARIOS / "gate.yaml"), "--baseline", "HEAD", "--candidate-patch", str(bad)]
+    assert main([*argv, "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert "--candidate-patch" in err and "bad.patch" in err and "Traceback" not in err
