@@ -88,7 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_gate.add_argument("--replicates", type=positive_int, metavar="N", help="A/B pairs (default: the scenario's)")
     p_gate.add_argument(
-        "--inject-slowdown", type=_fraction, metavar="F", help="make the candidate's storage F slower (0.2 = 20%%)"
+        "--inject-slowdown",
+        type=_fraction,
+        metavar="F",
+        help="make the candidate's storage F slower in wall time (0.2 = 20%%): seen by flush_mean_ms, not by the "
+        "CPU-time metrics; for a slower code change use --candidate-patch",
     )
     p_gate.add_argument(
         "--candidate-patch",
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gate-experiment", help="measure the gate itself: false alarms (A/A) and detection of real slower patches"
     )
     p_exp.add_argument("scenario", type=Path, help="scenario YAML file with a gates: section, e.g. scenarios/gate.yaml")
-    p_exp.add_argument("--trials", type=positive_int, default=20, metavar="N", help="gates per condition (default 20)")
+    p_exp.add_argument("--trials", type=positive_int, default=10, metavar="N", help="gates per condition (default 10)")
     p_exp.add_argument(
         "--patches",
         type=Path,

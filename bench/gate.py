@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from bench.results import environment
 from bench.runner import make_run_dir
 from bench.scenario import GateMetric, GateSettings, LoadedScenario
 
-GATE_SCHEMA = 1
+GATE_SCHEMA = 2
 BASELINE_FILE = "baseline.json"
 # Time metrics are divided by the reference workload in the stored-baseline design; these are not wall times.
 # The reference is a wall-time workload; thread CPU time already leaves out the waiting a busy machine adds.
@@ -77,6 +77,8 @@ class Replicate:
     seconds: float = 0.0
     modules: dict[str, str | None] | None = None
     """Where this replicate's process imported bench, pipeline and simulators from."""
+    commit: str | None = None
+    """The git commit checked out where it imported them from (None outside a git checkout)."""
 
 
 @dataclass
@@ -641,7 +643,8 @@ def _replicate(
     worker = _Worker(side, out.parent, out.name)
     try:
         code.setdefault(side.name, _code_info(worker))
-        return worker.run(scenario, out, index=index, reference=reference)
+        rep = worker.run(scenario, out, index=index, reference=reference)
+        return replace(rep, commit=worker.hello.get("commit"))
     finally:
         worker.close()
 
@@ -684,6 +687,7 @@ def _rep_json(r: Replicate) -> dict[str, Any]:
         "reference_ms": r.reference_ms,
         "seconds": r.seconds,
         "modules": r.modules,
+        "commit": r.commit,
     }
 
 
@@ -960,6 +964,8 @@ def run_experiment(
     from scipy.stats import binomtest
 
     folder = make_run_dir(f"{loaded.scenario.name}-gate-experiment", out, reports_dir).resolve()
+    # Resolved once: a commit made while the experiment runs must not change what later trials measure.
+    base = _git(["rev-parse", "--verify", f"{base}^{{commit}}"], _repo_of(code_root()), f"--base {base}")
     outcomes: dict[str, list[dict[str, Any]]] = {p.stem: [] for p in patches}
     gates = _settings(loaded, GateOptions(baseline="self", replicates=replicates))
     for trial in range(trials):

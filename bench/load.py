@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -56,13 +56,16 @@ from pipeline.config import resolve_env
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
-from pipeline.opcua_source import OpcUaNames, OpcUaSource
 from pipeline.probes import Recorder
 from pipeline.runtime import Pipeline
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
-from simulators.opcua_server import NodeNames, PlantServer
 from simulators.stream import machine_of, planned_count, total_duration_s
+
+if TYPE_CHECKING:
+    # asyncua only for OPC UA runs (see bench/runner.py).
+    from pipeline.opcua_source import OpcUaSource
+    from simulators.opcua_server import PlantServer
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASS = {"mqtt": "MqttUser", "opcua": "OpcUaUser"}
@@ -575,6 +578,9 @@ def run_load(
                 source.start()
                 target = ["--broker-url", broker_url, "--topic", mq.topic_for_run(run_id)]
             else:
+                from pipeline.opcua_source import OpcUaNames, OpcUaSource
+                from simulators.opcua_server import NodeNames, PlantServer
+
                 if ua_cfg.server == "embedded":
                     plant = PlantServer(
                         spec.machines,

@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
-from bench import opcua_reference
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
 from bench.ledger import (
     Ledger,
@@ -57,16 +56,20 @@ from pipeline.config import PipelineSettings, SqlSettings, format_validation_err
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
-from pipeline.opcua_source import OpcUaNames, OpcUaSource
 from pipeline.probes import Recorder
 from pipeline.runtime import Pipeline
 from simulators.anomalies import OPCUA_KINDS, inject
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
-from simulators.opcua_server import NodeNames, PlantServer
-from simulators.opcua_writer import RemotePlant
 from simulators.publisher import DirectPublisher, PacedPublisher
 from simulators.stream import Message, PhaseSpec, StreamSpec, machine_of, planned_count, stream, total_duration_s
+
+if TYPE_CHECKING:
+    # OPC UA (asyncua) is imported only by runs that use it: it is half of a new process's import time, and
+    # every gate replicate is a new process.
+    from pipeline.opcua_source import OpcUaSource
+    from simulators.opcua_server import PlantServer
+    from simulators.opcua_writer import RemotePlant
 
 # The first send is scheduled this far after the pipeline has subscribed, so
 # set-up time is not charged to the first messages' latency.
@@ -376,6 +379,10 @@ def _run_variant(
                 mqtt_publisher.connect()
                 publishers.append(mqtt_publisher)
             if transport.kind in ("opcua", "both"):
+                from pipeline.opcua_source import OpcUaNames, OpcUaSource
+                from simulators.opcua_server import NodeNames, PlantServer
+                from simulators.opcua_writer import RemotePlant
+
                 ua_cfg = transport.opcua
                 secure = None if ua_cfg.security == "None" else ua_cfg.security
                 certs = out_dir / "certs"
@@ -572,6 +579,8 @@ def _run_variant(
         ref_spec = StreamSpec(spec.seed, spec.machines, (PhaseSpec("steady", 1.0, float(REFERENCE_MESSAGES)),))
         on_opcua = set(opcua_machines)
         reference = [m for m in stream(ref_spec, 0) if m.machine in on_opcua]
+        from bench import opcua_reference
+
         opcua_stats["reference"] = opcua_reference.measure(
             spec.machines, reference, transport.opcua.publishing * 1000, sc.pipeline
         )

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.async_buffer import AsyncFlushingBuffer, LoopLagProbe
 from pipeline.buffer import BufferClosed, FlushingBuffer, LockProbes
@@ -31,8 +31,11 @@ from pipeline.model import FlushStat, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 from pipeline.probes import CpuSampler, Recorder
 from pipeline.sinks import Sink, SlowSink
-from pipeline.sql_sink import SqlSink
 from pipeline.validate import Validator
+
+if TYPE_CHECKING:
+    # SQLAlchemy is imported only by a pipeline with a SQL sink: a third of a new process's import time.
+    from pipeline.sql_sink import SqlSink
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +90,8 @@ class Pipeline:
         ]
         self.sql: SqlSink | None = None
         if settings.sql is not None:
+            from pipeline.sql_sink import SqlSink
+
             self.sql = SqlSink(settings.sql, output)
             self._readings_sinks.append(self.sql)
         self._lock = threading.Lock()

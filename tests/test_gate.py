@@ -188,6 +188,7 @@ def test_a_gate_against_a_git_revision_runs_both_sides_interleaved(tmp_path: Pat
     worktree = (tmp_path / "gate" / "baseline-src").resolve()
     for rep in result["replicates"]["A"]:
         assert all(Path(f).is_relative_to(worktree) for f in rep["modules"].values()), rep["modules"]
+        assert rep["commit"] == head.stdout.strip()
     for rep in result["replicates"]["B"]:
         assert all(Path(f).is_relative_to(ROOT.resolve()) for f in rep["modules"].values()), rep["modules"]
     assert result["code"]["A"]["commit"] == head.stdout.strip()
