@@ -116,8 +116,8 @@ def paired(
     """Change from A to B over interleaved pairs: the Hodges-Lehmann estimate of the ratio B_i / A_i, minus 1.
 
     Hodges-Lehmann: the median of the pairwise averages of the log ratios, the estimate that goes with the
-    signed-rank test. Why not the geometric mean: on a shared machine about one replicate in fifteen runs
-    1.3-2x slower as a whole; one such pair moves a mean of 20 log ratios by 2-3%, enough to carry a 7% change
+    signed-rank test. Why not the geometric mean: on a shared machine a replicate now and then runs 1.2-2x
+    slower as a whole; one such pair moves a mean of 20 log ratios by 2-3%, enough to carry a 7% change
     under a 5% tolerance, while the rank test (rightly) still calls the change significant.
 
     Interval: percentile bootstrap over pairs of that estimate, at an

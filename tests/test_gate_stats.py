@@ -78,7 +78,7 @@ def test_paired_estimate_is_the_hodges_lehmann_ratio() -> None:
 
 
 def test_paired_estimate_shrugs_off_one_disturbed_pair() -> None:
-    """Seen on the shared machine: one replicate in fifteen runs 1.3-2x slower as a whole. With a true +7%
+    """Seen on the shared machine: now and then a replicate runs 1.2-2x slower as a whole. With a true +7%
     and the 5% tolerance, one baseline replicate at 2x must not carry the estimate under the tolerance (a
     geometric mean of these 20 ratios reads +3.3%)."""
     a = [10.0] * 20
