@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -93,10 +93,6 @@ class GateOutcome:
         """passed, failed or inconclusive."""
         return str(self.result.get("outcome", "failed" if self.failed else "passed"))
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.outcome]
-
 
 EXIT_CODES = {"passed": 0, "failed": 1, "inconclusive": 3}
 
@@ -141,7 +137,8 @@ def gate_cpu() -> int | None:
 
 
 class _Worker:
-    """One warm ``bench run`` process per side (bench/gate_worker.py), started with ``python -P``."""
+    """A ``bench run`` worker process (bench/gate_worker.py) for one side, started with ``python -P``; the gate
+    starts one per replicate (:func:`_replicate` says why)."""
 
     def __init__(self, side: _Side, folder: Path, name: str) -> None:
         self.side = side
@@ -234,6 +231,7 @@ class _Worker:
             ref,
             float(reply["seconds"]),
             reply["modules"],
+            self.hello.get("commit"),
         )
 
     def close(self) -> None:
@@ -643,8 +641,7 @@ def _replicate(
     worker = _Worker(side, out.parent, out.name)
     try:
         code.setdefault(side.name, _code_info(worker))
-        rep = worker.run(scenario, out, index=index, reference=reference)
-        return replace(rep, commit=worker.hello.get("commit"))
+        return worker.run(scenario, out, index=index, reference=reference)
     finally:
         worker.close()
 

@@ -1,4 +1,4 @@
-"""A warm worker process for ``bench gate``: runs ``bench run`` replicates for one side of a gate.
+"""A worker process for ``bench gate``: runs ``bench run`` replicates for one side of a gate.
 
 Started by path, never imported by the gate: ``python -P /path/to/gate_worker.py`` with ``PYTHONPATH`` set to
 the code of its side (a worktree of the baseline revision, or the candidate's checkout). ``-P`` keeps the working
@@ -9,9 +9,9 @@ nothing of the bench is imported before ``sys.path`` is final, so this file work
 Protocol, one JSON object per line: the worker first writes ``{"hello": ...}`` (which files it imported
 ``bench``, ``pipeline`` and ``simulators`` from, the git commit there, its interpreter); then for every line
 ``{"argv": [...], "log": PATH}`` on stdin it runs ``bench.cli.main(argv)`` in this process, with stdout and
-stderr going to ``log``, and answers ``{"exit_code": N, "seconds": S, "cpu_s": C, "modules": {...}}``. One
-process per side for the whole gate: interpreter start-up and imports are paid once, and caches stay warm
-between replicates, as in a long-running pipeline.
+stderr going to ``log``, and answers ``{"exit_code": N, "seconds": S, "cpu_s": C, "modules": {...}}``.
+The gate sends one replicate per worker: two processes of the same code differ by a few percent (memory
+layout), and a worker kept for one side would turn that into a bias between the sides (docs/gates.md).
 """
 
 from __future__ import annotations
