@@ -19,6 +19,7 @@ import uuid
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,6 +190,8 @@ def make_run_dir(name: str, out: Path | None, reports_dir: Path) -> Path:
     else:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         run_dir = reports_dir / f"{name}-{stamp}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--out {run_dir}: is a file; expected a folder (new, or empty)")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UsageError(f"--out {run_dir}: folder exists and is not empty; choose a new one so runs never mix")
     try:
@@ -198,6 +201,21 @@ def make_run_dir(name: str, out: Path | None, reports_dir: Path) -> Path:
     return run_dir
 
 
+@contextmanager
+def removed_on_user_error(run_dir: Path) -> Iterator[None]:
+    """Remove ``run_dir`` (new or empty before, see :func:`make_run_dir`) when a user mistake stops the run.
+
+    A mistake found only once the run has started (an unset ${VAR}, a setting the transport cannot honour)
+    must not leave a half-made folder behind that makes the same ``--out`` fail after the mistake is fixed.
+    Any other failure keeps the folder: its logs are the evidence.
+    """
+    try:
+        yield
+    except (ScenarioError, UsageError):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
 def run(
     loaded: LoadedScenario,
     options: RunOptions,
@@ -205,9 +223,22 @@ def run(
     progress_every_s: float = 0.25,
 ) -> RunOutcome:
     """Run every variant of a scenario end to end; raises :class:`BenchError` subclasses on failure to run."""
+    spec = apply_overrides(loaded.scenario.stream_spec(), options.messages, options.duration_s)
+    run_dir = make_run_dir(loaded.scenario.name, options.out, options.reports_dir)
+    with removed_on_user_error(run_dir):
+        return _run_in(loaded, options, spec, run_dir, on_progress=on_progress, progress_every_s=progress_every_s)
+
+
+def _run_in(
+    loaded: LoadedScenario,
+    options: RunOptions,
+    spec: StreamSpec,
+    run_dir: Path,
+    *,
+    on_progress: Callable[[Progress], None] | None,
+    progress_every_s: float,
+) -> RunOutcome:
     sc = loaded.scenario
-    spec = apply_overrides(sc.stream_spec(), options.messages, options.duration_s)
-    run_dir = make_run_dir(sc.name, options.out, options.reports_dir)
     shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
     run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
     started_wall = time.time()

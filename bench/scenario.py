@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from bench.errors import ScenarioError
+from bench.errors import ScenarioError, UsageError
 from bench.metrics import COUNTERS, CounterName, MetricName
 from pipeline.config import (
     Duration,
@@ -29,9 +29,22 @@ from pipeline.config import (
     load_yaml_mapping,
 )
 from simulators.anomalies import OPCUA_KINDS, AnomalyKind, AnomalySpec
-from simulators.stream import PhaseSpec, SignalSpec, StreamSpec, planned_count, total_duration_s
+from simulators.stream import (
+    MAX_MESSAGES,
+    PhaseSpec,
+    SignalSpec,
+    StreamSpec,
+    check_plan,
+    planned_count,
+    total_duration_s,
+)
 
 _ENV_REF_HELP = "an environment reference such as ${MQTT_PASSWORD}"
+
+MAX_MACHINE_ID = 255
+"""Longest machine id: the validator refuses longer ones (bad_machine_id), so a fleet cannot have them."""
+MAX_OVERSIZE = 16 * 1024 * 1024
+"""Largest oversize payload: far above any max_payload worth testing, small enough to build per message."""
 
 
 class Machines(Frozen):
@@ -66,10 +79,15 @@ class Machines(Frozen):
     @classmethod
     def _check_extra(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for machine in value:
-            # Ids the validator refuses outright (bad_machine_id) cannot be a fleet's real ids.
-            if not machine or len(machine) > 255 or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in machine):
-                raise ValueError(f"expected ids of 1 to 255 characters without control characters, got {machine!r}")
+            _check_id(machine)
         return value
+
+    @model_validator(mode="after")
+    def _ids_fit(self) -> Machines:
+        # The first id is checked alone first: '{i:>100000}' must fail before 100,000 ids of 100 kB are built.
+        for i in range(self.count):
+            _check_id(self.id.format(i=i), f"id: {self.id!r} gives {{i}}={i} an id that", pattern=True)
+        return self
 
     @field_validator("timezone")
     @classmethod
@@ -95,6 +113,14 @@ class Machines(Frozen):
         return {m: tz[i % len(tz)] for i, m in enumerate(ids)}
 
 
+def _check_id(machine: str, what: str = "", pattern: bool = False) -> None:
+    # Ids the validator refuses outright (bad_machine_id) cannot be a fleet's real ids.
+    if not machine or len(machine) > MAX_MACHINE_ID or any(ord(c) < 32 or 127 <= ord(c) < 160 for c in machine):
+        shown = f"{len(machine):,} characters long" if len(machine) > 40 else repr(machine)
+        expected = f"expected ids of 1 to {MAX_MACHINE_ID} characters without control characters"
+        raise ValueError(f"{what} is {shown}; {expected}" if pattern else f"{expected}, got {shown}")
+
+
 class Anomaly(Frozen):
     """One kind of dirt to inject (``docs/validation.md`` lists every kind and what the validator does with it)."""
 
@@ -114,7 +140,7 @@ class Anomaly(Frozen):
     offset: str | None = Field(
         None, pattern=r"^[+-](0\d|1[0-4]):[0-5]\d$", description="Fixed offset for offset_timestamp, e.g. +05:30."
     )
-    size: int = Field(70_000, gt=0, description="Payload bytes of an oversize message.")
+    size: int = Field(70_000, gt=0, le=MAX_OVERSIZE, description="Payload bytes of an oversize message.")
     expect: Literal["accepted", "repaired", "rejected"] | None = Field(
         None, description="Override the decision the scorer expects from the validator's policies."
     )
@@ -200,6 +226,8 @@ class MqttTransport(Frozen):
     broker: str = Field("embedded", description="'embedded' (amqtt on an ephemeral loopback port) or mqtt://host:port.")
     topic: str = Field(
         "plant/{machine}/telemetry",
+        # MQTT allows 65,535 bytes; 1,024 characters leave room for the machine id and the run id.
+        max_length=1024,
         description="Topic per message; {machine} is the machine id, {run} the run id.",
     )
     qos: Literal[0, 1, 2] = 1
@@ -463,6 +491,15 @@ class Scenario(Frozen):
         (),
         description="Variants run on the same stream: each has a name and dotted keys under pipeline. or "
         "transport., e.g. {name: coarse, pipeline.buffer.lock: coarse}.",
+        # Typed for editors; the values are checked when each variant is validated as a whole scenario.
+        json_schema_extra={
+            "items": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {"name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"}},
+                "propertyNames": {"pattern": r"^(name|faults(\\..+)?|pipeline\..+|transport\..+)$"},
+            }
+        },
     )
 
     @model_validator(mode="after")
@@ -479,6 +516,32 @@ class Scenario(Frozen):
             unknown = sorted(set(anomaly.machines or ()) - fleet)
             if unknown:
                 raise ValueError(f"anomalies[{i}].machines: not machines of this scenario: {unknown[:5]}")
+        return self
+
+    @model_validator(mode="after")
+    def _faults_fit_the_transport(self) -> Scenario:
+        for i, fault in enumerate(self.faults):
+            if isinstance(fault, ServerRestartFault) and (
+                self.transport.kind not in ("opcua", "both") or self.transport.opcua.server != "embedded"
+            ):
+                raise ValueError(
+                    f"faults[{i}]: server_restart restarts the embedded OPC UA server; expected transport.kind "
+                    f"opcua or both with transport.opcua.server: embedded, got {self.transport.kind}"
+                    + (f" with {self.transport.opcua.server}" if self.transport.kind in ("opcua", "both") else "")
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _plan_fits(self) -> Scenario:
+        # Before anything counts or builds the stream: an absurd rate would otherwise spin for hours.
+        check_plan(self.stream_spec())
+        if self.capacity is not None:
+            rates = self.capacity.step_rates()
+            if max(rates) * self.capacity.step > MAX_MESSAGES:
+                raise ValueError(
+                    f"capacity: a step of {self.capacity.step:g} s at {max(rates):g} msg/s plans more than the "
+                    f"{MAX_MESSAGES:,} messages one run may send; lower the rates or the step"
+                )
         return self
 
     def validation(self) -> PipelineSettings:
@@ -582,6 +645,7 @@ def load_scenario(path: Path | str) -> LoadedScenario:
 def json_schema() -> dict[str, Any]:
     schema = Scenario.model_json_schema(by_alias=True)
     schema["title"] = "iiot-bench scenario"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
 
 
@@ -605,6 +669,17 @@ def apply_overrides(spec: StreamSpec, messages: int | None = None, duration_s: f
     the load shape stays the same; with ``--duration`` too, the rates are scaled
     to fit that many messages into that time.
     """
+    try:
+        if messages is not None and messages > MAX_MESSAGES:
+            raise ValueError(f"expected at most {MAX_MESSAGES:,} messages, got {messages:,}")
+        spec = _overridden(spec, messages, duration_s)
+        check_plan(spec)
+    except ValueError as exc:
+        raise UsageError(f"--messages/--duration: {exc}") from None
+    return spec
+
+
+def _overridden(spec: StreamSpec, messages: int | None, duration_s: float | None) -> StreamSpec:
     if duration_s is not None:
         spec = _scale(spec, time_factor=duration_s / total_duration_s(spec))
     if messages is not None:

@@ -92,9 +92,54 @@ class Message:
     """Instant of its machine's newest earlier clean reading, where the validator's watermark stands; anomalies only."""
 
 
+MAX_MESSAGES = 100_000_000
+"""Most messages one stream may plan. Far above what one machine's publishers can send in an hour (a few
+thousand a second here), low enough that counting a plan and the ledger's per-message arrays stay small."""
+
+
+def expected_total(spec: StreamSpec) -> float:
+    """Messages the phases offer on average (the exact count for uniform arrivals, give or take one per phase)."""
+    return sum(p.expected_count() for p in spec.phases)
+
+
+def check_plan(spec: StreamSpec) -> None:
+    """Raise ValueError (one line) for a plan no run can carry out: non-finite or over :data:`MAX_MESSAGES`.
+
+    Checked before anything iterates the stream: ``rate: 1e12`` would otherwise count for hours.
+    """
+    for i, phase in enumerate(spec.phases):
+        values = (phase.duration_s, phase.rate, phase.rate_at_end())
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(
+                f"phases[{i}]: expected finite rate and duration, got {phase.rate:g} for {phase.duration_s:g} s"
+            )
+    total = expected_total(spec)
+    if spec.limit is not None:
+        total = min(total, spec.limit)
+    if not total <= MAX_MESSAGES:
+        planned = f"{total:.3g}" if math.isfinite(total) else "unboundedly many"
+        raise ValueError(
+            f"phases: plan {planned} messages, more than the {MAX_MESSAGES:,} one run may send; "
+            "lower a rate or a duration"
+        )
+
+
 def planned_count(spec: StreamSpec) -> int:
-    """How many messages :func:`stream` yields for ``spec``, without building payloads."""
-    return sum(1 for _ in _send_offsets(spec))
+    """How many messages :func:`stream` yields for ``spec``, without building payloads.
+
+    Uniform arrivals are counted in closed form (the offsets are k = 0, 1, 2, ... below each phase's expected
+    count), so a large plan costs nothing to count; Poisson arrivals are drawn, after :func:`check_plan`.
+    """
+    check_plan(spec)
+    if spec.arrival == "poisson":
+        return sum(1 for _ in _send_offsets(spec))
+    count = 0
+    for phase in spec.phases:
+        total = phase.expected_count()
+        if total - 1e-9 > 0:
+            # Integers k >= 0 with k < total - 1e-9, the loop condition in _send_offsets.
+            count += math.ceil(total - 1e-9)
+    return count if spec.limit is None else min(count, spec.limit)
 
 
 def machine_of(spec: StreamSpec, seq: int) -> str:

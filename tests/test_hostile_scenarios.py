@@ -1,0 +1,163 @@
+"""Hostile scenario input: each gives one line naming file and field, exit 2, at once; nothing hangs or is made.
+
+Every case here is a reproduction that once hung at full CPU, traced back, or was accepted and then failed the
+run (or allocated ~100 GB). "At once" is checked in CPU time, not wall time, so a busy neighbour cannot fail it:
+the hangs burnt a full core, so a hang shows up in CPU time as surely as in wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from bench.cli import main
+from bench.scenario import json_schema, load_scenario
+from simulators.stream import MAX_MESSAGES, PhaseSpec, StreamSpec, planned_count
+from tests.conftest import SCENARIOS
+
+STEADY = "  - {kind: steady, rate: 10, duration: 1}\n"
+
+HOSTILE = {
+    "rate_1e12": ("name: x\nphases:\n  - {kind: steady, rate: 1e12, duration: 10}\n", "phases", "100,000,000"),
+    "rate_inf": ("name: x\nphases:\n  - {kind: steady, rate: .inf, duration: 10}\n", "phases", "finite"),
+    "rate_nan": ("name: x\nphases:\n  - {kind: steady, rate: .nan, duration: 10}\n", "rate", ""),
+    "duration_inf": ("name: x\nphases:\n  - {kind: steady, rate: 10, duration: .inf}\n", "phases", "finite"),
+    "burst_1e308": ("name: x\nphases:\n" + STEADY + "  - {kind: burst, rate: 1e308, duration: 1}\n", "phases", ""),
+    "ramp_to_1e308": ("name: x\nphases:\n  - {kind: ramp, from: 1, to: 1e308, duration: 1}\n", "phases", ""),
+    "oversize_100gb": (
+        "name: x\nanomalies: [{kind: oversize, size: 100000000000, rate: 0.1}]\nphases:\n" + STEADY,
+        "anomalies[0].size",
+        "16777216",
+    ),
+    "id_pattern_100k": (
+        "name: x\nmachines: {id: '{i:>100000}'}\nphases:\n" + STEADY,
+        "machines",
+        "100,000 characters",
+    ),
+    "id_control_char": ("name: x\nmachines: {id: '{i:c}', count: 3}\nphases:\n" + STEADY, "machines", "control"),
+    "topic_too_long": (
+        "name: x\ntransport: {mqtt: {topic: 'a/" + "b" * 2000 + "/{machine}'}}\nphases:\n" + STEADY,
+        "transport.mqtt.topic",
+        "1024",
+    ),
+    "server_restart_on_mqtt": (
+        "name: x\nfaults: [{kind: server_restart, at: 1, down_for: 1}]\nphases:\n" + STEADY,
+        "faults[0]",
+        "transport.kind opcua or both",
+    ),
+    "capacity_step_1e12": (
+        "name: x\ncapacity: {rates: [10, 1e12]}\nphases:\n" + STEADY,
+        "capacity",
+        "100,000,000",
+    ),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", sorted(HOSTILE), ids=str)
+def test_hostile_scenario_is_refused_at_once(
+    case: str, write_scenario: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text, field, expected = HOSTILE[case]
+    path = write_scenario(text)
+    cpu = time.process_time()
+    assert main(["validate", str(path)]) == 2
+    spent = time.process_time() - cpu
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(path) in err and field in err and expected in err, err
+    assert "Traceback" not in err
+    assert spent < 1.0, f"validate took {spent:.2f} s of CPU"
+
+
+def test_planned_count_of_the_largest_plan_is_exact_and_immediate() -> None:
+    # 10^6 msg/s for 100 s: the closed form must give exactly MAX_MESSAGES without iterating them.
+    spec = StreamSpec(seed=0, machines=("m",), phases=(PhaseSpec("steady", 100.0, 1_000_000.0),))
+    cpu = time.process_time()
+    assert planned_count(spec) == MAX_MESSAGES
+    assert time.process_time() - cpu < 0.5
+
+
+def test_override_beyond_the_plan_limit_is_a_usage_error(
+    write_scenario: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_scenario("name: x\nphases:\n" + STEADY)
+    out = tmp_path / "run"
+    assert main(["run", str(path), "--messages", str(MAX_MESSAGES + 1), "--out", str(out), "--quiet"]) == 2
+    assert "--messages" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_naming_a_file_is_a_usage_error(
+    write_scenario: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_scenario("name: x\nphases:\n" + STEADY)
+    existing = tmp_path / "a-file"
+    existing.write_text("keep me", encoding="utf-8")
+    assert main(["run", str(path), "--out", str(existing), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file" in err and str(existing) in err, err
+    assert existing.read_text(encoding="utf-8") == "keep me"
+
+
+def test_a_mistake_found_after_start_leaves_no_half_made_folder(
+    write_scenario: Callable[[str], Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An unset ${VAR} is only found when the run resolves it, after the run folder was made.
+    monkeypatch.delenv("BENCH_TEST_UNSET_USER", raising=False)
+    path = write_scenario(
+        "name: x\ntransport: {mqtt: {username: '${BENCH_TEST_UNSET_USER}'}}\nphases:\n" + STEADY
+    )
+    out = tmp_path / "run"
+    for _ in range(2):  # the same --out fails the same way again, not with "folder is not empty"
+        assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert "BENCH_TEST_UNSET_USER" in err and "not empty" not in err, err
+        assert not out.exists()
+
+
+def _schema_validator() -> jsonschema.protocols.Validator:
+    schema = json_schema()
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    return validator_class(schema)
+
+
+@pytest.mark.parametrize("path", sorted(SCENARIOS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_scenario_satisfies_the_exported_schema(path: Path) -> None:
+    load_scenario(path)  # and the bench itself accepts it
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in _schema_validator().iter_errors(data)]
+    assert not errors, errors
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("name: x\ncolour: red\nphases:\n" + STEADY, []),
+        ("name: x\nphases:\n  - {kind: steady, rate: 10, duration: soon}\n", ["phases", 0]),
+        ("name: x\nmatrix: [{pipeline.buffer.size: 5}]\nphases:\n" + STEADY, ["matrix", 0]),
+        ("name: x\nmatrix: [{name: a, seed: 5}]\nphases:\n" + STEADY, ["matrix", 0]),
+    ],
+)
+def test_the_exported_schema_refuses_what_the_bench_refuses(
+    text: str, where: list[object], write_scenario: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The schema must not pass everything: an editor should flag what `bench validate` refuses.
+    assert main(["validate", str(write_scenario(text))]) == 2
+    errors = list(_schema_validator().iter_errors(yaml.safe_load(text)))
+    assert errors and any(list(e.absolute_path)[: len(where)] == where for e in errors), errors
+
+
+def test_bench_schema_prints_the_schema_the_tests_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == json_schema()
