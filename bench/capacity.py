@@ -238,10 +238,11 @@ def run_capacity(
         for workers in cap.workers:
             steps: list[dict[str, Any]] = []
             step_flushes: list[list[FlushStat]] = []
-            locks = LockProbes.new()
+            step_steady: list[list[FlushStat]] = []
+            step_locks: list[LockProbes] = []
             failed = 0
             for k, rate in enumerate(rates):
-                step, flushes, lock = _run_step(
+                step, flushes, steady, lock = _run_step(
                     sc,
                     cap,
                     url=url,
@@ -257,8 +258,8 @@ def run_capacity(
                 step["dir"] = str((run_dir / f"workers-{workers}" / f"step-{k + 1:02d}-{rate:g}").relative_to(run_dir))
                 steps.append(step)
                 step_flushes.append(flushes)
-                for name in ("wait", "hold", "stall"):
-                    getattr(locks, name).merge(getattr(lock, name))
+                step_steady.append(steady)
+                step_locks.append(lock)
                 if on_progress:
                     on_progress(
                         StepProgress(
@@ -281,7 +282,15 @@ def run_capacity(
                         break
             series.append(_series(workers, steps, rates))
             variants.append(
-                _variant(sc, workers=workers, steps=steps, step_flushes=step_flushes, locks=locks, sr=series[-1])
+                _variant(
+                    sc,
+                    workers=workers,
+                    steps=steps,
+                    step_flushes=step_flushes,
+                    step_steady=step_steady,
+                    step_locks=step_locks,
+                    sr=series[-1],
+                )
             )
     finally:
         if broker is not None:
@@ -372,7 +381,9 @@ def _run_step(
     step_dir: Path,
     run_id: str,
     on_progress: Callable[[StepProgress], None] | None,
-) -> tuple[dict[str, Any], list[FlushStat], LockProbes]:
+) -> tuple[dict[str, Any], list[FlushStat], list[FlushStat], LockProbes]:
+    """Run one step; its metrics, every flush, the flushes after the settle time (the population of the step
+    table's flush p99) and the lock probes."""
     step_dir.mkdir(parents=True, exist_ok=True)
     mq = sc.transport.mqtt
     settings = sc.validation()
@@ -500,7 +511,8 @@ def _run_step(
         if len(cores) >= 2
         else None
     )
-    return step, flushes, locks
+    steady = [f for f in flushes if start <= f.started_ns <= end]
+    return step, flushes, steady, locks
 
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -676,18 +688,37 @@ def _variant(
     workers: int,
     steps: list[dict[str, Any]],
     step_flushes: list[list[FlushStat]],
-    locks: LockProbes,
+    step_steady: list[list[FlushStat]],
+    step_locks: list[LockProbes],
     sr: dict[str, Any],
 ) -> dict[str, Any]:
-    """One run-shaped variant per worker count, so a report draws flush, lock and append plots for it too."""
+    """One run-shaped variant per worker count, so a report draws flush, lock and append plots for it too.
+
+    Its ledger, flush, lock and append figures cover the same steps, those the verdict rests on (the
+    sustainable ones, or every step when none was), so the counts agree inside a report: an overloaded step's
+    puts and slow flushes would otherwise swell the lock and flush populations beside a ledger without them.
+    Flushes are those after each step's settle time, as in the step table and the flush advice. Latency,
+    throughput and timeline are the highest sustainable step's (after its settle time), as the capacity
+    tables show it.
+    """
     best = steps[sr["sustainable_step"]] if sr["sustainable_step"] is not None else (steps[0] if steps else {})
     keys = ("sent", "persisted", "rejected", "dropped", "lost", "duplicates")
     # The ledger of the steps the verdict rests on; what overloaded steps lost (a broker's queue limit) is
     # counted apart, so a report does not show a sweep's planned overload as a failed ledger.
-    judged = [s for s in steps if s["sustainable"]] or steps
+    judged_index = [i for i, s in enumerate(steps) if s["sustainable"]] or list(range(len(steps)))
+    judged = [steps[i] for i in judged_index]
     totals = {k: sum(int(s["ledger"][k]) for s in judged) for k in keys}
-    # Append cost against file size: the step that wrote the most rows grew its files the most.
-    longest = max(step_flushes, key=lambda fs: sum(f.rows for f in fs if f.sink == "parquet"), default=[])
+    flushes = [f for i in judged_index for f in step_steady[i]]
+    locks = LockProbes.new()
+    for i in judged_index:
+        for name in ("wait", "hold", "stall"):
+            getattr(locks, name).merge(getattr(step_locks[i], name))
+    # Append cost against file size: of the judged steps, the one that wrote the most rows grew its files most.
+    longest = max(
+        (step_flushes[i] for i in judged_index),
+        key=lambda fs: sum(f.rows for f in fs if f.sink == "parquet"),
+        default=[],
+    )
     lock = (
         lock_summary(locks, sc.pipeline.buffer.lock)
         if locks.wait.count
@@ -701,6 +732,7 @@ def _variant(
             **totals,
             "reconciled": all(s["ledger"]["reconciled"] for s in judged),
             "steps": len(judged),
+            "steps_offered_per_s": [s["offered_per_s"] for s in judged],
             "lost_in_overloaded_steps": sum(int(s["ledger"]["lost"]) for s in steps if s not in judged),
         },
         "throughput": {
@@ -711,7 +743,7 @@ def _variant(
         "latency_ms": best.get("latency_ms", {}),
         "timeline": {k: timeline.get(k, []) for k in ("t_s", "sent", "durable")},
         "probes": {
-            "flush": flush_summary([f for fs in step_flushes for f in fs]),
+            "flush": flush_summary(flushes),
             "lock": lock,
             "append_cost": append_cost(longest),
         },

@@ -334,7 +334,15 @@ def recommendations(
         slope, intercept = append["slope_ms_per_mb"], append["intercept_ms"]
         max_mb = append["max_mb_before"]
         sign = "+" if slope >= 0 else "-"
-        if slope > 0 and intercept > 0:
+        ci = append.get("slope_ci95_ms_per_mb")
+        # A slope whose 95% interval holds 0 is noise: no rotation advice can rest on it.
+        flat = isinstance(ci, list | tuple) and len(ci) == 2 and ci[0] <= 0 <= ci[1]
+        if flat:
+            text = (
+                f"append cost does not grow with file size up to {max_mb:,.1f} MB (flat within noise): rotation by "
+                "time is fine"
+            )
+        elif slope > 0 and intercept > 0:
             double_mb = intercept / slope
             text = (
                 f"rotate Parquet files before about {double_mb:,.1f} MB: past that an append costs twice a fresh file's"
@@ -349,7 +357,8 @@ def recommendations(
                 "topic": "parquet rotation",
                 "text": text,
                 "evidence": f"append cost = {intercept:.2f} ms {sign} {abs(slope):.3f} ms/MB x MB already in the file "
-                f"(least squares over {append['count']} flushes, up to {max_mb:,.2f} MB)",
+                + (f"(95% CI of the slope {ci[0]:.3f} .. {ci[1]:.3f}) " if isinstance(ci, list | tuple) else "")
+                + f"(least squares over {append['count']} flushes, up to {max_mb:,.2f} MB)",
             }
         )
     if flush_ms and flush_ms.get("count") and one is not None and one.get("sustainable_per_s"):

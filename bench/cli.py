@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from bench import load, runner
 from bench.cli_args import int_list, positive_int, positive_seconds, rate_list
@@ -72,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_cap.add_argument("--json", action="store_true", help="print results.json to stdout instead of the tables")
     p_rep = sub.add_parser("report", help="write report.html (self-contained) and summary.md from run folders")
     p_rep.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders (or their results.json)")
-    p_rep.add_argument("--out", type=Path, help="folder for report.html and summary.md (default: the first run's)")
+    p_rep.add_argument(
+        "--out",
+        type=Path,
+        help="folder for report.html and summary.md (default: the run's own folder for one run; "
+        "a new reports/compare-<UTC time>/ for several)",
+    )
     p_rep.add_argument(
         "--markdown", action="store_true", help="print summary.md to stdout (e.g. >> $GITHUB_STEP_SUMMARY)"
     )
@@ -212,6 +218,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.json:
         print(json.dumps(outcome.results, indent=2))
     else:
+        out.print(_verdict_line(outcome.results, outcome.run_dir))
         out.print(summary_table(outcome.results))
         scored = validation_table(outcome.results)
         if scored is not None:
@@ -413,6 +420,15 @@ def gate_table(result: dict[str, Any]) -> Table:
             "[green]ok[/]" if bnd["ok"] else "[red]FAILED[/]",
         )
     return table
+
+
+def _verdict_line(results: dict[str, Any], run_dir: Path) -> Text:
+    """The run's conclusion, first, as its report gives it: PASSED / FAILED / INCONCLUSIVE and the figures."""
+    from bench.report import verdict  # matplotlib: only for runs that print a conclusion
+
+    v = verdict(results, run_dir)
+    style = {"good": "bold green", "bad": "bold red"}.get(v.tone, "bold yellow")
+    return Text.assemble((v.status, style), ": ", "; ".join(v.parts))
 
 
 def _auto_report(run_dir: Path, err: Console) -> Path | None:

@@ -748,6 +748,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"## bench {result.get('kind', 'gate')}: {result['scenario']['name']} — {head}",
         "",
+        verdict_line(result),
+        "",
         f"Design: {result['design']} ({len(result['replicates']['B'])} replicates per side); baseline: "
         f"{result['baseline'].get('rev') or result['baseline'].get('kind')}; "
         f"{result['multiple_comparisons']}.",
@@ -783,6 +785,23 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("warnings"):
         lines += ["", "Warnings:", *[f"- {w}" for w in result["warnings"]]]
     return "\n".join(lines) + "\n"
+
+
+def verdict_line(result: dict[str, Any]) -> str:
+    """The conclusion first, in one line: the outcome and the reason that decided it (the full lists follow)."""
+    head = outcome_label(result)
+    if head == "FAILED":
+        why = [str(r) for r in result.get("reasons", [])]
+    elif head == "INCONCLUSIVE":
+        why = [str(r) for r in result.get("inconclusive", [])]
+    else:
+        gated = [m for m in result.get("metrics", []) if m.get("gated", True)]
+        why = [
+            f"{len(gated)} gated metric(s) judged, none slower beyond tolerance; "
+            f"{len(result.get('counters', []))} counter(s) and {len(result.get('bounds', []))} bound(s) held"
+        ]
+    more = f" (and {len(why) - 1} more below)" if len(why) > 1 else ""
+    return f"**{head}**" + (f": {why[0]}{more}" if why else "")
 
 
 def outcome_label(result: dict[str, Any]) -> str:

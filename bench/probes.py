@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from bench.metrics import slope_fit, slope_text
 from pipeline.buffer import FlushingBuffer, LockProbes
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import RulePolicies, ValidateSettings
@@ -111,7 +112,10 @@ def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, An
     shutdown flush is smaller and would flatter the end). ``slope_ms_per_mb``
     and ``intercept_ms`` are a least-squares fit of cost on MB already in the
     file, over all flushes; ``fit_last_over_first`` reads that line at the
-    largest and smallest file size.
+    largest and smallest file size. ``slope_ci95_ms_per_mb`` is the slope's 95%
+    interval (t, from the fit's residuals; None below three flushes) and
+    ``slope_summary`` says it in words, "flat within noise" when the interval
+    holds 0: a handful of noisy flushes otherwise reads as a trend.
     """
     items = sorted((f for f in flushes if f.sink == sink and f.bytes_before is not None), key=lambda f: f.batch_id)
     if not items:
@@ -120,9 +124,8 @@ def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, An
     costs = [_append_ms(f) for f in sized]
     mbs = [(f.bytes_before or 0) / 1e6 for f in items]
     all_costs = [_append_ms(f) for f in items]
-    slope = intercept = 0.0
-    if len(set(mbs)) > 1:
-        slope, intercept = statistics.linear_regression(mbs, all_costs)
+    fit = slope_fit(mbs, all_costs)
+    slope, intercept = (fit.slope, fit.intercept) if fit is not None else (0.0, 0.0)
     first = statistics.median(costs[:EDGE_FLUSHES])
     last = statistics.median(costs[-EDGE_FLUSHES:])
     # The fitted line read at the smallest and largest file size: the same
@@ -135,6 +138,11 @@ def append_cost(flushes: list[FlushStat], sink: str = "parquet") -> dict[str, An
         "last_ms": round(last, 3),
         "last_over_first": round(last / first, 3) if first else None,
         "slope_ms_per_mb": round(slope, 4),
+        "slope_ci95_ms_per_mb": None
+        if fit is None or fit.low is None or fit.high is None
+        else [round(fit.low, 4), round(fit.high, 4)],
+        "slope_stderr_ms_per_mb": None if fit is None or fit.stderr is None else round(fit.stderr, 4),
+        "slope_summary": slope_text(fit) if fit is not None else "no slope: every flush appended at the same size",
         "intercept_ms": round(intercept, 3),
         "fit_last_over_first": round(fit_last / fit_first, 3) if fit_first > 0 else None,
         "max_mb_before": round(max(mbs), 3),

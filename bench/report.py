@@ -8,9 +8,16 @@ tables only, for a CI job summary (GitHub's ``$GITHUB_STEP_SUMMARY``)::
     paths.html      # reports/burst-20261125T120000Z/report.html
     paths.markdown  # reports/burst-20261125T120000Z/summary.md
 
-Every plot and table has a fixed section id (:data:`PLOT_IDS`, :data:`TABLE_IDS`)
-and is always present: when the runs hold no data for it, the section says what
-is missing instead of showing an image, so a reader knows it was not forgotten.
+Several runs go into a new folder, ``reports/compare-<UTC time>/``, never into
+the first run's folder, whose own report stays as its run wrote it.
+
+The conclusion comes first: one verdict line per run (ledger, validation,
+capacity, the gate's outcome when a ``gate.json`` sits beside the run), derived
+from the results. Every plot and table has a fixed section id (:data:`PLOT_IDS`,
+:data:`TABLE_IDS`) and is there when the runs hold its data. Sections for
+another kind of run (the capacity plots of a plain run, say) are left out; one
+that applies but has no data (lock probes disabled) is named with the reason
+in a short list at the end of the page, instead of an empty placeholder.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +44,16 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from matplotlib.typing import RcKeyType
 
 from bench.errors import UsageError
-from bench.metrics import METRIC_ROWS, get_path
+from bench.metrics import METRIC_ROWS, TAIL_SHARE_WARNING, get_path, slope_fit, slope_text, tail_share_bound
 from bench.results import SCHEMA_VERSION
 
-__all__ = ["PLOT_IDS", "TABLE_IDS", "ReportPaths", "write_report"]
+__all__ = ["PLOT_IDS", "TABLE_IDS", "ReportPaths", "Verdict", "default_out_dir", "verdict", "write_report"]
 
 HTML_NAME = "report.html"
 MARKDOWN_NAME = "summary.md"
+# Where a report of several runs goes by default (relative to the working directory, like the run folders).
+REPORTS_DIR = Path("reports")
+GATE_NAME = "gate.json"
 PLOT_IDS = (
     "plot-throughput",
     "plot-latency",
@@ -56,6 +67,7 @@ PLOT_IDS = (
 TABLE_IDS = (
     "table-runs",
     "table-ledger",
+    "table-validation",
     "table-strategies",
     "table-environment",
     "table-capacity-summary",
@@ -140,6 +152,7 @@ class Table:
     caption: str = ""
     missing: str = ""
     numeric: bool = True  # right-align the value columns
+    applies: bool = True  # False: the runs are of a kind that never has this section; it is left out unnamed
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,25 @@ class Plot:
     alt: str = ""
     missing: str = ""
     notes: tuple[str, ...] = ()
+    applies: bool = True  # False: the runs are of a kind that never has this plot; it is left out unnamed
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One run's conclusion, the first line of the report: PASSED, FAILED or INCONCLUSIVE, and why."""
+
+    label: str  # the run folder's label; empty when the report has one run
+    status: str
+    tone: str  # "good", "bad" or "warn"
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Absent:
+    """Sections left out because the runs hold no data for them: named once at the end, with the reason."""
+
+    titles: tuple[str, ...]
+    reason: str
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -161,15 +193,16 @@ class Plot:
 def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> ReportPaths:
     """Read ``results.json`` from each run folder; write ``report.html`` and ``summary.md`` into ``out_dir``.
 
-    A run folder or a ``results.json`` path may be given. ``out_dir`` defaults to the
-    first run folder. Raises :class:`~bench.errors.UsageError` naming the path when a
-    results file is missing, unreadable or not a bench results file.
+    A run folder or a ``results.json`` path may be given. ``out_dir`` defaults to the run's own folder for one
+    run, and to a new ``reports/compare-<UTC time>/`` for several (their first run's report is its own, not
+    the comparison's). Raises :class:`~bench.errors.UsageError` naming the path when a results file is
+    missing, unreadable or not a bench results file.
     """
     if not run_dirs:
         raise UsageError("bench report: expected at least one run folder (holding results.json)")
     runs = _load_runs([Path(p) for p in run_dirs])
     series = _series(runs)
-    out = out_dir if out_dir is not None else runs[0].folder
+    out = out_dir if out_dir is not None else default_out_dir([r.folder for r in runs])
     context = _context(runs, series)
     env = _environment()
     html = env.get_template("report.html.j2").render(**context)
@@ -182,6 +215,18 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path | None = None) -> Repor
     except OSError as exc:
         raise UsageError(f"cannot write the report into {out}: {exc}") from None
     return paths
+
+
+def default_out_dir(run_folders: Sequence[Path], now: datetime | None = None) -> Path:
+    """One run: its own folder. Several: a new ``reports/compare-<UTC time>/`` (``-2``, ``-3``... when taken)."""
+    if len(run_folders) == 1:
+        return run_folders[0]
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    base = REPORTS_DIR / f"compare-{stamp}"
+    out, i = base, 2
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -231,6 +276,11 @@ def _read_results(given: Path, file: Path) -> dict[str, Any]:
     if not given.exists():
         raise UsageError(f"{given}: no such file or folder; expected {expected}")
     if not file.is_file():
+        if (given / GATE_NAME).is_file():
+            raise UsageError(
+                f"{given}: a gate folder (its verdict is in {GATE_NAME} and summary.md), no results.json; pass one "
+                "of its replicate folders (A01, B01, ...) to report a run with the gate's verdict beside it"
+            )
         raise UsageError(f"{given}: no results.json in this folder; expected {expected}")
     if file.name != "results.json" and file.suffix != ".json":
         raise UsageError(f"{given}: not a results.json file; expected {expected}")
@@ -291,6 +341,7 @@ def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
     tables = {
         "runs": _runs_table(runs),
         "ledger": _ledger_table(series),
+        "validation": _validation_table(series),
         "strategies": _strategies_table(series),
         "environment": _environment_table(runs),
         "capacity": _capacity_table(capacity),
@@ -304,18 +355,32 @@ def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
     if any(v != SCHEMA_VERSION for v in versions):
         schema_note = (
             f"results written with schema_version {', '.join(map(str, versions))}; this report reads "
-            f"{SCHEMA_VERSION}: sections missing from older files say so"
+            f"{SCHEMA_VERSION}: sections whose data older files lack are named at the end"
         )
+    shown = {p.id: p for p in plots if not p.missing}
     return {
         "title": title,
+        "verdicts": [_verdict(run, len(runs) > 1) for run in runs],
         "runs": runs,
         "series": series,
-        "plots": plots,
-        "plot_by_id": {p.id: p for p in plots},
-        "tables": tables,
+        "plots": [p for p in plots if not p.missing],
+        "plot_by_id": shown,
+        "tables": {key: t for key, t in tables.items() if not t.missing},
+        "absent": _absent([*plots, *tables.values()]),
         "schema_note": schema_note,
         "bench_version": _bench_version(),
     }
+
+
+def _absent(sections: Sequence[Plot | Table]) -> list[Absent]:
+    """The sections that apply to these runs but lack data (lock probes disabled, a run too short to flush),
+    grouped by reason. Sections for another kind of run (capacity plots of a plain run, the validation table
+    without injected anomalies) are left out without a word: naming them would only be clutter."""
+    by_reason: dict[str, list[str]] = {}
+    for section in sections:
+        if section.missing and section.applies:
+            by_reason.setdefault(section.missing, []).append(section.title)
+    return [Absent(tuple(titles), reason) for reason, titles in by_reason.items()]
 
 
 def _bench_version() -> str:
@@ -323,6 +388,163 @@ def _bench_version() -> str:
         return importlib.metadata.version("iiot-bench")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+# ----------------------------------------------------------------------------- the verdict
+
+
+def verdict(results: dict[str, Any], folder: Path) -> Verdict:
+    """The verdict line of a run's report, for a command that prints its conclusion first (the terminal)."""
+    return _verdict(_Run(folder, folder / "results.json", folder.name, results), several=False)
+
+
+def _verdict(run: _Run, several: bool) -> Verdict:
+    """What the run's own command would have concluded (its exit status), and the figures it rests on."""
+    parts: list[tuple[str, bool]] = []  # (text, failed)
+    variants = _iter_dicts(run.results.get("variants"))
+    ledger = _ledger_verdict(variants)
+    if ledger is not None:
+        parts.append(ledger)
+    parts += _validation_verdict(variants)
+    parts += _error_verdict(variants)
+    capacity = run.results.get("capacity")
+    if isinstance(capacity, dict):
+        parts += _capacity_verdict(capacity)
+    gate_part, inconclusive = _gate_verdict(run)
+    if gate_part is not None:
+        parts.append(gate_part)
+    if not parts:
+        parts.append(("no variants and no capacity sweep: nothing to judge", True))
+    failed = any(bad for _, bad in parts)
+    status, tone = ("FAILED", "bad") if failed else ("INCONCLUSIVE", "warn") if inconclusive else ("PASSED", "good")
+    return Verdict(run.label if several else "", status, tone, tuple(text for text, _ in parts))
+
+
+def _ledger_verdict(variants: list[dict[str, Any]]) -> tuple[str, bool] | None:
+    ledgers = [(str(v.get("name", "?")), _dict(v.get("ledger"))) for v in variants]
+    ledgers = [(name, lg) for name, lg in ledgers if lg]
+    if not ledgers:
+        return None
+    bad = [(name, lg) for name, lg in ledgers if lg.get("reconciled") is not True]
+    several = len(ledgers) > 1
+    if bad:
+        texts = []
+        for name, lg in bad:
+            faults = [f"{_fmt(lg.get(k))} {k}" for k in ("lost", "duplicates", "unexpected") if lg.get(k)]
+            count = _fmt(lg.get("sent"))
+            what = f"{', '.join(faults)} of {count} sent" if faults else f"does not add up ({count} sent)"
+            texts.append(f"{name + ': ' if several else ''}{what}")
+        return "ledger NOT reconciled (" + "; ".join(texts) + ")", True
+    # Capacity variants count only the steps the verdict rests on: say so, or the sum reads as the whole sweep.
+    scope = ""
+    steps = [lg.get("steps") for _, lg in ledgers]
+    if all(isinstance(n, int) for n in steps):
+        scope = " over the sustainable steps" if len(ledgers) > 1 else f" over {steps[0]} sustainable step(s)"
+    sent = {lg.get("sent") for _, lg in ledgers}
+    if len(sent) == 1:
+        lg = ledgers[0][1]
+        where = f" in each of {len(ledgers)} variants" if several else ""
+        outcome = ", ".join(
+            f"{_fmt(lg.get(k))} {k}" for k in ("persisted", "rejected", "dropped") if lg.get(k) or k == "persisted"
+        )
+        same = all(all(other.get(k) == lg.get(k) for k in ("persisted", "rejected", "dropped")) for _, other in ledgers)
+        detail = f"{_fmt(lg.get('sent'))} sent{where}" + (f" ({outcome}, 0 lost)" if same else ", 0 lost")
+    else:
+        detail = ", ".join(f"{name} {_fmt(lg.get('sent'))} sent" for name, lg in ledgers) + ", 0 lost"
+    return f"ledger reconciled{scope}: {detail}", False
+
+
+def _validation_verdict(variants: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    out = []
+    scored = [(str(v.get("name", "?")), v["validation"]) for v in variants if isinstance(v.get("validation"), dict)]
+    for name, score in scored:
+        prefix = f"{name}: " if len(scored) > 1 else ""
+        classes = _dict(score.get("classes"))
+        mismatches = score.get("mismatches") or 0
+        injected = sum(int(_number(_dict(row).get("injected")) or 0) for row in classes.values())
+        problems = [str(p) for p in score.get("problems") or []]
+        if mismatches:
+            worst = sorted(
+                ((truth, int(_dict(row).get("mismatches") or 0)) for truth, row in classes.items()),
+                key=lambda kv: (-kv[1], kv[0]),
+            )
+            named = ", ".join(f"{truth} {n:,}" for truth, n in worst if n)
+            out.append((f"{prefix}validation: {mismatches:,} mismatch(es) between truth and decision ({named})", True))
+            # The run lists the mismatches as its first problem: the rest are checks of what was persisted.
+            problems = problems[1:]
+        elif not problems:
+            out.append(
+                (
+                    f"{prefix}validation: 0 mismatches between truth and decision over {injected:,} messages in "
+                    f"{len(classes)} classes",
+                    False,
+                )
+            )
+        out += [(f"{prefix}validation: {problem}", True) for problem in problems]
+    return out
+
+
+def _error_verdict(variants: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    """Pipeline errors other than validation's (those are in its own part) fail the run as the command does."""
+    out = []
+    for v in variants:
+        errors = [str(e) for e in get_path(v, "pipeline", "errors") or [] if not str(e).startswith("validation: ")]
+        if errors:
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            out.append((f"{v.get('name', '?')}: pipeline error: {errors[0]}{more}", True))
+    return out
+
+
+def _capacity_verdict(capacity: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Per worker count: sustainable rate and knee; fails as `bench capacity` does (no sustainable step at the
+    first worker count, a loss or an error in a step the verdict rests on)."""
+    out = []
+    for i, sr in enumerate(_iter_dicts(capacity.get("series"))):
+        workers = sr.get("workers")
+        who = f"{workers} worker{'' if workers == 1 else 's'}"
+        sus = _number(sr.get("sustainable_per_s"))
+        knee = _dict(sr.get("knee"))
+        kx, ky = _number(knee.get("offered_per_s")), _number(knee.get("p99_ms"))
+        knee_text = (
+            f"knee at {kx:,.0f} msg/s (p99 {ky:,.0f} ms)" if kx is not None and ky is not None else "no knee found"
+        )
+        if sus is None:
+            out.append((f"{who}: no sustainable step, {knee_text}", i == 0))
+        else:
+            out.append((f"{who}: sustainable {sus:,.0f} msg/s, {knee_text}", False))
+        steps = _iter_dicts(sr.get("steps"))
+        lost = sum(int(_number(st.get("lost")) or 0) for st in steps if st.get("sustainable"))
+        if lost:
+            out.append((f"{who}: {lost:,} message(s) lost in sustainable steps", True))
+        errors = [str(e) for st in steps for e in st.get("errors") or []]
+        if errors:
+            out.append((f"{who}: step error: {errors[0]}", True))
+    return out
+
+
+def _gate_verdict(run: _Run) -> tuple[tuple[str, bool] | None, bool]:
+    """The gate's outcome when the run is one of a gate's replicates (gate.json beside it or one folder up)."""
+    for folder in (run.folder, run.folder.parent):
+        path = folder / GATE_NAME
+        if not path.is_file():
+            continue
+        try:
+            gate = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return (f"{path} is unreadable: gate outcome unknown", True), False
+        if not isinstance(gate, dict):
+            return (f"{path} is not a gate result: gate outcome unknown", True), False
+        # As bench.gate.outcome_label reads it (results from before "inconclusive" know only failed).
+        outcome = gate.get("outcome") or ("failed" if gate.get("failed") else "passed")
+        where = "" if folder == run.folder else f" ({path})"
+        if outcome == "failed":
+            reasons = [str(r) for r in gate.get("reasons") or []]
+            return (f"gate FAILED{where}" + (f": {reasons[0]}" if reasons else ""), True), False
+        if outcome == "inconclusive":
+            why = [str(r) for r in gate.get("inconclusive") or []]
+            return (f"gate INCONCLUSIVE{where}" + (f": {why[0]}" if why else ""), False), True
+        return (f"gate passed{where}", False), False
+    return None, False
 
 
 # ----------------------------------------------------------------------------- plots
@@ -503,7 +725,7 @@ def _latency_plot(series: list[_Series]) -> Plot:
         x = np.arange(len(E2E_PERCENTILES))
         for s, values, count in drawn:
             ys = [v if v is not None and v > 0 else np.nan for v in values]
-            n = f" (n={count:,})" if isinstance(count, int) else ""
+            n = f" (n={count:,} persisted messages)" if isinstance(count, int) else ""
             ax.plot(x, ys, marker="o", color=s.color, linestyle=s.style, label=f"{s.label}{n}")
         ax.set_xticks(x, [name for name, _ in E2E_PERCENTILES])
         _ms_axis(ax, (v for _, values, _ in drawn for v in values), "durable time - intended send time")
@@ -516,11 +738,12 @@ def _latency_plot(series: list[_Series]) -> Plot:
         (
             "Per persisted message: the time its Parquet flush became durable minus its intended send time (open "
             "model, so a stalled pipeline cannot hide behind a publisher that slowed down). Lower is better; a "
-            "steep rise towards p99.9 and max is the tail a burst or a slow flush leaves."
+            "steep rise towards p99.9 and max is the tail a burst or a slow flush leaves. n counts persisted "
+            "messages: the ledger's persisted, not its sent (rejected and dropped messages have no durable time)."
         ),
         _draw(draw),
         f"{title}: p50, p90, p99, p99.9 and max in ms for " + ", ".join(s.label for s, *_ in drawn),
-        notes=_missing_note(without, "no end-to-end latency"),
+        notes=_scope_notes([s for s, *_ in drawn], latency=True) + _missing_note(without, "no end-to-end latency"),
     )
 
 
@@ -588,7 +811,7 @@ def _flush_plot(series: list[_Series]) -> Plot:
     def draw(ax: Axes) -> None:
         for s, trigger, xs, ys, count in drawn:
             style, marker = ("-", "o") if trigger == "size" else ("--", "s")
-            n = f", n={count:,}" if isinstance(count, int) else ""
+            n = f", n={count:,} flushes" if isinstance(count, int) else ""
             ax.plot(
                 xs, ys, color=s.color, linestyle=style, marker=marker, markersize=4, label=f"{s.label} {trigger}{n}"
             )
@@ -607,7 +830,8 @@ def _flush_plot(series: list[_Series]) -> Plot:
         ),
         _draw(draw),
         f"{title}: flush time in ms against percentile for " + ", ".join(f"{s.label} {t}" for s, t, *_ in drawn),
-        notes=_missing_note(without, f"no {FLUSH_SINK} size/timeout flushes"),
+        notes=_scope_notes(list({s.label: s for s, *_ in drawn}.values()), latency=False)
+        + _missing_note(without, f"no {FLUSH_SINK} size/timeout flushes"),
     )
 
 
@@ -638,7 +862,7 @@ def _lock_plot(series: list[_Series]) -> Plot:
     def draw(ax: Axes) -> None:
         for s, strategy, xs, ys, count in drawn:
             name = s.label if s.label.rsplit("/", 1)[-1] == strategy else f"{s.label} ({strategy} lock)"
-            n = f", n={count:,}" if isinstance(count, int) else ""
+            n = f", n={count:,} puts" if isinstance(count, int) else ""
             ax.plot(xs, ys, color=s.color, linestyle=s.style, marker="o", markersize=4, label=f"{name}{n}")
         _ladder_axes(ax, top, (y for *_, ys, _ in drawn for y in ys), "wait for the buffer lock")
         ax.set_title(title)
@@ -649,17 +873,19 @@ def _lock_plot(series: list[_Series]) -> Plot:
         (
             "Per put into the readings buffer: the time from asking for the lock to holding it, as a percentile "
             "ladder. A coarse lock (held across the flush, disk included) shows as a jump in the tail to about one "
-            "flush time; a swap lock stays near a microsecond throughout."
+            "flush time; a swap lock stays near a microsecond throughout. n counts puts: one per accepted "
+            "message, so it is the ledger's persisted (plus rows the buffer itself dropped), not its sent: a "
+            "rejected message goes to the quarantine and never takes this lock."
         ),
         _draw(draw),
         f"{title}: lock wait in ms against percentile for " + ", ".join(s.label for s, *_ in drawn),
-        notes=notes,
+        notes=_scope_notes([s for s, *_ in drawn], latency=False) + notes,
     )
 
 
 def _append_plot(series: list[_Series]) -> Plot:
     title = "Append cost against file size"
-    drawn: list[tuple[_Series, list[float], list[float], float | None, float | None]] = []
+    drawn: list[tuple[_Series, list[float], list[float], float | None, float | None, str]] = []
     without: list[str] = []
     for s in series:
         cost = get_path(s.variant, "probes", "append_cost")
@@ -674,23 +900,22 @@ def _append_plot(series: list[_Series]) -> Plot:
             without.append(s.label)
             continue
         slope, intercept = _number(get_path(cost, "slope_ms_per_mb")), _number(get_path(cost, "intercept_ms"))
-        drawn.append((s, [mb for mb, _ in xy], [ms for _, ms in xy], slope, intercept))
+        drawn.append((s, [mb for mb, _ in xy], [ms for _, ms in xy], slope, intercept, _slope_summary(cost) or ""))
     if not drawn:
         return Plot("plot-append", title, missing="no append-cost points (Parquet flushes) in these runs")
 
     def draw(ax: Axes) -> None:
-        for s, mbs, costs, slope, intercept in drawn:
+        for s, mbs, costs, slope, intercept, summary in drawn:
             ax.scatter(mbs, costs, s=14, color=s.color, alpha=0.6, label=f"{s.label} flushes (n={len(mbs):,})")
             if slope is not None and intercept is not None:
                 xs = np.linspace(0, max(mbs), 50)
-                sign = "+" if slope >= 0 else "-"
                 ax.plot(
                     xs,
                     intercept + slope * xs,
                     color=s.color,
                     linestyle=s.style,
                     linewidth=1.8,
-                    label=f"{s.label} fit: {intercept:,.2f} ms {sign} {abs(slope):,.3g} ms/MB",
+                    label=f"{s.label} fit: {intercept:,.2f} ms at 0 MB, slope {summary}",
                 )
         ax.set_title(title)
         ax.set_xlabel("size of the file appended to, before the flush (MB)")
@@ -703,15 +928,71 @@ def _append_plot(series: list[_Series]) -> Plot:
         title,
         (
             "Each point is one Parquet flush: the MB already in the file it appended to, and what putting the batch "
-            "into it cost (write + commit). The line is the least-squares fit. A flat line means a true append "
-            "(row groups, or a file per flush); a rising one means each append rewrites or rereads the file, so "
-            "flushes get slower as the file grows, until the file rotates."
+            "into it cost (write + commit). The line is the least-squares fit; its slope comes with a 95% interval "
+            '(t, from the scatter around the line), and reads "flat within noise" when that interval holds 0: '
+            "a few noisy flushes then make any slope, up or down. A flat line means a true append (row groups, or "
+            "a file per flush); a rising one means each append rewrites or rereads the file, so flushes get slower "
+            "as the file grows, until the file rotates."
         ),
         _draw(draw),
         f"{title}: append cost in ms against MB in the file, with fitted lines, for "
         + ", ".join(s.label for s, *_ in drawn),
         notes=_missing_note(without, "no append-cost points"),
     )
+
+
+def _slope_summary(cost: Any) -> str | None:
+    """The append slope with its interval: as the run stored it, or fitted here from the stored points for
+    results written before the interval was (exact unless the points were thinned to the plotted sample)."""
+    stored = get_path(cost, "slope_summary")
+    if isinstance(stored, str):
+        return stored
+    points = [p for p in _iter_lists(get_path(cost, "points")) if len(p) >= 3]
+    xy = [(x, y) for p in points if (x := _number(p[0])) is not None and (y := _number(p[2])) is not None]
+    fit = slope_fit([x for x, _ in xy], [y for _, y in xy])
+    if fit is None:
+        return None
+    count = get_path(cost, "count")
+    sampled = (
+        f" (fitted here to {len(xy):,} of {count:,} flushes)" if isinstance(count, int) and count > len(xy) else ""
+    )
+    return slope_text(fit) + sampled
+
+
+def _scope_notes(series: list[_Series], *, latency: bool) -> tuple[str, ...]:
+    """What a capacity sweep's variant counts in a plot: its figures come from chosen steps, not a whole run."""
+    notes = []
+    for s in series:
+        scope = _capacity_scope(s)
+        if scope is not None:
+            notes.append(f"{s.label}: {scope[1] if latency else scope[0]}.")
+    return tuple(notes)
+
+
+def _capacity_scope(s: _Series) -> tuple[str, str] | None:
+    """For a variant of a capacity sweep: (the steps its ledger, flush and lock figures cover; the step its
+    latency and throughput come from). None for a plain run's variant."""
+    if s.run.results.get("kind") != "capacity" and "capacity_step" not in s.variant:
+        return None
+    rates = get_path(s.variant, "ledger", "steps_offered_per_s")
+    if isinstance(rates, list) and rates:
+        listed = ", ".join(f"{_number(r) or 0:,.0f}" for r in rates)
+        steps = (
+            f"ledger, flush and lock figures cover its {len(rates)} sustainable step(s) ({listed} msg/s), flushes "
+            "after each step's settle time"
+        )
+    else:
+        steps = (
+            "its ledger covers the sustainable steps, its flush and lock figures every step of the sweep, overloaded "
+            "ones included (results written before both covered the same steps)"
+        )
+    best = _number(get_path(s.variant, "throughput", "offered_per_s"))
+    at = f" ({best:,.0f} msg/s)" if best is not None else ""
+    latency = (
+        f"latency and throughput are its highest sustainable step's{at} after the settle time, so n is that step's "
+        "persisted messages, not the ledger's"
+    )
+    return steps, latency
 
 
 # ----------------------------------------------------------------------------- capacity
@@ -793,7 +1074,7 @@ def _capacity_plot(capacity: list[_CapacitySeries]) -> Plot:
     drawn = [(cs, pts) for cs in capacity if (pts := _step_points(cs.steps, "offered_per_s", ("persisted_per_s",)))]
     if not drawn:
         what = NO_CAPACITY if not capacity else "no steps with offered and persisted rates in the capacity sweeps"
-        return Plot("plot-capacity", title, missing=what)
+        return Plot("plot-capacity", title, missing=what, applies=bool(capacity))
     thresholds = {_number(get_path(cs.run.results, "capacity", "threshold")) for cs, _ in drawn} - {None}
     threshold = min(t for t in thresholds if t is not None) if thresholds else None
     top = max(max(max(x, y) for x, y, _ in pts) for _, pts in drawn) * 1.05
@@ -859,7 +1140,7 @@ def _capacity_latency_plot(capacity: list[_CapacitySeries]) -> Plot:
             drawn.append((cs, p50, p99))
     if not drawn:
         what = NO_CAPACITY if not capacity else "no end-to-end latency in the capacity steps of these runs"
-        return Plot("plot-capacity-latency", title, missing=what)
+        return Plot("plot-capacity-latency", title, missing=what, applies=bool(capacity))
 
     def draw(ax: Axes) -> None:
         values: list[float] = []
@@ -923,8 +1204,12 @@ def _usl_plot(runs: list[_Run]) -> Plot:
     if not fits:
         what = NO_CAPACITY
         if unfitted:
-            what = f"no USL fit in these runs: the capacity sweep of {', '.join(unfitted)} has none (usl is null)"
-        return Plot("plot-usl", title, missing=what)
+            counts = {len(_iter_dicts(get_path(r.results, "capacity", "series"))) for r in runs if r.label in unfitted}
+            why = (
+                "one worker count measured: a fit needs two or more (--workers 1,2)" if counts == {1} else "usl is null"
+            )
+            what = f"no USL fit in these runs: the capacity sweep of {', '.join(unfitted)} has none ({why})"
+        return Plot("plot-usl", title, missing=what, applies=bool(unfitted))
     several = len(runs) > 1
 
     def draw(ax: Axes) -> None:
@@ -1057,21 +1342,48 @@ def _ledger_table(series: list[_Series]) -> Table:
     )
 
 
+def _comparable(s: _Series) -> tuple[str, str]:
+    """Columns with the same key ran the same stream the same way: only between those is a ratio a comparison
+    of strategies (a plain run and a capacity sweep of one scenario measure different things too)."""
+    return str(get_path(s.run.results, "scenario", "name") or "?"), str(s.run.results.get("kind") or "run")
+
+
 def _strategies_table(series: list[_Series]) -> Table:
     title = "Strategies side by side"
     if not series:
         return Table("table-strategies", title, (), (), missing="no variants in these runs")
+    # Each column's ratio is to the first column of its own scenario; the first of each scenario has none.
+    base_of: dict[tuple[str, str], int] = {}
+    for i, s in enumerate(series):
+        base_of.setdefault(_comparable(s), i)
+    bases = [base_of[_comparable(s)] for s in series]
+    notes: list[str] = []
     rows = [Row("ledger reconciled", tuple(_reconciled_cell(_dict(s.variant.get("ledger"))) for s in series))]
     for label, path, fmt, ratio in METRIC_ROWS:
         values = [get_path(s.variant, *path) for s in series]
+        if path[-1] == "slope_summary":
+            values = [
+                v if v is not None else _slope_summary(get_path(s.variant, *path[:-1]))
+                for s, v in zip(series, values, strict=True)
+            ]
         if all(v is None for v in values):
             continue
-        base = values[0]
-        cells = tuple(
-            Cell(_fmt(v, fmt), note=_ratio(v, base) if ratio and i > 0 and v is not None else "")
-            for i, v in enumerate(values)
-        )
-        rows.append(Row(label.strip(), cells, indent=label.startswith(" ")))
+        cells = []
+        for i, (s, v) in enumerate(zip(series, values, strict=True)):
+            note = _ratio(v, values[bases[i]]) if ratio and i != bases[i] and v is not None else ""
+            tone = ""
+            share = tail_share_bound(get_path(s.variant, *path[:-1])) if path[-1] == "p99" else None
+            if share is not None and share >= TAIL_SHARE_WARNING:
+                # A ratio of two p99s that both miss where the time went would only mislead further.
+                note, tone = f"≥{share:.0%} of the total is in the slowest 1%", "warn"
+                summary = _dict(get_path(s.variant, *path[:-1]))
+                notes.append(
+                    f"{label.strip()} of {s.label} describes almost none of the time: at least {share:.0%} of the "
+                    f"{_fmt(summary.get('total'), '{:,.0f}')} ms in all lies in the slowest 1% of its "
+                    f"{_fmt(summary.get('count'))} samples; read p99.9, max and total."
+                )
+            cells.append(Cell(_fmt(v, fmt), note=note, tone=tone))
+        rows.append(Row(label.strip(), tuple(cells), indent=label.startswith(" ")))
     triggers = ("size", "timeout", "shutdown")
     rows.append(
         Row(
@@ -1100,7 +1412,97 @@ def _strategies_table(series: list[_Series]) -> Table:
         title,
         ("metric", *(s.label for s in series)),
         tuple(rows),
-        caption=f"The terminal summary's rows; (xN) is the ratio to the first column, {series[0].label}.",
+        caption=" ".join([_ratio_caption(series, bases), *notes, *_scope_captions(series)]),
+    )
+
+
+def _ratio_caption(series: list[_Series], bases: list[int]) -> str:
+    groups = sorted(set(bases))
+    if len(groups) == 1:
+        text = f"The terminal summary's rows; (xN) is the ratio to the first column, {series[0].label}."
+    else:
+        firsts = ", ".join(f"{series[b].label} for {_comparable(series[b])[0]}" for b in groups)
+        text = (
+            "The terminal summary's rows; (xN) is the ratio to the first column of the same scenario "
+            f"({firsts}). Columns of different scenarios get no ratio: their streams differ, so a ratio would "
+            "compare the scenarios, not the strategies."
+        )
+    for b in groups:
+        key = _comparable(series[b])
+        digests = {get_path(s.run.results, "scenario", "sha256") for s in series if _comparable(s) == key}
+        if len(digests) > 1:
+            text += (
+                f" The {key[0]} scenario file differs between these runs (same name, other content): check the "
+                "ratios compare like with like."
+            )
+    return text
+
+
+def _scope_captions(series: list[_Series]) -> list[str]:
+    out = []
+    for s in series:
+        scope = _capacity_scope(s)
+        if scope is not None:
+            out.append(f"{s.label} (a capacity sweep): {scope[0]}; {scope[1]}.")
+    return out
+
+
+def _validation_table(series: list[_Series]) -> Table:
+    title = "Validation: truth against decision per anomaly class"
+    header = ("class (truth)", "injected", "expected", "decisions", "mismatches")
+    scored = [(s, s.variant["validation"]) for s in series if isinstance(s.variant.get("validation"), dict)]
+    if not scored:
+        return Table(
+            "table-validation",
+            title,
+            header,
+            (),
+            missing="no anomalies injected in these runs (a scenario's anomalies: section scores validation)",
+            applies=False,
+        )
+    several = len(scored) > 1
+    rows = []
+    captions = []
+    for s, score in scored:
+        for truth, raw in sorted(_dict(score.get("classes")).items()):
+            row = _dict(raw)
+            expected = ", ".join(f"{k} {_fmt(n)}" for k, n in _dict(row.get("expected")).items())
+            decided = sorted(_dict(row.get("decisions")).items(), key=lambda kv: (-(_number(kv[1]) or 0), kv[0]))
+            cells = (
+                Cell(_fmt(row.get("injected"))),
+                Cell(expected or "-", tone="text"),
+                Cell(", ".join(f"{k} {_fmt(n)}" for k, n in decided) or "-", tone="text"),
+                _count_cell(row.get("mismatches"), bad_if_nonzero=True),
+            )
+            rows.append(Row(f"{s.label}: {truth}" if several else truth, cells))
+        checks = _dict(score.get("output_checks"))
+        prefix = f"{s.label}: " if several else ""
+        text = (
+            f"{prefix}{_fmt(score.get('mismatches'))} mismatch(es); read back {_fmt(checks.get('rows_read_back'))} "
+            f"rows: NaN/inf {_fmt(checks.get('non_finite_values'))}, files with naive timestamps "
+            f"{_fmt(checks.get('files_with_naive_timestamps'))}, beyond the future tolerance "
+            f"{_fmt(checks.get('beyond_future_tolerance'))}; quarantine rows {_fmt(score.get('quarantine_rows'))}."
+        )
+        sample = _iter_dicts(score.get("mismatch_sample"))
+        if sample:
+            text += (
+                " Sample of mismatches: "
+                + ", ".join(
+                    f"seq {_fmt(m.get('seq'), '{}')} {_fmt(m.get('truth'), '{}')} ({_fmt(m.get('problem'), '{}')})"
+                    for m in sample
+                )
+                + "."
+            )
+        text += "".join(f" Problem: {p}." for p in score.get("problems") or [])
+        captions.append(text)
+    return Table(
+        "table-validation",
+        title,
+        header,
+        tuple(rows),
+        caption="Each injected message carries its truth label; expected is what the validator's policies say it "
+        "should become, decisions what it became, read back from Parquet and the quarantine. A mismatch fails the "
+        "run. " + " ".join(captions),
     )
 
 
@@ -1155,7 +1557,7 @@ def _capacity_table(capacity: list[_CapacitySeries]) -> Table:
     title = "Capacity steps"
     header = ("workers", *(name for name, _, _ in _STEP_COLUMNS), "verdict")
     if not capacity:
-        return Table("table-capacity", title, header, (), missing="no capacity sweep in these runs")
+        return Table("table-capacity", title, header, (), missing=NO_CAPACITY, applies=False)
     rows = []
     for cs in capacity:
         for step in cs.steps:
@@ -1183,7 +1585,9 @@ def _capacity_table(capacity: list[_CapacitySeries]) -> Table:
             "offered and the backlog (sent, not yet durable) is not growing: its slope over the step, the backlog "
             "left at its end and whether it grew are the evidence. publisher-limited: the publishers could not offer "
             "the rate, so the step says nothing about the pipeline. Little L/(λW) near 1: the measured backlog and "
-            "latency agree."
+            "latency agree. Latency, flush and lock-wait columns are of that step alone, after its settle time, "
+            "flushes of every trigger together: the strategies table's flush rows are per trigger, over all the "
+            "sustainable steps."
         ),
     )
 
@@ -1224,7 +1628,8 @@ def _capacity_summary_table(capacity: list[_CapacitySeries]) -> Table:
         ),
         tuple(rows),
         caption=" ".join(notes),
-        missing="" if rows else "no capacity sweep in these runs",
+        missing="" if rows else NO_CAPACITY,
+        applies=bool(capacity),
     )
 
 
@@ -1241,8 +1646,13 @@ def _recommendations_table(runs: list[_Run]) -> Table:
         "Recommendations",
         ("topic", "recommendation", "evidence"),
         tuple(rows),
-        missing="" if rows else "no recommendations in these runs (a capacity sweep makes them)",
+        missing=""
+        if rows
+        else "no recommendations in these runs (a capacity sweep makes them)"
+        if any(isinstance(r.results.get("capacity"), dict) for r in runs)
+        else NO_CAPACITY,
         numeric=False,
+        applies=any(isinstance(r.results.get("capacity"), dict) for r in runs),
     )
 
 

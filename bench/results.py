@@ -30,7 +30,7 @@ from typing import Any
 
 from pipeline.probes import Recorder
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 PACKAGES = (
     "iiot-bench",
     "asyncua",

@@ -72,15 +72,16 @@ class AsyncFlushingBuffer(Generic[T]):
         t_enter = time.perf_counter_ns()
         async with self._cond:
             t_locked = time.perf_counter_ns()
+            waited = [0]  # time in cond.wait(), when the lock is released: not part of the hold
             try:
-                await self._put_locked(item, t_enter, t_locked)
+                await self._put_locked(item, t_enter, t_locked, waited)
             finally:
                 if self.probes is not None:
                     now = time.perf_counter_ns()
-                    self.probes.hold.record_ns(now - t_locked)
+                    self.probes.hold.record_ns(now - t_locked - waited[0])
                     self.probes.stall.record_ns(now - t_enter)
 
-    async def _put_locked(self, item: T, t_enter: int, t_locked: int) -> None:
+    async def _put_locked(self, item: T, t_enter: int, t_locked: int, waited: list[int]) -> None:
         if self.probes is not None:
             self.probes.wait.record_ns(t_locked - t_enter)
         if self._closing:
@@ -91,7 +92,8 @@ class AsyncFlushingBuffer(Generic[T]):
             while result == "full" and not self._closing:
                 await self._cond.wait()
                 result, dropped = self._core.offer(item, self._clock.now_ns())
-            self._book.producer_wait_ns += time.perf_counter_ns() - start
+            waited[0] = time.perf_counter_ns() - start
+            self._book.producer_wait_ns += waited[0]
             if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
                 raise BufferClosed("buffer closed while a producer waited")
         self._book.after_offer(result, dropped)

@@ -117,6 +117,7 @@ class FlushingBuffer(Generic[T]):
         t_enter = time.perf_counter_ns()
         self._cond.acquire()
         t_locked = time.perf_counter_ns()
+        waited = 0  # time in cond.wait(), when the lock is released: not part of the hold
         try:
             if self.probes is not None:
                 self.probes.wait.record_ns(t_locked - t_enter)
@@ -128,7 +129,8 @@ class FlushingBuffer(Generic[T]):
                 while result == "full" and not self._closing:
                     self._cond.wait()
                     result, dropped = self._core.offer(item, self._clock.now_ns())
-                self._book.producer_wait_ns += time.perf_counter_ns() - start
+                waited = time.perf_counter_ns() - start
+                self._book.producer_wait_ns += waited
                 if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
                     # Closing while we waited: the flusher may have written its
                     # last batch, so appending now would lose the row silently.
@@ -147,7 +149,7 @@ class FlushingBuffer(Generic[T]):
         finally:
             if self.probes is not None:
                 now = time.perf_counter_ns()
-                self.probes.hold.record_ns(now - t_locked)
+                self.probes.hold.record_ns(now - t_locked - waited)
                 self.probes.stall.record_ns(now - t_enter)
             self._cond.release()
 
@@ -177,8 +179,9 @@ class FlushingBuffer(Generic[T]):
     def _run(self) -> None:
         while True:
             with self._cond:
-                t_locked = time.perf_counter_ns()
                 trigger = self._wait_for_trigger()
+                # The hold starts once the wait is over: cond.wait() releases the lock while it sleeps.
+                t_locked = time.perf_counter_ns()
                 if trigger is None:
                     self._record_hold(t_locked)
                     return

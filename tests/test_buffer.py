@@ -343,3 +343,35 @@ def test_put_after_close_is_refused_not_silently_lost() -> None:
         buf.put(1)
     stats = buf.statistics()
     assert stats.accepted == stats.flushed_rows + stats.failed_rows == 0
+
+
+# --- lock hold: only while the lock is really held -----------------------------
+
+
+def test_lock_hold_leaves_out_the_flushers_idle_wait() -> None:
+    # cond.wait() releases the lock: the flusher sleeping on an empty buffer holds nothing. Counting from
+    # before its wait made a swap lock's hold look as long as the idle time (seen: p99.9 ~ the flush interval).
+    # Margins: the idle wait is 1.5 s, the real hold is a take() of one row (microseconds); only a 0.75 s
+    # preemption of the flusher while it holds the lock could fail this.
+    buf = make(MemorySink(), size=1000, capacity=1000)
+    time.sleep(1.5)
+    buf.put(1)
+    buf.close()
+    assert buf.probes is not None
+    assert buf.probes.hold.count >= 2  # the put and the shutdown flush
+    assert buf.probes.hold.summary()["max"] < 750, buf.probes.hold.summary()
+
+
+def test_a_blocked_producers_wait_is_stall_not_hold() -> None:
+    # With the `block` policy a producer waits in cond.wait() (lock released) for the flusher to make room:
+    # that is stall and producer wait, never hold. The sink sleeps 0.5 s per batch, so the 21st put waits at
+    # least ~0.5 s; its hold is an append (microseconds). 0.25 s of margin on each side.
+    buf = make(MemorySink(delay_s=0.5), size=10, capacity=10)
+    for i in range(21):
+        buf.put(i)
+    stats = buf.statistics()
+    buf.close()
+    assert buf.probes is not None
+    assert stats.producer_wait_ns >= 250_000_000
+    assert buf.probes.stall.summary()["max"] >= 250
+    assert buf.probes.hold.summary()["max"] < 250, buf.probes.hold.summary()

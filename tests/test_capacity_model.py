@@ -197,6 +197,23 @@ def test_every_recommendation_shows_its_evidence() -> None:
     assert "2,000 rows" in topics["buffer size"]["text"]
 
 
+def test_a_slope_flat_within_noise_advises_no_rotation() -> None:
+    # The same point estimate as above (doubling at 6 MB), but its interval holds 0: no advice may rest on it.
+    append = {
+        "count": 40,
+        "max_mb_before": 30.0,
+        "slope_ms_per_mb": 0.5,
+        "intercept_ms": 3.0,
+        "slope_ci95_ms_per_mb": [-0.2, 1.2],
+    }
+    (rotation,) = [a for a in _advice([], append=append, target_rate=None) if a["topic"] == "parquet rotation"]
+    assert "flat within noise" in rotation["text"] and "6.0 MB" not in rotation["text"]
+    assert "95% CI of the slope -0.200 .. 1.200" in rotation["evidence"]
+    significant = {**append, "slope_ci95_ms_per_mb": [0.3, 0.7]}
+    (rotation,) = [a for a in _advice([], append=significant, target_rate=None) if a["topic"] == "parquet rotation"]
+    assert "6.0 MB" in rotation["text"]
+
+
 def test_rotation_is_not_judged_from_files_that_barely_grew() -> None:
     append = {"count": 10, "max_mb_before": 0.2, "slope_ms_per_mb": 50.0, "intercept_ms": 1.0}
     advice = _advice([], append=append, target_rate=None)

@@ -15,8 +15,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from bench.cli import main
+from bench.errors import ScenarioError
 from bench.scenario import json_schema, load_scenario
 from simulators.stream import MAX_MESSAGES, PhaseSpec, StreamSpec, planned_count
 from tests.conftest import SCENARIOS
@@ -114,9 +117,7 @@ def test_a_mistake_found_after_start_leaves_no_half_made_folder(
 ) -> None:
     # An unset ${VAR} is only found when the run resolves it, after the run folder was made.
     monkeypatch.delenv("BENCH_TEST_UNSET_USER", raising=False)
-    path = write_scenario(
-        "name: x\ntransport: {mqtt: {username: '${BENCH_TEST_UNSET_USER}'}}\nphases:\n" + STEADY
-    )
+    path = write_scenario("name: x\ntransport: {mqtt: {username: '${BENCH_TEST_UNSET_USER}'}}\nphases:\n" + STEADY)
     out = tmp_path / "run"
     for _ in range(2):  # the same --out fails the same way again, not with "folder is not empty"
         assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
@@ -161,3 +162,81 @@ def test_the_exported_schema_refuses_what_the_bench_refuses(
 def test_bench_schema_prints_the_schema_the_tests_check(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     assert json.loads(capsys.readouterr().out) == json_schema()
+
+
+def _leaves(node: object, path: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _leaves(v, (*path, k))] or [path]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _leaves(v, (*path, i))] or [path]
+    return [path]
+
+
+def _replaced(node: object, path: tuple[object, ...], value: object) -> object:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(node, dict):
+        return {k: _replaced(v, rest, value) if k == head else v for k, v in node.items()}
+    assert isinstance(node, list)
+    return [_replaced(v, rest, value) if i == head else v for i, v in enumerate(node)]
+
+
+HOSTILE_VALUES: st.SearchStrategy[object] = st.sampled_from(
+    [
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        1e308,
+        -1e308,
+        10**30,
+        -(10**30),
+        0,
+        -1,
+        "",
+        "x" * 10_000,
+        "{i:>100000}",
+        "../../../../tmp/escape",
+        "/tmp/escape",
+        None,
+        [],
+        {},
+        [[[[[[]]]]]],
+        True,
+        "1e308s",
+        "99999999999999999999d",
+    ]
+)
+SHIPPED = sorted(SCENARIOS.glob("*.yaml"))
+
+
+@pytest.mark.timeout(300)
+# No shrinking: a failing example is already small (one leaf, one value) and shrinking it costs minutes.
+@settings(
+    max_examples=300,
+    deadline=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data(), value=HOSTILE_VALUES)
+def test_one_hostile_value_anywhere_in_a_shipped_scenario_is_refused_or_bounded(
+    data: st.DataObject, value: object, tmp_path: Path
+) -> None:
+    # Every leaf of every shipped scenario is a place a user can type something absurd: validation must end
+    # quickly with either a ScenarioError or a scenario whose plan the run can carry out.
+    source = data.draw(st.sampled_from(SHIPPED), label="scenario")
+    base = yaml.safe_load(source.read_text(encoding="utf-8"))
+    leaf = data.draw(st.sampled_from(_leaves(base)), label="leaf")
+    path = tmp_path / "hostile.yaml"
+    path.write_text(yaml.safe_dump(_replaced(base, leaf, value)), encoding="utf-8")
+    cpu = time.process_time()
+    try:
+        loaded = load_scenario(path)
+    except ScenarioError as exc:
+        # One line per problem, each naming the file (a value can break several fields of a union at once).
+        assert all(line.startswith(str(path)) for line in str(exc).strip().splitlines()), exc
+    else:
+        for _, variant in loaded.variants:
+            assert planned_count(variant.stream_spec()) <= MAX_MESSAGES
+            assert all(0 < len(m) <= 255 for m in variant.machines.ids())
+    assert time.process_time() - cpu < 2.0, f"{source.name} {leaf} = {value!r}"

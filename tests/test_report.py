@@ -241,8 +241,9 @@ def assert_png(data: bytes) -> tuple[int, int]:
 
 
 def assert_plots(html: str, with_image: tuple[str, ...], missing: dict[str, str]) -> None:
+    """Plots drawn, and plots left out: no section of their own, but named with the reason at the end."""
     found = sections(html)
-    assert set(PLOT_IDS) <= set(found), set(PLOT_IDS) - set(found)
+    assert set(with_image) <= set(found), set(with_image) - set(found)
     for plot_id in with_image:
         images = png_images(found[plot_id])
         assert len(images) == 1, plot_id
@@ -250,9 +251,10 @@ def assert_plots(html: str, with_image: tuple[str, ...], missing: dict[str, str]
         width, height = assert_png(data)
         assert width >= 800 and height >= 450, (plot_id, width, height)
         assert len(alt) > 20, (plot_id, alt)
+    assert "Not plotted" not in html and 'class="missing"' not in html, "no placeholder sections"
     for plot_id, words in missing.items():
-        assert "<img" not in found[plot_id], plot_id
-        assert words in found[plot_id], (plot_id, found[plot_id])
+        assert plot_id not in found, plot_id
+        assert words in found["not-in-this-report"], (plot_id, words)
 
 
 def read(paths: ReportPaths) -> tuple[str, str]:
@@ -267,13 +269,18 @@ def results_of(run: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the report of a real run
 
 
-def test_real_run_report_has_every_plot_and_table(lock_run: Path, lock_report: ReportPaths) -> None:
+def test_real_run_report_has_every_plot_and_table_that_applies(lock_run: Path, lock_report: ReportPaths) -> None:
     assert lock_report == ReportPaths(lock_report.html.parent / "report.html", lock_report.html.parent / "summary.md")
     html, _ = read(lock_report)
-    no_capacity = "no capacity sweep in these runs"
-    assert_plots(html, RUN_PLOTS, dict.fromkeys(CAPACITY_PLOTS, no_capacity))
+    assert_plots(html, RUN_PLOTS, {})
+    # A plain run has no capacity sweep and no injected anomalies: those sections do not apply, and are not there.
+    not_applicable = (*CAPACITY_PLOTS, "table-capacity", "table-capacity-summary", "table-recommendations")
+    for section_id in (*not_applicable, "table-validation"):
+        assert f'id="{section_id}"' not in html, section_id
+    assert 'id="not-in-this-report"' not in html, "nothing that applies is missing"
     for table_id in TABLE_IDS:
-        table(html, table_id)
+        if table_id not in (*not_applicable, "table-validation"):
+            table(html, table_id)
 
     results = results_of(lock_run)
     variants = results["variants"]
@@ -306,7 +313,6 @@ def test_real_run_report_has_every_plot_and_table(lock_run: Path, lock_report: R
     runs = table(html, "table-runs")
     for value in (results["run_id"], results["started_at"], results["scenario"]["sha256"], "lock_contention"):
         assert value in runs
-    assert no_capacity in table(html, "table-capacity")
 
 
 def test_report_needs_no_network(lock_report: ReportPaths, capacity_report: ReportPaths) -> None:
@@ -351,7 +357,7 @@ def test_same_results_give_the_same_bytes(lock_run: Path, lock_report: ReportPat
 
 
 def test_capacity_sections_render(capacity_run: Path, capacity_report: ReportPaths) -> None:
-    assert capacity_report.html == capacity_run / "report.html", "the default out_dir is the first run folder"
+    assert capacity_report.html == capacity_run / "report.html", "one run: the default out_dir is its own folder"
     html, markdown = read(capacity_report)
     assert_plots(html, PLOT_IDS, {})
     capacity = results_of(capacity_run)["capacity"]
@@ -387,7 +393,7 @@ def test_capacity_sections_render(capacity_run: Path, capacity_report: ReportPat
     assert "&lt;with margin&gt;" in markdown
 
 
-def test_capacity_without_usl_or_knee_says_what_is_missing(capacity_run: Path, tmp_path: Path) -> None:
+def test_capacity_without_usl_or_knee_names_what_is_left_out(capacity_run: Path, tmp_path: Path) -> None:
     results = results_of(capacity_run)
     results["variants"] = []
     sweep = results["capacity"]
@@ -411,8 +417,10 @@ def test_capacity_without_usl_or_knee_says_what_is_missing(capacity_run: Path, t
             "plot-usl": "has none (usl is null)",
         },
     )
-    assert "no variants in these runs" in table(html, "table-ledger")
+    assert 'id="table-ledger"' not in html
+    assert "no variants in these runs" in sections(html)["not-in-this-report"]
     assert "### Recommendations" in markdown
+    assert "Left out for want of data" in markdown and "has none (usl is null)" in markdown
 
 
 # ----------------------------------------------------------------------------- several runs
