@@ -23,7 +23,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bench import load, runner
-from bench.cli_args import int_list, positive_int, positive_seconds, rate_list
+from bench.cli_args import broker_url, int_list, positive_int, positive_seconds, rate_list
 from bench.errors import BenchError, UsageError
 from bench.metrics import METRIC_ROWS, get_path
 from bench.scenario import json_schema, load_scenario
@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_run.add_argument("--duration", type=positive_seconds, metavar="S", help="stretch the phases to S seconds in all")
     p_run.add_argument(
-        "--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)"
+        "--broker",
+        type=broker_url,
+        metavar="URL",
+        help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)",
     )
     p_run.add_argument(
         "--sql-url", metavar="URL", help="SQL sink URL for every variant, e.g. '${BENCH_SQL_URL}' (no passwords here)"
@@ -65,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cap.add_argument("scenario", type=Path, help="scenario YAML file with a capacity: section")
     p_cap.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-capacity-<UTC time>/)")
-    p_cap.add_argument("--broker", metavar="URL", help="broker instead of the scenario's, e.g. mqtt://127.0.0.1:1883")
+    p_cap.add_argument(
+        "--broker", type=broker_url, metavar="URL", help="broker instead of the scenario's, e.g. mqtt://127.0.0.1:1883"
+    )
     p_cap.add_argument("--workers", type=int_list, metavar="N[,N...]", help="pipeline worker counts, e.g. 1,2")
     p_cap.add_argument("--rates", type=rate_list, metavar="R[,R...]", help="offered rates of the steps (msg/s)")
     p_cap.add_argument("--step", type=positive_seconds, metavar="S", help="duration of each step, e.g. 10s")

@@ -60,3 +60,14 @@ def rate_list(text: str) -> tuple[float, ...]:
     if not values or any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive rates, e.g. 500,1000,2000, got {text!r}")
     return values
+
+
+def broker_url(text: str) -> str:
+    """A broker URL given on the command line: never with a password, which results.json would keep."""
+    from bench.scenario import refuse_url_password
+
+    try:
+        refuse_url_password(text, "the scenario's transport.mqtt.password")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -44,6 +44,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from bench.cli_args import broker_url as broker_url_arg
 from bench.cli_args import count, positive_int
 from bench.errors import ScenarioError, ServiceError, UsageError
 from bench.ledger import Ledger, attribute_queue_overflow, durable_rows, read_back, reconcile
@@ -931,7 +932,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="send exactly N messages (rates kept, phases stretched)",
     )
     p.add_argument(
-        "--broker", metavar="URL", help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)"
+        "--broker",
+        type=broker_url_arg,
+        metavar="URL",
+        help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)",
     )
     p.add_argument("--variant", metavar="NAME", help="pipeline settings of this matrix variant (default: the base)")
     p.add_argument("--quiet", action="store_true", help="no progress display, only the summary")

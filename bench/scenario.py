@@ -41,6 +41,23 @@ from simulators.stream import (
 
 _ENV_REF_HELP = "an environment reference such as ${MQTT_PASSWORD}"
 
+
+def redact_url(url: str) -> str:
+    """``url`` with any userinfo password replaced by ***: for error messages."""
+    return _URL_PASSWORD.sub(r"\1:***@", url)
+
+
+def refuse_url_password(url: str, instead: str) -> None:
+    """A broker or server URL carrying a password would be copied into the run folder with the scenario."""
+    if _URL_PASSWORD.search(url):
+        raise ValueError(
+            f"a password in the URL ({redact_url(url)}) would be kept with the run; give it in {instead} as an "
+            "environment reference such as ${MQTT_PASSWORD}"
+        )
+
+
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^/@:]*):[^/@]*@", re.IGNORECASE)
+
 MAX_MACHINE_ID = 255
 """Longest machine id: the validator refuses longer ones (bad_machine_id), so a fleet cannot have them."""
 MAX_OVERSIZE = 16 * 1024 * 1024
@@ -238,7 +255,8 @@ class MqttTransport(Frozen):
     @classmethod
     def _check_broker(cls, value: str) -> str:
         if value != "embedded" and not (value.startswith(("mqtt://", "tcp://")) and len(value) > 7):
-            raise ValueError(f"expected 'embedded' or a URL like mqtt://127.0.0.1:1883, got {value!r}")
+            raise ValueError(f"expected 'embedded' or a URL like mqtt://127.0.0.1:1883, got {redact_url(value)!r}")
+        refuse_url_password(value, "transport.mqtt.password")
         return value
 
     @field_validator("topic")
@@ -288,7 +306,8 @@ class OpcUaTransport(Frozen):
     @classmethod
     def _check_server(cls, value: str) -> str:
         if value != "embedded" and not value.startswith("opc.tcp://"):
-            raise ValueError(f"expected 'embedded' or opc.tcp://host:port/path, got {value!r}")
+            raise ValueError(f"expected 'embedded' or opc.tcp://host:port/path, got {redact_url(value)!r}")
+        refuse_url_password(value, "transport.opcua.password")
         return value
 
     publishing: Duration = Field(0.1, gt=0, description="Subscription publishing interval.")

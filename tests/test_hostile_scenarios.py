@@ -240,3 +240,32 @@ def test_one_hostile_value_anywhere_in_a_shipped_scenario_is_refused_or_bounded(
             assert planned_count(variant.stream_spec()) <= MAX_MESSAGES
             assert all(0 < len(m) <= 255 for m in variant.machines.ids())
     assert time.process_time() - cpu < 2.0, f"{source.name} {leaf} = {value!r}"
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        "{mqtt: {broker: 'mqtt://plant:s3cr3t-pw@127.0.0.1:1883'}}",
+        "{mqtt: {broker: 'tcp://plant:s3cr3t-pw@broker.local:1883'}}",
+        "{kind: opcua, opcua: {server: 'opc.tcp://plant:s3cr3t-pw@127.0.0.1:4840/'}}",
+    ],
+)
+def test_a_password_in_a_broker_or_server_url_is_refused_without_echoing_it(
+    transport: str, write_scenario: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_scenario(f"name: x\ntransport: {transport}\nphases:\n" + STEADY)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "s3cr3t-pw" not in err and "***" in err and "password" in err, err
+
+
+def test_a_password_in_the_broker_flag_is_refused_without_echoing_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        main(["run", str(SCENARIOS / "burst.yaml"), "--broker", "mqtt://u:s3cr3t-pw@127.0.0.1:1883", "--out", str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "s3cr3t-pw" not in err and "--broker" in err, err
+    assert not out.exists()
