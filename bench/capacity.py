@@ -48,6 +48,7 @@ from pipeline.model import FlushStat
 from pipeline.probes import Recorder
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
+from simulators.publisher import STALL_TIMEOUT_S, describe_not_sent
 from simulators.stream import PhaseSpec
 
 READY_TIMEOUT_S = 30.0
@@ -547,8 +548,14 @@ def _analyse(
     triples = array("q")
     lag = Recorder()
     pub_cpu = 0.0
+    errors: list[str] = []
     for p in range(publishers):
         final = json.loads((step_dir / f"publisher-{p}.json").read_text(encoding="utf-8"))
+        if final.get("not_sent"):
+            unsent = describe_not_sent(
+                final["not_sent"], window=final["window"]["size"], stall_timeout_s=STALL_TIMEOUT_S
+            )
+            errors.append(f"publisher {p}: {unsent}")
         chunk = array("q")
         chunk.frombytes((step_dir / f"publisher-{p}.json.sent").read_bytes())
         triples.extend(chunk)
@@ -560,7 +567,6 @@ def _analyse(
     backs: list[ReadBack] = []
     durable_of: dict[int, int] = {}
     cpu_pct = rss = 0.0
-    errors: list[str] = []
     start = epoch_ns + int(cap.settle * 1e9)
     end = epoch_ns + int(cap.step * 1e9)
     for w in range(workers):

@@ -15,18 +15,21 @@ import statistics
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from bench import load, runner
 from bench.cli_args import broker_url, int_list, positive_int, positive_seconds, rate_list
 from bench.errors import BenchError, UsageError
+from bench.load_args import register as register_load
 from bench.metrics import METRIC_ROWS, get_path
 from bench.scenario import json_schema, load_scenario
+
+if TYPE_CHECKING:
+    from bench import runner
 
 
 def _fraction(text: str) -> float:
@@ -146,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
     p_val.add_argument("scenario", type=Path, nargs="+")
     sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
-    load.register(sub)
+    register_load(sub)
     return parser
 
 
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 out.print(f"{path}: ok ({loaded.scenario.name}, {len(loaded.scenario.phases)} phases)")
             return 0
         if args.command == "load":
+            from bench import load  # locust, the pipeline, the simulators: only for commands that run
+
             return load.command(args)
         if args.command == "gate":
             return _gate(args, out, err)
@@ -202,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from bench import runner  # the pipeline, pyarrow, the simulators: only for commands that run
+
     loaded = load_scenario(args.scenario)
     if args.broker is not None and not args.broker.startswith(("mqtt://", "tcp://")):
         raise UsageError(f"--broker: expected a URL like mqtt://127.0.0.1:1883, got {args.broker!r}")
@@ -245,7 +252,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from bench import gate
+    from bench import gate, runner
 
     loaded = load_scenario(args.scenario)
     if args.baseline is None:
@@ -580,6 +587,8 @@ def _info(p: runner.Progress) -> str:
 
 
 def _run_with_bar(loaded: Any, options: runner.RunOptions, console: Console) -> runner.RunOutcome:
+    from bench import runner
+
     with Progress(
         TextColumn("sent"),
         BarColumn(),

@@ -34,7 +34,8 @@ class ReadBack:
     dropped_seqs: list[int | None] = field(default_factory=list)
     dropped_reasons: list[str] = field(default_factory=list)
     anonymous_payloads: list[bytes] = field(default_factory=list)
-    """Payloads of quarantined rows without a readable seq (malformed JSON, invalid UTF-8, oversize)."""
+    """Payloads of quarantined rows without a readable seq (malformed JSON, invalid UTF-8, oversize, a seq
+    named twice: duplicate_key)."""
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ from pipeline.config import resolve_env
 from pipeline.mqtt_source import parse_mqtt_url
 from simulators.anomalies import inject
 from simulators.opcua_server import reading_values
-from simulators.publisher import topic_segment
+from simulators.publisher import DEFAULT_WINDOW, REFILL, topic_segment
 from simulators.stream import Message, stream
 
 logger = logging.getLogger("iiot-bench.locust")
@@ -599,6 +599,8 @@ class _ReplayUser(User):
         super().__init__(environment)
         self._index = _REPLAY.claim(type(self).__name__)
         self._ran = False
+        # Set by a subclass whose transport stopped answering: the rest of the share fails without pacing.
+        self._gave_up = False
 
     @task
     def replay(self) -> None:
@@ -641,7 +643,7 @@ class _ReplayUser(User):
         n = 0
         while (message := feed.take(slot)) is not None:
             delay_s = (message.intended_send_ns - clock.now_ns()) / 1e9
-            if delay_s > 0:
+            if delay_s > 0 and not self._gave_up:
                 gevent.sleep(delay_s)
             elif n % YIELD_EVERY == 0:
                 gevent.sleep(0)  # behind schedule: still let the acks and the other users in
@@ -680,7 +682,14 @@ class _Unacknowledged(Exception):
 
 
 class MqttUser(_ReplayUser):
-    """Publishes its machines' messages over MQTT (paho, one connection per user, the scenario's QoS)."""
+    """Publishes its machines' messages over MQTT (paho, one connection per user, the scenario's QoS).
+
+    At QoS > 0 at most ``DEFAULT_WINDOW`` publishes await their acknowledgement,
+    as in :class:`simulators.publisher.PacedPublisher` (paho refuses a publish
+    whose 16-bit message id is still pending); waiting for room is part of the
+    send lag. With the window full and no acknowledgement for ``--ack-timeout``
+    seconds, the rest of the user's share fails at once, each a reported failure.
+    """
 
     request_type = "MQTT"
 
@@ -690,6 +699,9 @@ class MqttUser(_ReplayUser):
         self._pending: dict[int, tuple[int, float, int]] = {}  # mid -> (log index, started, size)
         self._early: dict[int, float] = {}  # mid acknowledged before publish() returned (QoS 0 does)
         self._drained = Event()
+        self._room = Event()  # set when a full window has room again
+        self._low_water = DEFAULT_WINDOW - min(DEFAULT_WINDOW // 2, REFILL)
+        self._last_ack = 0.0
         self._topic = ""
         self._qos = 1
 
@@ -708,7 +720,9 @@ class MqttUser(_ReplayUser):
         username = resolve_env(mq.username, "transport.mqtt.username")
         if username is not None:
             client.username_pw_set(username, resolve_env(mq.password, "transport.mqtt.password"))
-        client.max_inflight_messages_set(1000)
+        # No in-flight limit inside paho: the window is the limit (paho's own queues the excess out of sight
+        # of the send lag and rescans it on every acknowledgement).
+        client.max_inflight_messages_set(0)
         connected, refused = Event(), []
 
         def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -727,8 +741,16 @@ class MqttUser(_ReplayUser):
     def _send(self, message: Message) -> None:
         assert self._client is not None
         topic = self._topic.format(machine=topic_segment(message.machine))
-        started, sent_ns = time.perf_counter(), _REPLAY.clock.now_ns()
         size = len(message.payload)
+        if self._qos > 0 and (self._gave_up or not self._wait_for_room()):
+            self._gave_up = True
+            timeout = float(_option(self.environment, "ack_timeout", 30.0))
+            _REPLAY.log.fail(message)
+            why = f"no acknowledgement within {timeout:g} s with {DEFAULT_WINDOW:,} publishes unacknowledged"
+            self._report("publish", time.perf_counter(), size, _Unacknowledged(why))
+            return
+        # Taken after any wait for room: that wait is part of the send lag.
+        started, sent_ns = time.perf_counter(), _REPLAY.clock.now_ns()
         try:
             info = self._client.publish(topic, message.payload, qos=self._qos)
         except ValueError as exc:
@@ -747,12 +769,30 @@ class MqttUser(_ReplayUser):
         else:
             self._complete(index, started, size, acked_at)
 
+    def _wait_for_room(self) -> bool:
+        """Wait while the window is full; False when no acknowledgement came for ``--ack-timeout`` seconds."""
+        if len(self._pending) < DEFAULT_WINDOW:
+            return True
+        timeout = float(_option(self.environment, "ack_timeout", 30.0))
+        self._last_ack = max(self._last_ack, time.perf_counter())
+        while len(self._pending) > self._low_water:
+            silent = time.perf_counter() - self._last_ack
+            if silent >= timeout:
+                return False
+            # Greenlets: nothing runs between clear() and wait(), so no acknowledgement's set() is missed.
+            self._room.clear()
+            self._room.wait(min(timeout - silent, 1.0))
+        return True
+
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         now = time.perf_counter()
         entry = self._pending.pop(mid, None)
         if entry is None:
             self._early[mid] = now
             return
+        self._last_ack = now
+        if len(self._pending) <= self._low_water:
+            self._room.set()
         if reason is not None and getattr(reason, "is_failure", False):
             self._report("publish", entry[1], entry[2], ConnectionError(f"broker refused: {reason}"))
         else:

@@ -14,6 +14,9 @@ stdout, one JSON object per line: ``{"ready": true}`` once connected; then it
 reads the run's epoch (ns) as one line on stdin and starts; ``{"sent": n}`` every
 ``sample_every_s``; ``{"done": true}`` after the final record is written to
 ``final_path`` (``seq, intended_ns, sent_ns`` triples, int64, in ``final_path + ".sent"``).
+The final record counts messages of the share that were not sent, by reason
+(``not_sent``; also one line on stderr), and the publish window's statistics
+(``window``: at QoS > 0 a send waits for room in it, which is part of its send lag).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 from pipeline.clock import MonotonicWallClock
 from pipeline.probes import Recorder
 from simulators.errors import SimulatorError
-from simulators.publisher import PacedPublisher
+from simulators.publisher import DEFAULT_WINDOW, PacedPublisher
 from simulators.stream import Message, PhaseSpec, SignalSpec, StreamSpec, stream
 
 
@@ -65,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     config = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     spec = spec_from_json(config["spec"])
-    publisher = PacedPublisher(config["broker"], config["topic"], config["qos"], client_id=config["client_id"])
+    publisher = PacedPublisher(
+        config["broker"],
+        config["topic"],
+        config["qos"],
+        client_id=config["client_id"],
+        window=int(config.get("window", DEFAULT_WINDOW)),
+    )
     try:
         publisher.connect()
     except SimulatorError as exc:
@@ -103,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     reporter.join()
     publisher.close()
     Path(config["final_path"] + ".sent").write_bytes(sent.tobytes())
+    problem = publisher.not_sent_problem()
+    if problem:
+        # The parent keeps this process's stderr in a log file beside the step: the reason lands there too.
+        print(f"publisher {config['share']}/{config['shares']}: {problem}", file=sys.stderr, flush=True)
     final = {
         "sent": accepted,
+        "not_sent": publisher.not_sent,
+        "window": publisher.window_stats(),
         "acked": publisher.acked,
         "all_acked": acked,
         "finished_ns": finished_ns,
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": time.process_time(),
     }
     Path(config["final_path"]).write_text(json.dumps(final), encoding="utf-8")
-    _emit({"done": True, "sent": accepted})
+    _emit({"done": True, "sent": accepted, "not_sent": publisher.not_sent})
     return 0
 
 

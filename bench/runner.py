@@ -78,7 +78,7 @@ START_LEAD_NS = 200_000_000
 ACK_TIMEOUT_S = 30.0
 REFERENCE_MESSAGES = 2000
 # Anomalies whose payload cannot name its seq: the quarantine row is matched to the send by payload.
-UNREADABLE = frozenset({"malformed_json", "invalid_utf8", "oversize"})
+UNREADABLE = frozenset({"malformed_json", "invalid_utf8", "oversize", "duplicate_key"})
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,8 @@ class RunOutcome:
         for name, ledger in self.ledgers.items():
             prefix = f"{name}: " if len(self.ledgers) > 1 else ""
             out += [prefix + p for p in ledger.problems()]
-            out += [f"{prefix}sink error: {e}" for e in self.errors.get(name, [])]
+            # Sink failures, publisher refusals, SQL read-back and validation problems alike.
+            out += [f"{prefix}error: {e}" for e in self.errors.get(name, [])]
         return out
 
 
@@ -586,6 +587,9 @@ def _run_variant(
             on_progress(final)
         pipeline_stats = pipeline.statistics()
         pipeline_errors = [str(e) for e in pipeline.errors]
+        if mqtt_publisher is not None and (unsent := mqtt_publisher.not_sent_problem()):
+            # Offered but never handed to the broker: the run must say so, not only the counters.
+            pipeline_errors.append(unsent)
         sql_back = pipeline.sql.read_back() if pipeline.sql is not None else None
         lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
         loop_lag = pipeline.loop_lag_recorder.summary() if pipeline.loop_lag_recorder is not None else None
@@ -721,7 +725,11 @@ def _run_variant(
         },
         "publisher": {
             "accepted": sent,
-            "not_sent": {"server_down": len(w.unsent)} if (w := plant or remote_plant) is not None and w.unsent else {},
+            "not_sent": {
+                **({"server_down": len(w.unsent)} if (w := plant or remote_plant) is not None and w.unsent else {}),
+                **(mqtt_publisher.not_sent if mqtt_publisher else {}),
+            },
+            "window": mqtt_publisher.window_stats() if mqtt_publisher else None,
             "acked": mqtt_publisher.acked if mqtt_publisher else None,
             "all_acked": acked,
         },
@@ -850,6 +858,8 @@ def _resolve_sql(sc: Scenario, variant: str, url: str | None) -> Scenario:
         update["table"] = sql.table.replace("{variant}", re.sub(r"[^A-Za-z0-9_]", "_", variant))
     if url is not None:
         update["url"] = url
+        # A file named on the command line for this run is the user saying where it goes, explicitly.
+        update["allow_outside_output"] = True
     if not update:
         return sc
     try:

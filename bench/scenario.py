@@ -148,8 +148,10 @@ class Anomaly(Frozen):
     at: Duration | None = Field(None, ge=0, description="Window start, seconds after the first send.")
     duration: Duration | None = Field(None, gt=0, description="Window length (default: to the end).")
     machines: tuple[str, ...] | None = Field(None, description="Only these machines (default: all).")
-    field: Literal["load_rate", "mileage", "ts", "machine"] | None = Field(
-        None, description="Field for nan/inf/null/missing_field (default: they take turns)."
+    field: Literal["load_rate", "mileage", "ts", "machine", "seq"] | None = Field(
+        None,
+        description="Field for nan/inf/null/missing_field, or the key duplicate_key repeats (default: they take "
+        "turns).",
     )
     by: Duration | None = Field(
         None, gt=0, description="Shift for time kinds (seconds; default per kind) or km for mileage_backwards."
@@ -166,7 +168,9 @@ class Anomaly(Frozen):
     def _when(self) -> Anomaly:
         if self.rate is None and self.at is None:
             raise ValueError("expected a rate (e.g. 0.02) or a window (at, and optionally duration)")
-        if self.field in ("ts", "machine") and self.kind not in ("missing_field", "null"):
+        if self.field == "seq" and self.kind != "duplicate_key":
+            raise ValueError(f"field: seq applies to duplicate_key only, got kind {self.kind}")
+        if self.field in ("ts", "machine") and self.kind not in ("missing_field", "null", "duplicate_key"):
             raise ValueError(f"field: {self.kind} applies to load_rate or mileage, got {self.field!r}")
         return self
 

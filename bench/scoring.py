@@ -93,6 +93,9 @@ def expect(message: Message, v: ValidateSettings, now_ns: int) -> Expectation:
         return _reject("oversize")
     if truth in ("malformed_json", "invalid_utf8"):
         return _reject(truth)
+    if truth == "duplicate_key" and rules.duplicate_key == "reject":
+        # Accepted, the last value wins: the generator puts the true value last, so the rest scores as clean.
+        return _reject("duplicate_key")
     if truth in ("nan", "inf"):
         return _reject("non_finite")
     if truth in ("null", "missing_field"):

@@ -19,11 +19,25 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import MqttSourceSettings, load_standalone, resolve_env
-from pipeline.errors import PipelineError
+from pipeline.config import MqttSourceSettings, load_standalone, redact_urls_in, resolve_env
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.mqtt_source import MqttSource
 from pipeline.opcua_source import OpcUaNames, OpcUaSource
 from pipeline.runtime import Pipeline
+
+
+def _private_folder(folder: Path) -> None:
+    """Create ``folder`` readable by its owner only (0700): the source writes its private key there.
+
+    Under the output folder, like every file the pipeline writes; the mode keeps the key from other users
+    whatever mode the key file itself gets.
+    """
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkdir's mode passes through the umask and does nothing to a folder that exists.
+        folder.chmod(0o700)
+    except OSError as exc:
+        raise ConfigError(f"source.cert_dir: cannot create {folder}: {exc.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             where = f"{src.topic!r} on {src.url}"
         else:
+            cert_dir = output / src.cert_dir
+            if src.security != "None":
+                _private_folder(cert_dir)
             source = OpcUaSource(
                 src.url,
                 pipeline.submit,
@@ -72,14 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                 password=password,
                 security_mode=None if src.security == "None" else src.security,
                 server_certificate=Path(src.server_certificate) if src.server_certificate else None,
-                cert_dir=Path(src.cert_dir),
+                cert_dir=cert_dir,
                 node_ids=src.node_ids,
             )
             where = f"Objects/{src.plant} on {src.url}"
         pipeline.start()
         source.start()
     except PipelineError as exc:
-        print(f"pipeline: error: {exc}", file=sys.stderr)
+        # Errors name URLs; a credential one of them holds (from the environment) is not printed.
+        print(f"pipeline: error: {redact_urls_in(str(exc))}", file=sys.stderr)
         return 2
     print(f"pipeline: subscribed to {where}; writing to {output}/", flush=True)
     try:
@@ -96,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if pipeline.errors:
-        print(f"pipeline: error: {pipeline.errors[0]}", file=sys.stderr)
+        print(f"pipeline: error: {redact_urls_in(str(pipeline.errors[0]))}", file=sys.stderr)
         return 1
     return 0
 

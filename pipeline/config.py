@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
+from urllib.parse import unquote_plus, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    StringConstraints,
     Tag,
     ValidationError,
     field_validator,
@@ -28,6 +29,10 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from yaml.events import Event
+    from yaml.nodes import MappingNode, Node
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -50,7 +55,9 @@ def parse_duration(value: Any) -> float:
     raise ValueError(f"expected a duration such as '500ms', '2s', '1m', '1h', '7d' or seconds, got {value!r}")
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# What an editor checking a file against `bench schema` should accept: a number, or a duration string.
+_DURATION_INPUT = float | Annotated[str, StringConstraints(pattern=_DURATION.pattern)]
+Duration = Annotated[float, BeforeValidator(parse_duration, json_schema_input_type=_DURATION_INPUT)]
 """Seconds, written in YAML as ``500ms``, ``2s``, ``1m``, ``1h`` or a number."""
 
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -70,6 +77,226 @@ def resolve_env(value: str | None, field: str) -> str | None:
     if name not in os.environ:
         raise ConfigError(f"{field}: environment variable {name} is not set (referenced as {value})")
     return os.environ[name]
+
+
+# --- credentials in URLs ------------------------------------------------------------------------------------------
+#
+# A URL in a settings file must not carry a secret: it is copied into the run folder and results.json, and
+# echoed in errors. The drivers take credentials from the userinfo (user:password@) and, through SQLAlchemy,
+# from any query parameter: libpq's password, passfile, sslpassword, oauth_client_secret, scram_client_key,
+# scram_server_key; PyMySQL's password, passwd, ssl_key_password. Names are matched after percent-decoding
+# (repeatedly: a doubly encoded name must not slip through) and case-insensitively, on fragments broad enough
+# to cover drivers this project does not ship (pyodbc's PWD=, tokens).
+_CREDENTIAL = re.compile(r"pass|pwd|secret|scram|token|credential", re.IGNORECASE)
+# A credential inside a query value: "PWD=..." in an ODBC string, "password=..." in a libpq conninfo, or a
+# nested URL with user:password@.
+_EMBEDDED_CREDENTIAL = re.compile(
+    r"(?:pass|pwd|secret|scram|token|credential)[^=;&\s]*\s*=|://[^/@\s]*:[^@\s]*@", re.IGNORECASE
+)
+# SQLAlchemy's grammar: a username without ':' or '/', then ':password' up to the first '@'.
+_SQLALCHEMY_USERINFO = re.compile(r"[^:/]*(?::[^@]*)?@")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
+def _decoded(text: str) -> str:
+    """``text`` percent-decoded until it no longer changes (at most a few rounds)."""
+    for _ in range(5):
+        plain = unquote_plus(text)
+        if plain == text:
+            break
+        text = plain
+    return text
+
+
+def _userinfo_end(rest: str) -> int | None:
+    """Index of the '@' ending the userinfo of ``rest`` (a URL after ``scheme://``), by any parser's reading.
+
+    SQLAlchemy ends the password at the first '@' (it may hold '/' or '?'); urllib at the last '@' before the
+    first '/', '?' or '#'. The later of the two hides what either would take for a password.
+    """
+    ends = []
+    match = _SQLALCHEMY_USERINFO.match(rest)
+    if match:
+        ends.append(match.end() - 1)
+    netloc = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in netloc:
+        ends.append(netloc.rfind("@"))
+    return max(ends) if ends else None
+
+
+def _query_pieces(query: str) -> list[tuple[str, str, str]]:
+    """(raw piece, decoded name, decoded value) of each ``&``-separated query parameter."""
+    out = []
+    for piece in query.split("&"):
+        name, _, value = piece.partition("=")
+        out.append((piece, _decoded(name).strip(), _decoded(value)))
+    return out
+
+
+def _is_credential(name: str, value: str) -> bool:
+    return bool(_CREDENTIAL.search(name) or _EMBEDDED_CREDENTIAL.search(value))
+
+
+# A value redacted already, maybe with the punctuation of the sentence it ends ("...?password=***: error").
+_REDACTED = re.compile(r"\*\*\*[:,;.)'\"]*")
+
+
+def url_credential_problem(url: str) -> str | None:
+    """Why ``url`` carries a credential, without quoting it; None when it carries none.
+
+    >>> url_credential_problem("postgresql+psycopg://app@db/plant?pass%77ord=x")
+    "query parameter 'password' is a credential"
+    >>> url_credential_problem("mysql+pymysql://root@db/test?charset=utf8mb4") is None
+    True
+    """
+    _, sep, rest = url.partition("://")
+    if not sep:
+        rest = url
+    end = _userinfo_end(rest)
+    if end is not None and ":" in rest[:end] and rest[rest.index(":") + 1 : end]:
+        return "a password in user:password@"
+    after = rest[end + 1 :] if end is not None else rest
+    _, mark, query = after.partition("?")
+    if not mark:
+        return None
+    for _, name, value in _query_pieces(query):
+        if _CREDENTIAL.search(name):
+            shown = f"'{name}'" if _PLAIN_NAME.fullmatch(name) else "named like a password"
+            return f"query parameter {shown} is a credential"
+        if _EMBEDDED_CREDENTIAL.search(value):
+            shown = f"'{name}'" if _PLAIN_NAME.fullmatch(name) else "of the query"
+            return f"a value of parameter {shown} embeds a credential"
+    return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every credential in it replaced by ``***``: fit for an error message or a result file.
+
+    Hides the userinfo password (as SQLAlchemy or urllib would read it) and the value of every query
+    parameter named like a credential or embedding one, however percent-encoded. SQLAlchemy's
+    ``render_as_string(hide_password=True)`` hides the userinfo only.
+
+    >>> redact_url("postgresql+psycopg://app:hunter2@db:5432/plant?sslmode=require&PASS%57ORD=x")
+    'postgresql+psycopg://app:***@db:5432/plant?sslmode=require&PASS%57ORD=***'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    head = ""
+    end = _userinfo_end(rest)
+    if end is not None:
+        user, colon, _ = rest[:end].partition(":")
+        head = f"{user}:***@" if colon else rest[: end + 1]
+        rest = rest[end + 1 :]
+    base, mark, query = rest.partition("?")
+    if mark:
+        pieces = [
+            f"{piece.partition('=')[0]}=***"
+            if _is_credential(name, value) and not _REDACTED.fullmatch(value)
+            else piece
+            for piece, name, value in _query_pieces(query)
+        ]
+        base = f"{base}?{'&'.join(pieces)}"
+    return f"{scheme}{sep}{head}{base}"
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret strings in ``url`` (raw and decoded), longest first: what :func:`scrub` removes from text."""
+    found: set[str] = set()
+    _, sep, rest = url.partition("://")
+    if not sep:
+        rest = url
+    end = _userinfo_end(rest)
+    if end is not None:
+        _, colon, password = rest[:end].partition(":")
+        if colon and password:
+            found.update((password, _decoded(password)))
+        rest = rest[end + 1 :]
+    _, mark, query = rest.partition("?")
+    if mark:
+        for piece, name, value in _query_pieces(query):
+            if _is_credential(name, value):
+                raw = piece.partition("=")[2]
+                found.update(v for v in (raw, value) if v)
+    return sorted(found, key=len, reverse=True)
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error message, say) with the secrets of ``url`` and any URL in it redacted."""
+    for secret in url_secrets(url):
+        # Shorter than 4 characters, a "secret" would mangle the message more than it protects.
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return redact_urls_in(text)
+
+
+def redact_urls_in(text: str) -> str:
+    """``text`` with every URL-looking word in it passed through :func:`redact_url`."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+# --- output paths ------------------------------------------------------------------------------------------------
+
+ALLOW_OUTSIDE = "allow_outside_output"
+
+
+def output_path_problem(value: str) -> str | None:
+    """Why the output path ``value`` would leave the output folder, or None when it stays inside.
+
+    Lexical, after normalisation: an absolute path, or one whose first part is ``..`` once ``a/../..`` is
+    folded, leaves it. (A symlink planted inside the folder is the folder owner's business.)
+
+    >>> output_path_problem("data"), output_path_problem("a/../../x"), output_path_problem("/tmp/x")
+    (None, "climbs out with '..'", 'is absolute')
+    """
+    if os.path.isabs(value):
+        return "is absolute"
+    if Path(os.path.normpath(value)).parts[:1] == (os.pardir,):
+        return "climbs out with '..'"
+    return None
+
+
+def check_output_path(field: str, value: str, allowed: bool, section: str) -> None:
+    """Raise ValueError naming ``field`` unless ``value`` stays inside the output folder or ``allowed`` says
+    it may leave it; the message names the opt-in as ``<section>.allow_outside_output``."""
+    if "\x00" in value:
+        # No file system takes it; refused here rather than as an OSError half-way through a run.
+        raise ValueError(f"{field}: expected a path without NUL characters")
+    problem = output_path_problem(value)
+    if problem is not None and not allowed:
+        raise ValueError(
+            f"{field}: expected a path inside the output folder, got {value!r}, which {problem}; "
+            f"set {section}.{ALLOW_OUTSIDE}: true to write there on purpose"
+        )
+
+
+def sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL as SQLAlchemy reads it (percent-decoded), or None for another backend
+    or an in-memory database."""
+    from sqlalchemy.engine import make_url  # SQLAlchemy only for configs that have a SQL sink
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return parsed.database
+
+
+def sqlite_path_problem(url: str) -> str | None:
+    """Why the SQLite file of ``url`` would leave the output folder, or None (not SQLite, or inside).
+
+    The file is resolved against the output folder (``pipeline.sql_sink.resolve_url``); a URI filename
+    (``file:...`` with ``uri=true``) has its own path syntax, which is not guessed at.
+    """
+    database = sqlite_file(url)
+    if database is None:
+        return None
+    _, _, query = url.partition("?")
+    uri = any(name.lower() == "uri" for _, name, _ in _query_pieces(query)) if query else False
+    if uri or database.startswith("file:"):
+        return f"the SQLite file {database!r} is a URI filename, which cannot be checked to stay inside"
+    problem = output_path_problem(database)
+    return None if problem is None else f"the SQLite file {database!r} {problem}"
 
 
 class Frozen(BaseModel):
@@ -119,6 +346,10 @@ class RulePolicies(Frozen):
     """
 
     oversize: RejectOrAccept = Field("reject", description="Payload larger than max_payload bytes.")
+    duplicate_key: RejectOrAccept = Field(
+        "reject",
+        description="A name repeated in one JSON object ('machine' or 'seq' twice); accept: the last value wins.",
+    )
     wrong_type: RejectOrRepair = Field(
         "reject", description="A value of the wrong JSON type; repair turns a numeric string into a number."
     )
@@ -206,8 +437,10 @@ def check_zone(name: str) -> None:
     """Raise ValueError unless ``name`` is an IANA time zone this machine knows."""
     try:
         ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"expected an IANA time zone such as 'Europe/Paris', got {name!r}") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        # OSError: the name is looked up as a file, and a name too long for the file system says so that way.
+        shown = repr(name) if len(name) <= 100 else f"{name[:100]!r}... ({len(name):,} characters)"
+        raise ValueError(f"expected an IANA time zone such as 'Europe/Paris', got {shown}") from None
 
 
 class ParquetSettings(Frozen):
@@ -227,6 +460,14 @@ class ParquetSettings(Frozen):
     )
     compression: Literal["snappy", "zstd", "gzip", "none"] = "snappy"
     fsync: bool = Field(True, description="fsync after each row group so 'persisted' means durable.")
+    allow_outside_output: bool = Field(
+        False, description="Let path be absolute or climb out of the output folder with '..' (off: refused)."
+    )
+
+    @model_validator(mode="after")
+    def _path_inside(self) -> ParquetSettings:
+        check_output_path("path", self.path, self.allow_outside_output, "pipeline.parquet")
+        return self
 
 
 _TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -260,20 +501,34 @@ class SqlSettings(Frozen):
     retention: Duration = Field(
         7200.0, gt=0, description="How far back late data can still update an aggregated minute."
     )
+    allow_outside_output: bool = Field(
+        False,
+        description="Let a SQLite file be absolute or climb out of the output folder with '..' (off: refused, "
+        "also for a URL from the environment).",
+    )
 
     @field_validator("url")
     @classmethod
     def _no_literal_password(cls, value: str) -> str:
         if _ENV_REF.match(value):
+            # The environment is where a password may live; the sink checks the resolved URL's path.
             return value
-        parts = urlsplit(value.replace("+", "-", 1)) if "://" in value else None
-        if parts is None or not parts.scheme:
-            raise ValueError(f"expected a SQLAlchemy URL such as sqlite:///loading_rate.db, got {value!r}")
-        if parts.password or "password=" in parts.query.lower():
+        # Never quote the URL back: whatever it holds may be a mistyped secret.
+        expected = "expected a SQLAlchemy URL such as sqlite:///loading_rate.db or postgresql+psycopg://user@host/db"
+        if "://" not in value:
+            raise ValueError(expected)
+        problem = url_credential_problem(value)
+        if problem is not None:
             raise ValueError(
-                "expected no password in the URL; put the whole URL in an environment variable "
+                f"expected no password in the URL ({problem}); put the whole URL in an environment variable "
                 "and write ${BENCH_SQL_URL}"
             )
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            sqlite_file(value)
+        except ArgumentError:
+            raise ValueError(expected) from None
         return value
 
     @field_validator("table")
@@ -290,6 +545,17 @@ class SqlSettings(Frozen):
             raise ValueError("strategy copy needs a PostgreSQL URL (postgresql+psycopg://...)")
         return self
 
+    @model_validator(mode="after")
+    def _sqlite_file_inside(self) -> SqlSettings:
+        if not _ENV_REF.match(self.url):
+            problem = sqlite_path_problem(self.url)
+            if problem is not None and not self.allow_outside_output:
+                raise ValueError(
+                    f"url: expected a SQLite file inside the output folder, but {problem}; "
+                    f"set pipeline.sql.{ALLOW_OUTSIDE}: true to write there on purpose"
+                )
+        return self
+
     def table_name(self) -> str:
         return self.table or ("loading_rate" if self.aggregate == "per_machine_minute" else "readings")
 
@@ -297,7 +563,15 @@ class SqlSettings(Frozen):
 class QuarantineSettings(Frozen):
     """Where rejected inputs are kept, with their reason."""
 
-    path: str = Field("quarantine", description="Folder for rejected inputs.")
+    path: str = Field("quarantine", description="Folder for rejected inputs (relative to the output folder).")
+    allow_outside_output: bool = Field(
+        False, description="Let path be absolute or climb out of the output folder with '..' (off: refused)."
+    )
+
+    @model_validator(mode="after")
+    def _path_inside(self) -> QuarantineSettings:
+        check_output_path("path", self.path, self.allow_outside_output, "pipeline.quarantine")
+        return self
 
 
 class PipelineSettings(Frozen):
@@ -333,7 +607,8 @@ class MqttSourceSettings(Frozen):
     def _check_url(cls, value: str) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-            raise ValueError(f"expected mqtt://host[:port], got {value!r}")
+            raise ValueError(f"expected mqtt://host[:port], got {redact_url(value)!r}")
+        _refuse_credentials(value, "${MQTT_PASSWORD}")
         return value
 
     @field_validator("password")
@@ -355,7 +630,12 @@ class OpcUaSourceSettings(Frozen):
     discard_oldest: bool = True
     security: Literal["None", "Sign", "SignAndEncrypt"] = "None"
     server_certificate: str | None = Field(None, description="Server certificate file, needed with security.")
-    cert_dir: str = Field("certs", description="Where the client's own certificate is generated.")
+    cert_dir: str = Field(
+        "certs", description="Where the client's own key and certificate are generated (relative to the output folder)."
+    )
+    allow_outside_output: bool = Field(
+        False, description="Let cert_dir be absolute or climb out of the output folder with '..' (off: refused)."
+    )
     username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
     password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a file.")
     node_ids: dict[str, dict[str, str]] | None = Field(
@@ -368,7 +648,9 @@ class OpcUaSourceSettings(Frozen):
     @classmethod
     def _check_url(cls, value: str) -> str:
         if not value.startswith("opc.tcp://"):
-            raise ValueError(f"expected opc.tcp://host:port/path, got {value!r}")
+            raise ValueError(f"expected opc.tcp://host:port/path, got {redact_url(value)!r}")
+        # asyncua takes user:password@ from the endpoint URL: a password there would live in the file.
+        _refuse_credentials(value, "${OPCUA_PASSWORD}")
         return value
 
     @field_validator("password")
@@ -383,6 +665,17 @@ class OpcUaSourceSettings(Frozen):
         if self.security != "None" and not self.server_certificate:
             raise ValueError("security needs server_certificate (the server's certificate file)")
         return self
+
+    @model_validator(mode="after")
+    def _cert_dir_inside(self) -> OpcUaSourceSettings:
+        check_output_path("cert_dir", self.cert_dir, self.allow_outside_output, "source")
+        return self
+
+
+def _refuse_credentials(url: str, reference: str) -> None:
+    problem = url_credential_problem(url)
+    if problem is not None:
+        raise ValueError(f"expected no password in the URL ({problem}); give username, and password as {reference}")
 
 
 def _source_kind(value: Any) -> str:
@@ -403,7 +696,7 @@ class StandaloneConfig(Frozen):
 
 
 # Never echoed back in an error: they may carry a secret the user mistyped.
-_SECRET_FIELDS = frozenset({"password", "url", "broker"})
+_SECRET_FIELDS = frozenset({"password", "url", "broker", "server"})
 
 
 def format_validation_error(path: Path | str, exc: ValidationError) -> str:
@@ -429,14 +722,118 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
             and err["type"] not in ("missing",)
             and not isinstance(err["input"], dict | list)
         ):
-            msg = f"{msg} (got {err['input']!r})"
+            shown = repr(err["input"])
+            # A hostile value can be megabytes long: the line names it, it need not repeat all of it.
+            shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown):,} characters)"
+            msg = f"{msg} (got {shown})"
         # A check across fields names its own location in the message.
-        lines.append(f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}")
+        line = f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}"
+        # Validators of other modules may quote a URL back: whatever credential it holds is hidden here.
+        lines.append(redact_urls_in(line))
     return "\n".join(lines)
 
 
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of mappings and lists a settings file may have; real ones need fewer than ten levels.
+
+PyYAML composes recursively, and pydantic, ``copy.deepcopy`` and ``json`` walk the result recursively too: a
+file nested thousands of levels deep would end in a RecursionError (a traceback) or worse. The limit keeps
+every later step far from Python's recursion limit."""
+_TOO_DEEP = f"YAML nested too deeply (more than {MAX_YAML_DEPTH} levels of mappings and lists)"
+
+
+MAX_YAML_MERGED = 100_000
+"""Most entries merge keys (``<<: *anchor``) may copy in, all together. A merge copies (an alias shares): a
+chain of anchors each merging the previous one grows quadratically, 5,000 short lines into 12 million
+entries and half a minute; settings files merge a handful."""
+
+
+class _Mark(Protocol):
+    """Where in the text (0-based), as PyYAML's pure-Python and C marks both say."""
+
+    line: int
+    column: int
+
+
+class _Refused(Exception):
+    def __init__(self, problem: str, mark: _Mark | None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a node nested deeper than :data:`MAX_YAML_DEPTH` and merge keys that
+    copy in more than :data:`MAX_YAML_MERGED` entries."""
+
+    _depth = 0
+    _merged = 0
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                # peek_event is untyped in types-PyYAML; it returns the Event about to become this node.
+                event: Event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise _Refused(_TOO_DEEP, event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def flatten_mapping(self, node: MappingNode) -> None:
+        before = len(node.value)
+        super().flatten_mapping(node)
+        self._merged += len(node.value) - before
+        if self._merged > MAX_YAML_MERGED:
+            raise _Refused(f"YAML merge keys (<<) copy in more than {MAX_YAML_MERGED:,} entries", node.start_mark)
+
+
+def nesting_depth(data: Any, limit: int = MAX_YAML_DEPTH) -> int | None:
+    """Levels of nested mappings and lists in ``data`` (a scalar is 0), at most ``limit + 1``; None if cyclic.
+
+    Iterative, and linear in the number of distinct containers: YAML aliases can share one list a million
+    ways (a "billion laughs") or nest an anchored list inside itself, and neither may cost more than the
+    file's size or recurse.
+
+    >>> nesting_depth({"a": [1, {"b": 2}]}), nesting_depth(3)
+    (3, 0)
+    """
+
+    def children(node: Any) -> list[Any]:
+        values = node.values() if isinstance(node, dict) else node
+        return [v for v in values if isinstance(v, dict | list | tuple)]
+
+    if not isinstance(data, dict | list | tuple):
+        return 0
+    done: dict[int, int] = {}
+    # Each frame: the container, its children not yet visited, the deepest child so far.
+    stack: list[tuple[Any, list[Any], int]] = [(data, children(data), 0)]
+    on_path = {id(data)}
+    while stack:
+        node, todo, deepest = stack[-1]
+        if not todo:
+            stack.pop()
+            on_path.discard(id(node))
+            done[id(node)] = depth = deepest + 1
+            if stack:
+                parent, rest, best = stack[-1]
+                stack[-1] = (parent, rest, max(best, depth))
+            continue
+        child = todo.pop()
+        if id(child) in on_path:
+            return None
+        if id(child) in done:
+            stack[-1] = (node, todo, max(deepest, done[id(child)]))
+            continue
+        if len(stack) >= limit:
+            return limit + 1
+        on_path.add(id(child))
+        stack.append((child, children(child), 0))
+    return done[id(data)]
+
+
 def load_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; errors name the file and line."""
+    """Read a YAML file that must hold a mapping; errors name the file and line, in one line."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -444,7 +841,12 @@ def load_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"{path}: cannot read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_LimitedLoader)
+    except _Refused as exc:
+        raise error(f"{path}{exc.where}: {exc.problem}") from None
+    except RecursionError:
+        # A backstop: whatever else in PyYAML recurses (merge keys flattened in an unlucky order) says so.
+        raise error(f"{path}: {_TOO_DEEP}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
@@ -452,6 +854,12 @@ def load_yaml_mapping(path: Path, error: type[Exception]) -> dict[str, Any]:
         raise error(f"{path}{where}: invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    depth = nesting_depth(data)
+    if depth is None:
+        raise error(f"{path}: YAML refers to itself (an alias inside its own anchor); expected plain settings")
+    if depth > MAX_YAML_DEPTH:
+        # Aliases can nest an anchored subtree deeper than the text shows.
+        raise error(f"{path}: {_TOO_DEEP}, counting what aliases expand to")
     return data
 
 

@@ -11,15 +11,59 @@ from typing import Any
 class DecodeFailure:
     reason: str
     detail: str
+    obj: dict[str, Any] | None = None
+    """For ``duplicate_key``: the object as a last-wins parser reads it (the seq and machine come from it)."""
+    duplicated: frozenset[str] = frozenset()
+    """For ``duplicate_key``: the names that appear more than once in one object (at any depth)."""
 
 
-def decode(payload: bytes) -> dict[str, Any] | DecodeFailure:
+class _DuplicateKey(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # The hot path: one dict() and one length comparison per JSON object; the slow path below only for
+    # the rare payload that repeats a key.
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _DuplicateKey(name)
+            seen.add(name)
+    return obj
+
+
+# One decoder, made once: json.loads(text, object_pairs_hook=...) would build a decoder per call.
+_STRICT = json.JSONDecoder(object_pairs_hook=_unique_pairs)
+
+
+def _duplicated(pairs: list[tuple[str, Any]], found: set[str]) -> dict[str, Any]:
+    seen: set[str] = set()
+    for name, _ in pairs:
+        if name in seen:
+            found.add(name)
+        seen.add(name)
+    return dict(pairs)
+
+
+def decode(payload: bytes, *, duplicate_keys: bool = False) -> dict[str, Any] | DecodeFailure:
     """Decode a UTF-8 JSON object; never raises.
+
+    A name repeated in one object makes the payload ambiguous (which ``machine`` or ``seq`` did the sender
+    mean?): a ``duplicate_key`` failure, unless ``duplicate_keys`` accepts it (the last value wins, as in
+    most parsers).
 
     >>> decode(b'{"seq": 1}')
     {'seq': 1}
     >>> decode(b'[1]').reason
     'not_an_object'
+    >>> decode(b'{"seq": 1, "seq": 2}').reason
+    'duplicate_key'
+    >>> decode(b'{"seq": 1, "seq": 2}', duplicate_keys=True)
+    {'seq': 2}
     """
     try:
         text = payload.decode("utf-8")
@@ -29,7 +73,9 @@ def decode(payload: bytes) -> dict[str, Any] | DecodeFailure:
         # NaN/Infinity literals are not JSON, but plant gateways send them. Parse
         # them as floats so the validator refuses them as non_finite with the
         # message's seq and machine known, instead of as anonymous malformed JSON.
-        obj = json.loads(text)
+        obj = json.loads(text) if duplicate_keys else _STRICT.decode(text)
+    except _DuplicateKey:
+        return _duplicate_key(text)
     except (ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and also integers past Python's
         # digit limit (int_max_str_digits), which json.loads raises plainly.
@@ -37,3 +83,21 @@ def decode(payload: bytes) -> dict[str, Any] | DecodeFailure:
     if not isinstance(obj, dict):
         return DecodeFailure("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def _duplicate_key(text: str) -> DecodeFailure:
+    """The slow path: decode again, collecting every repeated name, so the rejection can say which and
+    still name the message's seq and machine where they are unambiguous."""
+    found: set[str] = set()
+    try:
+        obj = json.loads(text, object_pairs_hook=lambda pairs: _duplicated(pairs, found))
+    except (ValueError, RecursionError) as exc:
+        # Malformed further on: the strict decoder stopped at the repeated name before reaching the error.
+        return DecodeFailure("malformed_json", str(exc)[:200])
+    names = ", ".join(repr(name[:64]) for name in sorted(found)[:5])
+    return DecodeFailure(
+        "duplicate_key",
+        f"repeated in one object: {names}",
+        obj if isinstance(obj, dict) else None,
+        frozenset(found),
+    )

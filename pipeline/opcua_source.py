@@ -146,8 +146,14 @@ async def _client_certificate(folder: Path) -> tuple[Path, Path]:
     from asyncua.crypto.cert_gen import setup_self_signed_certificate
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    folder.mkdir(parents=True, exist_ok=True)
+    from pipeline.private_key import FOLDER_MODE, write_private_key
+
+    folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+    folder.chmod(FOLDER_MODE)  # mkdir's mode passes through the umask and skips a folder that exists
     key, cert = folder / "pipeline-client-key.pem", folder / "pipeline-client-cert.der"
+    # asyncua would write a new key with the umask's mode (0644 as a rule); written first, owner-only, it
+    # finds the key and only makes the certificate.
+    write_private_key(key)
     await setup_self_signed_certificate(
         key,
         cert,

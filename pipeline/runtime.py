@@ -25,8 +25,9 @@ from pipeline.async_buffer import AsyncFlushingBuffer, LoopLagProbe
 from pipeline.buffer import BufferClosed, FlushingBuffer, LockProbes
 from pipeline.buffer_core import BufferStatistics
 from pipeline.clock import Clock
-from pipeline.config import PipelineSettings
+from pipeline.config import PipelineSettings, check_output_path
 from pipeline.drops import DropLog
+from pipeline.errors import ConfigError
 from pipeline.model import FlushStat, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 from pipeline.probes import CpuSampler, Recorder
@@ -73,6 +74,15 @@ class Pipeline:
         self._validator = Validator(settings.validate_)
         self.replay_offset_ns = replay_offset_ns
         pq = settings.parquet
+        # The settings' validators refuse these already; settings built without validation (model_construct,
+        # model_copy(update=...)) meet the same rule here, where the paths become folders.
+        for name, section in (("parquet", pq), ("quarantine", settings.quarantine)):
+            try:
+                check_output_path(
+                    f"pipeline.{name}.path", section.path, section.allow_outside_output, f"pipeline.{name}"
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         self.parquet = ParquetSink(
             output / pq.path,
             rotate_s=pq.rotate,

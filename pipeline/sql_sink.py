@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from pipeline.aggregate import MinuteAggregator, MinuteRow
-from pipeline.config import SqlSettings, resolve_env
+from pipeline.config import ALLOW_OUTSIDE, SqlSettings, redact_url, resolve_env, scrub, sqlite_path_problem
 from pipeline.errors import ConfigError, SinkError
 from pipeline.model import Reading
 from pipeline.sinks import SinkTiming
@@ -84,14 +84,28 @@ def _table(name: str, aggregate: bool, collation: str | None = None) -> Table:
     return Table(name, meta, *key, *cols)
 
 
-def resolve_url(url: str, output: Path) -> str:
-    """Expand ``${VAR}``; put a relative SQLite file under the output folder."""
+def resolve_url(url: str, output: Path, *, allow_outside_output: bool = False) -> str:
+    """Expand ``${VAR}``; put a relative SQLite file under the output folder.
+
+    A URL from the environment is checked like one from the file: its SQLite file stays inside the output
+    folder unless ``allow_outside_output``. Errors never quote the URL (it may hold the password the
+    environment is there to keep).
+    """
     resolved = resolve_env(url, "sql.url") or url
+    where = f"sql.url ({url})" if resolved != url else "sql.url"
     try:
         parsed = make_url(resolved)
-    except ArgumentError as exc:
-        raise ConfigError(f"sql.url: not a SQLAlchemy URL: {exc}") from None
+    except ArgumentError:
+        raise ConfigError(
+            f"{where}: not a SQLAlchemy URL; expected e.g. postgresql+psycopg://user@host/db or sqlite:///file.db"
+        ) from None
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        problem = sqlite_path_problem(resolved)
+        if problem is not None and not allow_outside_output:
+            raise ConfigError(
+                f"{where}: expected a SQLite file inside the output folder, but {problem}; "
+                f"set pipeline.sql.{ALLOW_OUTSIDE}: true to write there on purpose"
+            )
         path = Path(parsed.database)
         if not path.is_absolute():
             path = output / path
@@ -111,7 +125,7 @@ class SqlSink:
         self._aggregate = settings.aggregate == "per_machine_minute"
         self.table = _table(settings.table_name(), self._aggregate)
         self._aggregator = MinuteAggregator(int(settings.retention // 60)) if self._aggregate else None
-        self.url = resolve_url(settings.url, output)
+        self.url = resolve_url(settings.url, output, allow_outside_output=settings.allow_outside_output)
         try:
             kwargs: dict[str, Any] = {"pool_pre_ping": True}
             if not self.url.startswith("sqlite"):
@@ -130,17 +144,23 @@ class SqlSink:
                 self.created = not self.engine.dialect.has_table(conn, self.table.name)
                 self.table.create(conn, checkfirst=True)
         except SQLAlchemyError as exc:
-            raise SinkError(f"cannot open SQL sink {self._safe_url()}: {exc.__class__.__name__}: {exc}") from None
+            raise SinkError(f"cannot open SQL sink {self._safe_url()}: {self._scrubbed(exc)}") from None
         except ModuleNotFoundError as exc:
             raise SinkError(f"SQL driver missing for {self._safe_url()}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            # A query parameter the driver does not take (PyMySQL raises TypeError for it, unwrapped).
+            raise SinkError(f"cannot open SQL sink {self._safe_url()}: {self._scrubbed(exc)}") from None
         self.rows_written = 0
         self._dbapi_error: type[Exception] = getattr(self.engine.dialect.loaded_dbapi, "Error", SQLAlchemyError)
 
     def _safe_url(self) -> str:
-        try:
-            return make_url(self.url).render_as_string(hide_password=True)
-        except ArgumentError:
-            return "<invalid url>"
+        # Not render_as_string(hide_password=True): that hides user:password@ only, not ?password=.
+        return redact_url(self.url)
+
+    def _scrubbed(self, exc: BaseException) -> str:
+        """``exc`` in one line (class and first line of its message), without any secret of the URL."""
+        first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+        return scrub(f"{exc.__class__.__name__}: {first_line}", self.url)
 
     def _ts(self, ns: int) -> datetime:
         moment = datetime.fromtimestamp(ns // 1000 / 1e6, tz=UTC).replace(microsecond=(ns // 1000) % 1_000_000)
@@ -211,10 +231,7 @@ class SqlSink:
                     commit_ns = time.perf_counter_ns() - start
         except (SQLAlchemyError, self._dbapi_error) as exc:
             # The copy path talks to the driver directly, so driver errors arrive unwrapped.
-            first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
-            raise SinkError(
-                f"SQL {self.strategy} into {self.table.name} failed: {exc.__class__.__name__}: {first_line}"
-            ) from None
+            raise SinkError(f"SQL {self.strategy} into {self.table.name} failed: {self._scrubbed(exc)}") from None
         self.rows_written += len(rows)
         return SinkTiming(build_ns, write_ns, commit_ns)
 

@@ -52,6 +52,7 @@ REASONS = (
     "oversize",
     "invalid_utf8",
     "malformed_json",
+    "duplicate_key",
     "not_an_object",
     "missing_field",
     "wrong_type",
@@ -122,6 +123,7 @@ class Validator:
         self._default_zone = ZoneInfo(s.default_timezone)
         self._state: dict[str, _MachineState] = {}
         self._lock = threading.Lock()
+        self._accept_duplicate_keys = self.rules.duplicate_key == "accept"
 
     def check(self, payload: bytes, topic: str, received_ns: int, now_ns: int | None = None) -> Reading | Rejection:
         """Decode and validate one message; never raises.
@@ -134,15 +136,11 @@ class Validator:
         if self.rules.oversize == "reject" and len(payload) > self.settings.max_payload:
             detail = f"{len(payload)} bytes, more than max_payload {self.settings.max_payload}"
             return Rejection("oversize", detail, payload[:4096], topic, received_ns)
-        obj = decode(payload)
+        obj = decode(payload, duplicate_keys=self._accept_duplicate_keys)
         if isinstance(obj, DecodeFailure):
-            return Rejection(obj.reason, obj.detail, payload, topic, received_ns)
-        seq = obj.get("seq")
-        # Only a seq that fits the int64 column counts as known; a huge one is
-        # refused below instead of failing the whole batch at write time.
-        seq_known = seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
-        machine = obj.get("machine")
-        machine_known = machine if isinstance(machine, str) and _is_utf8(machine) else None
+            seq_of, machine_of = _identity(obj)
+            return Rejection(obj.reason, obj.detail, payload, topic, received_ns, seq_of, machine_of)
+        seq_known, machine_known = _known_seq(obj.get("seq")), _known_machine(obj.get("machine"))
         try:
             return self._check(obj, received_ns, now, seq=seq_known, machine=machine_known)
         except _Reject as refused:
@@ -350,6 +348,30 @@ class Validator:
                 # reading of its machine late.
                 state.newest_ts_ns = min(ts, now)
                 state.newest_mileage = mileage
+
+
+def _known_seq(seq: Any) -> int | None:
+    # Only a seq that fits the int64 column counts as known; a huge one is
+    # refused by the rules instead of failing the whole batch at write time.
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else None
+
+
+def _known_machine(machine: Any) -> str | None:
+    return machine if isinstance(machine, str) and _is_utf8(machine) else None
+
+
+def _identity(failure: DecodeFailure) -> tuple[int | None, str | None]:
+    """The seq and machine of a payload refused at decoding, where it names them once (``duplicate_key``).
+
+    A repeated ``seq`` or ``machine`` is exactly what cannot be trusted: left unknown, the bench matches the
+    quarantined row to what was sent by its payload instead.
+    """
+    obj = failure.obj
+    if obj is None:
+        return None, None
+    seq = None if "seq" in failure.duplicated else _known_seq(obj.get("seq"))
+    machine = None if "machine" in failure.duplicated else _known_machine(obj.get("machine"))
+    return seq, machine
 
 
 def _ns(parsed: datetime, value: str) -> int:

@@ -51,6 +51,7 @@ AnomalyKind = Literal[
     "oversize",
     "malformed_json",
     "invalid_utf8",
+    "duplicate_key",
     "unknown_machine",
     "hostile_id",
     "extra_fields",
@@ -89,6 +90,9 @@ HOSTILE_IDS = (
     "nul\x00byte",
     "x" * 300,
 )
+# duplicate_key: the field named twice, taking turns. machine and seq are the dangerous ones (a last-wins
+# parser files the reading under another machine, or another message's seq); load_rate is the plain case.
+DUPLICATED_KEYS = ("machine", "seq", "load_rate")
 STATUS_UNCERTAIN = ("UncertainLastUsableValue", "UncertainSensorNotAccurate")
 STATUS_BAD = ("BadSensorFailure", "BadCommunicationError")
 OFFSETS = ("+05:30", "-08:00", "+14:00")
@@ -109,7 +113,8 @@ class AnomalySpec:
     ``rate`` is the fraction of eligible messages hit (1.0 inside a window
     when only ``at_s``/``duration_s`` are given). ``by`` is the size of a
     shift (seconds, or km for mileage); ``field`` the payload field for the
-    value kinds; ``offset`` a fixed UTC offset for ``offset_timestamp``;
+    value kinds, or the one ``duplicate_key`` names twice (default: machine,
+    seq and load_rate take turns); ``offset`` a fixed UTC offset for ``offset_timestamp``;
     ``size`` the bytes of an ``oversize`` payload.
     """
 
@@ -291,6 +296,8 @@ def _apply(spec: AnomalySpec, message: Message, past: _History, zone: ZoneInfo, 
         payload = _dumps(body)[:-1] + b",}"
     elif kind == "invalid_utf8":
         payload = _dumps(body).replace(b'"machine":"', b'"machine":"\xff\xfe', 1)
+    elif kind == "duplicate_key":
+        payload = _duplicate_key(body, spec.field or DUPLICATED_KEYS[n % len(DUPLICATED_KEYS)])
     elif kind == "unknown_machine":
         body["machine"] = f"ghost-{n % 7}"
     elif kind == "hostile_id":
@@ -311,6 +318,28 @@ def _apply(spec: AnomalySpec, message: Message, past: _History, zone: ZoneInfo, 
         copy=kind == "duplicate",
         newest_ns=past.newest_ts_ns,
     )
+
+
+def _duplicate_key(body: dict[str, Any], name: str) -> bytes:
+    """``body`` with ``name`` twice: first a different value, then the true one.
+
+    Both orders are the same ambiguity to a validator; true-last means a pipeline that accepts the payload
+    (rule ``duplicate_key: accept``, last value wins) stores what the machine sent, so that policy can be
+    scored too. The decoy machine is a stranger's id, the decoy seq another message's.
+    """
+    true = body[name]
+    decoy: Any
+    if isinstance(true, str):
+        decoy = f"{true}-other"
+    elif isinstance(true, int):
+        decoy = true + 1
+    else:
+        decoy = round(float(true) + 1.0, 3)
+    rest = _dumps({k: v for k, v in body.items() if k != name})
+    # dict and json.dumps cannot repeat a key: the decoy goes in as text, before the fields, the true value last.
+    first = json.dumps({name: decoy}, separators=(",", ":"))[1:-1]
+    last = json.dumps({name: true}, separators=(",", ":"))[1:-1]
+    return b"{" + first.encode() + b"," + rest[1:-1] + b"," + last.encode() + b"}"
 
 
 def _utc(ns: int) -> datetime:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,3 +44,10 @@ def write_scenario(tmp_path: Path) -> Callable[[str, str], Path]:
         return path
 
     return write
+
+
+def run_module(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m <args>`` from the project root, as a user runs it: exit code and output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], check=False, capture_output=True, text=True, cwd=ROOT, timeout=timeout_s
+    )

@@ -381,6 +381,42 @@ def test_value_kinds_write_what_they_say() -> None:
     assert seen == {"nan": {"load_rate", "mileage"}, "inf": {"load_rate", "mileage"}, "null": {"load_rate", "mileage"}}
 
 
+def test_duplicate_key_names_one_field_twice_decoy_first_true_value_last() -> None:
+    messages = clean(60)
+    out = run(messages, [AnomalySpec("duplicate_key", rate=1.0)])
+    by_seq = {m.seq: m for m in messages}
+    seen: Counter[str] = Counter()
+    for m in labelled(out, "duplicate_key"):
+        pairs: list[tuple[str, Any]] = []
+
+        def keep(found: list[tuple[str, Any]], pairs: list[tuple[str, Any]] = pairs) -> dict[str, Any]:
+            pairs.extend(found)
+            return dict(found)
+
+        json.loads(m.payload, object_pairs_hook=keep)
+        names = Counter(name for name, _ in pairs)
+        repeated = [name for name, count in names.items() if count > 1]
+        assert len(repeated) == 1 and names[repeated[0]] == 2, m.payload
+        name = repeated[0]
+        seen[name] += 1
+        first, last = (value for n, value in pairs if n == name)
+        assert first != last
+        # A last-wins reading is the clean message, field for field (order aside).
+        assert json.loads(m.payload) == body(by_seq[m.seq])
+        assert (m.ts_ns, m.copy) == (by_seq[m.seq].ts_ns, False)
+        if name == "seq":
+            assert first == m.seq + 1  # another message's seq: the dangerous decoy
+        if name == "machine":
+            assert first == f"{m.machine}-other"
+    assert seen == {"machine": 20, "seq": 20, "load_rate": 20}
+
+
+def test_duplicate_key_field_can_be_chosen() -> None:
+    out = run(clean(20), [AnomalySpec("duplicate_key", rate=1.0, field="mileage")])
+    for m in out:
+        assert m.payload.count(b'"mileage":') == 2, m.payload
+
+
 # -- the oracle against the real validator -----------------------------------------
 
 
@@ -440,6 +476,7 @@ POLICIES: dict[str, dict[str, Any]] = {
         "naive_timestamps": "assume_utc",
         "rules": RulePolicies(
             duplicate="accept",
+            duplicate_key="accept",
             oversize="accept",
             unknown_machine="accept",
             out_of_range="accept",

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bench.cli import main
-from tests.conftest import ROOT, SCENARIOS
+from tests.conftest import SCENARIOS, run_module
 
 BROKEN = "name: broken\nphases:\n  - {kind: steady, rate: fast, duration: 1s}\n"
 
@@ -71,14 +69,7 @@ def test_out_folder_that_is_not_empty_is_refused(tmp_path: Path, capsys: pytest.
 def test_run_on_broken_scenario_exits_2_with_one_line(write_scenario: Callable[[str], Path]) -> None:
     """Through the real entry point: exit code 2, one line on stderr, no traceback."""
     path = write_scenario(BROKEN)
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "run", str(path)],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    proc = run_module("bench", "run", str(path))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from asyncua.client.client import Client
 
-from bench import load
+from bench import load, load_args
 from bench.errors import ScenarioError, UsageError
 from bench.results import SCHEMA_VERSION
 from simulators.opcua_server import PlantServer
@@ -41,7 +41,7 @@ transport:
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench")
     sub = parser.add_subparsers(dest="command", required=True)
-    load.register(sub)
+    load_args.register(sub)
     return parser.parse_args(argv)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +16,7 @@ from typing import cast
 import pyarrow.dataset as ds
 import pytest
 from asyncua import ua
+from asyncua.crypto.uacrypto import load_certificate, load_private_key
 from asyncua.sync import Client
 from asyncua.ua.status_codes import StatusCodes
 
@@ -21,6 +25,7 @@ from bench.scenario import load_scenario
 from pipeline.clock import MonotonicWallClock
 from pipeline.errors import SourceError
 from pipeline.opcua_source import OpcUaSource, ReadingAssembler, _iso, status_name
+from simulators.opcua_security import make_certificate
 from simulators.opcua_server import NodeNames, PlantServer
 from simulators.stream import Message
 
@@ -259,6 +264,38 @@ def test_secured_server_accepts_only_encrypted_clients_with_the_password(tmp_pat
         finally:
             source.close()
     assert source.security_policy_uri == "http://opcfoundation.org/UA/SecurityPolicy#Basic256Sha256"
+    # The plant server's private key: owner only, in a folder only its owner can enter.
+    certs = tmp_path / "certs"
+    assert stat.S_IMODE((certs / "plant-server-key.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE(certs.stat().st_mode) == 0o700
+    # ... and the pipeline's client key beside it.
+    assert stat.S_IMODE((certs / "pipeline-client-key.pem").stat().st_mode) == 0o600
+
+
+def test_make_certificate_writes_the_key_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "certs"
+    previous = os.umask(0o000)  # the most permissive: nothing may depend on the umask taking bits away
+    try:
+        pair = asyncio.run(make_certificate(folder, "t", "urn:test", server=True))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(pair.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    # A usable key and certificate: asyncua loads them as a pair.
+    key = asyncio.run(load_private_key(pair.key))
+    cert = asyncio.run(load_certificate(pair.cert))
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+
+
+def test_make_certificate_keeps_an_existing_key_and_tightens_its_mode(tmp_path: Path) -> None:
+    first = asyncio.run(make_certificate(tmp_path, "t", "urn:test", server=False))
+    pem = first.key.read_bytes()
+    first.key.chmod(0o644)
+    tmp_path.chmod(0o755)
+    again = asyncio.run(make_certificate(tmp_path, "t", "urn:test", server=False))
+    assert again.key.read_bytes() == pem
+    assert stat.S_IMODE(again.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o700
 
 
 def test_server_restart_losses_are_counted_with_their_cause(

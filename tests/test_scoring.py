@@ -210,3 +210,40 @@ def test_mismatch_sample_is_capped() -> None:
     assert result.mismatches == 80
     assert len(result.sample) == 50
     assert result.to_json()["classes"]["valid"]["mismatches"] == 80
+
+
+def duplicate_key_message(seq: int) -> Message:
+    """seq named twice, a decoy first and the true value last (as the generator writes it)."""
+    m = message(seq, "duplicate_key")
+    text = m.payload.decode()
+    return Message(
+        seq=seq,
+        machine=m.machine,
+        intended_send_ns=m.intended_send_ns,
+        payload=('{"seq":' + str(seq + 1) + "," + text[1:]).encode(),
+        truth="duplicate_key",
+        ts_ns=m.ts_ns,
+    )
+
+
+def test_duplicate_key_is_expected_rejected_by_default_and_accepted_last_wins_when_allowed() -> None:
+    m = duplicate_key_message(20)
+    assert m.payload.count(b'"seq":') == 2
+    assert expect(m, SETTINGS, NOW_NS).label() == "rejected:duplicate_key"
+    lenient = ValidateSettings(machines=("m-0", "m-1"), rules=RulePolicies(duplicate_key="accept"))
+    exp = expect(m, lenient, m.intended_send_ns)
+    assert (exp.decision, exp.machine, exp.instant_ns) == ("accepted", "m-0", m.ts_ns)
+
+
+def test_duplicate_key_scored_against_the_quarantine() -> None:
+    m = duplicate_key_message(21)
+    right, stored, wrong = Outcomes(), Outcomes(), Outcomes()
+    right.rejected[21].append("duplicate_key")
+    stored.persisted[21].append(persisted(m))
+    wrong.rejected[21].append("malformed_json")
+    ok = judge([(21, [m])], right)
+    assert ok.mismatches == 0
+    assert ok.confusion["duplicate_key"] == {"rejected:duplicate_key": 1}
+    # Stored silently (last value wins) is what the rule exists to prevent: a mismatch under the default.
+    assert judge([(21, [m])], stored).sample[0]["problem"] == "accepted, expected rejected:duplicate_key"
+    assert "reason malformed_json" in judge([(21, [m])], wrong).sample[0]["problem"]

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 from pydantic import ValidationError
 
-from pipeline.config import SqlSettings
+from pipeline.config import SqlSettings, format_validation_error
 from pipeline.errors import ConfigError, SinkError
 from pipeline.model import Reading
 from pipeline.sql_sink import SqlSink, resolve_url
@@ -64,7 +64,8 @@ class Db:
         self.backend = backend
         self.output = tmp_path / "out"
         if backend == "sqlite":
-            self.url = f"sqlite:///{tmp_path / 'bench.db'}"
+            # Relative: the file lands in the output folder (an absolute path would need allow_outside_output).
+            self.url = "sqlite:///bench.db"
         else:
             name, port, self.url = SERVICES[backend]
             require_service(name, "127.0.0.1", port)
@@ -370,10 +371,94 @@ def test_settings_accept_urls_without_password(url: str) -> None:
     assert SqlSettings(url=url).url == url
 
 
-def test_settings_refuse_a_password_in_the_query() -> None:
-    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test?password=s3cret"
-    with pytest.raises(ValidationError):
+SECRET = "hunter2xyz"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?password={SECRET}",
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?pass%77ord={SECRET}",  # percent-encoded name
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?pass%2577ord={SECRET}",  # encoded twice
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?PassWord={SECRET}",
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?sslmode=require&sslpassword={SECRET}",
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?passfile=/home/u/{SECRET}",
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?oauth_client_secret={SECRET}",
+        f"postgresql+psycopg://postgres@127.0.0.1:5432/test?scram_client_key={SECRET}",
+        f"mysql+pymysql://root@127.0.0.1:3306/test?passwd={SECRET}",
+        f"mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4&ssl_key_password={SECRET}",
+        f"mssql+pyodbc://h/db?odbc_connect=DRIVER%3Dx%3BPWD%3D{SECRET}",  # a credential inside a value
+        f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:5432/test",
+        # SQLAlchemy ends the password at the first '@': '/' and '?' in it hid it from urllib's reading.
+        f"postgresql+psycopg://postgres:a/{SECRET}@127.0.0.1:5432/test",
+        f"postgresql+psycopg://postgres:a?{SECRET}@127.0.0.1:5432/test",
+    ],
+)
+def test_settings_refuse_every_credential_without_quoting_it(url: str) -> None:
+    with pytest.raises(ValidationError) as info:
         SqlSettings(url=url)
+    message = format_validation_error("s.yaml", info.value)
+    assert message.startswith("s.yaml: url: expected no password in the URL (")
+    assert "${BENCH_SQL_URL}" in message and "\n" not in message
+    assert SECRET not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test?sslmode=require&application_name=passenger-app",
+        "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4&ssl_key=/etc/client-key.pem",
+        "postgresql+psycopg://postgres:@127.0.0.1:5432/test",  # an empty password is no secret
+    ],
+)
+def test_settings_accept_urls_whose_parameters_are_no_credentials(url: str) -> None:
+    assert SqlSettings(url=url).url == url
+
+
+def test_settings_never_quote_a_malformed_url() -> None:
+    with pytest.raises(ValidationError) as info:
+        SqlSettings(url=f"host=db user=app password={SECRET}")
+    message = format_validation_error("s.yaml", info.value)
+    assert message.startswith("s.yaml: url: expected a SQLAlchemy URL")
+    assert SECRET not in message
+
+
+@pytest.mark.services
+# PyMySQL still takes passwd, with a warning: that it takes it is the point here.
+@pytest.mark.filterwarnings("ignore:'passwd' is deprecated:DeprecationWarning")
+@pytest.mark.parametrize(
+    ("service", "url", "shown"),
+    [
+        (
+            ("PostgreSQL", 5432),
+            f"postgresql+psycopg://postgres@127.0.0.1:5432/no_such_db?password={SECRET}",
+            "no_such_db?password=***",
+        ),
+        (("PostgreSQL", 5432), f"postgresql+psycopg://postgres:{SECRET}@127.0.0.1:1/test", "postgres:***@127.0.0.1:1"),
+        (("MariaDB", 3306), f"mysql+pymysql://root@127.0.0.1:3306/no_such_db?passwd={SECRET}", "passwd=***"),
+    ],
+)
+def test_a_connection_error_never_shows_the_environment_password(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, service: tuple[str, int], url: str, shown: str
+) -> None:
+    require_service(service[0], "127.0.0.1", service[1])
+    monkeypatch.setenv("BENCH_SQL_URL", url)
+    settings = SqlSettings(url="${BENCH_SQL_URL}")
+    # What results.json records of the settings is the reference, never the resolved URL.
+    assert settings.model_dump(mode="json")["url"] == "${BENCH_SQL_URL}"
+    with pytest.raises(SinkError) as info:
+        SqlSink(settings, tmp_path)
+    message = str(info.value)
+    assert message.startswith("cannot open SQL sink ") and shown in message, message
+    assert SECRET not in message and "\n" not in message
+
+
+@pytest.mark.services
+def test_a_parameter_the_driver_refuses_is_a_sink_error(tmp_path: Path) -> None:
+    require_service("MariaDB", "127.0.0.1", 3306)
+    # PyMySQL raises a plain TypeError for an unknown keyword: still one line, no traceback.
+    with pytest.raises(SinkError, match=r"TypeError: .*unexpected keyword argument 'bogus'"):
+        SqlSink(SqlSettings(url=f"{MARIADB_URL}?bogus=1"), tmp_path)
 
 
 def test_settings_copy_needs_postgres() -> None:
@@ -384,7 +469,7 @@ def test_settings_copy_needs_postgres() -> None:
 
 def test_sink_refuses_copy_when_the_env_url_is_not_postgres(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # ${VAR} hides the backend from the settings check; the sink must catch it once resolved.
-    monkeypatch.setenv("BENCH_SQL_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    monkeypatch.setenv("BENCH_SQL_URL", "sqlite:///x.db")
     settings = SqlSettings(url="${BENCH_SQL_URL}", strategy="copy")
     with pytest.raises(ConfigError, match="copy needs PostgreSQL, got sqlite"):
         SqlSink(settings, tmp_path)
@@ -416,8 +501,38 @@ def test_resolve_url_puts_relative_sqlite_under_output(tmp_path: Path) -> None:
     out = tmp_path / "run" / "out"
     assert resolve_url("sqlite:///loading_rate.db", out) == f"sqlite:///{out / 'loading_rate.db'}"
     assert out.is_dir()  # created, so SQLite can create the file
-    for url in (f"sqlite:///{tmp_path / 'abs.db'}", "sqlite://", "sqlite:///:memory:", PG_URL):
+    for url in ("sqlite://", "sqlite:///:memory:", PG_URL):
         assert resolve_url(url, out) == url
+    absolute = f"sqlite:///{tmp_path / 'abs.db'}"
+    assert resolve_url(absolute, out, allow_outside_output=True) == absolute
+
+
+@pytest.mark.parametrize("database", ["/tmp/x.db", "../../../../tmp/x.db", "a/../../x.db", "%2E%2E/x.db"])
+def test_resolve_url_keeps_an_environment_sqlite_file_inside_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str
+) -> None:
+    # The settings cannot see through ${BENCH_SQL_URL}: the resolved URL meets the same rule when the sink opens.
+    monkeypatch.setenv("BENCH_SQL_URL", f"sqlite:///{database}")
+    with pytest.raises(
+        ConfigError, match=r"^sql\.url \(\$\{BENCH_SQL_URL\}\): expected a SQLite file inside the output"
+    ):
+        resolve_url("${BENCH_SQL_URL}", tmp_path / "out")
+    with pytest.raises(ConfigError, match="allow_outside_output: true"):
+        SqlSink(SqlSettings(url="${BENCH_SQL_URL}"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    resolved = resolve_url("${BENCH_SQL_URL}", tmp_path / "out", allow_outside_output=True)
+    assert resolved.startswith("sqlite:///")
+
+
+def test_sink_writes_an_absolute_sqlite_file_with_the_opt_in(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere" / "shared.db"
+    settings = SqlSettings(url=f"sqlite:///{target}", aggregate="raw", allow_outside_output=True)
+    sink = SqlSink(settings, tmp_path / "out")
+    try:
+        sink.write_batch([reading(1)], 1)
+    finally:
+        sink.close()
+    assert target.is_file()
 
 
 def test_resolve_url_expands_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -428,6 +543,16 @@ def test_resolve_url_expands_the_environment(tmp_path: Path, monkeypatch: pytest
         resolve_url("${BENCH_SQL_URL}", tmp_path)
     with pytest.raises(ConfigError, match="not a SQLAlchemy URL"):
         resolve_url("not a url", tmp_path)
+
+
+def test_resolve_url_never_quotes_an_unparseable_environment_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BENCH_SQL_URL", "host=db password=hunter2")
+    with pytest.raises(ConfigError) as info:
+        resolve_url("${BENCH_SQL_URL}", tmp_path)
+    assert "hunter2" not in str(info.value)
+    assert str(info.value).startswith("sql.url (${BENCH_SQL_URL}): not a SQLAlchemy URL")
 
 
 def test_sink_creates_relative_sqlite_file_under_output(tmp_path: Path) -> None:

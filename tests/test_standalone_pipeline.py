@@ -153,3 +153,46 @@ def test_pipeline_runs_standalone_against_an_opcua_server(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
     data = ds.dataset(tmp_path / "out" / "data", format="parquet").to_table()
     assert sorted(data.column("seq").to_pylist()) == [0, 1, 2]
+
+
+def test_secured_opcua_standalone_keeps_its_key_in_a_private_folder_under_the_output(tmp_path: Path) -> None:
+    """source.cert_dir is relative to the output folder, created 0700 before the client writes its key."""
+    import os
+    import stat
+
+    from simulators.opcua_server import PlantServer
+
+    out = tmp_path / "out"
+    # Before, cert_dir was relative to the working directory (here the checkout).
+    cwd_certs_before = (ROOT / "certs").exists()
+    with PlantServer(
+        ["m-1"], security_mode="SignAndEncrypt", cert_dir=tmp_path / "server-certs", users={"operator": "s3cret"}
+    ) as plant:
+        config = tmp_path / "pipeline.yaml"
+        config.write_text(
+            f"source: {{url: '{plant.url}', security: SignAndEncrypt, server_certificate: '{plant.server_cert}',"
+            " username: operator, password: '${OPCUA_PASSWORD}'}\n"
+            f"output: {out}\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "--config", str(config), "--report-every", "0"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OPCUA_PASSWORD": "s3cret"},
+        )
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert "subscribed to Objects/Plant" in first, (first, proc.stderr.read() if proc.stderr else "")
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+    certs = out / "certs"
+    assert stat.S_IMODE(certs.stat().st_mode) == 0o700
+    assert (certs / "pipeline-client-key.pem").is_file()
+    # The client's own key, like the server's: owner-only (asyncua alone would write it with the umask's 0644).
+    assert stat.S_IMODE((certs / "pipeline-client-key.pem").stat().st_mode) == 0o600
+    assert (ROOT / "certs").exists() == cwd_certs_before

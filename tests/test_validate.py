@@ -187,6 +187,75 @@ def test_decode_rejections(payload: bytes, reason: str) -> None:
     assert result.seq is None and result.machine is None
 
 
+# --- duplicate keys ----------------------------------------------------------------
+
+GOOD_TEXT = '"machine":"m-1","ts":"2023-11-14T22:13:20.123456Z","load_rate":42.5,"mileage":1234.25,"seq":7'
+
+
+def test_duplicate_machine_is_rejected_with_the_seq_known() -> None:
+    payload = ('{"machine":"m-ok",' + GOOD_TEXT + ',"machine":"m-other"}').encode()
+    result = rejected(payload)
+    assert result.reason == "duplicate_key"
+    assert "'machine'" in result.detail
+    # The seq is named once: the bench matches the row by it. The machine is the ambiguous part: unknown.
+    assert (result.seq, result.machine, result.payload) == (7, None, payload)
+
+
+def test_duplicate_seq_is_rejected_with_the_seq_unknown() -> None:
+    payload = ("{" + GOOD_TEXT + ',"seq":8}').encode()
+    result = rejected(payload)
+    assert result.reason == "duplicate_key"
+    assert "'seq'" in result.detail
+    assert (result.seq, result.machine) == (None, "m-1")
+
+
+def test_same_value_twice_is_still_a_duplicate_key() -> None:
+    assert rejected(("{" + GOOD_TEXT + ',"load_rate":42.5}').encode()).reason == "duplicate_key"
+
+
+def test_duplicate_key_in_a_nested_object_is_rejected() -> None:
+    payload = ("{" + GOOD_TEXT + ',"note":{"shift":"A","shift":"B"}}').encode()
+    result = rejected(payload)
+    assert (result.reason, result.seq, result.machine) == ("duplicate_key", 7, "m-1")
+    assert "'shift'" in result.detail
+
+
+def test_duplicate_key_detail_names_every_repeated_name_once() -> None:
+    failure = decode(b'{"a":1,"b":2,"a":3,"b":4,"a":5}')
+    assert isinstance(failure, DecodeFailure)
+    assert failure.reason == "duplicate_key"
+    assert failure.duplicated == {"a", "b"}
+    assert failure.detail == "repeated in one object: 'a', 'b'"
+    assert failure.obj == {"a": 5, "b": 4}  # what a last-wins parser reads
+
+
+def test_duplicate_key_then_malformed_json_is_malformed() -> None:
+    # The strict decoder stops at the repeated name; what follows is broken, so nothing can be stored anyway.
+    failure = decode(b'{"a":1,"a":2,')
+    assert isinstance(failure, DecodeFailure)
+    assert failure.reason == "malformed_json"
+
+
+def test_duplicate_key_accept_policy_keeps_the_last_value() -> None:
+    payload = ('{"machine":"m-other",' + GOOD_TEXT + "}").encode()
+    result = check(payload, policy(duplicate_key="accept"))
+    assert isinstance(result, Reading)
+    assert (result.machine, result.seq, result.repairs) == ("m-1", 7, ())
+
+
+def test_duplicate_key_accept_policy_still_runs_the_other_rules() -> None:
+    payload = ("{" + GOOD_TEXT + ',"load_rate":150}').encode()
+    assert rejected(payload, policy(duplicate_key="accept")).reason == "out_of_range"
+
+
+def test_duplicate_key_detail_survives_a_surrogate_key() -> None:
+    # A JSON escape decodes to a lone surrogate, which no UTF-8 sink stores: the detail quotes it escaped.
+    result = rejected(b'{"\\ud800":1,"\\ud800":2}')
+    assert result.reason == "duplicate_key"
+    assert result.detail == "repeated in one object: '\\ud800'"
+    assert result.detail.encode("utf-8")
+
+
 # --- oversize ------------------------------------------------------------------
 
 
@@ -1117,6 +1186,7 @@ REASON_EXAMPLES: dict[str, tuple[dict[str, Any], bytes]] = {
     "oversize": ({"max_payload": 10}, encode(body())),
     "invalid_utf8": ({}, b"\xff"),
     "malformed_json": ({}, b"{"),
+    "duplicate_key": ({}, b'{"seq": 1, "seq": 2}'),
     "not_an_object": ({}, b"[]"),
     "missing_field": ({}, encode({"seq": 1})),
     "wrong_type": ({}, encode(body(load_rate="1"))),

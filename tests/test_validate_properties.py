@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import RulePolicies, ValidateSettings
+from pipeline.decode import DecodeFailure, decode
 from pipeline.model import Reading, Rejection
 from pipeline.parquet_sink import QUARANTINE_SCHEMA, READING_SCHEMA
 from pipeline.validate import REASONS, REPAIRS, REQUIRED, Validator
@@ -748,3 +749,89 @@ def test_naive_times_in_the_machine_zone_give_the_right_instant(
             # Read with the offset from before the gap: the latest candidate, i.e. moved forward by the gap.
             assert isinstance(result, Reading), (zone, wall, result)
             assert (result.ts_ns, result.repairs) == (max(candidates), ("assumed_machine_zone", "nonexistent_shifted"))
+
+
+# --- duplicate keys -------------------------------------------------------------------------------
+
+# Few names, so that repeats are common; the required ones, so that some messages are otherwise valid.
+pair_names = st.sampled_from([*REQUIRED, "status", "x", "\ud800"])
+
+
+def pair_value(name: str) -> st.SearchStrategy[Any]:
+    plausible, anything = FIELDS.get(name, (json_scalars, json_scalars))
+    return st.integers(0, 3).flatmap(lambda n: anything if n == 0 else plausible)
+
+
+@st.composite
+def pair_objects(draw: st.DrawFn, nested: bool = True) -> tuple[str, bool]:
+    """JSON object text written pair by pair, so a name may repeat (json.dumps never does that), and whether
+    any object in it, the top one or one nested in it, repeats a name. Mostly every required name is there,
+    so that some messages are otherwise valid."""
+    names = list(REQUIRED) if nested and draw(st.integers(0, 3)) else []
+    names = draw(st.permutations(names + draw(st.lists(pair_names, max_size=4))))
+    parts, repeated = [], len(set(names)) != len(names)
+    for name in names:
+        if nested and draw(st.integers(0, 7)) == 0:
+            text, inner = draw(pair_objects(nested=False))
+            repeated |= inner
+        else:
+            text = json.dumps(draw(pair_value(name)))
+        parts.append(f"{json.dumps(name)}:{text}")
+    return "{" + ",".join(parts) + "}", repeated
+
+
+def same_json(a: Any, b: Any) -> bool:
+    # Through json.dumps: NaN is equal to itself there, and key order is compared too.
+    return json.dumps(a) == json.dumps(b)
+
+
+@MEDIUM
+@given(pair_objects())
+def test_decode_refuses_exactly_the_payloads_that_repeat_a_name(case: tuple[str, bool]) -> None:
+    text, repeated = case
+    payload = text.encode("utf-8", "surrogatepass")
+    plain = json.loads(payload.decode("utf-8", "surrogatepass"))
+    strict = decode(payload)
+    lenient = decode(payload, duplicate_keys=True)
+    if not is_utf8(text):
+        event("invalid_utf8")
+        assert isinstance(strict, DecodeFailure) and strict.reason == "invalid_utf8"
+        return
+    # Accepting duplicates is exactly json.loads: the last value wins, as before the rule existed.
+    assert same_json(lenient, plain)
+    if repeated:
+        event("repeated")
+        assert isinstance(strict, DecodeFailure) and strict.reason == "duplicate_key", strict
+        assert strict.duplicated and strict.detail
+        assert same_json(strict.obj, plain)
+    else:
+        event("unique")
+        assert same_json(strict, plain)
+
+
+@MEDIUM
+@given(validate_settings(), pair_objects())
+def test_duplicate_key_policy_decides_and_the_other_rules_see_the_last_values(
+    s: ValidateSettings, case: tuple[str, bool]
+) -> None:
+    """Reject: every repeating payload is duplicate_key (unless refused before decoding). Accept: the message
+    fares exactly as its last-wins object, written without repeats, would."""
+    text, repeated = case
+    payload = text.encode("utf-8", "surrogatepass")
+    result = check_fresh(payload, s)
+    outcome(result, payload, s)
+    if not repeated or not is_utf8(text) or (s.rules.oversize == "reject" and len(payload) > s.max_payload):
+        return
+    if s.rules.duplicate_key == "reject":
+        assert isinstance(result, Rejection) and result.reason == "duplicate_key", result
+        return
+    rewritten = to_payload(json.loads(text))
+    if s.rules.oversize == "reject" and len(rewritten) > s.max_payload:
+        return  # the rewritten text is longer (escapes) and would be refused before decoding
+    twin = check_fresh(rewritten, s)
+    event(f"duplicate_key accepted, then {outcome(result, payload, s)}")
+    if isinstance(result, Reading):
+        assert result == twin
+    else:
+        assert isinstance(twin, Rejection)
+        assert (result.reason, result.seq, result.machine) == (twin.reason, twin.seq, twin.machine)
