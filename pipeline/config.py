@@ -725,7 +725,8 @@ def format_validation_error(path: Path | str, exc: ValidationError) -> str:
             shown = repr(err["input"])
             # A hostile value can be megabytes long: the line names it, it need not repeat all of it.
             shown = shown if len(shown) <= 200 else f"{shown[:200]}... ({len(shown):,} characters)"
-            msg = f"{msg} (got {shown})"
+            if f"got {shown}" not in msg:  # our own validators already say what they got
+                msg = f"{msg} (got {shown})"
         # A check across fields names its own location in the message.
         line = f"{path}: {loc}: {msg}" if loc else f"{path}: {msg}"
         # Validators of other modules may quote a URL back: whatever credential it holds is hidden here.

@@ -269,3 +269,12 @@ def test_a_password_in_the_broker_flag_is_refused_without_echoing_it(
     err = capsys.readouterr().err
     assert "s3cr3t-pw" not in err and "--broker" in err, err
     assert not out.exists()
+
+
+def test_a_refused_value_is_quoted_once(
+    write_scenario: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_scenario("name: x\nanomalies: [{kind: late, by: 1e308, rate: 0.5}]\nphases:\n" + STEADY)
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("'1e308'") == 1, err
