@@ -68,7 +68,10 @@ ZONES = (
 )
 
 MAIN = settings(
-    max_examples=10_000,
+    # 10,000 took 50 s per property here and pushed the default run to the 10-minute budget; derandomized, so
+    # every run replays the same examples, and 4,000 are the first 4,000 of that same sequence (a fixed
+    # sequence finds nothing new on unchanged code; on changed code the first 4,000 are most of its reach).
+    max_examples=4_000,
     deadline=None,
     derandomize=True,
     database=None,
