@@ -203,7 +203,7 @@ def make_run_dir(name: str, out: Path | None, reports_dir: Path) -> Path:
 
 
 @contextmanager
-def removed_on_user_error(run_dir: Path) -> Iterator[None]:
+def removed_on_user_error(run_dir: Path, existed: bool = False) -> Iterator[None]:
     """Remove ``run_dir`` (new or empty before, see :func:`make_run_dir`) when a user mistake stops the run.
 
     A mistake found only once the run has started (an unset ${VAR}, a setting the transport cannot honour)
@@ -213,7 +213,14 @@ def removed_on_user_error(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except (ScenarioError, UsageError):
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if existed:  # the user's own empty folder: empty it again, keep it
+            for child in run_dir.iterdir():
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
@@ -225,8 +232,9 @@ def run(
 ) -> RunOutcome:
     """Run every variant of a scenario end to end; raises :class:`BenchError` subclasses on failure to run."""
     spec = apply_overrides(loaded.scenario.stream_spec(), options.messages, options.duration_s)
+    existed = options.out is not None and options.out.is_dir()
     run_dir = make_run_dir(loaded.scenario.name, options.out, options.reports_dir)
-    with removed_on_user_error(run_dir):
+    with removed_on_user_error(run_dir, existed):
         return _run_in(loaded, options, spec, run_dir, on_progress=on_progress, progress_every_s=progress_every_s)
 
 

@@ -124,6 +124,9 @@ def test_a_mistake_found_after_start_leaves_no_half_made_folder(
         err = capsys.readouterr().err
         assert "BENCH_TEST_UNSET_USER" in err and "not empty" not in err, err
         assert not out.exists()
+    out.mkdir()  # a folder the user made for the run stays, empty as it was
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+    assert out.is_dir() and not any(out.iterdir())
 
 
 def _schema_validator() -> jsonschema.protocols.Validator:
