@@ -599,6 +599,7 @@ def run_load(
                     discard_oldest=ua_cfg.discard_oldest,
                     username=ua_user,
                     password=ua_password,
+                    clock=clock,
                 )
                 ua_source.start()
                 target = ["--opcua-url", ua_url]

@@ -463,6 +463,7 @@ def _run_variant(
                     security_mode=secure,
                     server_certificate=server_cert,
                     cert_dir=certs,
+                    clock=clock,
                 )
                 opcua_source.start()
                 publishers.append(writer)

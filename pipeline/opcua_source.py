@@ -27,7 +27,6 @@ import json
 import logging
 import socket
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaStringParsingError
 
+from pipeline.clock import Clock, MonotonicWallClock
 from pipeline.errors import SourceError
 
 # The values a reading needs. The Status variable is informational: every
@@ -221,8 +221,11 @@ class OpcUaSource:
         cert_dir: Path | None = None,
         reconnect_max_delay_s: float = 5.0,
         node_ids: dict[str, dict[str, str]] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.url = url
+        # The run's clock: the ledger compares the resume time with the outage start the bench took from it.
+        self._clock: Clock = clock or MonotonicWallClock()
         # Configured node ids (machine -> {load_rate, mileage, seq[, status]} -> "ns=2;i=7") skip the browse.
         self._node_ids = node_ids
         self._on_payload = on_payload
@@ -402,7 +405,7 @@ class OpcUaSource:
         self.stats.notifications += 1
         if self._awaiting_resume:
             self._awaiting_resume = False
-            self.stats.resumed_at_ns.append(time.time_ns())
+            self.stats.resumed_at_ns.append(self._clock.now_ns())
         where = self._nodes.get(node.nodeid)
         if where is None:
             return

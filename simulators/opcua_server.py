@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from asyncua import ua
 from asyncua.crypto.permission_rules import User, UserRole
@@ -33,6 +33,7 @@ from asyncua.server.server import Server
 from asyncua.server.user_managers import UserManager
 from asyncua.ua.status_codes import StatusCodes
 
+from pipeline.clock import Clock
 from simulators.errors import BrokerStartError, SimulatorError
 from simulators.loop_thread import LoopThread
 from simulators.opcua_security import Mode, make_certificate
@@ -61,10 +62,6 @@ class _PasswordUsers(UserManager):
         if username is not None and self._users.get(username) == password:
             return User(role=UserRole.User, name=username)
         return None
-
-
-class Clock(Protocol):
-    def now_ns(self) -> int: ...
 
 
 @dataclass(frozen=True)

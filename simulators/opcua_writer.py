@@ -16,9 +16,10 @@ from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.ua.uaerrors import UaError
 
+from pipeline.clock import Clock
 from simulators.errors import SimulatorError
 from simulators.loop_thread import LoopThread
-from simulators.opcua_server import Clock, NodeNames, reading_values
+from simulators.opcua_server import NodeNames, reading_values
 from simulators.publisher import apace
 from simulators.stream import Message
 

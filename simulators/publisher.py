@@ -22,12 +22,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from pipeline.clock import Clock
 from simulators.errors import SimulatorError
 from simulators.stream import Message
 
@@ -97,12 +98,6 @@ def topic_segment(machine: str) -> str:
         if any(c in machine for c in "/+#%\x00")
         else machine
     )
-
-
-class Clock(Protocol):
-    """Anything that tells time in nanoseconds since the epoch."""
-
-    def now_ns(self) -> int: ...
 
 
 def pace(

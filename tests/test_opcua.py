@@ -22,7 +22,7 @@ from asyncua.ua.status_codes import StatusCodes
 
 from bench import runner
 from bench.scenario import load_scenario
-from pipeline.clock import MonotonicWallClock
+from pipeline.clock import FakeClock, MonotonicWallClock
 from pipeline.errors import SourceError
 from pipeline.opcua_source import OpcUaSource, ReadingAssembler, _iso, status_name
 from simulators.opcua_security import make_certificate
@@ -149,9 +149,16 @@ def test_source_converts_source_timestamp_and_status(tmp_path: Path) -> None:
 def test_source_reconnects_after_a_server_restart() -> None:
     received: list[int] = []
     clock = MonotonicWallClock()
+    # The source's own clock stands still: the resume time must come from it (the ledger compares it with the
+    # outage start taken from the run's clock), not from time.time_ns().
+    source_clock = FakeClock(start_ns=5_000_000_000)
     with PlantServer(["m-1"]) as plant:
         source = OpcUaSource(
-            plant.url, lambda p, t: received.append(json.loads(p)["seq"]), publishing_ms=20, reconnect_max_delay_s=1
+            plant.url,
+            lambda p, t: received.append(json.loads(p)["seq"]),
+            publishing_ms=20,
+            reconnect_max_delay_s=1,
+            clock=source_clock,
         )
         source.start()
         try:
@@ -175,6 +182,7 @@ def test_source_reconnects_after_a_server_restart() -> None:
             source.close()
     assert 1 not in received
     assert source.stats.connection_losses >= 1
+    assert source.stats.resumed_at_ns and set(source.stats.resumed_at_ns) == {5_000_000_000}
 
 
 OPCUA = """
