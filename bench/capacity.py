@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import psutil
 
 from bench import capacity_model as model
 from bench.errors import ScenarioError, ServiceError, UsageError
@@ -516,29 +517,26 @@ def _run_step(
     return step, flushes, steady, locks
 
 
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
 def process_cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) another process has used so far; None where /proc cannot tell."""
+    """CPU seconds (user + system) another process has used so far; None when it is gone or not ours to read."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            # The command name (field 2) may hold spaces; the fields after its closing parenthesis are fixed.
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return float(times.user + times.system)
 
 
 def machine_busy_s() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, all cores; None without /proc/stat."""
+    """(busy, total) CPU seconds of the whole machine since boot, all cores; None where psutil cannot tell."""
     try:
-        with open("/proc/stat", encoding="ascii") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+        times = psutil.cpu_times()
+    except (OSError, NotImplementedError):
         return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks) - idle) / _TICKS, sum(ticks) / _TICKS
+    fields = times._asdict()
+    # guest and guest_nice (Linux) are already counted in user and nice.
+    total = sum(v for k, v in fields.items() if k not in ("guest", "guest_nice"))
+    idle = fields.get("idle", 0.0) + fields.get("iowait", 0.0)
+    return total - idle, total
 
 
 def _analyse(

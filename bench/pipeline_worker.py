@@ -26,6 +26,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings
 from pipeline.errors import PipelineError
@@ -33,17 +35,10 @@ from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
 from pipeline.runtime import Pipeline
 
-_PAGE = resource.getpagesize()
-
 
 def rss_bytes() -> int:
-    """Resident set size now (not the peak): /proc/self/statm where there is one."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * _PAGE
-    except OSError:
-        # ru_maxrss is the peak, in KiB on Linux; better than nothing elsewhere.
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Resident set size now (not the peak)."""
+    return int(psutil.Process().memory_info().rss)
 
 
 def _emit(obj: dict[str, Any]) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from bench.capacity import _variant
+from bench.capacity import _variant, machine_busy_s, process_cpu_s
 from bench.cli import main
+from bench.pipeline_worker import rss_bytes
 from bench.report import PLOT_IDS
 from bench.scenario import load_scenario
 from pipeline.buffer import LockProbes
@@ -234,3 +239,25 @@ def test_a_small_sweeps_report_says_what_its_variant_covers(small_run: SmallRun)
     assert f"ledger, flush and lock figures cover its {len(steps)} sustainable step(s) ({rates} msg/s)" in markdown
     verdict = next(line for line in markdown.splitlines() if line.startswith("**"))
     assert verdict.startswith("**PASSED**") and f"sustainable {steps[-1]['offered_per_s']:,.0f} msg/s" in verdict
+
+
+def test_cpu_and_memory_readings_follow_real_work() -> None:
+    me = os.getpid()
+    before, machine_before = process_cpu_s(me), machine_busy_s()
+    assert before is not None and machine_before is not None
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # 0.3 s of this process's own CPU
+        pass
+    after, machine_after = process_cpu_s(me), machine_busy_s()
+    assert after is not None and machine_after is not None
+    assert after - before >= 0.25  # clock ticks: 10 ms resolution
+    busy_delta, total_delta = (a - b for a, b in zip(machine_after, machine_before, strict=True))
+    assert 0.25 <= busy_delta <= total_delta
+    rss = rss_bytes()
+    block = bytearray(64 * 1024 * 1024)  # touched: bytearray zero-fills
+    assert rss_bytes() - rss >= 48 * 1024 * 1024
+    del block
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True, text=True
+    )
+    assert process_cpu_s(int(dead.stdout)) is None
