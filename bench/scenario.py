@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bench.errors import ScenarioError, UsageError
-from bench.metrics import COUNTERS, CounterName, MetricName
+from bench.results.metrics import COUNTERS, CounterName, MetricName
 from pipeline.config import (
     Duration,
     Frozen,

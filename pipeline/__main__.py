@@ -19,11 +19,10 @@ from pathlib import Path
 from types import FrameType
 
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import MqttSourceSettings, load_standalone, redact_urls_in, resolve_env
+from pipeline.config import OpcUaSourceSettings, load_standalone, redact_urls_in
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.mqtt_source import MqttSource
-from pipeline.opcua_source import OpcUaNames, OpcUaSource
 from pipeline.runtime import Pipeline
+from pipeline.sources import describe, make_source
 
 
 def _private_folder(folder: Path) -> None:
@@ -57,42 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_standalone(args.config)
         src = config.source
-        username = resolve_env(src.username, "source.username")
-        password = resolve_env(src.password, "source.password")
         output = Path(config.output)
+        if isinstance(src, OpcUaSourceSettings) and src.security != "None":
+            _private_folder(output / src.cert_dir)
         pipeline = Pipeline(config.pipeline, output, MonotonicWallClock())
-        source: MqttSource | OpcUaSource
-        if isinstance(src, MqttSourceSettings):
-            source = MqttSource(
-                src.url,
-                src.topic,
-                src.qos,
-                pipeline.submit,
-                client_id=src.client_id,
-                username=username,
-                password=password,
-            )
-            where = f"{src.topic!r} on {src.url}"
-        else:
-            cert_dir = output / src.cert_dir
-            if src.security != "None":
-                _private_folder(cert_dir)
-            source = OpcUaSource(
-                src.url,
-                pipeline.submit,
-                names=OpcUaNames(plant=src.plant),
-                publishing_ms=src.publishing * 1000,
-                sampling_ms=src.sampling * 1000,
-                queue_size=src.queue_size,
-                discard_oldest=src.discard_oldest,
-                username=username,
-                password=password,
-                security_mode=None if src.security == "None" else src.security,
-                server_certificate=Path(src.server_certificate) if src.server_certificate else None,
-                cert_dir=cert_dir,
-                node_ids=src.node_ids,
-            )
-            where = f"Objects/{src.plant} on {src.url}"
+        source = make_source(src, pipeline.submit, output=output)
+        where = describe(src)
         pipeline.start()
         source.start()
     except PipelineError as exc:

@@ -1,6 +1,6 @@
 """Tests for simulators/anomalies.py: the seeded anomaly catalogue, and its agreement with the bench's oracle.
 
-The generator labels every message with the truth; ``bench.scoring.expect``
+The generator labels every message with the truth; ``bench.harness.scoring.expect``
 derives from that label and the validator's policies what the message must
 become. The strongest checks here run the generated messages through the real
 :class:`pipeline.validate.Validator` and demand that it decides exactly what
@@ -21,7 +21,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from bench.scoring import Expectation, expect
+from bench.harness.scoring import Expectation, expect
 from pipeline.config import RulePolicies, ValidateSettings
 from pipeline.model import Reading, Rejection
 from pipeline.validate import Validator

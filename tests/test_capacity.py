@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from bench.capacity import _variant, machine_busy_s, process_cpu_s
+from bench.capacity.pipeline_worker import rss_bytes
+from bench.capacity.sweep import _variant, machine_busy_s, process_cpu_s
 from bench.cli import main
-from bench.pipeline_worker import rss_bytes
-from bench.report import PLOT_IDS
+from bench.report.render import PLOT_IDS
 from bench.scenario import load_scenario
 from pipeline.buffer import LockProbes
 from pipeline.model import FlushStat

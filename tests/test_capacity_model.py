@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import capacity_model as model
+from bench.capacity import model
 
 EPOCH = 1_800_000_000_000_000_000
 

@@ -10,8 +10,8 @@ from typing import Any
 import pyarrow.dataset as ds
 import pytest
 
-from bench import runner
 from bench.cli import main
+from bench.harness import runner
 from bench.results import SCHEMA_VERSION
 from bench.scenario import load_scenario
 from simulators.stream import planned_count

@@ -10,8 +10,8 @@ import pyarrow.dataset as ds
 import pytest
 import sqlalchemy as sa
 
-from bench import runner
 from bench.cli import main
+from bench.harness import runner
 from bench.scenario import load_scenario
 from simulators.anomalies import KINDS, OPCUA_KINDS
 
@@ -203,7 +203,8 @@ def test_duplicate_keys_are_quarantined_and_scored(duplicate_key_run: tuple[runn
 
 @pytest.mark.xfail(
     "duplicate_key" not in runner.UNREADABLE,
-    reason="bench/runner.py matches quarantine rows without a seq to their send by payload only for the kinds in "
+    reason="bench/harness/runner.py matches quarantine rows without a seq to their send by payload only for the "
+    "kinds in "
     "UNREADABLE; duplicate_key (a repeated seq) must be added there",
     strict=True,
 )

@@ -10,8 +10,8 @@ import pyarrow.dataset as ds
 import pytest
 import sqlalchemy as sa
 
-from bench import runner
 from bench.cli import main
+from bench.harness import runner
 from bench.scenario import load_scenario
 
 MEMORY = """

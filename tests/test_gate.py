@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from bench import gate, gate_stats
 from bench.cli import main
 from bench.errors import Inconclusive
+from bench.gate import runner as gate
+from bench.gate import stats as gate_stats
 from bench.scenario import GateMetric, GateSettings
 from tests.conftest import ROOT, SCENARIOS
 
@@ -216,7 +217,7 @@ def marked_repo(tmp_path: Path) -> tuple[Path, str]:
     runner = repo / "bench" / "runner.py"
     text = runner.read_text()
     anchor = '        "scenario": {"name": sc.name,'
-    assert anchor in text, "the mark needs a stable place in bench/runner.py's results"
+    assert anchor in text, "the mark needs a stable place in bench/harness/runner.py's results"
     runner.write_text(text.replace(anchor, '        "gate_test_mark": "candidate",\n' + anchor, 1))
     return repo, base
 

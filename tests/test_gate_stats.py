@@ -1,4 +1,4 @@
-"""Tests for bench/gate_stats.py: known answers, edge cases, and calibration on simulated A/A and A/B runs."""
+"""Tests for bench/gate/stats.py: known answers, edge cases, and calibration on simulated A/A and A/B runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from numpy.typing import NDArray
 from scipy import stats
 
-from bench.gate_stats import (
+from bench.gate.stats import (
     MIN_REPLICATES,
     Change,
     cv,

@@ -1,4 +1,4 @@
-"""Tests for bench/ledger.py: every sent seq is persisted, rejected, dropped or lost."""
+"""Tests for bench/harness/ledger.py: every sent seq is persisted, rejected, dropped or lost."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from bench.ledger import MISSING_SAMPLE, ReadBack, payload_key, read_back, reconcile
+from bench.harness.ledger import MISSING_SAMPLE, ReadBack, payload_key, read_back, reconcile
 from pipeline.model import Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 

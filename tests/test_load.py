@@ -1,7 +1,7 @@
 """``bench load``: locust (a master and worker processes) as the load engine, end to end on loopback.
 
 Locust monkey-patches the process that imports it, so these tests never import
-``bench.locustfile``: locust always runs in subprocesses, as ``bench load`` runs it.
+``bench.load.locustfile``: locust always runs in subprocesses, as ``bench load`` runs it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from asyncua.client.client import Client
 
-from bench import load, load_args
+from bench.cli import load as load_cli
 from bench.errors import ScenarioError, UsageError
+from bench.load import runner as load
 from bench.results import SCHEMA_VERSION
 from simulators.opcua_server import PlantServer
 from tests.conftest import ROOT, SCENARIOS
@@ -41,7 +42,7 @@ transport:
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench")
     sub = parser.add_subparsers(dest="command", required=True)
-    load_args.register(sub)
+    load_cli.register(sub)
     return parser.parse_args(argv)
 
 
@@ -54,7 +55,7 @@ def test_bench_load_burst_with_two_workers_reconciles(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = _parse(["load", str(SCENARIOS / "burst.yaml"), "--workers", "2", "--messages", str(MESSAGES)])
     args.out, args.quiet = run_dir, True
-    assert load.command(args) == 0
+    assert load_cli.command(args) == 0
 
     # Locust ran as a master and two workers, and wrote its own reports.
     for name in ("locust.html", "locust_stats.csv", "locust_stats_history.csv", "locust_failures.csv"):
@@ -129,7 +130,7 @@ def test_opcua_user_writes_each_reading_once_into_a_plant_server(
 def test_missing_scenario_is_a_scenario_error(tmp_path: Path) -> None:
     args = _parse(["load", str(tmp_path / "nope.yaml")])
     with pytest.raises(ScenarioError, match=r"nope\.yaml: no such file"):
-        load.command(args)
+        load_cli.command(args)
 
 
 def test_unsupported_transport_and_unknown_variant_are_usage_errors(
@@ -143,5 +144,5 @@ def test_unsupported_transport_and_unknown_variant_are_usage_errors(
     ):
         args = _parse(["load", *argv, "--out", str(tmp_path / "never")])
         with pytest.raises(UsageError, match=message):
-            load.command(args)
+            load_cli.command(args)
     assert not (tmp_path / "never").exists()

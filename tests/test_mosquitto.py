@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from bench import runner
+from bench.harness import runner
 from bench.scenario import load_scenario
 
 pytestmark = pytest.mark.services

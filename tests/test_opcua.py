@@ -20,7 +20,7 @@ from asyncua.crypto.uacrypto import load_certificate, load_private_key
 from asyncua.sync import Client
 from asyncua.ua.status_codes import StatusCodes
 
-from bench import runner
+from bench.harness import runner
 from bench.scenario import load_scenario
 from pipeline.clock import FakeClock, MonotonicWallClock
 from pipeline.errors import SourceError

@@ -12,8 +12,8 @@ import pytest
 from hdrh.histogram import HdrHistogram
 from scipy import stats
 
-from bench.metrics import TAIL_SHARE_WARNING, slope_fit, t_quantile, tail_share_bound
-from bench.probes import append_cost, cpu_summary, lock_summary, series_summary
+from bench.harness.probes import append_cost, cpu_summary, lock_summary, series_summary
+from bench.results.metrics import TAIL_SHARE_WARNING, slope_fit, t_quantile, tail_share_bound
 from pipeline.buffer import FlushingBuffer, write_to_sinks
 from pipeline.clock import FakeClock, MonotonicWallClock
 from pipeline.config import PipelineSettings

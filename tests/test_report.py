@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bench import runner
 from bench.errors import UsageError
-from bench.metrics import METRIC_ROWS, get_path
-from bench.report import PLOT_IDS, TABLE_IDS, ReportPaths, write_report
+from bench.harness import runner
+from bench.report.render import PLOT_IDS, TABLE_IDS, ReportPaths, write_report
+from bench.results.metrics import METRIC_ROWS, get_path
 from bench.scenario import load_scenario
 from tests.conftest import SCENARIOS
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from bench import gate, runner
 from bench.cli import main
 from bench.errors import UsageError
-from bench.metrics import TAIL_SHARE_WARNING, get_path, tail_share_bound
-from bench.probes import append_cost
-from bench.report import ReportPaths, default_out_dir, verdict, write_report
+from bench.gate import runner as gate
+from bench.harness import runner
+from bench.harness.probes import append_cost
+from bench.report.render import ReportPaths, default_out_dir, verdict, write_report
+from bench.results.metrics import TAIL_SHARE_WARNING, get_path, tail_share_bound
 from bench.scenario import load_scenario
 from pipeline.model import FlushStat
 from pipeline.probes import Recorder

@@ -1,4 +1,4 @@
-"""Tests for bench/scoring.py: pairing each send with an observed outcome and judging it against the oracle."""
+"""Tests for bench/harness/scoring.py: pairing each send with an observed outcome and judging it against the oracle."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.scoring import Decision, Expectation, Observed, Outcomes, Score, expect, score
+from bench.harness.scoring import Decision, Expectation, Observed, Outcomes, Score, expect, score
 from pipeline.config import RulePolicies, ValidateSettings
 from simulators.stream import Message, format_ts
 

@@ -22,14 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from bench.cli_args import broker_url, int_list, positive_int, positive_seconds, rate_list
+from bench.cli.args import broker_url, int_list, positive_int, positive_seconds, rate_list
+from bench.cli.load import register as register_load
 from bench.errors import BenchError, UsageError
-from bench.load_args import register as register_load
-from bench.metrics import METRIC_ROWS, get_path
+from bench.results.metrics import METRIC_ROWS, get_path
 from bench.scenario import json_schema, load_scenario
 
 if TYPE_CHECKING:
-    from bench import runner
+    from bench.harness import runner
 
 
 def _fraction(text: str) -> float:
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 out.print(f"{path}: ok ({loaded.scenario.name}, {len(loaded.scenario.phases)} phases)")
             return 0
         if args.command == "load":
-            from bench import load  # locust, the pipeline, the simulators: only for commands that run
+            from bench.cli import load
 
             return load.command(args)
         if args.command == "gate":
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "capacity":
             return _capacity(args, out, err)
         if args.command == "report":
-            from bench.report import write_report
+            from bench.report.render import write_report
 
             paths = write_report(args.runs, args.out)
             if args.markdown:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from bench import runner  # the pipeline, pyarrow, the simulators: only for commands that run
+    from bench.harness import runner  # the pipeline, pyarrow, the simulators: only for commands that run
 
     loaded = load_scenario(args.scenario)
     if args.broker is not None and not args.broker.startswith(("mqtt://", "tcp://")):
@@ -252,7 +252,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from bench import gate, runner
+    from bench.gate import runner as gate
+    from bench.harness import runner
 
     loaded = load_scenario(args.scenario)
     if args.baseline is None:
@@ -311,7 +312,7 @@ def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def _verdict(result: dict[str, Any], folder: Path | None, args: argparse.Namespace, out: Console, err: Console) -> int:
     """Print a gate's or a comparison's verdict; exit 0 passed, 1 failed, 3 inconclusive (docs/gates.md)."""
-    from bench import gate
+    from bench.gate import runner as gate
 
     quiet = args.json or args.markdown
     if args.json:
@@ -341,7 +342,7 @@ def _verdict(result: dict[str, Any], folder: Path | None, args: argparse.Namespa
 
 
 def _experiment(args: argparse.Namespace, err: Console) -> int:
-    from bench import gate
+    from bench.gate import runner as gate
 
     loaded = load_scenario(args.scenario)
     patches = args.patches or [gate.PATCH_FOLDER / name for name in gate.DEFAULT_PATCHES]
@@ -368,7 +369,7 @@ def _experiment(args: argparse.Namespace, err: Console) -> int:
 
 
 def _compare(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from bench import gate
+    from bench.gate import runner as gate
 
     result = gate.compare(
         args.a,
@@ -382,7 +383,7 @@ def _compare(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def gate_table(result: dict[str, Any]) -> Table:
     """Per metric: medians, change with its interval, Holm p, tolerance, verdict; counters below."""
-    from bench.gate import outcome_label
+    from bench.gate.runner import outcome_label
 
     head = outcome_label(result)
     title = f"{result['kind']} {result['scenario']['name']}: {result['design']} — {head}"
@@ -436,7 +437,7 @@ def gate_table(result: dict[str, Any]) -> Table:
 
 def _verdict_line(results: dict[str, Any], run_dir: Path) -> Text:
     """The run's conclusion, first, as its report gives it: PASSED / FAILED / INCONCLUSIVE and the figures."""
-    from bench.report import verdict  # matplotlib: only for runs that print a conclusion
+    from bench.report.render import verdict  # matplotlib: only for runs that print a conclusion
 
     v = verdict(results, run_dir)
     style = {"good": "bold green", "bad": "bold red"}.get(v.tone, "bold yellow")
@@ -448,13 +449,13 @@ def _auto_report(run_dir: Path, err: Console) -> Path | None:
     nobody reads their reports; an env var, so older versions that lack it simply ignore it)."""
     if os.environ.get("BENCH_NO_REPORT") == "1":
         return None
-    from bench.report import write_report_or_warn  # matplotlib: a second of start-up only runs that report pay
+    from bench.report.render import write_report_or_warn  # matplotlib: a second of start-up only runs that report pay
 
     return write_report_or_warn(run_dir, err)
 
 
 def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from bench import capacity
+    from bench.capacity import sweep as capacity
 
     loaded = load_scenario(args.scenario)
     options = capacity.CapacityOptions(
@@ -587,7 +588,7 @@ def _info(p: runner.Progress) -> str:
 
 
 def _run_with_bar(loaded: Any, options: runner.RunOptions, console: Console) -> runner.RunOutcome:
-    from bench import runner
+    from bench.harness import runner
 
     with Progress(
         TextColumn("sent"),

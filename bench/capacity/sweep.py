@@ -2,13 +2,13 @@
 
 Each step is a short run of its own, in processes of its own:
 
-- N pipeline worker processes (:mod:`bench.pipeline_worker`), sharing one MQTT
+- N pipeline worker processes (:mod:`bench.capacity.pipeline_worker`), sharing one MQTT
   subscription (``$share/<group>/<filter>``) on a broker that supports it;
-- P publisher processes (:mod:`bench.publish_worker`), each sending its share of
+- P publisher processes (:mod:`bench.capacity.publish_worker`), each sending its share of
   one deterministic constant-rate stream at the intended times (open model);
 - this process only starts them, shows progress, and afterwards reads back what
   was persisted, rebuilds the backlog curve from every message's send and
-  durable times, and judges the step (:mod:`bench.capacity_model`).
+  durable times, and judges the step (:mod:`bench.capacity.model`).
 
 A step that did not get its load out (publishers behind schedule) is reported
 as publisher-limited, never as a pipeline limit.
@@ -33,13 +33,13 @@ from typing import IO, Any
 import numpy as np
 import psutil
 
-from bench import capacity_model as model
+from bench.capacity import model
+from bench.capacity.publish_worker import spec_to_json
 from bench.errors import ScenarioError, ServiceError, UsageError
-from bench.ledger import ReadBack, durable_rows, read_back, reconcile
-from bench.probes import append_cost, flush_summary, lock_summary
-from bench.publish_worker import spec_to_json
+from bench.harness.ledger import ReadBack, durable_rows, read_back, reconcile
+from bench.harness.probes import append_cost, flush_summary, lock_summary
+from bench.harness.runner import make_run_dir, wait_received
 from bench.results import SCHEMA_VERSION, environment, write_results
-from bench.runner import make_run_dir, wait_received
 from bench.scenario import CapacitySettings, LoadedScenario, Scenario
 from pipeline.buffer import LockProbes
 from pipeline.clock import MonotonicWallClock
@@ -416,7 +416,7 @@ def _run_step(
                 "sink_delay_s": sc.sink_delay_s(),
                 "sink_slowdown": sc.sink_slowdown(),
             }
-            pipes.append(_Child("bench.pipeline_worker", config, wdir / "config.json", wdir / "worker.log"))
+            pipes.append(_Child("bench.capacity.pipeline_worker", config, wdir / "config.json", wdir / "worker.log"))
         for child in pipes:
             child.wait_for("ready", READY_TIMEOUT_S, "pipeline worker")
         for p in range(cap.publishers):
@@ -432,7 +432,7 @@ def _run_step(
             }
             pubs.append(
                 _Child(
-                    "bench.publish_worker",
+                    "bench.capacity.publish_worker",
                     config,
                     step_dir / f"publisher-{p}.config.json",
                     step_dir / f"publisher-{p}.log",

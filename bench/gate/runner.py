@@ -37,11 +37,12 @@ from typing import Any
 
 import yaml
 
-from bench import gate_stats, gate_worker
 from bench.errors import Inconclusive, ScenarioError, UsageError
-from bench.metrics import COUNTERS, GATE_METRICS, MetricName, counter_value, get_path
+from bench.gate import stats as gate_stats
+from bench.gate import worker as gate_worker
+from bench.harness.runner import make_run_dir
 from bench.results import environment
-from bench.runner import make_run_dir
+from bench.results.metrics import COUNTERS, GATE_METRICS, MetricName, counter_value, get_path
 from bench.scenario import GateMetric, GateSettings, LoadedScenario
 
 GATE_SCHEMA = 2
@@ -128,7 +129,7 @@ def code_digest(root: Path) -> str:
 
 
 def gate_cpu() -> int | None:
-    """The CPU both sides' workers are pinned to (bench/gate_worker.py says why): the last one this process may
+    """The CPU both sides' workers are pinned to (bench/gate/worker.py says why): the last one this process may
     use, or none when it may use only one anyway."""
     if not hasattr(os, "sched_getaffinity"):
         return None
@@ -137,7 +138,7 @@ def gate_cpu() -> int | None:
 
 
 class _Worker:
-    """A ``bench run`` worker process (bench/gate_worker.py) for one side, started with ``python -P``; the gate
+    """A ``bench run`` worker process (bench/gate/worker.py) for one side, started with ``python -P``; the gate
     starts one per replicate (:func:`_replicate` says why)."""
 
     def __init__(self, side: _Side, folder: Path, name: str) -> None:

@@ -7,7 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from bench.metrics import slope_fit, slope_text
+from bench.results.metrics import slope_fit, slope_text
 from pipeline.buffer import FlushingBuffer, LockProbes
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import RulePolicies, ValidateSettings

@@ -44,8 +44,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 from matplotlib.typing import RcKeyType
 
 from bench.errors import UsageError
-from bench.metrics import METRIC_ROWS, TAIL_SHARE_WARNING, get_path, slope_fit, slope_text, tail_share_bound
 from bench.results import SCHEMA_VERSION
+from bench.results.metrics import METRIC_ROWS, TAIL_SHARE_WARNING, get_path, slope_fit, slope_text, tail_share_bound
 
 __all__ = ["PLOT_IDS", "TABLE_IDS", "ReportPaths", "Verdict", "default_out_dir", "verdict", "write_report"]
 
@@ -237,7 +237,7 @@ def _write_text(path: Path, text: str) -> None:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("bench", "templates"),
+        loader=jinja2.PackageLoader("bench.report", "templates"),
         # Markdown is not HTML: its cells are escaped by the md filter instead.
         autoescape=jinja2.select_autoescape(enabled_extensions=("html", "html.j2"), disabled_extensions=("md.j2",)),
         undefined=jinja2.StrictUndefined,
@@ -534,7 +534,7 @@ def _gate_verdict(run: _Run) -> tuple[tuple[str, bool] | None, bool]:
             return (f"{path} is unreadable: gate outcome unknown", True), False
         if not isinstance(gate, dict):
             return (f"{path} is not a gate result: gate outcome unknown", True), False
-        # As bench.gate.outcome_label reads it (results from before "inconclusive" know only failed).
+        # As bench.gate.runner.outcome_label reads it (results from before "inconclusive" know only failed).
         outcome = gate.get("outcome") or ("failed" if gate.get("failed") else "passed")
         where = "" if folder == run.folder else f" ({path})"
         if outcome == "failed":

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import ValidationError
 
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
-from bench.ledger import (
+from bench.harness.ledger import (
     Ledger,
     ReadBack,
     attribute_outage,
@@ -39,7 +39,7 @@ from bench.ledger import (
     reconcile,
     resolve_anonymous,
 )
-from bench.probes import (
+from bench.harness.probes import (
     append_cost,
     cpu_summary,
     flush_summary,
@@ -49,9 +49,9 @@ from bench.probes import (
     sink_rows_per_s,
     timeline_json,
 )
+from bench.harness.scoring import Decision, expect, read_outcomes, score
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
-from bench.scoring import Decision, expect, read_outcomes, score
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings, SqlSettings, format_validation_error, resolve_env
 from pipeline.errors import ConfigError, PipelineError
@@ -623,7 +623,7 @@ def _run_variant(
         ref_spec = StreamSpec(spec.seed, spec.machines, (PhaseSpec("steady", 1.0, float(REFERENCE_MESSAGES)),))
         on_opcua = set(opcua_machines)
         reference = [m for m in stream(ref_spec, 0) if m.machine in on_opcua]
-        from bench import opcua_reference
+        from bench.harness import opcua_reference
 
         opcua_stats["reference"] = opcua_reference.measure(
             spec.machines, reference, transport.opcua.publishing * 1000, sc.pipeline

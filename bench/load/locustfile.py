@@ -19,12 +19,12 @@ Every send is a locust request: ``MQTT publish`` (response time: until PUBACK at
 QoS 1, until written at QoS 0) or ``OPCUA write`` (until the Write response), so
 locust's statistics, CSV and HTML report mean something. At test stop every
 process that ran users writes ``sent-*.npz`` into ``--sent-dir`` (seq, intended,
-sent and acknowledged times; see :class:`bench.load.SentRecords`): the bench
+sent and acknowledged times; see :class:`bench.load.runner.SentRecords`): the bench
 reconciles it against what the pipeline persisted.
 
 Run with the class named, against a broker and a pipeline already running::
 
-    locust -f "$(python -c 'import bench, os; print(os.path.dirname(bench.__file__))')/locustfile.py" \\
+    locust -f "$(python -c 'import os, bench.load as m; print(os.path.dirname(m.__file__))')/locustfile.py" \\
         MqttUser --headless -u 8 -r 8 --scenario scenarios/burst.yaml \\
         --broker-url mqtt://127.0.0.1:1883 --sent-dir sent
 
@@ -61,9 +61,9 @@ from locust.exception import StopUser
 from locust.runners import STATE_MISSING, LocalRunner, MasterRunner, WorkerRunner
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.ledger import payload_key
-from bench.load import PLAN_FILE, USER_CLASS, SentRecords, sent_bytes, write_sent_bytes
-from bench.runner import UNREADABLE
+from bench.harness.ledger import payload_key
+from bench.harness.runner import UNREADABLE
+from bench.load.runner import PLAN_FILE, USER_CLASS, SentRecords, sent_bytes, write_sent_bytes
 from bench.scenario import Scenario, apply_overrides, load_scenario
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import resolve_env

@@ -2,7 +2,7 @@
 
 The pipeline under test runs in this process, as in ``bench run``, behind the
 embedded broker (or OPC UA plant server); the load comes from a locust master
-and N worker processes running :mod:`bench.locustfile`, which replay the
+and N worker processes running :mod:`bench.load.locustfile`, which replay the
 scenario's stream, each message once, paced by its intended send time. Then
 the bench does what it always does: drain, read back what was persisted and
 reconcile it against what the workers say they sent (their ``sent/`` files)::
@@ -21,7 +21,6 @@ module never imports it (nor the locustfile): locust runs in subprocesses.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -29,7 +28,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,11 +43,18 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.errors import ScenarioError, ServiceError, UsageError
-from bench.ledger import Ledger, attribute_queue_overflow, durable_rows, read_back, reconcile
-from bench.probes import append_cost, flush_summary, lock_summary, series_summary, sink_rows_per_s, timeline_json
+from bench.harness.ledger import Ledger, attribute_queue_overflow, durable_rows, read_back, reconcile
+from bench.harness.probes import (
+    append_cost,
+    flush_summary,
+    lock_summary,
+    series_summary,
+    sink_rows_per_s,
+    timeline_json,
+)
+from bench.harness.runner import make_run_dir, wait_received
 from bench.results import SCHEMA_VERSION, environment, write_results
-from bench.runner import make_run_dir, wait_received
-from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides, load_scenario
+from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import resolve_env
 from pipeline.errors import ConfigError, PipelineError
@@ -62,7 +67,7 @@ from simulators.errors import SimulatorError
 from simulators.stream import machine_of, planned_count, total_duration_s
 
 if TYPE_CHECKING:
-    # asyncua only for OPC UA runs (see bench/runner.py).
+    # asyncua only for OPC UA runs (see bench/harness/runner.py).
     from pipeline.opcua_source import OpcUaSource
     from simulators.opcua_server import PlantServer
 
@@ -98,7 +103,7 @@ class SentRecords:
     ``ack_ns`` is -1 where no acknowledgement came. ``copy`` marks a scenario's deliberate second
     send of a seq (the ``duplicate`` anomaly). ``payload_key``/``payload_seq`` name the seq of
     payloads that cannot carry one (malformed JSON, invalid UTF-8, oversize; see
-    :func:`bench.ledger.payload_key`).
+    :func:`bench.harness.ledger.payload_key`).
     """
 
     meta: dict[str, Any]
@@ -338,7 +343,7 @@ class LoadOutcome:
         return self.ledger.reconciled and not self.problems
 
 
-def _pick_variant(loaded: LoadedScenario, variant: str | None) -> tuple[str, Scenario]:
+def pick_variant(loaded: LoadedScenario, variant: str | None) -> tuple[str, Scenario]:
     if variant is None:
         return "default", loaded.scenario
     names = dict(loaded.variants)
@@ -398,7 +403,7 @@ class _Locust:
         self.master: subprocess.Popen[bytes] | None = None
         self.worker_procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         path = os.environ.get("PYTHONPATH")
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=package_root + (os.pathsep + path if path else ""))
 
@@ -501,7 +506,7 @@ def run_load(
     if options.workers < 0 or options.remote_workers < 0 or workers < 1:
         raise UsageError(f"--workers {options.workers}, --remote-workers {options.remote_workers}: expected a worker")
     bind = options.bind()
-    name, sc = _pick_variant(loaded, options.variant)
+    name, sc = pick_variant(loaded, options.variant)
     _check_supported(loaded, sc, options.broker)
     if options.remote_workers:
         _check_reachable(loaded, sc, options.broker)
@@ -882,143 +887,3 @@ def _timeline(
         k = int(np.searchsorted(durable_at, t, side="right"))
         points.append((round(i * step_s, 3), n_sent, int(durable_cum[k - 1]) if k else 0))
     return points
-
-
-# ----------------------------------------------------------------------------- the command
-
-
-def command(args: argparse.Namespace) -> int:
-    """Run ``bench load``; returns the exit code (1: the run failed its checks). Raises BenchError for bad input."""
-    from rich.console import Console
-
-    loaded = load_scenario(args.scenario)
-    options = LoadOptions(
-        workers=args.workers,
-        users=getattr(args, "users", None),
-        out=args.out,
-        messages=args.messages,
-        broker=args.broker,
-        variant=getattr(args, "variant", None),
-        remote_workers=getattr(args, "remote_workers", 0),
-        master_bind=getattr(args, "master_bind", None),
-    )
-    out = Console() if sys.stdout.isatty() else Console(width=200)
-    err = Console(stderr=True)
-    if options.remote_workers:
-        _, sc = _pick_variant(loaded, options.variant)
-        host, port = options.bind()
-        where = socket.gethostname() if host in ("0.0.0.0", "*", "::") else host
-        print(
-            f"bench load: waiting for {options.remote_workers} remote worker(s); on each load machine run:\n"
-            f"  locust -f {LOCUSTFILE} {USER_CLASS.get(sc.transport.kind, '')} --worker "
-            f"--master-host {where} --master-port {port or DEFAULT_MASTER_PORT}",
-            file=sys.stderr,
-        )
-    if args.quiet:
-        outcome = run_load(loaded, options)
-    elif err.is_terminal:
-        outcome = _run_with_bar(loaded, options, err)
-    else:
-        outcome = run_load(loaded, options, on_progress=_line_printer(err))
-    from bench.report import write_report_or_warn  # matplotlib is slow to import; only needed here
-
-    report = write_report_or_warn(outcome.run_dir, err)
-    out.print(summary_table(outcome.results))
-    out.print(f"run folder: {outcome.run_dir}")
-    out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
-    out.print(f"locust report: {outcome.run_dir / LOCUST_HTML}")
-    if not outcome.ok:
-        err.print("bench: FAILED: the load run did not pass its checks", style="bold red")
-        for problem in [*outcome.ledger.problems(), *outcome.problems]:
-            print(f"  - {problem}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _info(p: LoadProgress) -> str:
-    when = f"{p.elapsed_s:6.1f}s" if p.elapsed_s >= 0 else "   -  "
-    return (
-        f"{when} {p.stage:<26} locust requests {p.locust_requests:,}  received {p.received:,}/{p.planned:,}  "
-        f"persisted {p.persisted:,}  rejected {p.rejected:,}  not yet durable {p.backlog:,}"
-    )
-
-
-def _run_with_bar(loaded: LoadedScenario, options: LoadOptions, console: Any) -> LoadOutcome:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("received"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("load", total=None, info="starting broker and pipeline")
-
-        def update(p: LoadProgress) -> None:
-            bar.update(task, total=p.planned, completed=min(p.received, p.planned), info=_info(p))
-
-        return run_load(loaded, options, on_progress=update)
-
-
-def _line_printer(console: Any, every_s: float = 5.0) -> Callable[[LoadProgress], None]:
-    """Without a terminal (CI logs): a status line every few seconds, and one per stage."""
-    last_t, last_stage = [-math.inf], [""]
-
-    def update(p: LoadProgress) -> None:
-        now = time.monotonic()
-        if p.stage != last_stage[0] or now - last_t[0] >= every_s:
-            last_t[0], last_stage[0] = now, p.stage
-            console.print(_info(p), markup=False, highlight=False, soft_wrap=True)
-
-    return update
-
-
-def summary_table(results: dict[str, Any]) -> Any:
-    """The end-of-run table: the ledger, the bench's throughput and latency, and locust's own figures."""
-    from rich.table import Table
-
-    v = results["variants"][0]
-    load, led = v["load"], v["ledger"]
-    loc = load["locust"]["by_type"].get(load["locust"].get("sends", ""), load["locust"])
-    table = Table(title=f"{results['scenario']['name']}: load run {results['run_id']}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-
-    def ms(value: Any) -> str:
-        return "-" if value is None else f"{value:,.1f}"
-
-    rows = [
-        ("ledger", "[green]reconciled[/]" if led["reconciled"] else "[red]NOT reconciled[/]"),
-        ("locust master + workers", f"1 + {load['workers']} ({load['users']} {load['user_class']} users)"),
-        ("  of which on other machines", f"{load.get('remote_workers', 0)}"),
-        ("  sent", f"{led['sent']:,}"),
-        ("  persisted", f"{led['persisted']:,}"),
-        ("  rejected", f"{led['rejected']:,}"),
-        ("  dropped", f"{led['dropped']:,}"),
-        ("  lost", f"{led['lost']:,}"),
-        (
-            "  not published / failed / twice",
-            "{not_published} / {failed} / {published_twice}".format(**load["coverage"]),
-        ),
-        ("offered msg/s", f"{v['throughput']['offered_per_s']:,.1f}"),
-        ("sent msg/s", f"{v['throughput']['sent_per_s']:,.1f}"),
-        ("persisted msg/s", f"{v['throughput']['persisted_per_s']:,.1f}"),
-        (
-            "end-to-end p50 / p99 / max ms",
-            " / ".join(ms(v["latency_ms"]["end_to_end"].get(k)) for k in ("p50", "p99", "max")),
-        ),
-        ("send lag p50 / p99 ms", " / ".join(ms(v["latency_ms"]["send_lag"].get(k)) for k in ("p50", "p99"))),
-        (f"locust {load['locust'].get('sends', 'requests')} (failures)", f"{loc['requests']:,} ({loc['failures']:,})"),
-        ("  locust requests/s (over the whole test)", ms(loc.get("requests_per_s"))),
-        (
-            "  locust response ms p50 / p95 / p99 / max",
-            " / ".join(ms(loc.get(k)) for k in ("median_ms", "p95_ms", "p99_ms", "max_ms")),
-        ),
-    ]
-    for label, value in rows:
-        table.add_row(label, value)
-    table.caption = "locust response time = publish acknowledgement (PUBACK / Write response), not end-to-end"
-    return table

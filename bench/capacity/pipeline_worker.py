@@ -1,10 +1,10 @@
-"""One pipeline worker process of a capacity sweep: ``python -m bench.pipeline_worker CONFIG.json``.
+"""One pipeline worker process of a capacity sweep: ``python -m bench.capacity.pipeline_worker CONFIG.json``.
 
 The pipeline under test runs here, alone in its process, so its CPU, memory and
 throughput are its own and not shared with the publishers or the bench. Several
 workers share one MQTT subscription (``$share/<group>/<filter>``) to scale out.
 
-Protocol with the parent (:mod:`bench.capacity`), one JSON object per line:
+Protocol with the parent (:mod:`bench.capacity.sweep`), one JSON object per line:
 
 - stdout ``{"ready": true}`` once subscribed; then ``{"t_ns", "received", "durable", "cpu_s", "rss_bytes"}``
   every ``sample_every_s`` (for the progress display and the CPU/RSS figures);

@@ -1,4 +1,4 @@
-"""One publisher process of a capacity sweep: ``python -m bench.publish_worker CONFIG.json``.
+"""One publisher process of a capacity sweep: ``python -m bench.capacity.publish_worker CONFIG.json``.
 
 Each process regenerates the same deterministic stream (same seed, same epoch)
 and publishes only its share: the machines whose index modulo ``shares`` is

@@ -1,7 +1,7 @@
 """What a capacity sweep's measurements say: per-step verdicts, the knee, the USL fit, Little's law, advice.
 
 Pure functions over plain arrays (no sockets, no processes), so each rule is
-tested on its own. :mod:`bench.capacity` runs the steps and calls these.
+tested on its own. :mod:`bench.capacity.sweep` runs the steps and calls these.
 
 Definitions, as the report states them:
 

@@ -1,0 +1,224 @@
+"""``bench load``'s command line: its parser, progress display and summary table.
+
+Building the parser must not import locust, the pipeline and the simulators (a second of start-up that
+``bench validate`` would pay): :mod:`bench.load.runner` is imported only when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.cli.args import broker_url, count, positive_int
+
+if TYPE_CHECKING:
+    from bench.load.runner import LoadOptions, LoadOutcome, LoadProgress
+    from bench.scenario import LoadedScenario
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bench load`` to the CLI's subcommands."""
+    p = sub.add_parser(
+        "load",
+        help="run a scenario with locust (master + N worker processes) as the load engine",
+        description="Replay a scenario's stream with locust (a local master and N worker processes) into the "
+        "pipeline under test, then read back and reconcile the ledger. Locust's response time is the publish "
+        "acknowledgement; end-to-end latency comes from the read-back. See docs/load.md.",
+    )
+    p.add_argument("scenario", type=Path, help="scenario YAML file (transport mqtt or opcua)")
+    p.add_argument(
+        "--workers",
+        type=count,
+        default=2,
+        metavar="N",
+        help="locust worker processes on this machine (default 2)",
+    )
+    p.add_argument(
+        "--remote-workers",
+        type=count,
+        default=0,
+        metavar="K",
+        help="also wait for K workers started by hand on other machines (see docs/load.md)",
+    )
+    p.add_argument(
+        "--master-bind",
+        metavar="HOST[:PORT]",
+        help="where the locust master listens (default 127.0.0.1 on a free port; 0.0.0.0:5557 with remote workers)",
+    )
+    p.add_argument(
+        "--users",
+        type=positive_int,
+        metavar="U",
+        help="locust users over all workers (default 4 per worker, "
+        "at most one per machine); each publishes whole machines",
+    )
+    p.add_argument("--out", type=Path, help="run folder (default reports/<scenario>-load-<UTC time>/)")
+    p.add_argument(
+        "--messages",
+        type=positive_int,
+        metavar="N",
+        help="send exactly N messages (rates kept, phases stretched)",
+    )
+    p.add_argument(
+        "--broker",
+        type=broker_url,
+        metavar="URL",
+        help="use this broker instead of the scenario's (e.g. mqtt://127.0.0.1:1883)",
+    )
+    p.add_argument("--variant", metavar="NAME", help="pipeline settings of this matrix variant (default: the base)")
+    p.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run ``bench load``; returns the exit code (1: the run failed its checks). Raises BenchError for bad input."""
+    from rich.console import Console
+
+    from bench.load.runner import (
+        DEFAULT_MASTER_PORT,
+        LOCUST_HTML,
+        LOCUSTFILE,
+        USER_CLASS,
+        LoadOptions,
+        pick_variant,
+        run_load,
+    )
+    from bench.scenario import load_scenario
+
+    loaded = load_scenario(args.scenario)
+    options = LoadOptions(
+        workers=args.workers,
+        users=getattr(args, "users", None),
+        out=args.out,
+        messages=args.messages,
+        broker=args.broker,
+        variant=getattr(args, "variant", None),
+        remote_workers=getattr(args, "remote_workers", 0),
+        master_bind=getattr(args, "master_bind", None),
+    )
+    out = Console() if sys.stdout.isatty() else Console(width=200)
+    err = Console(stderr=True)
+    if options.remote_workers:
+        _, sc = pick_variant(loaded, options.variant)
+        host, port = options.bind()
+        where = socket.gethostname() if host in ("0.0.0.0", "*", "::") else host
+        print(
+            f"bench load: waiting for {options.remote_workers} remote worker(s); on each load machine run:\n"
+            f"  locust -f {LOCUSTFILE} {USER_CLASS.get(sc.transport.kind, '')} --worker "
+            f"--master-host {where} --master-port {port or DEFAULT_MASTER_PORT}",
+            file=sys.stderr,
+        )
+    if args.quiet:
+        outcome = run_load(loaded, options)
+    elif err.is_terminal:
+        outcome = _run_with_bar(loaded, options, err)
+    else:
+        outcome = run_load(loaded, options, on_progress=_line_printer(err))
+    from bench.report.render import write_report_or_warn  # matplotlib is slow to import; only needed here
+
+    report = write_report_or_warn(outcome.run_dir, err)
+    out.print(summary_table(outcome.results))
+    out.print(f"run folder: {outcome.run_dir}")
+    out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
+    out.print(f"locust report: {outcome.run_dir / LOCUST_HTML}")
+    if not outcome.ok:
+        err.print("bench: FAILED: the load run did not pass its checks", style="bold red")
+        for problem in [*outcome.ledger.problems(), *outcome.problems]:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _info(p: LoadProgress) -> str:
+    when = f"{p.elapsed_s:6.1f}s" if p.elapsed_s >= 0 else "   -  "
+    return (
+        f"{when} {p.stage:<26} locust requests {p.locust_requests:,}  received {p.received:,}/{p.planned:,}  "
+        f"persisted {p.persisted:,}  rejected {p.rejected:,}  not yet durable {p.backlog:,}"
+    )
+
+
+def _run_with_bar(loaded: LoadedScenario, options: LoadOptions, console: Any) -> LoadOutcome:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.load.runner import run_load
+
+    with Progress(
+        TextColumn("received"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("load", total=None, info="starting broker and pipeline")
+
+        def update(p: LoadProgress) -> None:
+            bar.update(task, total=p.planned, completed=min(p.received, p.planned), info=_info(p))
+
+        return run_load(loaded, options, on_progress=update)
+
+
+def _line_printer(console: Any, every_s: float = 5.0) -> Callable[[LoadProgress], None]:
+    """Without a terminal (CI logs): a status line every few seconds, and one per stage."""
+    last_t, last_stage = [-math.inf], [""]
+
+    def update(p: LoadProgress) -> None:
+        now = time.monotonic()
+        if p.stage != last_stage[0] or now - last_t[0] >= every_s:
+            last_t[0], last_stage[0] = now, p.stage
+            console.print(_info(p), markup=False, highlight=False, soft_wrap=True)
+
+    return update
+
+
+def summary_table(results: dict[str, Any]) -> Any:
+    """The end-of-run table: the ledger, the bench's throughput and latency, and locust's own figures."""
+    from rich.table import Table
+
+    v = results["variants"][0]
+    load, led = v["load"], v["ledger"]
+    loc = load["locust"]["by_type"].get(load["locust"].get("sends", ""), load["locust"])
+    table = Table(title=f"{results['scenario']['name']}: load run {results['run_id']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+
+    def ms(value: Any) -> str:
+        return "-" if value is None else f"{value:,.1f}"
+
+    rows = [
+        ("ledger", "[green]reconciled[/]" if led["reconciled"] else "[red]NOT reconciled[/]"),
+        ("locust master + workers", f"1 + {load['workers']} ({load['users']} {load['user_class']} users)"),
+        ("  of which on other machines", f"{load.get('remote_workers', 0)}"),
+        ("  sent", f"{led['sent']:,}"),
+        ("  persisted", f"{led['persisted']:,}"),
+        ("  rejected", f"{led['rejected']:,}"),
+        ("  dropped", f"{led['dropped']:,}"),
+        ("  lost", f"{led['lost']:,}"),
+        (
+            "  not published / failed / twice",
+            "{not_published} / {failed} / {published_twice}".format(**load["coverage"]),
+        ),
+        ("offered msg/s", f"{v['throughput']['offered_per_s']:,.1f}"),
+        ("sent msg/s", f"{v['throughput']['sent_per_s']:,.1f}"),
+        ("persisted msg/s", f"{v['throughput']['persisted_per_s']:,.1f}"),
+        (
+            "end-to-end p50 / p99 / max ms",
+            " / ".join(ms(v["latency_ms"]["end_to_end"].get(k)) for k in ("p50", "p99", "max")),
+        ),
+        ("send lag p50 / p99 ms", " / ".join(ms(v["latency_ms"]["send_lag"].get(k)) for k in ("p50", "p99"))),
+        (f"locust {load['locust'].get('sends', 'requests')} (failures)", f"{loc['requests']:,} ({loc['failures']:,})"),
+        ("  locust requests/s (over the whole test)", ms(loc.get("requests_per_s"))),
+        (
+            "  locust response ms p50 / p95 / p99 / max",
+            " / ".join(ms(loc.get(k)) for k in ("median_ms", "p95_ms", "p99_ms", "max_ms")),
+        ),
+    ]
+    for label, value in rows:
+        table.add_row(label, value)
+    table.caption = "locust response time = publish acknowledgement (PUBACK / Write response), not end-to-end"
+    return table

@@ -1,0 +1,1 @@
+"""``bench gate`` and ``bench compare``: regression verdicts from paired replicates."""

@@ -1,0 +1,1 @@
+"""The run harness: session, system under test, sources, faults, accounting; ``bench run``."""

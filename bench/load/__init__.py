@@ -1,0 +1,1 @@
+"""``bench load``: locust as the load engine."""

@@ -1,0 +1,104 @@
+"""Where the pipeline's messages come from, chosen by name from one registry.
+
+``python -m pipeline`` (from its config file) and the bench (from a scenario's transport) both build their
+source here, so a new source kind is added once: a factory in :data:`SOURCES` and a settings model in
+:mod:`pipeline.config`. A source calls ``on_payload(payload, topic)`` for every message, from its own thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from pipeline.clock import Clock
+from pipeline.config import MqttSourceSettings, OpcUaSourceSettings, resolve_env
+
+OnPayload = Callable[[bytes, str], None]
+SourceSettings = MqttSourceSettings | OpcUaSourceSettings
+
+
+class Source(Protocol):
+    """A running subscription: ``start`` returns once it is subscribed; ``close`` stops delivering."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SourceFactory(Protocol):
+    def __call__(
+        self, settings: Any, on_payload: OnPayload, *, output: Path, clock: Clock | None, **options: Any
+    ) -> Source: ...
+
+
+def _credentials(settings: SourceSettings, section: str) -> tuple[str | None, str | None]:
+    return (
+        resolve_env(settings.username, f"{section}.username"),
+        resolve_env(settings.password, f"{section}.password"),
+    )
+
+
+def _mqtt(
+    settings: MqttSourceSettings, on_payload: OnPayload, *, output: Path, clock: Clock | None, **options: Any
+) -> Source:
+    from pipeline.mqtt_source import MqttSource
+
+    username, password = _credentials(settings, options.pop("section", "source"))
+    return MqttSource(
+        settings.url,
+        settings.topic,
+        settings.qos,
+        on_payload,
+        client_id=settings.client_id,
+        username=username,
+        password=password,
+        **options,
+    )
+
+
+def _opcua(
+    settings: OpcUaSourceSettings, on_payload: OnPayload, *, output: Path, clock: Clock | None, **options: Any
+) -> Source:
+    # asyncua is half of a new process's import time: imported only by OPC UA sources.
+    from pipeline.opcua_source import OpcUaNames, OpcUaSource
+
+    username, password = _credentials(settings, options.pop("section", "source"))
+    return OpcUaSource(
+        settings.url,
+        on_payload,
+        names=OpcUaNames(plant=settings.plant),
+        publishing_ms=settings.publishing * 1000,
+        sampling_ms=settings.sampling * 1000,
+        queue_size=settings.queue_size,
+        discard_oldest=settings.discard_oldest,
+        username=username,
+        password=password,
+        security_mode=None if settings.security == "None" else settings.security,
+        server_certificate=Path(settings.server_certificate) if settings.server_certificate else None,
+        cert_dir=output / settings.cert_dir,
+        node_ids=settings.node_ids,
+        clock=clock,
+        **options,
+    )
+
+
+SOURCES: dict[str, SourceFactory] = {"mqtt": _mqtt, "opcua": _opcua}
+
+
+def source_kind(settings: SourceSettings) -> str:
+    return "opcua" if isinstance(settings, OpcUaSourceSettings) else "mqtt"
+
+
+def make_source(
+    settings: SourceSettings, on_payload: OnPayload, *, output: Path, clock: Clock | None = None, **options: Any
+) -> Source:
+    """The source ``settings`` describe, not started. ``options`` go to its constructor as they are
+    (e.g. ``reconnect_max_delay_s``, ``protocol``); ``section`` names the settings in credential errors."""
+    return SOURCES[source_kind(settings)](settings, on_payload, output=output, clock=clock, **options)
+
+
+def describe(settings: SourceSettings) -> str:
+    if isinstance(settings, OpcUaSourceSettings):
+        return f"Objects/{settings.plant} on {settings.url}"
+    return f"{settings.topic!r} on {settings.url}"
