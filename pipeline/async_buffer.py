@@ -1,6 +1,6 @@
 """The same buffer for pipelines that run on asyncio (as OPC UA clients do).
 
-Lock strategies, as in :mod:`pipeline.buffer`:
+Lock strategies, chosen by name from :data:`~pipeline.buffer_core.LOCK_STRATEGIES` as in :mod:`pipeline.buffer`:
 
 ``swap`` (improved)
     An ``asyncio.Lock`` guards append and swap; one flusher task writes the
@@ -25,7 +25,15 @@ from dataclasses import replace
 from typing import Generic, TypeVar
 
 from pipeline.buffer import BufferClosed, LockProbes, write_to_sinks
-from pipeline.buffer_core import BufferBook, BufferCore, BufferStatistics, LockKind, Overflow
+from pipeline.buffer_core import (
+    BufferBook,
+    BufferCore,
+    BufferStatistics,
+    LockKind,
+    LockStrategy,
+    Overflow,
+    lock_strategy,
+)
 from pipeline.clock import Clock
 from pipeline.model import FlushStat, TriggerKind
 from pipeline.probes import Recorder
@@ -51,11 +59,16 @@ class AsyncFlushingBuffer(Generic[T]):
         on_drop: Callable[[T, str], None] | None = None,
         probes: bool = True,
     ) -> None:
+        make_lock = lock_strategy(lock)
         self._sinks = list(sinks)
         self._core: BufferCore[T] = BufferCore(
             size=size, interval_ns=int(flush_interval_s * 1e9), capacity=capacity, overflow=overflow
         )
         self._lock_kind: LockKind = lock
+        # Bound once: a put that fills the buffer and a due flush call the strategy without looking it up.
+        strategy: LockStrategy[T] = make_lock(self)
+        self._size_reached = strategy.size_reached
+        self._serve = strategy.serve
         self._clock = clock
         self._on_flush = on_flush
         self.probes: LockProbes | None = LockProbes.new() if probes else None
@@ -64,6 +77,10 @@ class AsyncFlushingBuffer(Generic[T]):
         self._book: BufferBook[T] = BufferBook(on_drop)
         self.error: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def lock_kind(self) -> LockKind:
+        return self._lock_kind
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="flusher")
@@ -100,11 +117,7 @@ class AsyncFlushingBuffer(Generic[T]):
         if len(self._core) == 1:
             self._cond.notify_all()
         if len(self._core) >= self._core.size:
-            if self._lock_kind == "coarse":
-                self._flush_on_loop("size")
-            else:
-                self._book.size_fired(len(self._core) == self._core.size)
-                self._cond.notify_all()
+            self._size_reached()
 
     async def close(self) -> None:
         async with self._cond:
@@ -126,13 +139,10 @@ class AsyncFlushingBuffer(Generic[T]):
                 trigger = await self._wait_for_trigger()
                 if trigger is None:
                     return
-                if self._lock_kind == "coarse":
-                    self._flush_on_loop(trigger)
+                swapped = self._serve(trigger)
+                if swapped is None:
                     continue
-                batch = self._core.take()
-                self._book.flushing = True
-                batch_id = self._book.next_batch()
-                self._cond.notify_all()
+            batch, batch_id = swapped
             stats, error = await asyncio.to_thread(write_to_sinks, self._sinks, batch, batch_id, trigger, self._clock)
             async with self._cond:
                 self._book.flushing = False
@@ -152,12 +162,27 @@ class AsyncFlushingBuffer(Generic[T]):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._cond.wait(), timeout)
 
-    def _flush_on_loop(self, trigger: TriggerKind) -> None:
+    # -- what the lock strategies do, always with the lock held ----------------
+
+    def _flush_locked(self, trigger: TriggerKind) -> None:
         """Coarse: write right here, on the loop, holding the lock (the baseline's cost)."""
         batch = self._core.take()
         stats, error = write_to_sinks(self._sinks, batch, self._book.next_batch(), trigger, self._clock)
         self._account(batch, stats, error, 0)
         self._cond.notify_all()
+
+    def _signal_size(self) -> None:
+        """Swap: wake the flusher task; a fill during a flush is coalesced into the next swap."""
+        self._book.size_fired(len(self._core) == self._core.size)
+        self._cond.notify_all()
+
+    def _swap_out(self) -> tuple[list[T], int]:
+        """Swap: take the batch for the flusher task to write in a worker thread."""
+        batch = self._core.take()
+        self._book.flushing = True
+        batch_id = self._book.next_batch()
+        self._cond.notify_all()
+        return batch, batch_id
 
     def _account(
         self, batch: list[T], stats: list[FlushStat] | None, error: BaseException | None, coalesced: int

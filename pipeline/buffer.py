@@ -1,6 +1,6 @@
 """A bounded buffer with size and timeout flush triggers, driven by threads.
 
-Two lock strategies, chosen by name (see :data:`LOCK_STRATEGIES`):
+Two lock strategies, chosen by name from :data:`~pipeline.buffer_core.LOCK_STRATEGIES`:
 
 ``swap`` (improved)
     The lock guards only appending and swapping the buffer out. One flusher
@@ -27,7 +27,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
-from pipeline.buffer_core import BufferBook, BufferCore, BufferStatistics, LockKind, Overflow, due_trigger
+from pipeline.buffer_core import (
+    LOCK_STRATEGIES,
+    BufferBook,
+    BufferCore,
+    BufferStatistics,
+    LockKind,
+    LockStrategy,
+    Overflow,
+    due_trigger,
+    lock_strategy,
+)
 from pipeline.clock import Clock
 from pipeline.errors import PipelineError
 from pipeline.model import FlushStat, TriggerKind
@@ -47,7 +57,6 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 WRITE_RETRIES = (0.1, 0.5, 2.0)
-LOCK_STRATEGIES: tuple[LockKind, ...] = ("coarse", "swap")
 
 
 class BufferClosed(PipelineError):
@@ -84,8 +93,7 @@ class FlushingBuffer(Generic[T]):
         on_drop: Callable[[T, str], None] | None = None,
         probes: bool = True,
     ) -> None:
-        if lock not in LOCK_STRATEGIES:
-            raise ValueError(f"lock strategy must be one of {LOCK_STRATEGIES}, got {lock!r}")
+        make_lock = lock_strategy(lock)
         self._sinks: list[Sink[T]] = [sink] if not isinstance(sink, Sequence) else list(sink)
         if not self._sinks:
             raise ValueError("need at least one sink")
@@ -93,6 +101,10 @@ class FlushingBuffer(Generic[T]):
             size=size, interval_ns=int(flush_interval_s * 1e9), capacity=capacity, overflow=overflow
         )
         self._lock_kind: LockKind = lock
+        # Bound once: a put that fills the buffer and a due flush call the strategy without looking it up.
+        strategy: LockStrategy[T] = make_lock(self)
+        self._size_reached = strategy.size_reached
+        self._serve = strategy.serve
         self._clock = clock
         self._on_flush = on_flush
         self.probes: LockProbes | None = LockProbes.new() if probes else None
@@ -141,11 +153,7 @@ class FlushingBuffer(Generic[T]):
                 # empty; the first row starts the timeout trigger's clock.
                 self._cond.notify_all()
             if len(self._core) >= self._core.size:
-                if self._lock_kind == "coarse":
-                    self._flush_locked("size")
-                else:
-                    self._book.size_fired(len(self._core) == self._core.size)
-                    self._cond.notify_all()
+                self._size_reached()
         finally:
             if self.probes is not None:
                 now = time.perf_counter_ns()
@@ -185,15 +193,11 @@ class FlushingBuffer(Generic[T]):
                 if trigger is None:
                     self._record_hold(t_locked)
                     return
-                if self._lock_kind == "coarse":
-                    self._flush_locked(trigger)
-                    self._record_hold(t_locked)
-                    continue
-                batch = self._core.take()
-                self._book.flushing = True
-                batch_id = self._book.next_batch()
-                self._cond.notify_all()  # producers blocked on a full buffer may go on
+                swapped = self._serve(trigger)
                 self._record_hold(t_locked)
+                if swapped is None:
+                    continue
+            batch, batch_id = swapped
             stats = self._write(batch, batch_id, trigger)
             with self._cond:
                 self._book.flushing = False
@@ -213,6 +217,8 @@ class FlushingBuffer(Generic[T]):
             deadline = self._core.next_deadline_ns()
             self._cond.wait(None if deadline is None else max(0.0, (deadline - now) / 1e9))
 
+    # -- what the lock strategies do, always with the lock held ----------------
+
     def _flush_locked(self, trigger: TriggerKind) -> None:
         """Coarse: take and write while holding the lock (the baseline's cost)."""
         batch = self._core.take()
@@ -220,6 +226,19 @@ class FlushingBuffer(Generic[T]):
         self._account(batch, stats, 0)
         self._cond.notify_all()
         self._report(stats, 0)
+
+    def _signal_size(self) -> None:
+        """Swap: wake the flusher; a fill during a flush is coalesced into the next swap."""
+        self._book.size_fired(len(self._core) == self._core.size)
+        self._cond.notify_all()
+
+    def _swap_out(self) -> tuple[list[T], int]:
+        """Swap: take the batch for a write outside the lock."""
+        batch = self._core.take()
+        self._book.flushing = True
+        batch_id = self._book.next_batch()
+        self._cond.notify_all()  # producers blocked on a full buffer may go on
+        return batch, batch_id
 
     def _record_hold(self, t_locked: int) -> None:
         if self.probes is not None:

@@ -1,4 +1,5 @@
-"""The buffer's decisions, sans-IO: what to do with an offered row, and which flush is due.
+"""The buffer's decisions, sans-IO: what to do with an offered row, which flush is due, and how a flush
+uses the lock (the lock strategies, chosen by name from :data:`LOCK_STRATEGIES`).
 
 Both drivers (threads in :mod:`pipeline.buffer`, asyncio in
 :mod:`pipeline.async_buffer`) hold their own lock around these calls; the
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pipeline.model import TriggerKind
 
@@ -162,3 +163,74 @@ class BufferBook(Generic[T]):
             dropped=self.dropped,
             producer_wait_ns=self.producer_wait_ns,
         )
+
+
+class LockedBuffer(Protocol[T]):
+    """What a buffer driver offers its lock strategy; every call is made with the driver's lock held."""
+
+    def _flush_locked(self, trigger: TriggerKind) -> None:
+        """Take, write and account the whole batch without releasing the lock."""
+
+    def _signal_size(self) -> None:
+        """Tell the flusher the size trigger fired (coalesced if a flush is running)."""
+
+    def _swap_out(self) -> tuple[list[T], int]:
+        """Take the batch and its id for a write outside the lock; the flusher accounts it afterwards."""
+
+
+class LockStrategy(Protocol[T]):
+    """How a driver's flushes use its lock. Built once per driver, so a put or a flush never looks a name up."""
+
+    def size_reached(self) -> None:
+        """A producer filled the buffer (called from ``put``, lock held)."""
+
+    def serve(self, trigger: TriggerKind) -> tuple[list[T], int] | None:
+        """The flusher found ``trigger`` due (lock held): a batch to write outside the lock, or ``None`` if
+        it was written already."""
+
+
+class CoarseLock(Generic[T]):
+    """The naive baseline: the lock is held across the whole flush, I/O included, and a producer that
+    fills the buffer flushes inline. Correct (flushes are serialised), but every producer waits for every
+    write."""
+
+    def __init__(self, buffer: LockedBuffer[T]) -> None:
+        self._buffer = buffer
+
+    def size_reached(self) -> None:
+        self._buffer._flush_locked("size")
+
+    def serve(self, trigger: TriggerKind) -> tuple[list[T], int] | None:
+        self._buffer._flush_locked(trigger)
+        return None
+
+
+class SwapLock(Generic[T]):
+    """The improved strategy: the lock guards only appending and swapping the batch out; one flusher writes
+    outside it (single-flight), and a size trigger that fires during a flush is coalesced into the next."""
+
+    def __init__(self, buffer: LockedBuffer[T]) -> None:
+        self._buffer = buffer
+
+    def size_reached(self) -> None:
+        self._buffer._signal_size()
+
+    def serve(self, trigger: TriggerKind) -> tuple[list[T], int] | None:
+        return self._buffer._swap_out()
+
+
+LockStrategyFactory = Callable[[LockedBuffer[Any]], LockStrategy[Any]]
+
+LOCK_STRATEGIES: dict[LockKind, LockStrategyFactory] = {"coarse": CoarseLock, "swap": SwapLock}
+"""Every lock strategy by name; ``pipeline.buffer.lock`` accepts exactly these keys."""
+
+
+def lock_strategy(name: str) -> LockStrategyFactory:
+    """The lock strategy called ``name``; an unknown name is a :class:`ValueError` that lists the known ones.
+
+    >>> lock_strategy("swap").__name__
+    'SwapLock'
+    """
+    if name not in LOCK_STRATEGIES:
+        raise ValueError(f"lock strategy: expected one of {', '.join(LOCK_STRATEGIES)}, got {name!r}")
+    return LOCK_STRATEGIES[name]

@@ -2,7 +2,8 @@
 
 Each flush becomes one row group in the file of its time window, so the cost of
 a flush does not grow with the size of the file (the naive "read, concat,
-rewrite" does). A file is written as ``*.parquet.tmp`` and renamed to
+rewrite" does). The append strategies are chosen by name from
+:data:`PARQUET_STRATEGIES`. A file is written as ``*.parquet.tmp`` and renamed to
 ``*.parquet`` only when its footer is written, so anyone listing the folder sees
 only complete, readable files. File names come from window times only, never
 from ids in the data (a machine id is not a safe path).
@@ -327,9 +328,21 @@ class DatasetParquetWriter:
 
     Appending never touches an existing file, so its cost is flat; the price is
     many small files. Read it with ``pyarrow.dataset.dataset(path, partitioning="hive")``.
+    ``rotate_s``, ``prefix`` and ``rotate_rows`` are accepted, as every strategy takes them, and unused:
+    files are per flush and partition, named by batch.
     """
 
-    def __init__(self, folder: Path, schema: pa.Schema, *, compression: str, fsync: bool) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        schema: pa.Schema,
+        *,
+        compression: str,
+        fsync: bool,
+        rotate_s: float | None = None,
+        prefix: str = "",
+        rotate_rows: int | None = None,
+    ) -> None:
         self.folder = folder
         self.schema = schema
         self._compression = None if compression == "none" else compression
@@ -382,7 +395,9 @@ class DatasetParquetWriter:
         """Every file is complete when written; nothing to finalise."""
 
 
-class _TableWriter(Protocol):
+class TableWriter(Protocol):
+    """Appends tables to files; what each Parquet strategy implements."""
+
     files_written: list[Path]
 
     def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult: ...
@@ -390,8 +405,36 @@ class _TableWriter(Protocol):
     def close(self) -> None: ...
 
 
+class TableWriterFactory(Protocol):
+    """A strategy's constructor, as :class:`ParquetSink` calls it."""
+
+    def __call__(
+        self,
+        folder: Path,
+        schema: pa.Schema,
+        *,
+        rotate_s: float,
+        compression: str,
+        fsync: bool,
+        prefix: str,
+        rotate_rows: int | None,
+    ) -> TableWriter: ...
+
+
 ParquetStrategy = Literal["writer", "rewrite", "dataset"]
-PARQUET_STRATEGIES: tuple[ParquetStrategy, ...] = ("writer", "rewrite", "dataset")
+PARQUET_STRATEGIES: dict[ParquetStrategy, TableWriterFactory] = {
+    "writer": WindowedParquetWriter,
+    "rewrite": RewriteParquetWriter,
+    "dataset": DatasetParquetWriter,
+}
+"""Every append strategy by name; ``pipeline.parquet.strategy`` accepts exactly these keys."""
+
+
+def parquet_strategy(name: str) -> TableWriterFactory:
+    """The writer class of strategy ``name``; an unknown name is a :class:`ValueError` listing the known ones."""
+    if name not in PARQUET_STRATEGIES:
+        raise ValueError(f"parquet strategy: expected one of {', '.join(PARQUET_STRATEGIES)}, got {name!r}")
+    return PARQUET_STRATEGIES[name]
 
 
 def readings_table(items: Sequence[Reading], batch_id: int) -> pa.Table:
@@ -412,7 +455,7 @@ def readings_table(items: Sequence[Reading], batch_id: int) -> pa.Table:
 
 
 class ParquetSink:
-    """Accepted readings to Parquet with a chosen append strategy.
+    """Accepted readings to Parquet with an append strategy from :data:`PARQUET_STRATEGIES`.
 
     ``writer`` (default): ParquetWriter row groups, a file per time window (and
     per ``rotate_rows``). ``rewrite``: the naive read-concat-rewrite baseline.
@@ -432,31 +475,15 @@ class ParquetSink:
         rotate_rows: int | None = None,
     ) -> None:
         self.strategy = strategy
-        self._out: _TableWriter
-        if strategy == "writer":
-            self._out = WindowedParquetWriter(
-                folder,
-                READING_SCHEMA,
-                rotate_s=rotate_s,
-                compression=compression,
-                fsync=fsync,
-                prefix="readings",
-                rotate_rows=rotate_rows,
-            )
-        elif strategy == "rewrite":
-            self._out = RewriteParquetWriter(
-                folder,
-                READING_SCHEMA,
-                rotate_s=rotate_s,
-                compression=compression,
-                fsync=fsync,
-                prefix="readings",
-                rotate_rows=rotate_rows,
-            )
-        elif strategy == "dataset":
-            self._out = DatasetParquetWriter(folder, READING_SCHEMA, compression=compression, fsync=fsync)
-        else:
-            raise ValueError(f"parquet strategy must be one of {PARQUET_STRATEGIES}, got {strategy!r}")
+        self._out: TableWriter = parquet_strategy(strategy)(
+            folder,
+            READING_SCHEMA,
+            rotate_s=rotate_s,
+            compression=compression,
+            fsync=fsync,
+            prefix="readings",
+            rotate_rows=rotate_rows,
+        )
 
     @property
     def files_written(self) -> list[Path]:

@@ -15,10 +15,11 @@ the primary key, which is what they do in real pipelines too.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     BigInteger,
@@ -43,7 +44,9 @@ from pipeline.errors import ConfigError, SinkError
 from pipeline.model import Reading
 from pipeline.sinks import SinkTiming
 
-SQL_STRATEGIES = ("row", "bulk", "upsert", "copy")
+SqlStrategy = Literal["row", "bulk", "upsert", "copy"]
+Rows = list[dict[str, Any]]
+
 # Microsecond timestamps: MySQL/MariaDB DATETIME would otherwise drop the
 # fraction and make distinct readings collide on the primary key.
 TIMESTAMP = DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
@@ -122,6 +125,9 @@ class SqlSink:
     def __init__(self, settings: SqlSettings, output: Path) -> None:
         self.settings = settings
         self.strategy = settings.strategy
+        strategy = sql_strategy(settings.strategy)
+        # Bound once: a flush calls the strategy's write without looking its name up.
+        self._write = strategy.write
         self._aggregate = settings.aggregate == "per_machine_minute"
         self.table = _table(settings.table_name(), self._aggregate)
         self._aggregator = MinuteAggregator(int(settings.retention // 60)) if self._aggregate else None
@@ -132,8 +138,8 @@ class SqlSink:
                 kwargs["pool_size"] = settings.pool_size
             self.engine: Engine = create_engine(self.url, **kwargs)
             self.dialect = self.engine.dialect.name
-            if self.strategy == "copy" and self.dialect != "postgresql":
-                raise ConfigError(f"sql.strategy copy needs PostgreSQL, got {self.dialect}")
+            if strategy.needs_postgresql and self.dialect != "postgresql":
+                raise ConfigError(f"sql.strategy {self.strategy} needs PostgreSQL, got {self.dialect}")
             with self.engine.begin() as conn:
                 if self.dialect in ("mysql", "mariadb"):
                     # is_mariadb is known only once connected.
@@ -211,65 +217,12 @@ class SqlSink:
         if not rows:
             return SinkTiming(build_ns, 0, 0)
         try:
-            if self.strategy == "row":
-                write_ns, commit_ns = self._write_rows(rows)
-            else:
-                with self.engine.connect() as conn:
-                    start = time.perf_counter_ns()
-                    # Explicit begin: the copy path works on the driver connection
-                    # directly, and commit() must still commit what it did.
-                    conn.begin()
-                    if self.strategy == "bulk":
-                        conn.execute(insert(self.table), rows)
-                    elif self.strategy == "upsert":
-                        conn.execute(self._upsert(), rows)
-                    else:
-                        self._copy(conn, rows)
-                    write_ns = time.perf_counter_ns() - start
-                    start = time.perf_counter_ns()
-                    conn.commit()
-                    commit_ns = time.perf_counter_ns() - start
+            write_ns, commit_ns = self._write(self, rows)
         except (SQLAlchemyError, self._dbapi_error) as exc:
             # The copy path talks to the driver directly, so driver errors arrive unwrapped.
             raise SinkError(f"SQL {self.strategy} into {self.table.name} failed: {self._scrubbed(exc)}") from None
         self.rows_written += len(rows)
         return SinkTiming(build_ns, write_ns, commit_ns)
-
-    def _write_rows(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
-        write_ns = commit_ns = 0
-        stmt = insert(self.table)
-        with self.engine.connect() as conn:
-            for row in rows:
-                start = time.perf_counter_ns()
-                conn.execute(stmt, row)
-                mid = time.perf_counter_ns()
-                conn.commit()
-                write_ns += mid - start
-                commit_ns += time.perf_counter_ns() - mid
-        return write_ns, commit_ns
-
-    def _copy(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        # One INSERT ... ON CONFLICT cannot touch a key twice; keep the last row
-        # of each key, as a sequence of upserts would.
-        rows = list({(r["machine"], r["ts"]): r for r in rows}.values())
-        names = [c.name for c in self.table.columns]
-        staging = f"_stage_{self.table.name}"
-        raw = conn.connection.driver_connection
-        assert raw is not None
-        with raw.cursor() as cur:
-            cur.execute(
-                f'CREATE TEMP TABLE IF NOT EXISTS "{staging}" (LIKE "{self.table.name}" INCLUDING DEFAULTS) '
-                "ON COMMIT DELETE ROWS"
-            )
-            cols = ", ".join(f'"{n}"' for n in names)
-            with cur.copy(f'COPY "{staging}" ({cols}) FROM STDIN') as copy:
-                for row in rows:
-                    copy.write_row([row[n] for n in names])
-            updates = ", ".join(f'"{n}" = EXCLUDED."{n}"' for n in names if n not in ("machine", "ts"))
-            cur.execute(
-                f'INSERT INTO "{self.table.name}" ({cols}) SELECT {cols} FROM "{staging}" '
-                f"ON CONFLICT (machine, ts) DO UPDATE SET {updates}"
-            )
 
     def read_back(self) -> dict[str, Any]:
         """Row count, and for aggregates the sum of counts: what the table holds now."""
@@ -284,3 +237,92 @@ class SqlSink:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _in_one_transaction(sink: SqlSink, work: Callable[[Connection], object]) -> tuple[int, int]:
+    """(write_ns, commit_ns) of ``work`` done in one transaction on a pooled connection."""
+    with sink.engine.connect() as conn:
+        start = time.perf_counter_ns()
+        # Explicit begin: the copy path works on the driver connection
+        # directly, and commit() must still commit what it did.
+        conn.begin()
+        work(conn)
+        write_ns = time.perf_counter_ns() - start
+        start = time.perf_counter_ns()
+        conn.commit()
+        return write_ns, time.perf_counter_ns() - start
+
+
+def _write_row(sink: SqlSink, rows: Rows) -> tuple[int, int]:
+    """One INSERT and one commit per row: the naive baseline."""
+    write_ns = commit_ns = 0
+    stmt = insert(sink.table)
+    with sink.engine.connect() as conn:
+        for row in rows:
+            start = time.perf_counter_ns()
+            conn.execute(stmt, row)
+            mid = time.perf_counter_ns()
+            conn.commit()
+            write_ns += mid - start
+            commit_ns += time.perf_counter_ns() - mid
+    return write_ns, commit_ns
+
+
+def _write_bulk(sink: SqlSink, rows: Rows) -> tuple[int, int]:
+    return _in_one_transaction(sink, lambda conn: conn.execute(insert(sink.table), rows))
+
+
+def _write_upsert(sink: SqlSink, rows: Rows) -> tuple[int, int]:
+    return _in_one_transaction(sink, lambda conn: conn.execute(sink._upsert(), rows))
+
+
+def _write_copy(sink: SqlSink, rows: Rows) -> tuple[int, int]:
+    return _in_one_transaction(sink, lambda conn: _copy(conn, sink.table, rows))
+
+
+def _copy(conn: Connection, table: Table, rows: Rows) -> None:
+    # One INSERT ... ON CONFLICT cannot touch a key twice; keep the last row
+    # of each key, as a sequence of upserts would.
+    rows = list({(r["machine"], r["ts"]): r for r in rows}.values())
+    names = [c.name for c in table.columns]
+    staging = f"_stage_{table.name}"
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cur:
+        cur.execute(
+            f'CREATE TEMP TABLE IF NOT EXISTS "{staging}" (LIKE "{table.name}" INCLUDING DEFAULTS) '
+            "ON COMMIT DELETE ROWS"
+        )
+        cols = ", ".join(f'"{n}"' for n in names)
+        with cur.copy(f'COPY "{staging}" ({cols}) FROM STDIN') as copy:
+            for row in rows:
+                copy.write_row([row[n] for n in names])
+        updates = ", ".join(f'"{n}" = EXCLUDED."{n}"' for n in names if n not in ("machine", "ts"))
+        cur.execute(
+            f'INSERT INTO "{table.name}" ({cols}) SELECT {cols} FROM "{staging}" '
+            f"ON CONFLICT (machine, ts) DO UPDATE SET {updates}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SqlWriteStrategy:
+    """How a batch of rows reaches the table: ``write(sink, rows)`` returns (write_ns, commit_ns)."""
+
+    write: Callable[[SqlSink, Rows], tuple[int, int]]
+    needs_postgresql: bool = False
+
+
+SQL_STRATEGIES: dict[SqlStrategy, SqlWriteStrategy] = {
+    "row": SqlWriteStrategy(_write_row),
+    "bulk": SqlWriteStrategy(_write_bulk),
+    "upsert": SqlWriteStrategy(_write_upsert),
+    "copy": SqlWriteStrategy(_write_copy, needs_postgresql=True),
+}
+"""Every write strategy by name; ``pipeline.sql.strategy`` accepts exactly these keys."""
+
+
+def sql_strategy(name: str) -> SqlWriteStrategy:
+    """The write strategy called ``name``; an unknown name is a :class:`ConfigError` listing the known ones."""
+    if name not in SQL_STRATEGIES:
+        raise ConfigError(f"sql.strategy: expected one of {', '.join(SQL_STRATEGIES)}, got {name!r}")
+    return SQL_STRATEGIES[name]

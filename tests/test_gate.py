@@ -214,9 +214,9 @@ def marked_repo(tmp_path: Path) -> tuple[Path, str]:
     _git(repo, "add", "-A")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "baseline")
     base = _git(repo, "rev-parse", "HEAD")
-    runner = repo / "bench" / "runner.py"
+    runner = repo / "bench" / "harness" / "runner.py"
     text = runner.read_text()
-    anchor = '        "scenario": {"name": sc.name,'
+    anchor = '        "scenario": scenario_ref(loaded),'
     assert anchor in text, "the mark needs a stable place in bench/harness/runner.py's results"
     runner.write_text(text.replace(anchor, '        "gate_test_mark": "candidate",\n' + anchor, 1))
     return repo, base

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from array import array
@@ -28,143 +25,52 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import psutil
+from numpy.typing import NDArray
 
 from bench.capacity import model
 from bench.capacity.publish_worker import spec_to_json
-from bench.errors import ScenarioError, ServiceError, UsageError
-from bench.harness.ledger import ReadBack, durable_rows, read_back, reconcile
+from bench.capacity.workers import READY_TIMEOUT_S, Child, WorkerPipelines
+from bench.errors import ScenarioError, UsageError
+from bench.harness import session as harness
+from bench.harness.accounting import CommandOptions, RunRecord
+from bench.harness.ledger import reconcile
 from bench.harness.probes import append_cost, flush_summary, lock_summary
-from bench.harness.runner import make_run_dir, wait_received
+from bench.harness.progress import StepProgress
+from bench.harness.runner import make_run_dir, scenario_ref
+from bench.harness.sut import Output, SinkFault
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import CapacitySettings, LoadedScenario, Scenario
 from pipeline.buffer import LockProbes
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import resolve_env
-from pipeline.errors import ConfigError
 from pipeline.model import FlushStat
 from pipeline.probes import Recorder
-from simulators.broker import EmbeddedBroker
-from simulators.errors import SimulatorError
 from simulators.publisher import STALL_TIMEOUT_S, describe_not_sent
 from simulators.stream import PhaseSpec
 
-READY_TIMEOUT_S = 30.0
-STOP_TIMEOUT_S = 120.0
 START_LEAD_S = 0.3
 
 
 @dataclass(frozen=True)
-class CapacityOptions:
-    out: Path | None = None
-    broker: str | None = None
+class CapacityOptions(CommandOptions):
+    """``bench capacity``'s options: the command line's overrides of the scenario's capacity section."""
+
     workers: tuple[int, ...] | None = None
     rates: tuple[float, ...] | None = None
     step_s: float | None = None
-    reports_dir: Path = Path("reports")
     report: bool = True
 
 
 @dataclass(frozen=True)
-class StepProgress:
-    workers: int
-    step: int
-    steps: int
-    offered_per_s: float
-    elapsed_s: float
-    step_s: float
-    sent: int
-    durable: int
-    phase: str
-    """"send", "drain" or the verdict of the finished step."""
-
-
-@dataclass(frozen=True)
-class CapacityOutcome:
-    run_dir: Path
-    results: dict[str, Any]
+class CapacityOutcome(RunRecord):
     problems: list[str]
 
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-class _Child:
-    """A worker process speaking JSON lines on stdout; its stderr goes to a log file."""
-
-    def __init__(self, module: str, config: dict[str, Any], config_path: Path, log_path: Path) -> None:
-        config_path.write_text(json.dumps(config), encoding="utf-8")
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in wait()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", module, str(config_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-        )
-        self.latest: dict[str, Any] = {}
-        self.events: dict[str, threading.Event] = {"ready": threading.Event(), "done": threading.Event()}
-        self.error: str | None = None
-        self._reader = threading.Thread(target=self._read, name=f"{module}-reader", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                msg = json.loads(raw)
-            except ValueError:
-                continue
-            if "error" in msg:
-                self.error = str(msg["error"])
-            for key, event in self.events.items():
-                if msg.get(key):
-                    event.set()
-            self.latest = {**self.latest, **msg}
-        # EOF: the process ended; whoever waits on an event must not wait forever.
-        for event in self.events.values():
-            event.set()
-
-    def wait_for(self, what: str, timeout_s: float, role: str) -> None:
-        if not self.events[what].wait(timeout_s) or self.error or not self.latest.get(what):
-            why = self.error or f"no '{what}' within {timeout_s:g} s (exit code {self.proc.poll()})"
-            raise ServiceError(f"{role} failed: {why}; log: {self.log_path}\n{self.log_tail()}")
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def send(self, line: str) -> None:
-        stdin: IO[bytes] | None = self.proc.stdin
-        if stdin is None or self.proc.poll() is not None:
-            return
-        try:
-            stdin.write(line.encode() + b"\n")
-            stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(self, timeout_s: float) -> None:
-        try:
-            self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-        self._reader.join(5)
-        self._log.close()
 
 
 def _settings(sc: Scenario, options: CapacityOptions, path: Path) -> CapacitySettings:
@@ -193,6 +99,51 @@ def run_capacity(
 ) -> CapacityOutcome:
     sc = loaded.scenario
     cap = _settings(sc, options, loaded.path)
+    broker_setting = _check_capacity(loaded, cap, options)
+    run_dir = make_run_dir(f"{sc.name}-capacity", options.out, options.reports_dir)
+    (run_dir / "scenario.yaml").write_bytes(loaded.path.read_bytes())
+    run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
+    started = time.time()
+    env_before = environment()
+    series: list[dict[str, Any]] = []
+    variants: list[dict[str, Any]] = []
+    with harness.embedded_broker(broker_setting == "embedded", run_dir / "broker.log") as broker:
+        url = broker.url if broker is not None else broker_setting
+        sweep = _Sweep(loaded, cap, run_dir, run_id, url=url, broker_pid=broker.pid if broker is not None else None)
+        for workers in cap.workers:
+            sr, variant = sweep.series(workers, on_progress)
+            series.append(sr)
+            variants.append(variant)
+    fit = _usl_fit(series)
+    advice = _advice(sc, cap, series, fit, variants)
+    problems = _step_problems(series)
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "kind": "capacity",
+        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
+        "scenario": scenario_ref(loaded),
+        "environment": {**env_before, "host_load_after": environment()["host_load"]},
+        "variants": variants,
+        "capacity": {
+            "settings": cap.model_dump(mode="json", by_alias=True),
+            "threshold": cap.threshold,
+            "step_s": cap.step,
+            "transport": "mqtt",
+            "broker": broker_setting,
+            "qos": sc.transport.mqtt.qos,
+            "series": series,
+            "usl": fit,
+            "recommendations": advice,
+        },
+    }
+    write_results(run_dir / "results.json", results)
+    return CapacityOutcome(run_dir, results, problems)
+
+
+def _check_capacity(loaded: LoadedScenario, cap: CapacitySettings, options: CapacityOptions) -> str:
+    """What a capacity sweep cannot measure, refused before anything starts; returns the broker setting."""
+    sc = loaded.scenario
     if sc.transport.kind != "mqtt":
         raise ScenarioError(
             f"{loaded.path}: transport.kind: bench capacity drives MQTT; expected mqtt, got {sc.transport.kind}"
@@ -205,13 +156,9 @@ def run_capacity(
         raise ScenarioError(
             f"{loaded.path}: matrix: a capacity sweep measures one pipeline configuration; remove the matrix"
         )
-    mq = sc.transport.mqtt
-    try:
-        if resolve_env(mq.username, "transport.mqtt.username") is not None:
-            raise ScenarioError(f"{loaded.path}: transport.mqtt.username: bench capacity does not pass credentials yet")
-    except ConfigError as exc:
-        raise ScenarioError(f"{loaded.path}: {exc}") from None
-    broker_setting = options.broker or mq.broker
+    if harness.Credentials.of(sc, loaded.path).mqtt_username is not None:
+        raise ScenarioError(f"{loaded.path}: transport.mqtt.username: bench capacity does not pass credentials yet")
+    broker_setting = options.broker or sc.transport.mqtt.broker
     if broker_setting != "embedded" and not broker_setting.startswith(("mqtt://", "tcp://")):
         raise UsageError(f"--broker: expected a URL like mqtt://127.0.0.1:1883, got {broker_setting!r}")
     if broker_setting == "embedded" and max(cap.workers) > 1:
@@ -220,106 +167,244 @@ def run_capacity(
             "MQTT v5 shared subscriptions ($share/<group>/<topic>), which the embedded amqtt broker (MQTT 3.1.1) "
             "does not support; pass --broker mqtt://127.0.0.1:1883 (Mosquitto) or measure workers: [1]"
         )
-    run_dir = make_run_dir(f"{sc.name}-capacity", options.out, options.reports_dir)
-    (run_dir / "scenario.yaml").write_bytes(loaded.path.read_bytes())
-    run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
-    started = time.time()
-    env_before = environment()
-    broker: EmbeddedBroker | None = None
-    series: list[dict[str, Any]] = []
-    variants: list[dict[str, Any]] = []
-    problems: list[str] = []
-    try:
-        if broker_setting == "embedded":
-            try:
-                broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
-            except SimulatorError as exc:
-                raise ServiceError(str(exc)) from None
-        url = broker.url if broker is not None else broker_setting
-        rates = cap.step_rates()
-        for workers in cap.workers:
-            steps: list[dict[str, Any]] = []
-            step_flushes: list[list[FlushStat]] = []
-            step_steady: list[list[FlushStat]] = []
-            step_locks: list[LockProbes] = []
-            failed = 0
-            for k, rate in enumerate(rates):
-                step, flushes, steady, lock = _run_step(
-                    sc,
-                    cap,
-                    url=url,
-                    external=broker is None,
-                    broker_pid=broker.pid if broker is not None else None,
-                    workers=workers,
-                    rate=rate,
-                    index=(k, len(rates)),
-                    step_dir=run_dir / f"workers-{workers}" / f"step-{k + 1:02d}-{rate:g}",
-                    run_id=f"{run_id}-w{workers}-s{k + 1}",
-                    on_progress=on_progress,
-                )
-                step["dir"] = str((run_dir / f"workers-{workers}" / f"step-{k + 1:02d}-{rate:g}").relative_to(run_dir))
-                steps.append(step)
-                step_flushes.append(flushes)
-                step_steady.append(steady)
-                step_locks.append(lock)
-                if on_progress:
-                    on_progress(
-                        StepProgress(
-                            workers,
-                            k,
-                            len(rates),
-                            rate,
-                            cap.step,
-                            cap.step,
-                            step["sent"],
-                            step["sent"],
-                            step["verdict"],
-                        )
+    return broker_setting
+
+
+@dataclass
+class _Sweep:
+    """The steps of one sweep, one worker count at a time, each step a session of its own."""
+
+    loaded: LoadedScenario
+    cap: CapacitySettings
+    run_dir: Path
+    run_id: str
+    url: str
+    broker_pid: int | None
+    """The embedded broker's process (None: an external broker)."""
+
+    def series(
+        self, workers: int, on_progress: Callable[[StepProgress], None] | None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Step the rates up for ``workers`` until the steps stop being sustainable; its series and variant."""
+        cap, rates = self.cap, self.cap.step_rates()
+        steps: list[dict[str, Any]] = []
+        measured: list[_StepRecords] = []
+        failed = 0
+        for k, rate in enumerate(rates):
+            step_dir = self.run_dir / f"workers-{workers}" / f"step-{k + 1:02d}-{rate:g}"
+            step, records = _Step(self, workers, rate, (k, len(rates)), step_dir).run(on_progress)
+            step["dir"] = str(step_dir.relative_to(self.run_dir))
+            steps.append(step)
+            measured.append(records)
+            if on_progress:
+                on_progress(
+                    StepProgress(
+                        workers, k, len(rates), rate, cap.step, cap.step, step["sent"], step["sent"], step["verdict"]
                     )
-                if step["verdict"] == "publisher-limited":
-                    break  # higher rates would only be further behind: the load generator is the limit here
-                if step["verdict"] == "unsustainable":
-                    failed += 1
-                    if failed >= cap.stop_after:
-                        break
-            series.append(_series(workers, steps, rates))
-            variants.append(
-                _variant(
-                    sc,
-                    workers=workers,
-                    steps=steps,
-                    step_flushes=step_flushes,
-                    step_steady=step_steady,
-                    step_locks=step_locks,
-                    sr=series[-1],
+                )
+            if step["verdict"] == "publisher-limited":
+                break  # higher rates would only be further behind: the load generator is the limit here
+            if step["verdict"] == "unsustainable":
+                failed += 1
+                if failed >= cap.stop_after:
+                    break
+        sr = _series(workers, steps, rates)
+        variant = _variant(
+            self.loaded.scenario,
+            workers=workers,
+            steps=steps,
+            step_flushes=[r.flushes for r in measured],
+            step_steady=[r.steady for r in measured],
+            step_locks=[r.locks for r in measured],
+            sr=sr,
+        )
+        return sr, variant
+
+
+@dataclass(frozen=True)
+class _StepRecords:
+    """A step's flushes (all, and those after the settle time: the step table's flush population) and locks."""
+
+    flushes: list[FlushStat]
+    steady: list[FlushStat]
+    locks: LockProbes
+
+
+class _Step:
+    """One constant-rate step: pipeline worker processes behind the broker, publisher processes in front."""
+
+    def __init__(self, sweep: _Sweep, workers: int, rate: float, index: tuple[int, int], step_dir: Path) -> None:
+        self.sweep, self.workers, self.rate, self.index, self.step_dir = sweep, workers, rate, index, step_dir
+        sc = sweep.loaded.scenario
+        self.sc, self.cap = sc, sweep.cap
+        self.run_id = f"{sweep.run_id}-w{workers}-s{index[0] + 1}"
+        self.clock = MonotonicWallClock()
+        self.epoch_ns = 0
+        self.broker_cpu: list[tuple[int, float]] = []
+        self.machine_cpu: list[tuple[int, float, float]] = []
+        self.pubs: list[Child] = []
+        step_dir.mkdir(parents=True, exist_ok=True)
+        # On a real broker every worker count goes through the shared-subscription path, one worker included,
+        # so 1 and N workers are measured the same way.
+        self.sut = WorkerPipelines(
+            sc.validation(),
+            step_dir,
+            workers,
+            shared=sweep.broker_pid is None,
+            group=self.run_id,
+            sink=SinkFault.of(sc),
+        )
+
+    def session_config(self) -> harness.SessionConfig:
+        return harness.SessionConfig(
+            scenario=self.sc,
+            scenario_path=self.sweep.loaded.path,
+            run_id=self.run_id,
+            out_dir=self.step_dir,
+            broker_url=self.sweep.url,
+            opcua_machines=(),
+            credentials=harness.Credentials(None, None, None, None),
+            clock=self.clock,
+        )
+
+    def start_publishers(self, session: harness.Session) -> None:
+        mq, cap = self.sc.transport.mqtt, self.cap
+        spec = replace(self.sc.stream_spec(), phases=(PhaseSpec("steady", cap.step, self.rate),))
+        session.on_close(self.close_publishers)
+        for p in range(cap.publishers):
+            config = {
+                "spec": spec_to_json(spec),
+                "broker": self.sweep.url,
+                "topic": mq.topic_for_run(self.run_id),
+                "qos": mq.qos,
+                "client_id": f"{self.run_id}-publisher-{p}",
+                "share": p,
+                "shares": cap.publishers,
+                "final_path": str(self.step_dir / f"publisher-{p}.json"),
+            }
+            d = self.step_dir
+            self.pubs.append(
+                Child(
+                    "bench.capacity.publish_worker", config, d / f"publisher-{p}.config.json", d / f"publisher-{p}.log"
                 )
             )
-    finally:
-        if broker is not None:
-            broker.close()
+        for child in self.pubs:
+            child.wait_for("ready", READY_TIMEOUT_S, "publisher")
 
+    def close_publishers(self) -> None:
+        for c in self.pubs:
+            c.send("")
+            if c.alive:
+                c.proc.terminate()
+            c.wait(10)
+
+    def progress(self, on_progress: Callable[[StepProgress], None] | None, phase: str) -> None:
+        if on_progress is None:
+            return
+        k, n = self.index
+        on_progress(
+            StepProgress(
+                self.workers,
+                k,
+                n,
+                self.rate,
+                max(0.0, (self.clock.now_ns() - self.epoch_ns) / 1e9),
+                self.cap.step,
+                sum(int(c.latest.get("sent", 0)) for c in self.pubs),
+                self.sut.durable(),
+                phase,
+            )
+        )
+
+    def sample_cpu(self) -> None:
+        busy = machine_busy_s()
+        if busy is not None:
+            self.machine_cpu.append((self.clock.now_ns(), *busy))
+        if self.sweep.broker_pid is not None:
+            # The embedded broker's CPU tells whether it, not the pipeline, was the limit.
+            cpu = process_cpu_s(self.sweep.broker_pid)
+            if cpu is not None:
+                self.broker_cpu.append((self.clock.now_ns(), cpu))
+
+    def run(self, on_progress: Callable[[StepProgress], None] | None) -> tuple[dict[str, Any], _StepRecords]:
+        """Run the step; its metrics and its flush and lock records."""
+        with harness.Session(self.session_config(), self.sut) as session:
+            session.start()
+            self.start_publishers(session)
+            self.epoch_ns = self.clock.now_ns() + int(START_LEAD_S * 1e9)
+            for child in self.pubs:
+                child.send(str(self.epoch_ns))
+            while not all(c.events["done"].is_set() for c in self.pubs):
+                self.sample_cpu()
+                self.progress(on_progress, "send")
+                self.sut.check_alive()
+                time.sleep(0.25)
+            for c in self.pubs:
+                c.wait_for("done", 1.0, "publisher")
+            total_sent = sum(int(c.latest.get("sent", 0)) for c in self.pubs)
+            # Drain: until the workers received everything, or made no progress for the scenario's drain timeout.
+            harness.wait_received(
+                self.sut.received,
+                total_sent,
+                self.sc.run.drain_timeout,
+                lambda: self.progress(on_progress, "drain"),
+                0.25,
+            )
+            session.stop()
+        step, flushes, locks = _analyse(self, self.sut.read_back())
+        start, end = self.epoch_ns + self.cap.settle * 1e9, self.epoch_ns + self.cap.step * 1e9
+        step["broker_cpu_pct"] = _cpu_pct(self.broker_cpu, start, end)
+        cores = [c for c in self.machine_cpu if start <= c[0] <= end]
+        # All cores together, 100 = every core busy: on a small machine publishers, broker and pipeline compete.
+        step["machine_cpu_pct"] = (
+            round((cores[-1][1] - cores[0][1]) / max(cores[-1][2] - cores[0][2], 1e-9) * 100, 1)
+            if len(cores) >= 2
+            else None
+        )
+        steady = [f for f in flushes if start <= f.started_ns <= end]
+        return step, _StepRecords(flushes, steady, locks)
+
+
+def _cpu_pct(samples: list[tuple[int, float]], start: float, end: float) -> float | None:
+    window = [c for c in samples if start <= c[0] <= end]
+    if len(window) < 2:
+        return None
+    return round((window[-1][1] - window[0][1]) / ((window[-1][0] - window[0][0]) / 1e9) * 100, 1)
+
+
+def _usl_fit(series: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The Universal Scalability Law over the worker counts' peak throughputs, with what it may not say."""
     points = [(s["workers"], s["peak_per_s"]) for s in series if s.get("peak_per_s")]
     fit = model.usl(points) if len(points) >= 2 else None
-    if fit is not None and not all(s["saturated"] for s in series):
+    if fit is None:
+        return None
+    if not all(s["saturated"] for s in series):
         fit["note"] = (fit["note"] + "; " if fit["note"] else "") + (
             "some worker counts never saturated: their throughput is a lower bound and so is the fit"
         )
-    if fit is not None:
-        others = [s for s in series if s.get("limit") and not s["limit"].startswith("the pipeline's CPU")]
-        fit["pipeline_limited"] = not others
-        if others:
-            fit["note"] = (fit["note"] + "; " if fit["note"] else "") + (
-                "the limit was not the pipeline's CPU ("
-                + "; ".join(f"workers={s['workers']}: {s['limit']}" for s in others)
-                + "): the fit describes this test set-up, not the pipeline's scaling"
-            )
-    first = series[0] if series else None
+    others = [s for s in series if s.get("limit") and not s["limit"].startswith("the pipeline's CPU")]
+    fit["pipeline_limited"] = not others
+    if others:
+        fit["note"] = (fit["note"] + "; " if fit["note"] else "") + (
+            "the limit was not the pipeline's CPU ("
+            + "; ".join(f"workers={s['workers']}: {s['limit']}" for s in others)
+            + "): the fit describes this test set-up, not the pipeline's scaling"
+        )
+    return fit
+
+
+def _advice(
+    sc: Scenario,
+    cap: CapacitySettings,
+    series: list[dict[str, Any]],
+    fit: dict[str, Any] | None,
+    variants: list[dict[str, Any]],
+) -> Any:
     settings = sc.validation()
-    best_steps = [s for sr in series for s in sr["steps"] if s["sustainable"]]
     flush_rec = Recorder()
-    for s in best_steps:
+    for s in (s for sr in series for s in sr["steps"] if s["sustainable"]):
         flush_rec.merge(Recorder.from_json(s["flush_raw"]))
-    advice = model.recommendations(
+    return model.recommendations(
         series=series,
         fit=fit,
         append=variants[0]["probes"]["append_cost"] if variants else None,
@@ -330,6 +415,12 @@ def run_capacity(
         target_rate=cap.target_rate,
         headroom=cap.headroom,
     )
+
+
+def _step_problems(series: list[dict[str, Any]]) -> list[str]:
+    """What fails the sweep: a loss in a sustainable step, a step's errors, no sustainable first series.
+    A loss in an overloaded step is a warning on its series (a broker's queue limit), not a failure."""
+    problems: list[str] = []
     for sr in series:
         for s in sr["steps"]:
             s.pop("flush_raw", None)
@@ -341,180 +432,54 @@ def run_capacity(
                     f"workers={sr['workers']} step {s['offered_per_s']:g} msg/s lost {s['lost']} message(s)"
                 )
             problems.extend(f"workers={sr['workers']} step {s['offered_per_s']:g}: {e}" for e in s["errors"])
+    first = series[0] if series else None
     if first is not None and first["sustainable_per_s"] is None:
         problems.append(
             f"workers={first['workers']}: no step was sustainable (first step {first['steps'][0]['verdict']}); "
             "lower capacity.rates"
         )
-    results: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "kind": "capacity",
-        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-        "scenario": {"name": sc.name, "path": str(loaded.path), "sha256": loaded.sha256, "seed": sc.seed},
-        "environment": {**env_before, "host_load_after": environment()["host_load"]},
-        "variants": variants,
-        "capacity": {
-            "settings": cap.model_dump(mode="json", by_alias=True),
-            "threshold": cap.threshold,
-            "step_s": cap.step,
-            "transport": "mqtt",
-            "broker": broker_setting,
-            "qos": mq.qos,
-            "series": series,
-            "usl": fit,
-            "recommendations": advice,
-        },
-    }
-    write_results(run_dir / "results.json", results)
-    return CapacityOutcome(run_dir, results, problems)
+    return problems
 
 
-def _run_step(
-    sc: Scenario,
-    cap: CapacitySettings,
-    *,
-    url: str,
-    external: bool,
-    broker_pid: int | None,
-    workers: int,
-    rate: float,
-    index: tuple[int, int],
-    step_dir: Path,
-    run_id: str,
-    on_progress: Callable[[StepProgress], None] | None,
-) -> tuple[dict[str, Any], list[FlushStat], list[FlushStat], LockProbes]:
-    """Run one step; its metrics, every flush, the flushes after the settle time (the population of the step
-    table's flush p99) and the lock probes."""
-    step_dir.mkdir(parents=True, exist_ok=True)
-    mq = sc.transport.mqtt
-    settings = sc.validation()
-    spec = replace(sc.stream_spec(), phases=(PhaseSpec("steady", cap.step, rate),))
-    subscription = mq.subscription(run_id)
-    if external:
-        # On a real broker every worker count goes through the shared-subscription path, one worker included,
-        # so 1 and N workers are measured the same way.
-        subscription = f"$share/{run_id}/{subscription}"
-    clock = MonotonicWallClock()
-    broker_cpu: list[tuple[int, float]] = []
-    machine_cpu: list[tuple[int, float, float]] = []
-    pipes: list[_Child] = []
-    pubs: list[_Child] = []
-    try:
-        for w in range(workers):
-            wdir = step_dir / f"worker-{w}"
-            wdir.mkdir(exist_ok=True)
-            config = {
-                "pipeline": settings.model_dump(mode="json", by_alias=True),
-                "out_dir": str(wdir),
-                "broker": url,
-                "subscription": subscription,
-                "qos": mq.qos,
-                "client_id": f"{run_id}-pipeline-{w}",
-                "protocol": 5 if external else 4,
-                "final_path": str(wdir / "final.json"),
-                "sink_delay_s": sc.sink_delay_s(),
-                "sink_slowdown": sc.sink_slowdown(),
-            }
-            pipes.append(_Child("bench.capacity.pipeline_worker", config, wdir / "config.json", wdir / "worker.log"))
-        for child in pipes:
-            child.wait_for("ready", READY_TIMEOUT_S, "pipeline worker")
-        for p in range(cap.publishers):
-            config = {
-                "spec": spec_to_json(spec),
-                "broker": url,
-                "topic": mq.topic_for_run(run_id),
-                "qos": mq.qos,
-                "client_id": f"{run_id}-publisher-{p}",
-                "share": p,
-                "shares": cap.publishers,
-                "final_path": str(step_dir / f"publisher-{p}.json"),
-            }
-            pubs.append(
-                _Child(
-                    "bench.capacity.publish_worker",
-                    config,
-                    step_dir / f"publisher-{p}.config.json",
-                    step_dir / f"publisher-{p}.log",
-                )
+def _publisher_records(
+    step_dir: Path, publishers: int, epoch_ns: int
+) -> tuple[NDArray[np.int64], Recorder, float, list[str]]:
+    """The publishers' side: (seq, intended, sent) per send, their send lag, CPU share and problems."""
+    triples = array("q")
+    lag = Recorder()
+    pub_cpu = 0.0
+    errors: list[str] = []
+    for p in range(publishers):
+        final = json.loads((step_dir / f"publisher-{p}.json").read_text(encoding="utf-8"))
+        if final.get("not_sent"):
+            unsent = describe_not_sent(
+                final["not_sent"], window=final["window"]["size"], stall_timeout_s=STALL_TIMEOUT_S
             )
-        for child in pubs:
-            child.wait_for("ready", READY_TIMEOUT_S, "publisher")
-        epoch_ns = clock.now_ns() + int(START_LEAD_S * 1e9)
-        for child in pubs:
-            child.send(str(epoch_ns))
+            errors.append(f"publisher {p}: {unsent}")
+        chunk = array("q")
+        chunk.frombytes((step_dir / f"publisher-{p}.json.sent").read_bytes())
+        triples.extend(chunk)
+        lag.merge(Recorder.from_json(final["send_lag"]))
+        pub_cpu += final["cpu_s"] / max((final["finished_ns"] - epoch_ns) / 1e9, 1e-9)
+    sent = np.frombuffer(triples.tobytes(), dtype=np.int64).reshape(-1, 3)
+    return sent, lag, pub_cpu, errors
 
-        def progress(phase: str) -> None:
-            if on_progress is None:
-                return
-            on_progress(
-                StepProgress(
-                    workers,
-                    index[0],
-                    index[1],
-                    rate,
-                    max(0.0, (clock.now_ns() - epoch_ns) / 1e9),
-                    cap.step,
-                    sum(int(c.latest.get("sent", 0)) for c in pubs),
-                    sum(int(c.latest.get("durable", 0)) for c in pipes),
-                    phase,
-                )
-            )
 
-        while not all(c.events["done"].is_set() for c in pubs):
-            busy = machine_busy_s()
-            if busy is not None:
-                machine_cpu.append((clock.now_ns(), *busy))
-            if broker_pid is not None:
-                # The embedded broker's CPU tells whether it, not the pipeline, was the limit.
-                cpu = process_cpu_s(broker_pid)
-                if cpu is not None:
-                    broker_cpu.append((clock.now_ns(), cpu))
-            progress("send")
-            for c in pipes:
-                if not c.alive:
-                    raise ServiceError(f"pipeline worker exited early; log: {c.log_path}\n{c.log_tail()}")
-            time.sleep(0.25)
-        for c in pubs:
-            c.wait_for("done", 1.0, "publisher")
-        total_sent = sum(int(c.latest.get("sent", 0)) for c in pubs)
-        # Drain: until the workers received everything, or made no progress for the scenario's drain timeout.
-        wait_received(
-            lambda: sum(int(c.latest.get("received", 0)) for c in pipes),
-            total_sent,
-            sc.run.drain_timeout,
-            lambda: progress("drain"),
-            0.25,
-        )
-        for c in pipes:
-            c.send("stop")
-        for c in pipes:
-            c.wait_for("done", STOP_TIMEOUT_S, "pipeline worker")
-    finally:
-        for c in pubs + pipes:
-            c.send("")
-            if c.alive and c in pubs:
-                c.proc.terminate()
-            c.wait(STOP_TIMEOUT_S if c in pipes else 10)
-    step, flushes, locks = _analyse(
-        sc, cap, step_dir, rate=rate, workers=workers, epoch_ns=epoch_ns, publishers=len(pubs)
-    )
-    start, end = epoch_ns + cap.settle * 1e9, epoch_ns + cap.step * 1e9
-    window = [c for c in broker_cpu if start <= c[0] <= end]
-    step["broker_cpu_pct"] = (
-        round((window[-1][1] - window[0][1]) / ((window[-1][0] - window[0][0]) / 1e9) * 100, 1)
-        if len(window) >= 2
-        else None
-    )
-    cores = [c for c in machine_cpu if start <= c[0] <= end]
-    # All cores together, 100 = every core busy: on a small machine publishers, broker and pipeline compete.
-    step["machine_cpu_pct"] = (
-        round((cores[-1][1] - cores[0][1]) / max(cores[-1][2] - cores[0][2], 1e-9) * 100, 1)
-        if len(cores) >= 2
-        else None
-    )
-    steady = [f for f in flushes if start <= f.started_ns <= end]
-    return step, flushes, steady, locks
+def _worker_records(finals: list[dict[str, Any]], start: int, end: int) -> tuple[LockProbes, float, float, list[str]]:
+    """The pipeline workers' own reports: lock probes, CPU % and peak memory in the window, errors."""
+    locks = LockProbes.new()
+    cpu_pct = rss = 0.0
+    errors: list[str] = []
+    for final in finals:
+        errors.extend(final["errors"])
+        if final["lock"]:
+            for name in ("wait", "hold", "stall"):
+                getattr(locks, name).merge(Recorder.from_json(final["lock"][name]))
+        window = [s for s in final["samples"] if start <= s[0] <= end] or final["samples"]
+        if len(window) >= 2:
+            cpu_pct += (window[-1][1] - window[0][1]) / ((window[-1][0] - window[0][0]) / 1e9) * 100
+        rss += max((s[2] for s in window), default=0) / 1e6
+    return locks, cpu_pct, rss, errors
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -539,65 +504,19 @@ def machine_busy_s() -> tuple[float, float] | None:
     return total - idle, total
 
 
-def _analyse(
-    sc: Scenario, cap: CapacitySettings, step_dir: Path, *, rate: float, workers: int, epoch_ns: int, publishers: int
-) -> tuple[dict[str, Any], list[FlushStat], LockProbes]:
-    settings = sc.validation()
-    triples = array("q")
-    lag = Recorder()
-    pub_cpu = 0.0
-    errors: list[str] = []
-    for p in range(publishers):
-        final = json.loads((step_dir / f"publisher-{p}.json").read_text(encoding="utf-8"))
-        if final.get("not_sent"):
-            unsent = describe_not_sent(
-                final["not_sent"], window=final["window"]["size"], stall_timeout_s=STALL_TIMEOUT_S
-            )
-            errors.append(f"publisher {p}: {unsent}")
-        chunk = array("q")
-        chunk.frombytes((step_dir / f"publisher-{p}.json.sent").read_bytes())
-        triples.extend(chunk)
-        lag.merge(Recorder.from_json(final["send_lag"]))
-        pub_cpu += final["cpu_s"] / max((final["finished_ns"] - epoch_ns) / 1e9, 1e-9)
-    sent = np.frombuffer(triples.tobytes(), dtype=np.int64).reshape(-1, 3)
-    flushes: list[FlushStat] = []
-    locks = LockProbes.new()
-    backs: list[ReadBack] = []
-    durable_of: dict[int, int] = {}
-    cpu_pct = rss = 0.0
+def _analyse(step: _Step, output: Output) -> tuple[dict[str, Any], list[FlushStat], LockProbes]:
+    cap, epoch_ns, workers = step.cap, step.epoch_ns, step.workers
+    sent, lag, pub_cpu, errors = _publisher_records(step.step_dir, len(step.pubs), epoch_ns)
     start = epoch_ns + int(cap.settle * 1e9)
     end = epoch_ns + int(cap.step * 1e9)
-    for w in range(workers):
-        wdir = step_dir / f"worker-{w}"
-        final = json.loads((wdir / "final.json").read_text(encoding="utf-8"))
-        errors.extend(final["errors"])
-        mine = [FlushStat(**f) for f in final["flushes"]]
-        flushes.extend(mine)
-        if final["lock"]:
-            for name in ("wait", "hold", "stall"):
-                getattr(locks, name).merge(Recorder.from_json(final["lock"][name]))
-        back = read_back(wdir / settings.parquet.path, wdir / settings.quarantine.path, wdir / "dropped")
-        backs.append(back)
-        durable_of.update(durable_rows(back, mine))
-        window = [s for s in final["samples"] if start <= s[0] <= end] or final["samples"]
-        if len(window) >= 2:
-            cpu_pct += (window[-1][1] - window[0][1]) / ((window[-1][0] - window[0][0]) / 1e9) * 100
-        rss += max((s[2] for s in window), default=0) / 1e6
-    combined = ReadBack(
-        persisted_seqs=[s for b in backs for s in b.persisted_seqs],
-        persisted_batches=[s for b in backs for s in b.persisted_batches],
-        rejected_seqs=[s for b in backs for s in b.rejected_seqs],
-        rejected_reasons=[s for b in backs for s in b.rejected_reasons],
-        files=sum(b.files for b in backs),
-        unfinalised=[s for b in backs for s in b.unfinalised],
-        dropped_seqs=[s for b in backs for s in b.dropped_seqs],
-        dropped_reasons=[s for b in backs for s in b.dropped_reasons],
-    )
-    ledger = reconcile(sent[:, 0].tolist(), combined)
+    locks, cpu_pct, rss, worker_errors = _worker_records(step.sut.finals, start, end)
+    errors.extend(worker_errors)
+    ledger = reconcile(sent[:, 0].tolist(), output.back)
+    durable_of = dict(output.durable)
     durable = np.array([durable_of.get(int(seq), -1) for seq in sent[:, 0]], dtype=np.int64)
     metrics = model.step_metrics(
         model.StepInput(
-            offered_per_s=rate,
+            offered_per_s=step.rate,
             epoch_ns=epoch_ns,
             step_s=cap.step,
             settle_s=cap.settle,
@@ -612,7 +531,7 @@ def _analyse(
         backlog_growth=cap.backlog_growth,
     )
     flush_rec = Recorder()
-    for f in flushes:
+    for f in output.flushes:
         if f.sink == "parquet" and start <= f.started_ns <= end:
             flush_rec.record_ns(f.total_ns)
     metrics.update(
@@ -629,7 +548,7 @@ def _analyse(
             "errors": errors,
         }
     )
-    return metrics, flushes, locks
+    return metrics, output.flushes, locks
 
 
 def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from bench.scenario import json_schema, load_scenario
 
 if TYPE_CHECKING:
     from bench.harness import runner
+    from bench.harness.progress import Progress as RunProgress
 
 
 def _fraction(text: str) -> float:
@@ -579,7 +580,7 @@ def capacity_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _info(p: runner.Progress) -> str:
+def _info(p: RunProgress) -> str:
     which = f"{p.variant} ({p.variant_index + 1}/{p.variants}) " if p.variants > 1 else ""
     return (
         f"{which}{p.phase:<6} persisted {p.persisted:,}  rejected {p.rejected:,}  "
@@ -601,7 +602,7 @@ def _run_with_bar(loaded: Any, options: runner.RunOptions, console: Console) -> 
     ) as bar:
         task = bar.add_task("run", total=None, info="starting broker and pipeline")
 
-        def update(p: runner.Progress) -> None:
+        def update(p: RunProgress) -> None:
             bar.update(
                 task, total=p.planned * p.variants, completed=p.planned * p.variant_index + p.sent, info=_info(p)
             )
@@ -613,7 +614,7 @@ def _line_printer(console: Console, every_s: float = 5.0) -> Any:
     """Without a terminal (CI logs), a plain status line every few seconds."""
     last = [-every_s, -1.0]
 
-    def update(p: runner.Progress) -> None:
+    def update(p: RunProgress) -> None:
         if p.variant_index != last[1]:
             last[:] = [-every_s, p.variant_index]
         if p.elapsed_s - last[0] >= every_s:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from bench.cli.args import broker_url, count, positive_int
 
 if TYPE_CHECKING:
-    from bench.load.runner import LoadOptions, LoadOutcome, LoadProgress
+    from bench.harness.progress import LoadProgress
+    from bench.load.runner import LoadOptions, LoadOutcome
     from bench.scenario import LoadedScenario
 
 

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from bench.gate import stats as gate_stats
 from bench.gate import worker as gate_worker
 from bench.harness.runner import make_run_dir
 from bench.results import environment
-from bench.results.metrics import COUNTERS, GATE_METRICS, MetricName, counter_value, get_path
+from bench.results.metrics import COUNTERS, GATE_METRICS, CounterName, MetricName, counter_value, get_path
 from bench.scenario import GateMetric, GateSettings, LoadedScenario
 
 GATE_SCHEMA = 2
@@ -390,57 +391,103 @@ def judge(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The verdict per metric, counter and bound, and whether the gate fails (with its reasons)."""
-    rows: list[dict[str, Any]] = []
-    pvalues: dict[str, float] = {}
-    for name, metric in gates.metrics.items():
-        higher, unit = GATE_METRICS[name][1], GATE_METRICS[name][2]
-        av = [_value(r, name, normalise) for r in a]
-        bv = [_value(r, name, normalise) for r in b]
-        conf = metric.confidence or gates.confidence
-        tol = gates.tolerance if metric.tolerance is None else metric.tolerance
-        row: dict[str, Any] = {
-            "metric": name,
-            "unit": unit if not (normalise and name not in NOT_TIMES) else "x reference",
-            "higher_is_better": higher,
-            "confidence": conf,
-            "tolerance": tol,
-            "gated": metric.gate,
-        }
-        if any(v is None for v in av + bv):
-            row.update(verdict="not measured", note="missing in some replicates", a=av, b=bv)
-            rows.append(row)
-            continue
-        a_vals = [float(v) for v in av if v is not None]
-        b_vals = [float(v) for v in bv if v is not None]
-        change = (
-            gate_stats.paired(a_vals, b_vals, confidence=conf, seed=seed)
-            if paired
-            else gate_stats.unpaired(a_vals, b_vals, confidence=conf, seed=seed)
-        )
-        # Robust CV (1.4826 x MAD / median): on a shared machine one replicate in ten may stall and double a flush
-        # time (seen: A/A pair ratios up to 2.2); that one must not make a metric "too noisy to judge".
-        cv_a = gate_stats.cv(a_vals, robust=True) if len(a_vals) >= 2 else 0.0
-        cv_b = gate_stats.cv(b_vals, robust=True) if len(b_vals) >= 2 else 0.0
-        erratic = max(cv_a, cv_b) > gates.erratic_cv
-        row.update(
-            a=a_vals,
-            b=b_vals,
-            a_median=statistics.median(a_vals),
-            b_median=statistics.median(b_vals),
-            change=change.estimate,
-            ci=[change.ci_low, change.ci_high],
-            p_value=change.p_value,
-            method=change.method,
-            note=change.note,
-            cv=[round(cv_a, 4), round(cv_b, 4)],
-            erratic=erratic,
-        )
-        if metric.gate and not erratic and change.p_value is not None:
-            pvalues[name] = change.p_value
-        rows.append(row)
-    # One family: the gated, judgeable metrics. Each is compared to its own alpha after Holm's adjustment
-    # (with one confidence for all, this is plain Holm).
+    rows = [
+        _metric_row(name, metric, a, b, gates, paired=paired, normalise=normalise, seed=seed)
+        for name, metric in gates.metrics.items()
+    ]
+    pvalues = _family(rows)
+    # Each metric of the family is compared to its own alpha after Holm's adjustment (with one confidence for
+    # all, this is plain Holm).
     adjusted = gate_stats.holm(pvalues, 1 - gates.confidence) if pvalues else {}
+    reasons = _metric_verdicts(rows, adjusted)
+    counters, counter_reasons = _checked([_counter_check(cname, a, b, gates.counters.get(cname)) for cname in COUNTERS])
+    bounds, bound_reasons = _checked([_bound_check(bname, limit, b) for bname, limit in gates.bounds.items()])
+    reasons += counter_reasons + bound_reasons
+    failed_runs = [f"{r.side}{r.index + 1}" for r in (*a, *b) if r.exit_code != 0]
+    if failed_runs:
+        reasons.append(f"replicate(s) {', '.join(failed_runs)} failed their own checks (ledger); see their logs")
+    unjudged = _unjudged(rows, gates, paired=paired)
+    failed = bool(reasons)
+    return {
+        "metrics": rows,
+        "counters": counters,
+        "bounds": bounds,
+        "multiple_comparisons": (
+            f"Holm-Bonferroni step-down over the {len(pvalues)} gated, judgeable metric(s) at "
+            f"family-wise {_level(1 - gates.confidence)}"
+        ),
+        "outcome": "failed" if failed else ("inconclusive" if unjudged else "passed"),
+        "failed": failed,
+        "reasons": reasons,
+        "inconclusive": unjudged,
+    }
+
+
+def _metric_row(
+    name: MetricName,
+    metric: GateMetric,
+    a: Sequence[Replicate],
+    b: Sequence[Replicate],
+    gates: GateSettings,
+    *,
+    paired: bool,
+    normalise: bool,
+    seed: int,
+) -> dict[str, Any]:
+    """One metric's values on both sides and their change, before Holm's step says whether it is significant."""
+    higher, unit = GATE_METRICS[name][1], GATE_METRICS[name][2]
+    av = [_value(r, name, normalise) for r in a]
+    bv = [_value(r, name, normalise) for r in b]
+    conf = metric.confidence or gates.confidence
+    row: dict[str, Any] = {
+        "metric": name,
+        "unit": unit if not (normalise and name not in NOT_TIMES) else "x reference",
+        "higher_is_better": higher,
+        "confidence": conf,
+        "tolerance": gates.tolerance if metric.tolerance is None else metric.tolerance,
+        "gated": metric.gate,
+    }
+    if any(v is None for v in av + bv):
+        row.update(verdict="not measured", note="missing in some replicates", a=av, b=bv)
+        return row
+    a_vals = [float(v) for v in av if v is not None]
+    b_vals = [float(v) for v in bv if v is not None]
+    test = gate_stats.paired if paired else gate_stats.unpaired
+    change = test(a_vals, b_vals, confidence=conf, seed=seed)
+    # Robust CV (1.4826 x MAD / median): on a shared machine one replicate in ten may stall and double a flush
+    # time (seen: A/A pair ratios up to 2.2); that one must not make a metric "too noisy to judge".
+    cv_a, cv_b = _robust_cv(a_vals), _robust_cv(b_vals)
+    row.update(
+        a=a_vals,
+        b=b_vals,
+        a_median=statistics.median(a_vals),
+        b_median=statistics.median(b_vals),
+        change=change.estimate,
+        ci=[change.ci_low, change.ci_high],
+        p_value=change.p_value,
+        method=change.method,
+        note=change.note,
+        cv=[round(cv_a, 4), round(cv_b, 4)],
+        erratic=max(cv_a, cv_b) > gates.erratic_cv,
+    )
+    return row
+
+
+def _robust_cv(values: Sequence[float]) -> float:
+    return gate_stats.cv(values, robust=True) if len(values) >= 2 else 0.0
+
+
+def _family(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The p-values of the one family Holm guards: the gated metrics that could be judged (not erratic, tested)."""
+    return {
+        row["metric"]: row["p_value"]
+        for row in rows
+        if "change" in row and row["gated"] and not row["erratic"] and row["p_value"] is not None
+    }
+
+
+def _metric_verdicts(rows: Sequence[dict[str, Any]], adjusted: dict[str, gate_stats.HolmResult]) -> list[str]:
+    """Each measured metric's verdict after Holm's step; the reasons the gated regressions give to fail."""
     reasons: list[str] = []
     for row in rows:
         if "change" not in row:
@@ -470,63 +517,71 @@ def judge(
             )
         if row["erratic"] and row["gated"]:
             row["verdict"] += " (erratic: not judged)"
+    return reasons
 
-    counters: list[dict[str, Any]] = []
-    for cname in COUNTERS:
-        a_c = [counter_value(r.variant, cname) for r in a]
-        b_c = [counter_value(r.variant, cname) for r in b]
-        ctol = gates.counters.get(cname)
-        entry: dict[str, Any] = {"counter": cname, "a": a_c, "b": b_c, "tolerance": ctol, "gated": ctol is not None}
-        if cname == "lost":
-            bad = [v for v in b_c if v]
-            entry["ok"] = not bad
-            if bad:
-                reasons.append(f"lost: {int(sum(v or 0 for v in bad))} message(s) lost in the candidate's replicates")
-        elif ctol is not None and all(v is not None for v in a_c + b_c):
-            ref = statistics.median(v for v in a_c if v is not None)
-            off = max(abs((v or 0) - ref) for v in b_c)
-            entry["ok"] = off <= ctol * abs(ref)
-            entry["a_varies"] = len(set(a_c)) > 1
-            if not entry["ok"]:
-                reasons.append(
-                    f"{cname}: candidate {sorted({v for v in b_c if v is not None})} vs baseline {ref:g}"
-                    + (" exactly" if ctol == 0 else f" within {ctol:.0%}")
-                )
-        else:
-            entry["ok"] = None
-        counters.append(entry)
 
-    bounds: list[dict[str, Any]] = []
-    for bname, limit in gates.bounds.items():
-        worst_values = [_value(r, bname, False) for r in b]
-        measured = [v for v in worst_values if v is not None]
-        higher = GATE_METRICS[bname][1]
-        worst: float | None = (min(measured) if higher else max(measured)) if measured else None
-        ok = worst is not None and (worst >= limit if higher else worst <= limit)
-        bounds.append({"metric": bname, "bound": limit, "worst": worst, "ok": ok})
-        if not ok:
-            reasons.append(
-                f"{bname}: candidate's worst replicate {worst if worst is not None else 'not measured'} "
-                f"{'below' if higher else 'above'} the bound {limit:g}"
-            )
-    failed_runs = [f"{r.side}{r.index + 1}" for r in (*a, *b) if r.exit_code != 0]
-    if failed_runs:
-        reasons.append(f"replicate(s) {', '.join(failed_runs)} failed their own checks (ledger); see their logs")
-    unjudged = _unjudged(rows, gates, paired=paired)
-    failed = bool(reasons)
-    return {
-        "metrics": rows,
-        "counters": counters,
-        "bounds": bounds,
-        "multiple_comparisons": (
-            f"Holm-Bonferroni step-down over the {len(pvalues)} gated, judgeable metric(s) at "
-            f"family-wise {_level(1 - gates.confidence)}"
-        ),
-        "outcome": "failed" if failed else ("inconclusive" if unjudged else "passed"),
-        "failed": failed,
-        "reasons": reasons,
-        "inconclusive": unjudged,
-    }
+def _checked(checks: Sequence[tuple[dict[str, Any], str | None]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The entries of a table of checks, and the reasons of those that failed, in order."""
+    return [entry for entry, _ in checks], [why for _, why in checks if why is not None]
+
+
+def _counter_check(
+    cname: CounterName, a: Sequence[Replicate], b: Sequence[Replicate], ctol: float | None
+) -> tuple[dict[str, Any], str | None]:
+    """A deterministic counter: any lost message fails; a gated counter must match the baseline within its
+    tolerance. The entry, and why it fails the gate (None if it does not)."""
+    a_c = [counter_value(r.variant, cname) for r in a]
+    b_c = [counter_value(r.variant, cname) for r in b]
+    entry: dict[str, Any] = {"counter": cname, "a": a_c, "b": b_c, "tolerance": ctol, "gated": ctol is not None}
+    found: dict[str, Any]
+    why: str | None
+    if cname == "lost":
+        found, why = _no_loss(b_c)
+    elif ctol is not None and all(v is not None for v in a_c + b_c):
+        found, why = _as_baseline(cname, a_c, b_c, ctol)
+    else:
+        # Not gated, or missing in some replicate (an older baseline): reported, not checked.
+        found, why = {"ok": None}, None
+    entry.update(found)
+    return entry, why
+
+
+def _no_loss(b_c: Sequence[float | None]) -> tuple[dict[str, Any], str | None]:
+    bad = [v for v in b_c if v]
+    why = f"lost: {int(sum(v or 0 for v in bad))} message(s) lost in the candidate's replicates" if bad else None
+    return {"ok": not bad}, why
+
+
+def _as_baseline(
+    cname: CounterName, a_c: Sequence[float | None], b_c: Sequence[float | None], ctol: float
+) -> tuple[dict[str, Any], str | None]:
+    """Every candidate replicate's count within ``ctol`` of the baseline's median."""
+    ref = statistics.median(v for v in a_c if v is not None)
+    off = max(abs((v or 0) - ref) for v in b_c)
+    ok = off <= ctol * abs(ref)
+    why = (
+        None
+        if ok
+        else f"{cname}: candidate {sorted({v for v in b_c if v is not None})} vs baseline {ref:g}"
+        + (" exactly" if ctol == 0 else f" within {ctol:.0%}")
+    )
+    return {"ok": ok, "a_varies": len(set(a_c)) > 1}, why
+
+
+def _bound_check(bname: MetricName, limit: float, b: Sequence[Replicate]) -> tuple[dict[str, Any], str | None]:
+    """A service-level bound on the candidate's worst replicate, in real units (never normalised): the entry,
+    and why it fails the gate (None if it does not)."""
+    measured = [v for v in (_value(r, bname, False) for r in b) if v is not None]
+    higher = GATE_METRICS[bname][1]
+    worst: float | None = (min(measured) if higher else max(measured)) if measured else None
+    ok = worst is not None and (worst >= limit if higher else worst <= limit)
+    why = (
+        None
+        if ok
+        else f"{bname}: candidate's worst replicate {worst if worst is not None else 'not measured'} "
+        f"{'below' if higher else 'above'} the bound {limit:g}"
+    )
+    return {"metric": bname, "bound": limit, "worst": worst, "ok": ok}, why
 
 
 def _unjudged(rows: list[dict[str, Any]], gates: GateSettings, *, paired: bool) -> list[str]:
@@ -585,16 +640,9 @@ def run_gate(
             design = "paired"
             base, baseline_info = _baseline_side(options.baseline, gate_dir)
             a_scenario = _replicate_scenario(loaded, gate_dir, "A", None)
-            for i in range(n):
-                # A B, then B A: each side goes first equally often, so a drift of the machine favours neither.
-                order = [(base, a_scenario, a), (candidate, b_scenario, b)]
-                for side, scenario, bucket in order if i % 2 == 0 else order[::-1]:
-                    rep = _replicate(side, scenario, gate_dir / f"{side.name}{i + 1:02d}", i, code, reference=False)
-                    bucket.append(rep)
-                    if i == 0 and len(code) == 2:
-                        _refuse_same_code(baseline_info, code, candidate)
-                    if on_replicate:
-                        on_replicate(rep, 2 * n)
+            sides = [(base, a_scenario, a), (candidate, b_scenario, b)]
+            same_code = partial(_refuse_same_code, baseline_info, code, candidate)
+            _interleave(sides, gate_dir, n, code, check=same_code, on_replicate=on_replicate)
     finally:
         if baseline_info.get("kind") == "git":
             _git(["worktree", "remove", "--force", baseline_info["worktree"]], Path(baseline_info["repo"]), "cleanup")
@@ -625,6 +673,27 @@ def run_gate(
     if options.save_baseline is not None:
         save_baseline(options.save_baseline, b, loaded)
     return GateOutcome(gate_dir, result, verdicts["failed"], verdicts["reasons"])
+
+
+def _interleave(
+    order: list[tuple[_Side, Path, list[Replicate]]],
+    gate_dir: Path,
+    n: int,
+    code: dict[str, Any],
+    *,
+    check: Callable[[], None],
+    on_replicate: Callable[[Replicate, int], None] | None,
+) -> None:
+    """``n`` pairs of replicates, each side's appended to its list; ``check`` once both sides' code is known."""
+    for i in range(n):
+        # A B, then B A: each side goes first equally often, so a drift of the machine favours neither.
+        for side, scenario, bucket in order if i % 2 == 0 else order[::-1]:
+            rep = _replicate(side, scenario, gate_dir / f"{side.name}{i + 1:02d}", i, code, reference=False)
+            bucket.append(rep)
+            if i == 0 and len(code) == 2:
+                check()
+            if on_replicate:
+                on_replicate(rep, 2 * n)
 
 
 def _replicate(
@@ -978,8 +1047,6 @@ def run_experiment(
     alarms, the others detection. Rates come with Clopper-Pearson 95% intervals; experiment.json and
     experiment.md are rewritten after every gate, so an interrupted experiment still reports what it measured.
     """
-    from scipy.stats import binomtest
-
     folder = make_run_dir(f"{loaded.scenario.name}-gate-experiment", out, reports_dir).resolve()
     # Resolved once: a commit made while the experiment runs must not change what later trials measure.
     base = _git(["rev-parse", "--verify", f"{base}^{{commit}}"], _repo_of(code_root()), f"--base {base}")
@@ -997,48 +1064,10 @@ def run_experiment(
                 replicates=replicates,
                 seed=trial,
             )
-            changes = {m["metric"]: m.get("change") for m in outcome.result["metrics"]}
-            outcomes[name].append(
-                {
-                    "trial": trial + 1,
-                    "outcome": outcome.outcome,
-                    "failed": outcome.outcome == "failed",
-                    "reasons": outcome.reasons,
-                    "inconclusive": outcome.result.get("inconclusive", []),
-                    "changes": changes,
-                    "seconds": round(time.monotonic() - started, 1),
-                }
-            )
-            # Keep the verdicts: the replicates' data files of hundreds of runs are not worth the disk.
-            for rep in outcome.gate_dir.glob("*"):
-                if rep.is_dir():
-                    shutil.rmtree(rep / "data", ignore_errors=True)
+            outcomes[name].append(_experiment_gate(trial, outcome, started))
+            _drop_replicate_data(outcome.gate_dir)
             if on_gate:
                 on_gate(name, trial, outcome)
-            summary = []
-            for cname, runs in outcomes.items():
-                if not runs:
-                    continue
-                k = sum(r["failed"] for r in runs)
-                ci = binomtest(k, len(runs)).proportion_ci(0.95, method="exact")
-                medians = {
-                    metric: statistics.median(vals)
-                    for metric in GATE_METRICS
-                    if (vals := [r["changes"][metric] for r in runs if r["changes"].get(metric) is not None])
-                }
-                summary.append(
-                    {
-                        "condition": cname,
-                        "gates": len(runs),
-                        "failed": k,
-                        "inconclusive": sum(r["outcome"] == "inconclusive" for r in runs),
-                        "rate": k / len(runs),
-                        "rate_ci95": [ci.low, ci.high],
-                        "median_change": medians,
-                        "median_seconds": statistics.median(r["seconds"] for r in runs),
-                        "meaning": "false-alarm rate" if cname.startswith("aa-") else "detection rate",
-                    }
-                )
             data = {
                 "kind": "gate-experiment",
                 "scenario": {"name": loaded.scenario.name, "path": str(loaded.path), "sha256": loaded.sha256},
@@ -1046,13 +1075,57 @@ def run_experiment(
                 "patches": [str(p) for p in patches],
                 "settings": gates.model_dump(mode="json"),
                 "trials_done": trial + 1,
-                "summary": summary,
+                "summary": [_condition_summary(cname, runs) for cname, runs in outcomes.items() if runs],
                 "gates": outcomes,
                 "environment": environment(),
             }
             (folder / "experiment.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
             (folder / "experiment.md").write_text(experiment_markdown(data), encoding="utf-8")
     return folder
+
+
+def _experiment_gate(trial: int, outcome: GateOutcome, started: float) -> dict[str, Any]:
+    """What the experiment keeps of one gate: its outcome, why, and each metric's change."""
+    return {
+        "trial": trial + 1,
+        "outcome": outcome.outcome,
+        "failed": outcome.outcome == "failed",
+        "reasons": outcome.reasons,
+        "inconclusive": outcome.result.get("inconclusive", []),
+        "changes": {m["metric"]: m.get("change") for m in outcome.result["metrics"]},
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _drop_replicate_data(gate_dir: Path) -> None:
+    # Keep the verdicts: the replicates' data files of hundreds of runs are not worth the disk.
+    for rep in gate_dir.glob("*"):
+        if rep.is_dir():
+            shutil.rmtree(rep / "data", ignore_errors=True)
+
+
+def _condition_summary(cname: str, runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One condition's rate of failed gates so far, with its Clopper-Pearson interval and median changes."""
+    from scipy.stats import binomtest
+
+    k = sum(r["failed"] for r in runs)
+    ci = binomtest(k, len(runs)).proportion_ci(0.95, method="exact")
+    medians = {
+        metric: statistics.median(vals)
+        for metric in GATE_METRICS
+        if (vals := [r["changes"][metric] for r in runs if r["changes"].get(metric) is not None])
+    }
+    return {
+        "condition": cname,
+        "gates": len(runs),
+        "failed": k,
+        "inconclusive": sum(r["outcome"] == "inconclusive" for r in runs),
+        "rate": k / len(runs),
+        "rate_ci95": [ci.low, ci.high],
+        "median_change": medians,
+        "median_seconds": statistics.median(r["seconds"] for r in runs),
+        "meaning": "false-alarm rate" if cname.startswith("aa-") else "detection rate",
+    }
 
 
 def experiment_markdown(data: dict[str, Any]) -> str:

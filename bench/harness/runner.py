@@ -28,49 +28,53 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import ValidationError
 
 from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
+from bench.harness.accounting import (
+    Accounting,
+    CommandOptions,
+    Outage,
+    RunRecord,
+    Sends,
+    account,
+    pipeline_part,
+    variant_parts,
+)
+from bench.harness.faults import schedule
 from bench.harness.ledger import (
     Ledger,
     ReadBack,
-    attribute_outage,
-    attribute_queue_overflow,
-    durable_rows,
     payload_key,
-    read_back,
-    reconcile,
     resolve_anonymous,
 )
 from bench.harness.probes import (
-    append_cost,
     cpu_summary,
-    flush_summary,
     lock_summary,
     probe_overhead,
-    series_summary,
-    sink_rows_per_s,
-    timeline_json,
 )
+from bench.harness.progress import Progress
 from bench.harness.scoring import Decision, expect, read_outcomes, score
+from bench.harness.session import (
+    Credentials,
+    Endpoints,
+    Session,
+    SessionConfig,
+    embedded_broker,
+    service_errors,
+    wait_received,
+)
+from bench.harness.sut import InProcessPipeline, Output, SinkFault
 from bench.results import SCHEMA_VERSION, environment, write_results
-from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
+from bench.scenario import LoadedScenario, Scenario, apply_overrides
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import PipelineSettings, SqlSettings, format_validation_error, resolve_env
-from pipeline.errors import ConfigError, PipelineError
-from pipeline.model import FlushStat
-from pipeline.mqtt_source import MqttSource
+from pipeline.config import PipelineSettings, SqlSettings, format_validation_error
 from pipeline.probes import Recorder
-from pipeline.runtime import Pipeline
 from simulators.anomalies import OPCUA_KINDS, inject
-from simulators.broker import EmbeddedBroker
-from simulators.errors import SimulatorError
 from simulators.publisher import DirectPublisher, PacedPublisher
-from simulators.stream import Message, PhaseSpec, StreamSpec, machine_of, planned_count, stream, total_duration_s
+from simulators.stream import Message, PhaseSpec, StreamSpec, machine_of, planned_count, stream
 
 if TYPE_CHECKING:
     # OPC UA (asyncua) is imported only by runs that use it: it is half of a new process's import time, and
     # every gate replicate is a new process.
-    from pipeline.opcua_source import OpcUaSource
     from simulators.opcua_server import PlantServer
-    from simulators.opcua_writer import RemotePlant
 
 # The first send is scheduled this far after the pipeline has subscribed, so
 # set-up time is not charged to the first messages' latency.
@@ -82,40 +86,18 @@ UNREADABLE = frozenset({"malformed_json", "invalid_utf8", "oversize", "duplicate
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    out: Path | None = None
+class RunOptions(CommandOptions):
+    """``bench run``'s options (the command line's, or a test's)."""
+
     messages: int | None = None
     duration_s: float | None = None
-    broker: str | None = None
-    reports_dir: Path = Path("reports")
     sql_url: str | None = None
     calibrate: bool = True
     """Measure the probes' own cost and, over OPC UA, the bare-subscription reference."""
 
 
 @dataclass(frozen=True)
-class Progress:
-    """A snapshot for the progress display."""
-
-    variant: str
-    variant_index: int
-    variants: int
-    elapsed_s: float
-    planned: int
-    sent: int
-    received: int
-    persisted: int
-    rejected: int
-    send_rate: float
-    lag_s: float
-    backlog: int
-    phase: str
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    run_dir: Path
-    results: dict[str, Any]
+class RunOutcome(RunRecord):
     ledgers: dict[str, Ledger]
     errors: dict[str, list[str]]
 
@@ -258,45 +240,36 @@ def _run_in(
         v.transport.kind in ("mqtt", "both") and (options.broker or v.transport.mqtt.broker) == "embedded"
         for _, v in loaded.variants
     )
-    broker: EmbeddedBroker | None = None
     variants: list[dict[str, Any]] = []
     ledgers: dict[str, Ledger] = {}
     errors: dict[str, list[str]] = {}
-    try:
-        if needs_embedded:
-            try:
-                broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
-            except SimulatorError as exc:
-                raise ServiceError(str(exc)) from None
+    with embedded_broker(needs_embedded, run_dir / "broker.log") as broker:
+        broker_url = broker.url if broker is not None else None
         single = len(loaded.variants) == 1
         for index, (name, variant_sc) in enumerate(loaded.variants):
-            result, ledger, errs = _run_variant(
+            variant = _VariantRun(
                 loaded,
                 name,
                 variant_sc,
                 spec,
                 run_dir if single else run_dir / name,
                 run_id=f"{run_id}-{index}",
-                broker_url=broker.url if broker else None,
                 options=options,
                 on_progress=on_progress,
                 position=(index, len(loaded.variants)),
-                progress_every_s=progress_every_s,
             )
+            result, ledger, errs = variant.execute(broker_url, progress_every_s)
             if overhead is not None:
                 result["probes"]["overhead"] = overhead
             variants.append(result)
             ledgers[name] = ledger
             errors[name] = errs
-    finally:
-        if broker is not None:
-            broker.close()
 
     results = {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
         "started_at": datetime.fromtimestamp(started_wall, UTC).isoformat(),
-        "scenario": {"name": sc.name, "path": str(loaded.path), "sha256": loaded.sha256, "seed": sc.seed},
+        "scenario": scenario_ref(loaded),
         "environment": {**env_before, "host_load_after": environment()["host_load"]},
         "variants": variants,
     }
@@ -304,25 +277,10 @@ def _run_in(
     return RunOutcome(run_dir, results, ledgers, errors)
 
 
-def wait_received(
-    received: Callable[[], int], expected: int, idle_timeout_s: float, tick: Callable[[], Any], every_s: float
-) -> None:
-    """Drain: wait until ``received()`` reaches ``expected``, or makes no progress for ``idle_timeout_s``.
-
-    Stopping on no progress rather than on a fixed deadline lets a slow pipeline finish a long backlog while a
-    loss (nothing more will come) ends the wait; the ledger then shows what is missing.
-    """
-    last, last_change = -1, time.monotonic()
-    while True:
-        now_received = received()
-        if now_received >= expected:
-            return
-        if now_received != last:
-            last, last_change = now_received, time.monotonic()
-        elif time.monotonic() - last_change > idle_timeout_s:
-            return
-        tick()
-        time.sleep(every_s)  # polling a counter; nothing to wait on across threads or processes
+def scenario_ref(loaded: LoadedScenario) -> dict[str, Any]:
+    """results.json's ``scenario``: which file, its digest and seed, so a result can be traced to its input."""
+    sc = loaded.scenario
+    return {"name": sc.name, "path": str(loaded.path), "sha256": loaded.sha256, "seed": sc.seed}
 
 
 def _split(messages: Iterable[Message], producers: int, machines: tuple[str, ...]) -> list[list[Message]]:
@@ -334,346 +292,342 @@ def _split(messages: Iterable[Message], producers: int, machines: tuple[str, ...
     return shares
 
 
-def _run_variant(
-    loaded: LoadedScenario,
-    name: str,
-    sc: Scenario,
-    spec: StreamSpec,
-    out_dir: Path,
-    *,
-    run_id: str,
-    broker_url: str | None,
-    options: RunOptions,
-    on_progress: Callable[[Progress], None] | None,
-    progress_every_s: float,
-    position: tuple[int, int] = (0, 1),
-) -> tuple[dict[str, Any], Ledger, list[str]]:
-    planned = planned_count(spec)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sc = _resolve_sql(sc, name, options.sql_url)
-    transport = sc.transport
-    mq = transport.mqtt
-    clock = MonotonicWallClock()
-    flushes: list[FlushStat] = []
-    intended = array("q", [0]) * planned
-    flags = bytearray(planned)
-    try:
-        username = resolve_env(mq.username, "transport.mqtt.username")
-        password = resolve_env(mq.password, "transport.mqtt.password")
-        ua_user = resolve_env(transport.opcua.username, "transport.opcua.username")
-        ua_password = resolve_env(transport.opcua.password, "transport.opcua.password")
-    except ConfigError as exc:
-        raise ScenarioError(f"{loaded.path}: {exc}") from None
+class _Sending:
+    """The send phase of one variant: producer threads, progress snapshots, the queue-depth samples."""
 
-    broker_setting = options.broker or mq.broker
-    url = broker_url if broker_setting == "embedded" else broker_setting
-    pipeline: Pipeline | None = None
-    source: MqttSource | None = None
-    mqtt_publisher: PacedPublisher | None = None
-    plant: PlantServer | None = None
-    remote_plant: RemotePlant | None = None
-    opcua_source: OpcUaSource | None = None
-    pipeline_closed = False
-    # "both": machines take turns between the transports (even index MQTT, odd OPC UA).
-    producers = {"memory": transport.memory.producers, "both": 2}.get(transport.kind, 1)
-    opcua_machines = list(spec.machines[1::2] if transport.kind == "both" else spec.machines)
-    logs = [_SendLog(intended, flags) for _ in range(producers)]
-    samples: list[tuple[float, int, int]] = []
-    timeline: list[tuple[float, int, int]] = []  # (elapsed s, sent, durable): throughput over time
-    opcua_stats: dict[str, Any] | None = None
-    # The fleet and its zones filled in from the scenario: the validator knows what the plant is.
-    settings = sc.validation()
-    replay_offset_ns = 0
-    try:
+    def __init__(self, run: _VariantRun, publishers: list[_Publisher], shares: list[Iterable[Message]]) -> None:
+        self.run = run
+        self.stop = threading.Event()
+        self.failures: list[BaseException] = []
+        self.samples: list[tuple[float, int, int]] = []
+        self.timeline: list[tuple[float, int, int]] = []  # (elapsed s, sent, durable): throughput over time
+        self.phase_ends = _phase_ends(run.spec)
+        self.threads = [
+            threading.Thread(target=self._publish, args=(p, share, log), name=f"producer-{i}", daemon=True)
+            for i, (p, share, log) in enumerate(zip(publishers, shares, run.logs, strict=True))
+        ]
+
+    def _publish(self, publisher: _Publisher, share: Iterable[Message], log: _SendLog) -> None:
         try:
-            pipeline = Pipeline(
-                settings,
+            publisher.run(share, self.run.clock, stop=self.stop, on_sent=log.on_sent)
+        except BaseException as exc:  # reported by the main thread
+            self.failures.append(exc)
+
+    def sent(self) -> int:
+        return sum(log.count for log in self.run.logs)
+
+    def snapshot(self, rate: float) -> Progress:
+        r = self.run
+        stats = r.sut.pipeline.statistics()
+        durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
+        now = r.clock.now_ns()
+        elapsed = max(0.0, (now - r.epoch_ns) / 1e9)
+        sent = self.sent()
+        last_intended = max(log.last_intended_ns for log in r.logs)
+        lag = max(0.0, (now - last_intended) / 1e9) if 0 < sent < r.planned else 0.0
+        backlog = max(0, sent - durable)
+        self.samples.append((elapsed, stats.readings.buffered if stats.readings else 0, backlog))
+        self.timeline.append((elapsed, sent, durable))
+        return Progress(
+            variant=r.name,
+            variant_index=r.position[0],
+            variants=r.position[1],
+            elapsed_s=elapsed,
+            planned=r.planned,
+            sent=sent,
+            received=stats.received,
+            persisted=stats.readings.flushed_rows if stats.readings else 0,
+            rejected=stats.rejected,
+            send_rate=rate,
+            lag_s=lag,
+            backlog=backlog,
+            phase=_phase_at(self.phase_ends, elapsed),
+        )
+
+    def tick(self) -> None:
+        progress = self.snapshot(0.0)  # also records the queue-depth sample
+        if self.run.on_progress:
+            self.run.on_progress(progress)
+
+    def run_until_sent(self, every_s: float) -> None:
+        for t in self.threads:
+            t.start()
+        last_sent, last_t = 0, time.monotonic()
+        try:
+            while any(t.is_alive() for t in self.threads):
+                self.threads[0].join(every_s)
+                now_t = time.monotonic()
+                sent = self.sent()
+                rate = (sent - last_sent) / max(now_t - last_t, 1e-9)
+                last_sent, last_t = sent, now_t
+                progress = self.snapshot(rate)
+                if self.run.on_progress:
+                    self.run.on_progress(progress)
+        except KeyboardInterrupt:
+            self.stop.set()
+            for t in self.threads:
+                t.join(10)
+            raise
+        if self.failures:
+            raise ServiceError(f"publisher failed: {self.failures[0]}")
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What one variant measured, put together for its results.json entry."""
+
+    extras: dict[str, Any]
+    opcua: dict[str, Any] | None
+    publisher: dict[str, Any]
+    sending: _Sending
+    output: Output
+    accounting: Accounting
+    send_lag: Recorder
+    validation: dict[str, Any] | None
+    errors: list[str]
+
+
+class _VariantRun:
+    """One variant of ``bench run``: a session, the paced publishers, the drain, then the accounting."""
+
+    def __init__(
+        self,
+        loaded: LoadedScenario,
+        name: str,
+        sc: Scenario,
+        spec: StreamSpec,
+        out_dir: Path,
+        *,
+        run_id: str,
+        options: RunOptions,
+        on_progress: Callable[[Progress], None] | None,
+        position: tuple[int, int],
+    ) -> None:
+        self.loaded, self.name, self.spec, self.out_dir = loaded, name, spec, out_dir
+        self.sc = _resolve_sql(sc, name, options.sql_url)
+        self.run_id, self.options, self.on_progress, self.position = run_id, options, on_progress, position
+        self.planned = planned_count(spec)
+        self.clock = MonotonicWallClock()
+        self.intended = array("q", [0]) * self.planned
+        self.flags = bytearray(self.planned)
+        kind = self.sc.transport.kind
+        # "both": machines take turns between the transports (even index MQTT, odd OPC UA).
+        self.producers = {"memory": self.sc.transport.memory.producers, "both": 2}.get(kind, 1)
+        self.opcua_machines: list[str] = (
+            list(spec.machines[1::2] if kind == "both" else spec.machines) if kind in ("opcua", "both") else []
+        )
+        self.logs = [_SendLog(self.intended, self.flags) for _ in range(self.producers)]
+        # The fleet and its zones filled in from the scenario: the validator knows what the plant is.
+        self.settings = self.sc.validation()
+        self.replay_offset_ns = 0
+        self.epoch_ns = 0
+        self.mqtt_publisher: PacedPublisher | None = None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.credentials = Credentials.of(self.sc, loaded.path)
+        with service_errors():
+            self.sut = InProcessPipeline(
+                self.settings,
                 out_dir,
-                clock,
-                on_flush=flushes.append,
-                sink_delay_s=sc.sink_delay_s(),
-                sink_slowdown=sc.sink_slowdown(),
+                self.clock,
+                SinkFault.of(self.sc),
             )
-            pipeline.start()
-            publishers: list[_Publisher] = []
-            if transport.kind in ("mqtt", "both"):
-                assert url is not None
-                source = MqttSource(
-                    url,
-                    mq.subscription(run_id),
-                    mq.qos,
-                    pipeline.submit,
-                    client_id=f"{run_id}-pipeline",
-                    username=username,
-                    password=password,
-                )
-                source.start()
-                mqtt_publisher = PacedPublisher(
-                    url,
-                    mq.topic_for_run(run_id),
-                    mq.qos,
-                    client_id=f"{run_id}-publisher",
-                    username=username,
-                    password=password,
-                )
-                mqtt_publisher.connect()
-                publishers.append(mqtt_publisher)
-            if transport.kind in ("opcua", "both"):
-                from pipeline.opcua_source import OpcUaNames, OpcUaSource
-                from simulators.opcua_server import NodeNames, PlantServer
-                from simulators.opcua_writer import RemotePlant
 
-                ua_cfg = transport.opcua
-                secure = None if ua_cfg.security == "None" else ua_cfg.security
-                certs = out_dir / "certs"
-                if ua_cfg.server == "embedded":
-                    plant = PlantServer(
-                        opcua_machines,
-                        names=NodeNames(plant=ua_cfg.plant),
-                        security_mode=secure,
-                        cert_dir=certs,
-                        users={ua_user: ua_password or ""} if ua_user is not None else None,
-                    ).start()
-                    ua_url, server_cert = plant.url, plant.server_cert
-                    writer: PlantServer | RemotePlant = plant
-                else:
-                    if secure is not None:
-                        raise ScenarioError(
-                            f"{loaded.path}: transport.opcua.security: with an external server, run the pipeline "
-                            "on its own (python -m pipeline) with the server's certificate"
-                        )
-                    ua_url, server_cert = ua_cfg.server, None
-                    remote = RemotePlant(
-                        ua_url, names=NodeNames(plant=ua_cfg.plant), username=ua_user, password=ua_password
-                    ).start()
-                    remote_plant = remote
-                    writer = remote
-                opcua_source = OpcUaSource(
-                    ua_url,
-                    pipeline.submit,
-                    names=OpcUaNames(plant=ua_cfg.plant),
-                    publishing_ms=ua_cfg.publishing * 1000,
-                    sampling_ms=ua_cfg.sampling * 1000,
-                    queue_size=ua_cfg.queue_size,
-                    discard_oldest=ua_cfg.discard_oldest,
-                    # A plant server restart should cost seconds, not the library's 30 s backoff cap.
-                    reconnect_max_delay_s=2.0,
-                    username=ua_user,
-                    password=ua_password,
-                    security_mode=secure,
-                    server_certificate=server_cert,
-                    cert_dir=certs,
-                    clock=clock,
-                )
-                opcua_source.start()
-                publishers.append(writer)
-            if transport.kind == "memory":
-                publishers = [DirectPublisher(pipeline.submit, mq.topic_for_run(run_id)) for _ in range(producers)]
-        except (SimulatorError, PipelineError) as exc:
-            raise ServiceError(str(exc)) from None
+    def session_config(self, broker_url: str | None) -> SessionConfig:
+        setting = self.options.broker or self.sc.transport.mqtt.broker
+        return SessionConfig(
+            scenario=self.sc,
+            scenario_path=self.loaded.path,
+            run_id=self.run_id,
+            out_dir=self.out_dir,
+            broker_url=broker_url if setting == "embedded" else setting,
+            opcua_machines=self.opcua_machines,
+            credentials=self.credentials,
+            clock=self.clock,
+        )
 
-        epoch_ns = clock.now_ns() + START_LEAD_NS
+    def publishers(self, session: Session, endpoints: Endpoints) -> list[_Publisher]:
+        kind, mq, creds = self.sc.transport.kind, self.sc.transport.mqtt, self.credentials
+        if kind == "memory":
+            return [DirectPublisher(self.sut.submit, mq.topic_for_run(self.run_id)) for _ in range(self.producers)]
+        publishers: list[_Publisher] = []
+        if endpoints.mqtt_url is not None:
+            with service_errors():
+                publisher = PacedPublisher(
+                    endpoints.mqtt_url,
+                    mq.topic_for_run(self.run_id),
+                    mq.qos,
+                    client_id=f"{self.run_id}-publisher",
+                    username=creds.mqtt_username,
+                    password=creds.mqtt_password,
+                )
+                session.on_close(publisher.close)
+                publisher.connect()
+            self.mqtt_publisher = publisher
+            publishers.append(publisher)
+        if endpoints.writer is not None:
+            publishers.append(endpoints.writer)
+        return publishers
+
+    def messages(self) -> list[Iterable[Message]]:
+        """The stream, with its anomalies, from the epoch on; split between the producers."""
+        sc, spec = self.sc, self.spec
+        self.epoch_ns = self.clock.now_ns() + START_LEAD_NS
         ts_epoch = None if sc.run.start is None else int(sc.run.start.timestamp() * 1e9)
         if ts_epoch is not None:
             # Replaying another time: the validator's clock reads that time too, or every reading would be far past.
-            replay_offset_ns = ts_epoch - epoch_ns
-            pipeline.replay_offset_ns = replay_offset_ns
-        messages: Iterable[Message] = stream(spec, epoch_ns, ts_epoch)
+            self.replay_offset_ns = ts_epoch - self.epoch_ns
+            self.sut.pipeline.replay_offset_ns = self.replay_offset_ns
+        messages: Iterable[Message] = stream(spec, self.epoch_ns, ts_epoch)
         if sc.anomalies:
-            on_opcua_only = set(opcua_machines) if transport.kind == "both" else set()
+            on_opcua_only = set(self.opcua_machines) if sc.transport.kind == "both" else set()
             messages = inject(
                 messages,
                 [a.spec() for a in sc.anomalies],
                 seed=sc.seed,
-                start_ns=epoch_ns,
+                start_ns=self.epoch_ns,
                 zones=sc.machines.zones(),
                 eligible=lambda kind, machine: kind in OPCUA_KINDS or machine not in on_opcua_only,
             )
-        shares: list[Iterable[Message]] = (
-            [messages] if producers == 1 else list(_split(messages, producers, spec.machines))
-        )
-        stop = threading.Event()
-        failures: list[BaseException] = []
+        return [messages] if self.producers == 1 else list(_split(messages, self.producers, spec.machines))
 
-        def publish(publisher: _Publisher, share: Iterable[Message], log: _SendLog) -> None:
-            try:
-                publisher.run(share, clock, stop=stop, on_sent=log.on_sent)
-            except BaseException as exc:  # reported by the main thread
-                failures.append(exc)
-
-        threads = [
-            threading.Thread(target=publish, args=(p, share, log), name=f"producer-{i}", daemon=True)
-            for i, (p, share, log) in enumerate(zip(publishers, shares, logs, strict=True))
-        ]
-        for t in threads:
-            t.start()
-        faults = _schedule_faults(sc, plant, epoch_ns, clock, stop)
-        phase_ends = _phase_ends(spec)
-
-        def sent_count() -> int:
-            return sum(log.count for log in logs)
-
-        def snapshot(rate: float) -> Progress:
-            assert pipeline is not None
-            stats = pipeline.statistics()
-            durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
-            now = clock.now_ns()
-            elapsed = max(0.0, (now - epoch_ns) / 1e9)
-            sent = sent_count()
-            last_intended = max(log.last_intended_ns for log in logs)
-            lag = max(0.0, (now - last_intended) / 1e9) if 0 < sent < planned else 0.0
-            backlog = max(0, sent - durable)
-            samples.append((elapsed, stats.readings.buffered if stats.readings else 0, backlog))
-            timeline.append((elapsed, sent, durable))
-            return Progress(
-                variant=name,
-                variant_index=position[0],
-                variants=position[1],
-                elapsed_s=elapsed,
-                planned=planned,
-                sent=sent,
-                received=stats.received,
-                persisted=stats.readings.flushed_rows if stats.readings else 0,
-                rejected=stats.rejected,
-                send_rate=rate,
-                lag_s=lag,
-                backlog=backlog,
-                phase=_phase_at(phase_ends, elapsed),
+    def execute(self, broker_url: str | None, every_s: float) -> tuple[dict[str, Any], Ledger, list[str]]:
+        with Session(self.session_config(broker_url), self.sut) as session:
+            endpoints = session.start()
+            sending = _Sending(self, self.publishers(session, endpoints), self.messages())
+            faults = schedule(self.sc.faults, endpoints, self.epoch_ns, self.clock, sending.stop)
+            sending.run_until_sent(every_s)
+            sent = sending.sent()
+            # The MQTT publisher is the first producer; with "both" it sent only its share.
+            mqtt = self.mqtt_publisher
+            acked = (
+                mqtt.wait_acked(self.logs[0].count, ACK_TIMEOUT_S) if mqtt and self.sc.transport.mqtt.qos > 0 else True
             )
+            # Drain: wait until the pipeline has received every sent message, or until it makes no progress
+            # for drain_timeout (then the ledger shows the loss).
+            wait_received(self.sut.received, sent, self.sc.run.drain_timeout, sending.tick, every_s)
+            for timer in faults:
+                timer.join(5)
+            self.sut.close_sources()
+            opcua = self.opcua_stats()
+            session.stop()
+            final = sending.snapshot(0.0)
+            if self.on_progress:
+                self.on_progress(final)
+            extras = self.sut.extras()
+            publisher = self.publisher_part(endpoints, acked)
+            writer = endpoints.plant
+        if opcua is not None and self.options.calibrate and writer is not None:
+            opcua["reference"] = self.opcua_reference()
+        return self.account(extras, opcua, publisher, sending, writer)
 
-        last_sent, last_t = 0, time.monotonic()
-        try:
-            while any(t.is_alive() for t in threads):
-                threads[0].join(progress_every_s)
-                now_t = time.monotonic()
-                sent = sent_count()
-                rate = (sent - last_sent) / max(now_t - last_t, 1e-9)
-                last_sent, last_t = sent, now_t
-                progress = snapshot(rate)
-                if on_progress:
-                    on_progress(progress)
-        except KeyboardInterrupt:
-            stop.set()
-            for t in threads:
-                t.join(10)
-            raise
-        if failures:
-            raise ServiceError(f"publisher failed: {failures[0]}")
-        sent = sent_count()
-        # The MQTT publisher is the first producer; with "both" it sent only its share.
-        acked = mqtt_publisher.wait_acked(logs[0].count, ACK_TIMEOUT_S) if mqtt_publisher and mq.qos > 0 else True
+    def opcua_stats(self) -> dict[str, Any] | None:
+        if not self.opcua_machines:
+            return None
+        from pipeline.opcua_source import OpcUaSource
 
-        # Drain: wait until the pipeline has received every sent message, or
-        # until it makes no progress for drain_timeout (then the ledger shows the loss).
-        def tick() -> None:
-            progress = snapshot(0.0)  # also records the queue-depth sample
-            if on_progress:
-                on_progress(progress)
+        source = next((s for s in self.sut.closed_sources if isinstance(s, OpcUaSource)), None)
+        if source is None:
+            return None
+        ua = self.sc.transport.opcua
+        stats = asdict(source.stats)
+        stats["security"] = {
+            "policy_uri": source.security_policy_uri,
+            "mode": ua.security,
+            "username": self.credentials.opcua_username is not None,
+        }
+        elapsed_s = max((self.clock.now_ns() - self.epoch_ns) / 1e9, 1e-9)
+        stats["notifications_per_s"] = round(source.stats.notifications / elapsed_s, 1)
+        return stats
 
-        running = pipeline
-        wait_received(lambda: running.statistics().received, sent, sc.run.drain_timeout, tick, progress_every_s)
-        for timer in faults:
-            timer.join(5)
-        if source is not None:
-            source.close()
-            source = None
-        if opcua_source is not None:
-            opcua_source.close()
-            opcua_stats = asdict(opcua_source.stats)
-            opcua_stats["security"] = {
-                "policy_uri": opcua_source.security_policy_uri,
-                "mode": transport.opcua.security,
-                "username": ua_user is not None,
-            }
-            opcua_stats["notifications_per_s"] = round(
-                opcua_source.stats.notifications / max((clock.now_ns() - epoch_ns) / 1e9, 1e-9), 1
-            )
-            opcua_source = None
-        pipeline.close()
-        pipeline_closed = True
-        final = snapshot(0.0)
-        if on_progress:
-            on_progress(final)
-        pipeline_stats = pipeline.statistics()
-        pipeline_errors = [str(e) for e in pipeline.errors]
-        if mqtt_publisher is not None and (unsent := mqtt_publisher.not_sent_problem()):
-            # Offered but never handed to the broker: the run must say so, not only the counters.
-            pipeline_errors.append(unsent)
-        sql_back = pipeline.sql.read_back() if pipeline.sql is not None else None
-        lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
-        loop_lag = pipeline.loop_lag_recorder.summary() if pipeline.loop_lag_recorder is not None else None
-        hot_path_cpu = pipeline.hot_path_cpu.statistics()
-    finally:
-        if opcua_source is not None:
-            opcua_source.close()
-        if plant is not None:
-            plant.close()
-        if remote_plant is not None:
-            remote_plant.close()
-        if source is not None:
-            source.close()
-        if pipeline is not None and not pipeline_closed:
-            pipeline.close()  # finalise files even when the run is aborted
-        if mqtt_publisher is not None:
-            mqtt_publisher.close()
-
-    if opcua_stats is not None and options.calibrate and plant is not None:
-        # The library's own speed on this machine, beside the pipeline's: same run, same server code.
-        # Always the same size, whatever the scenario's length: 2,000 readings, all due at once.
-        ref_spec = StreamSpec(spec.seed, spec.machines, (PhaseSpec("steady", 1.0, float(REFERENCE_MESSAGES)),))
-        on_opcua = set(opcua_machines)
-        reference = [m for m in stream(ref_spec, 0) if m.machine in on_opcua]
+    def opcua_reference(self) -> dict[str, Any]:
+        """The library's own speed on this machine, beside the pipeline's: same run, same server code.
+        Always the same size, whatever the scenario's length: 2,000 readings, all due at once."""
         from bench.harness import opcua_reference
 
-        opcua_stats["reference"] = opcua_reference.measure(
-            spec.machines, reference, transport.opcua.publishing * 1000, sc.pipeline
+        spec = self.spec
+        ref_spec = StreamSpec(spec.seed, spec.machines, (PhaseSpec("steady", 1.0, float(REFERENCE_MESSAGES)),))
+        on_opcua = set(self.opcua_machines)
+        reference = [m for m in stream(ref_spec, 0) if m.machine in on_opcua]
+        return opcua_reference.measure(
+            spec.machines, reference, self.sc.transport.opcua.publishing * 1000, self.sc.pipeline
         )
-    back = read_back(out_dir / settings.parquet.path, out_dir / settings.quarantine.path, out_dir / "dropped")
-    sent_seqs = [i for i, f in enumerate(flags) if f]
-    copies: Counter[int] = Counter()
-    anomalous: dict[int, list[Message]] = {}
-    sent_payloads: dict[bytes, int] = {}
-    for log in logs:
-        copies.update(log.copies)
-        sent_payloads.update(log.payloads)
-        for seq, sent_messages in log.anomalous.items():
-            anomalous.setdefault(seq, []).extend(sent_messages)
-    ledger = reconcile(sent_seqs, back, copies=copies, sent_payloads=sent_payloads)
-    if transport.kind in ("opcua", "both") and ledger.lost:
-        dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
-        on_opcua = set(opcua_machines)
-        opcua_sent = [seq for seq in sent_seqs if machine_of(spec, seq) in on_opcua]
-        dropped.update(attribute_queue_overflow(opcua_sent, back, lambda seq: machine_of(spec, seq)))
-        if plant is not None and opcua_stats is not None:
-            dropped.update(
-                attribute_outage(
-                    opcua_sent,
-                    back,
-                    intended_ns=intended,
-                    stopped_at_ns=plant.stopped_at_ns,
-                    resumed_at_ns=opcua_stats["resumed_at_ns"],
-                    publishing_s=transport.opcua.publishing,
-                )
-            )
-        ledger = reconcile(sent_seqs, back, dropped, copies=copies, sent_payloads=sent_payloads)
-    if sql_back is not None:
-        problem = _check_sql(sql_back, ledger.persisted, settings.sql.aggregate if settings.sql else "raw")
-        if problem:
-            pipeline_errors.append(problem)
 
-    validation: dict[str, Any] | None = None
-    if sc.anomalies:
+    def publisher_part(self, endpoints: Endpoints, acked: bool) -> dict[str, Any]:
+        mqtt, writer = self.mqtt_publisher, endpoints.writer
+        return {
+            "accepted": sum(log.count for log in self.logs),
+            "not_sent": {
+                **({"server_down": len(writer.unsent)} if writer is not None and writer.unsent else {}),
+                **(mqtt.not_sent if mqtt else {}),
+            },
+            "window": mqtt.window_stats() if mqtt else None,
+            "acked": mqtt.acked if mqtt else None,
+            "all_acked": acked,
+        }
+
+    def sends(self) -> tuple[Sends, dict[int, list[Message]]]:
+        copies: Counter[int] = Counter()
+        anomalous: dict[int, list[Message]] = {}
+        payloads: dict[bytes, int] = {}
+        for log in self.logs:
+            copies.update(log.copies)
+            payloads.update(log.payloads)
+            for seq, sent_messages in log.anomalous.items():
+                anomalous.setdefault(seq, []).extend(sent_messages)
+        seqs = [i for i, f in enumerate(self.flags) if f]
+        flags = self.flags
+        return Sends(seqs, self.intended, lambda seq: bool(flags[seq]), copies, payloads), anomalous
+
+    def account(
+        self,
+        extras: dict[str, Any],
+        opcua: dict[str, Any] | None,
+        publisher: dict[str, Any],
+        sending: _Sending,
+        plant: PlantServer | None,
+    ) -> tuple[dict[str, Any], Ledger, list[str]]:
+        output = self.sut.read_back()
+        sends, anomalous = self.sends()
+        outage = (
+            Outage(plant.stopped_at_ns, opcua["resumed_at_ns"], self.sc.transport.opcua.publishing)
+            if plant is not None and opcua is not None
+            else None
+        )
+        accounting = account(sends, output, self.spec, opcua_machines=self.opcua_machines, outage=outage)
+        ledger = accounting.ledger
+        errors = list(extras["errors"])
+        if self.mqtt_publisher is not None and (unsent := self.mqtt_publisher.not_sent_problem()):
+            # Offered but never handed to the broker: the run must say so, not only the counters.
+            errors.append(unsent)
+        sql_back = extras["sql_back"]
+        if sql_back is not None:
+            problem = _check_sql(
+                sql_back, ledger.persisted, self.settings.sql.aggregate if self.settings.sql else "raw"
+            )
+            if problem:
+                errors.append(problem)
+        validation = self.validation(output, sends, anomalous, ledger, errors) if self.sc.anomalies else None
+        send_lag = Recorder()
+        for log in self.logs:
+            send_lag.merge(log.lag)
+        measured = _Measured(extras, opcua, publisher, sending, output, accounting, send_lag, validation, errors)
+        return self.result(measured), ledger, errors
+
+    def validation(
+        self, output: Output, sends: Sends, anomalous: dict[int, list[Message]], ledger: Ledger, errors: list[str]
+    ) -> dict[str, Any]:
+        spec = self.spec
         validation = _score_validation(
-            sc,
-            settings,
-            out_dir,
-            back,
-            sent_seqs=sent_seqs,
+            self.sc,
+            self.settings,
+            self.out_dir,
+            output.back,
+            sent_seqs=sends.seqs,
             anomalous=anomalous,
-            sent_payloads=sent_payloads,
-            intended=intended,
+            sent_payloads=sends.payloads,
+            intended=self.intended,
             machine=lambda seq: machine_of(spec, seq),
-            replay_offset_ns=replay_offset_ns,
+            replay_offset_ns=self.replay_offset_ns,
         )
         validation["quarantine_rows"] = ledger.quarantine_rows
         if ledger.quarantine_rows != ledger.rejected + ledger.redelivered:
@@ -681,91 +635,54 @@ def _run_variant(
                 f"quarantine holds {ledger.quarantine_rows} rows, the ledger accounts for {ledger.rejected} "
                 f"rejected + {ledger.redelivered} redelivered"
             )
-        pipeline_errors.extend(f"validation: {p}" for p in validation["problems"])
+        errors.extend(f"validation: {p}" for p in validation["problems"])
+        return validation
 
-    e2e = Recorder()
-    for seq, durable_ns in durable_rows(back, flushes):
-        if 0 <= seq < planned and flags[seq]:
-            e2e.record_ns(durable_ns - intended[seq])
-    send_lag = Recorder()
-    for log in logs:
-        send_lag.merge(log.lag)
-
-    last_sent_ns = max(log.last_sent_ns for log in logs)
-    send_span_s = max((last_sent_ns - epoch_ns) / 1e9, 1e-9)
-    last_durable = max((f.durable_ns for f in flushes if f.sink == "parquet"), default=epoch_ns)
-    persist_span_s = max((last_durable - epoch_ns) / 1e9, 1e-9)
-    duration_s = total_duration_s(spec)
-    result: dict[str, Any] = {
-        "name": name,
-        "config": {
-            "pipeline": settings.model_dump(mode="json", by_alias=True),
-            "transport": {
-                "kind": transport.kind,
-                "broker": broker_setting if transport.kind in ("mqtt", "both") else None,
-                "qos": mq.qos if transport.kind in ("mqtt", "both") else None,
-                "producers": producers,
+    def result(self, m: _Measured) -> dict[str, Any]:
+        extras, output, accounting = m.extras, m.output, m.accounting
+        sc, mq, kind = self.sc, self.sc.transport.mqtt, self.sc.transport.kind
+        on_mqtt = kind in ("mqtt", "both")
+        stats = extras["statistics"]
+        result = variant_parts(
+            self.name,
+            sc,
+            self.settings,
+            self.spec,
+            transport={
+                "kind": kind,
+                "broker": (self.options.broker or mq.broker) if on_mqtt else None,
+                "qos": mq.qos if on_mqtt else None,
+                "producers": self.producers,
                 "topic": mq.topic,
             },
-            "stream": {
-                "planned": planned,
-                "duration_s": round(duration_s, 3),
-                "arrival": spec.arrival,
-                "machines": len(spec.machines),
-                "overrides": {"messages": options.messages, "duration_s": options.duration_s},
+            overrides={"messages": self.options.messages, "duration_s": self.options.duration_s},
+            ledger=accounting.ledger,
+            latency={"end_to_end": accounting.e2e, "send_lag": m.send_lag},
+            flushes=output.flushes,
+            epoch_ns=self.epoch_ns,
+            last_sent_ns=max(log.last_sent_ns for log in self.logs),
+            timeline=m.sending.timeline,
+            samples=m.sending.samples,
+            lock=lock_summary(extras["lock_probes"], sc.pipeline.buffer.lock),
+            pipeline={
+                **pipeline_part(extras, m.errors),
+                "producer_wait_ms": round(stats.readings.producer_wait_ns / 1e6, 3) if stats.readings else 0,
             },
-        },
-        "ledger": ledger.to_json(),
-        "throughput": {
-            "offered_per_s": round(planned / max(duration_s, 1e-9), 1),
-            "sent_per_s": round(ledger.sent / send_span_s, 1),
-            "persisted_per_s": round(ledger.persisted / persist_span_s, 1),
-            "sink_rows_per_s": sink_rows_per_s(flushes),
-        },
-        "latency_ms": {"end_to_end": e2e.summary(), "send_lag": send_lag.summary()},
-        "timeline": timeline_json(timeline),
-        "probes": {
-            "flush": flush_summary(flushes),
-            "lock": lock,
-            "append_cost": append_cost(flushes),
-            "queue_depth": series_summary(samples),
-            "loop_lag_ms": loop_lag,
-            "cpu": cpu_summary(flushes, hot_path_cpu),
-        },
-        "publisher": {
-            "accepted": sent,
-            "not_sent": {
-                **({"server_down": len(w.unsent)} if (w := plant or remote_plant) is not None and w.unsent else {}),
-                **(mqtt_publisher.not_sent if mqtt_publisher else {}),
-            },
-            "window": mqtt_publisher.window_stats() if mqtt_publisher else None,
-            "acked": mqtt_publisher.acked if mqtt_publisher else None,
-            "all_acked": acked,
-        },
-        "pipeline": {
-            "received": pipeline_stats.received,
-            "accepted": pipeline_stats.accepted,
-            "rejected": pipeline_stats.rejected,
-            "rejected_by_reason": pipeline_stats.rejected_by_reason,
-            "refused_after_close": pipeline_stats.refused_after_close,
-            "dropped_by_reason": pipeline.drops.counts(),
-            "producer_wait_ms": round(pipeline_stats.readings.producer_wait_ns / 1e6, 3)
-            if pipeline_stats.readings
-            else 0,
-            "errors": pipeline_errors,
-        },
-        "validation": validation,
-        "opcua": opcua_stats,
-        "sql": sql_back,
-        "faults": [f.model_dump(mode="json") for f in sc.faults],
-        "files": back.files,
+            files=output.back.files,
+        )
+        result["probes"]["loop_lag_ms"] = extras["loop_lag"]
+        result["probes"]["cpu"] = cpu_summary(output.flushes, extras["hot_path_cpu"])
+        result["publisher"] = m.publisher
+        result["validation"] = m.validation
+        result["opcua"] = m.opcua
+        result["sql"] = extras["sql_back"]
         # Bytes of the finished Parquet data files: for the same stream and code, the same every run (a gate counter).
-        "data_bytes": sum(f.stat().st_size for f in (out_dir / settings.parquet.path).rglob("*.parquet")),
+        data = self.out_dir / self.settings.parquet.path
+        result["data_bytes"] = sum(f.stat().st_size for f in data.rglob("*.parquet"))
         # This process, pipeline included (the embedded broker is a child of its own): what a service level on
         # memory would bound. Peak since the process started, so a later variant inherits an earlier's peak.
-        "resources": {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)},
-    }
-    return result, ledger, pipeline_errors
+        result["resources"] = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+        return result
 
 
 def _score_validation(
@@ -830,31 +747,6 @@ def _score_validation(
     out["output_checks"] = checks
     out["problems"] = problems
     return out
-
-
-def _schedule_faults(
-    sc: Scenario, plant: PlantServer | None, epoch_ns: int, clock: MonotonicWallClock, stop: threading.Event
-) -> list[threading.Thread]:
-    """Start a thread per timed fault; each waits for its moment on the run's clock."""
-    timers = []
-    for fault in sc.faults:
-        if not isinstance(fault, ServerRestartFault):
-            continue
-        if plant is None:
-            raise ScenarioError("faults: server_restart needs the embedded OPC UA server (transport opcua or both)")
-
-        def restart(server: PlantServer = plant, at_s: float = fault.at, down_s: float = fault.down_for) -> None:
-            if stop.wait(max(0.0, (epoch_ns + at_s * 1e9 - clock.now_ns()) / 1e9)):
-                return
-            server.stopped_at_ns.append(clock.now_ns())
-            server.stop_server()
-            stop.wait(down_s)  # the fault's own duration, not a guess
-            server.restart_server()
-
-        timer = threading.Thread(target=restart, name="fault-server-restart", daemon=True)
-        timer.start()
-        timers.append(timer)
-    return timers
 
 
 def _resolve_sql(sc: Scenario, variant: str, url: str | None) -> Scenario:

@@ -86,92 +86,169 @@ def _hostile(machine: str) -> bool:
     return len(machine) > 255 or any(unicodedata.category(c) == "Cc" for c in machine)
 
 
+# Anomalies no policy lets through, and the reason the validator rejects each with.
+_ALWAYS_REJECTED = {
+    "malformed_json": "malformed_json",
+    "invalid_utf8": "invalid_utf8",
+    "nan": "non_finite",
+    "inf": "non_finite",
+    "null": "missing_field",
+    "missing_field": "missing_field",
+    "bool_value": "wrong_type",
+}
+_LOCAL_TIMES = ("naive_timestamp", "dst_ambiguous", "dst_nonexistent")
+
+
+@dataclass
+class _Reading:
+    """What the validator makes of a message it has decoded: its machine, the instant it stores, its repairs."""
+
+    machine: str
+    instant: int | None
+    repairs: set[str] = field(default_factory=set)
+
+
 def expect(message: Message, v: ValidateSettings, now_ns: int) -> Expectation:
     """What the validator's policies say ``message`` must become, ``now_ns`` being its clock at receipt."""
+    reason = _undecodable(message, v)
+    if reason is not None:
+        return _reject(reason)
+    body = _body(message.payload) or {}
+    reading = _Reading(body.get("machine", message.machine), message.ts_ns)
+    # In the validator's order: the first rule that rejects names the reason.
+    reason = (
+        _wrong_type(message, v, reading)
+        or _machine_rejection(message, v, reading.machine)
+        or _value_rejection(message, v)
+        or _timestamp_form(message, v, body, reading)
+        or _clock_rejection(v, reading.instant, now_ns)
+        or _history_rejection(message, v, reading.instant)
+    )
+    if reason is not None:
+        return _reject(reason)
+    return Expectation(
+        "repaired" if reading.repairs else "accepted",
+        repairs=frozenset(reading.repairs),
+        instant_ns=reading.instant,
+        machine=reading.machine,
+    )
+
+
+def _undecodable(message: Message, v: ValidateSettings) -> str | None:
+    """Rejected before any field is read: too large, not JSON, a repeated key, a value that cannot be stored."""
     truth, rules = message.truth, v.rules
     if truth == "oversize" and rules.oversize == "reject" and len(message.payload) > v.max_payload:
-        return _reject("oversize")
-    if truth in ("malformed_json", "invalid_utf8"):
-        return _reject(truth)
+        return "oversize"
     if truth == "duplicate_key" and rules.duplicate_key == "reject":
         # Accepted, the last value wins: the generator puts the true value last, so the rest scores as clean.
-        return _reject("duplicate_key")
-    if truth in ("nan", "inf"):
-        return _reject("non_finite")
-    if truth in ("null", "missing_field"):
-        return _reject("missing_field")
-    if truth == "bool_value":
-        return _reject("wrong_type")
-    body = _body(message.payload) or {}
-    repairs: set[str] = set()
-    if truth == "number_as_string":
-        if rules.wrong_type == "reject":
-            return _reject("wrong_type")
-        repairs.add("number_from_string")
-    machine = body.get("machine", message.machine)
+        return "duplicate_key"
+    return _ALWAYS_REJECTED.get(truth)
+
+
+def _wrong_type(message: Message, v: ValidateSettings, reading: _Reading) -> str | None:
+    if message.truth != "number_as_string":
+        return None
+    if v.rules.wrong_type == "reject":
+        return "wrong_type"
+    reading.repairs.add("number_from_string")
+    return None
+
+
+def _machine_rejection(message: Message, v: ValidateSettings, machine: str) -> str | None:
+    truth = message.truth
     if truth == "hostile_id" and _hostile(machine):
-        return _reject("bad_machine_id")
+        return "bad_machine_id"
     if (
         truth in ("hostile_id", "unknown_machine")
         and v.machines is not None
-        and rules.unknown_machine == "reject"
+        and v.rules.unknown_machine == "reject"
         and machine not in v.machines
     ):
-        return _reject("unknown_machine")
+        return "unknown_machine"
+    return None
+
+
+def _value_rejection(message: Message, v: ValidateSettings) -> str | None:
+    """Readings the policies may reject: out of range, an uncertain or bad status, fields beyond the schema."""
+    truth, rules = message.truth, v.rules
     if truth == "out_of_range" and rules.out_of_range == "reject":
-        return _reject("out_of_range")
+        return "out_of_range"
     if truth == "status_uncertain" and rules.status_uncertain == "reject":
-        return _reject("status_uncertain")
+        return "status_uncertain"
     if truth == "status_bad" and rules.status_bad == "reject":
-        return _reject("status_bad")
+        return "status_bad"
     if truth in ("extra_fields", "oversize") and rules.extra_fields == "reject":
-        return _reject("extra_fields")
-    instant = message.ts_ns
+        return "extra_fields"
+    return None
+
+
+def _timestamp_form(message: Message, v: ValidateSettings, body: dict[str, Any], reading: _Reading) -> str | None:
+    """A timestamp in another form than UTC ISO 8601: rejected, or repaired to the instant it is read as."""
+    truth, rules = message.truth, v.rules
     if truth == "offset_timestamp":
         if rules.offset_timestamp == "reject":
-            return _reject("offset_timestamp")
-        repairs.add("utc_normalised")
+            return "offset_timestamp"
+        reading.repairs.add("utc_normalised")
     if truth in ("epoch_seconds", "epoch_millis"):
         if rules.epoch_timestamp == "reject":
-            return _reject("epoch_timestamp")
-        repairs.add(truth)
-    if truth in ("naive_timestamp", "dst_ambiguous", "dst_nonexistent"):
-        if v.naive_timestamps == "reject":
-            return _reject("naive_timestamp")
-        wall = datetime.fromisoformat(body["ts"])
-        if v.naive_timestamps == "assume_utc":
-            repairs.add("assumed_utc")
-            instant = _ns(wall.replace(tzinfo=UTC))
-        else:
-            repairs.add("assumed_machine_zone")
-            zone = ZoneInfo(v.timezones.get(machine, v.default_timezone))
-            if truth == "dst_ambiguous":
-                if rules.ambiguous_local_time == "reject":
-                    return _reject("ambiguous_local_time")
-                repairs.add("ambiguous_earlier")
-                instant = _ns(wall.replace(tzinfo=zone, fold=0).astimezone(UTC))
-            elif truth == "dst_nonexistent":
-                if rules.nonexistent_local_time == "reject":
-                    return _reject("nonexistent_local_time")
-                repairs.add("nonexistent_shifted")
-                # The wall time read with the offset in force before the gap.
-                instant = _ns(wall.replace(tzinfo=zone, fold=0).astimezone(UTC))
-    if instant is not None:
-        if rules.future_timestamp == "reject" and instant - now_ns > v.future_tolerance * 1e9:
-            return _reject("future_timestamp")
-        if rules.far_past == "reject" and now_ns - instant > v.past_tolerance * 1e9:
-            return _reject("far_past")
+            return "epoch_timestamp"
+        reading.repairs.add(truth)
+    if truth in _LOCAL_TIMES:
+        return _local_time(message, v, body, reading)
+    return None
+
+
+def _local_time(message: Message, v: ValidateSettings, body: dict[str, Any], reading: _Reading) -> str | None:
+    """A timestamp without an offset, read as UTC or as the machine's local time (which a DST change may make
+    ambiguous or skip)."""
+    truth, rules = message.truth, v.rules
+    if v.naive_timestamps == "reject":
+        return "naive_timestamp"
+    wall = datetime.fromisoformat(body["ts"])
+    if v.naive_timestamps == "assume_utc":
+        reading.repairs.add("assumed_utc")
+        reading.instant = _ns(wall.replace(tzinfo=UTC))
+        return None
+    reading.repairs.add("assumed_machine_zone")
+    zone = ZoneInfo(v.timezones.get(reading.machine, v.default_timezone))
+    if truth == "dst_ambiguous":
+        if rules.ambiguous_local_time == "reject":
+            return "ambiguous_local_time"
+        reading.repairs.add("ambiguous_earlier")
+        reading.instant = _ns(wall.replace(tzinfo=zone, fold=0).astimezone(UTC))
+    elif truth == "dst_nonexistent":
+        if rules.nonexistent_local_time == "reject":
+            return "nonexistent_local_time"
+        reading.repairs.add("nonexistent_shifted")
+        # The wall time read with the offset in force before the gap.
+        reading.instant = _ns(wall.replace(tzinfo=zone, fold=0).astimezone(UTC))
+    return None
+
+
+def _clock_rejection(v: ValidateSettings, instant: int | None, now_ns: int) -> str | None:
+    """Too far ahead of the validator's clock, or too far behind it."""
+    rules = v.rules
+    if instant is None:
+        return None
+    if rules.future_timestamp == "reject" and instant - now_ns > v.future_tolerance * 1e9:
+        return "future_timestamp"
+    if rules.far_past == "reject" and now_ns - instant > v.past_tolerance * 1e9:
+        return "far_past"
+    return None
+
+
+def _history_rejection(message: Message, v: ValidateSettings, instant: int | None) -> str | None:
+    """Against what its machine sent before: a copy, behind the watermark, a mileage that runs backwards."""
+    rules = v.rules
     if message.copy and rules.duplicate == "reject":
-        return _reject("duplicate")
+        return "duplicate"
     # Lateness is judged on the instant the validator sees (a repaired local time may land months away).
     newest = message.newest_ns
     if instant is not None and newest is not None and rules.late == "reject" and newest - instant > v.watermark * 1e9:
-        return _reject("late")
-    if truth == "mileage_backwards" and rules.mileage_backwards == "reject":
-        return _reject("mileage_backwards")
-    return Expectation(
-        "repaired" if repairs else "accepted", repairs=frozenset(repairs), instant_ns=instant, machine=machine
-    )
+        return "late"
+    if message.truth == "mileage_backwards" and rules.mileage_backwards == "reject":
+        return "mileage_backwards"
+    return None
 
 
 @dataclass

@@ -42,34 +42,26 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from bench.errors import ScenarioError, ServiceError, UsageError
-from bench.harness.ledger import Ledger, attribute_queue_overflow, durable_rows, read_back, reconcile
+from bench.errors import ServiceError, UsageError
+from bench.harness import session as harness
+from bench.harness.accounting import CommandOptions, RunRecord, Sends, account, pipeline_part, variant_parts
+from bench.harness.ledger import Ledger
 from bench.harness.probes import (
-    append_cost,
-    flush_summary,
     lock_summary,
-    series_summary,
-    sink_rows_per_s,
-    timeline_json,
 )
-from bench.harness.runner import make_run_dir, wait_received
+from bench.harness.progress import LoadProgress
+from bench.harness.runner import make_run_dir, scenario_ref
+from bench.harness.sut import InProcessPipeline, SinkFault
 from bench.results import SCHEMA_VERSION, environment, write_results
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
 from pipeline.clock import MonotonicWallClock
-from pipeline.config import resolve_env
-from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat
-from pipeline.mqtt_source import MqttSource
 from pipeline.probes import Recorder
-from pipeline.runtime import Pipeline
-from simulators.broker import EmbeddedBroker
-from simulators.errors import SimulatorError
-from simulators.stream import machine_of, planned_count, total_duration_s
+from simulators.stream import planned_count, total_duration_s
 
 if TYPE_CHECKING:
     # asyncua only for OPC UA runs (see bench/harness/runner.py).
-    from pipeline.opcua_source import OpcUaSource
-    from simulators.opcua_server import PlantServer
+    pass
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 USER_CLASS = {"mqtt": "MqttUser", "opcua": "OpcUaUser"}
@@ -90,6 +82,7 @@ REMOTE_WORKERS_WAIT_S = 600.0
 """How long the master waits for workers started by hand on other machines."""
 DEFAULT_MASTER_PORT = 5557
 WORKERS_EXIT_TIMEOUT_S = 30.0
+PROGRESS_EVERY_S = 0.5
 
 
 # ----------------------------------------------------------------------------- what the workers sent
@@ -284,15 +277,14 @@ def parse_locust_stats(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class LoadOptions:
+class LoadOptions(CommandOptions):
+    """``bench load``'s options (the command line's, or a test's)."""
+
     workers: int = 2
     users: int | None = None
     """Locust users over all workers (default: 4 per worker, at most one per machine)."""
-    out: Path | None = None
     messages: int | None = None
-    broker: str | None = None
     variant: str | None = None
-    reports_dir: Path = Path("reports")
     start_lead_s: float = START_LEAD_S
     ack_timeout_s: float = ACK_TIMEOUT_S
     remote_workers: int = 0
@@ -317,24 +309,7 @@ class LoadOptions:
 
 
 @dataclass(frozen=True)
-class LoadProgress:
-    """A snapshot for the progress display."""
-
-    stage: str
-    elapsed_s: float
-    """Seconds since the first planned send (negative before it)."""
-    planned: int
-    received: int
-    persisted: int
-    rejected: int
-    backlog: int
-    locust_requests: int
-
-
-@dataclass(frozen=True)
-class LoadOutcome:
-    run_dir: Path
-    results: dict[str, Any]
+class LoadOutcome(RunRecord):
     ledger: Ledger
     problems: list[str] = field(default_factory=list)
 
@@ -495,358 +470,327 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
     return plan if isinstance(plan, dict) else None
 
 
-def run_load(
-    loaded: LoadedScenario,
-    options: LoadOptions,
-    on_progress: Callable[[LoadProgress], None] | None = None,
-    progress_every_s: float = 0.5,
-) -> LoadOutcome:
-    """Start broker (or plant server) and pipeline here, locust master + workers as subprocesses; reconcile."""
-    workers = options.workers + options.remote_workers
-    if options.workers < 0 or options.remote_workers < 0 or workers < 1:
-        raise UsageError(f"--workers {options.workers}, --remote-workers {options.remote_workers}: expected a worker")
-    bind = options.bind()
-    name, sc = pick_variant(loaded, options.variant)
-    _check_supported(loaded, sc, options.broker)
-    if options.remote_workers:
-        _check_reachable(loaded, sc, options.broker)
-    spec = apply_overrides(sc.stream_spec(), options.messages)
-    planned = planned_count(spec)
-    users = options.users or default_users(len(spec.machines), workers)
-    transport = sc.transport
-    mq, ua_cfg = transport.mqtt, transport.opcua
-    try:
-        username = resolve_env(mq.username, "transport.mqtt.username")
-        password = resolve_env(mq.password, "transport.mqtt.password")
-        ua_user = resolve_env(ua_cfg.username, "transport.opcua.username")
-        ua_password = resolve_env(ua_cfg.password, "transport.opcua.password")
-    except ConfigError as exc:
-        raise ScenarioError(f"{loaded.path}: {exc}") from None
+class _LoadRun:
+    """One ``bench load``: a session (transport + the pipeline under test) fed by a locust master and workers."""
 
-    run_dir = make_run_dir(f"{sc.name}-load", options.out, options.reports_dir)
-    shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
-    run_dir = run_dir.resolve()  # the locust processes get absolute paths, whatever their working folder
-    sent_dir = run_dir / SENT_DIR
-    sent_dir.mkdir()
-    run_id = f"{sc.name}-load-{uuid.uuid4().hex[:8]}"
-    started_wall = time.time()
-    env_before = environment()
-    clock = MonotonicWallClock()
-    flushes: list[FlushStat] = []
-    settings = sc.validation()
-    duration_s = total_duration_s(spec)
-    # The master quits the test when every user is done; this limit only stops a test that hangs.
-    run_time_s = math.ceil(options.start_lead_s + duration_s + max(60.0, duration_s / 2) + options.ack_timeout_s)
-
-    broker: EmbeddedBroker | None = None
-    pipeline: Pipeline | None = None
-    source: MqttSource | None = None
-    plant: PlantServer | None = None
-    ua_source: OpcUaSource | None = None
-    locust: _Locust | None = None
-    pipeline_closed = False
-    problems: list[str] = []
-    samples: list[tuple[float, int, int]] = []
-    opcua_stats: dict[str, Any] | None = None
-    broker_url: str | None = None
-    epoch_ns: int | None = None
-    plan: dict[str, Any] | None = None
-    locust_s = 0.0
-    try:
-        try:
-            pipeline = Pipeline(
-                settings,
-                run_dir,
-                clock,
-                on_flush=flushes.append,
-                sink_delay_s=sc.sink_delay_s(),
-                sink_slowdown=sc.sink_slowdown(),
+    def __init__(self, loaded: LoadedScenario, options: LoadOptions) -> None:
+        self.workers = options.workers + options.remote_workers
+        if options.workers < 0 or options.remote_workers < 0 or self.workers < 1:
+            raise UsageError(
+                f"--workers {options.workers}, --remote-workers {options.remote_workers}: expected a worker"
             )
-            pipeline.start()
-            if transport.kind == "mqtt":
-                setting = options.broker or mq.broker
-                if setting == "embedded":
-                    broker = EmbeddedBroker(log_path=run_dir / "broker.log").start()
-                    broker_url = broker.url
-                else:
-                    broker_url = setting
-                source = MqttSource(
-                    broker_url,
-                    mq.subscription(run_id),
-                    mq.qos,
-                    pipeline.submit,
-                    client_id=f"{run_id}-pipeline",
-                    username=username,
-                    password=password,
-                )
-                source.start()
-                target = ["--broker-url", broker_url, "--topic", mq.topic_for_run(run_id)]
-            else:
-                from pipeline.opcua_source import OpcUaNames, OpcUaSource
-                from simulators.opcua_server import NodeNames, PlantServer
+        self.bind = options.bind()
+        self.name, self.sc = pick_variant(loaded, options.variant)
+        _check_supported(loaded, self.sc, options.broker)
+        if options.remote_workers:
+            _check_reachable(loaded, self.sc, options.broker)
+        self.loaded, self.options = loaded, options
+        self.spec = apply_overrides(self.sc.stream_spec(), options.messages)
+        self.planned = planned_count(self.spec)
+        self.users = options.users or default_users(len(self.spec.machines), self.workers)
+        self.credentials = harness.Credentials.of(self.sc, loaded.path)
+        run_dir = make_run_dir(f"{self.sc.name}-load", options.out, options.reports_dir)
+        shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
+        self.run_dir = run_dir.resolve()  # the locust processes get absolute paths, whatever their working folder
+        self.sent_dir = self.run_dir / SENT_DIR
+        self.sent_dir.mkdir()
+        self.run_id = f"{self.sc.name}-load-{uuid.uuid4().hex[:8]}"
+        self.clock = MonotonicWallClock()
+        self.settings = self.sc.validation()
+        self.duration_s = total_duration_s(self.spec)
+        # The master quits the test when every user is done; this limit only stops a test that hangs.
+        self.run_time_s = math.ceil(
+            options.start_lead_s + self.duration_s + max(60.0, self.duration_s / 2) + options.ack_timeout_s
+        )
+        self.problems: list[str] = []
+        self.samples: list[tuple[float, int, int]] = []
+        self.epoch_ns: int | None = None
+        self.broker_setting = options.broker or self.sc.transport.mqtt.broker
+        with harness.service_errors():
+            self.sut = InProcessPipeline(
+                self.settings,
+                self.run_dir,
+                self.clock,
+                SinkFault.of(self.sc),
+            )
 
-                if ua_cfg.server == "embedded":
-                    plant = PlantServer(
-                        spec.machines,
-                        names=NodeNames(plant=ua_cfg.plant),
-                        users={ua_user: ua_password or ""} if ua_user is not None else None,
-                    ).start()
-                    ua_url = plant.url
-                else:
-                    ua_url = ua_cfg.server
-                ua_source = OpcUaSource(
-                    ua_url,
-                    pipeline.submit,
-                    names=OpcUaNames(plant=ua_cfg.plant),
-                    publishing_ms=ua_cfg.publishing * 1000,
-                    sampling_ms=ua_cfg.sampling * 1000,
-                    queue_size=ua_cfg.queue_size,
-                    discard_oldest=ua_cfg.discard_oldest,
-                    username=ua_user,
-                    password=ua_password,
-                    clock=clock,
-                )
-                ua_source.start()
-                target = ["--opcua-url", ua_url]
-        except (SimulatorError, PipelineError) as exc:
-            raise ServiceError(str(exc)) from None
+    def session_config(self, broker_url: str | None) -> harness.SessionConfig:
+        on_opcua = self.sc.transport.kind == "opcua"
+        return harness.SessionConfig(
+            scenario=self.sc,
+            scenario_path=self.loaded.path,
+            run_id=self.run_id,
+            out_dir=self.run_dir,
+            broker_url=broker_url or self.broker_setting,
+            opcua_machines=self.spec.machines if on_opcua else (),
+            credentials=self.credentials,
+            clock=self.clock,
+        )
 
+    def locust_args(self, endpoints: harness.Endpoints) -> tuple[list[str], list[str]]:
+        """The locustfile's own arguments, and the master's."""
+        options = self.options
+        if endpoints.mqtt_url is not None:
+            target = ["--broker-url", endpoints.mqtt_url, "--topic", endpoints.mqtt_topic or ""]
+        else:
+            target = ["--opcua-url", endpoints.opcua_url or ""]
         custom = [
             "--scenario",
-            str(loaded.path.resolve()),
+            str(self.loaded.path.resolve()),
             "--run-id",
-            run_id,
+            self.run_id,
             "--sent-dir",
-            str(sent_dir),
+            str(self.sent_dir),
             "--start-lead",
             str(options.start_lead_s),
             "--ack-timeout",
             str(options.ack_timeout_s),
             *(["--messages", str(options.messages)] if options.messages else []),
-            *(["--variant", name] if options.variant else []),
+            *(["--variant", self.name] if options.variant else []),
             *target,
         ]
-        master_args = [
+        master = [
             "--headless",
             "--expect-workers",
-            str(workers),
+            str(self.workers),
             "--expect-workers-max-wait",
             str(int(REMOTE_WORKERS_WAIT_S if options.remote_workers else LOCUST_START_TIMEOUT_S)),
             "--users",
-            str(users),
+            str(self.users),
             "--spawn-rate",
-            str(users),
+            str(self.users),
             "--run-time",
-            f"{run_time_s}s",
+            f"{self.run_time_s}s",
             "--csv",
-            str(run_dir / LOCUST_CSV_PREFIX),
+            str(self.run_dir / LOCUST_CSV_PREFIX),
             "--csv-full-history",
             "--html",
-            str(run_dir / LOCUST_HTML),
+            str(self.run_dir / LOCUST_HTML),
             "--only-summary",
             "--master-port-file",
-            str(run_dir / MASTER_PORT_FILE),
+            str(self.run_dir / MASTER_PORT_FILE),
         ]
-        locust = _Locust(run_dir, USER_CLASS[transport.kind], custom, options.workers, bind)
-        started_locust = time.monotonic()
+        return custom, master
 
-        def snapshot(stage: str) -> LoadProgress:
-            assert pipeline is not None
-            stats = pipeline.statistics()
-            durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
-            elapsed = (clock.now_ns() - epoch_ns) / 1e9 if epoch_ns is not None else -1.0
-            if epoch_ns is not None:
-                samples.append((elapsed, stats.readings.buffered if stats.readings else 0, stats.received - durable))
-            return LoadProgress(
-                stage=stage,
-                elapsed_s=elapsed,
-                planned=planned,
-                received=stats.received,
-                persisted=stats.readings.flushed_rows if stats.readings else 0,
-                rejected=stats.rejected,
-                backlog=max(0, stats.received - durable),
-                locust_requests=_locust_requests(run_dir),
-            )
+    def snapshot(self, stage: str) -> LoadProgress:
+        stats = self.sut.pipeline.statistics()
+        durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
+        elapsed = (self.clock.now_ns() - self.epoch_ns) / 1e9 if self.epoch_ns is not None else -1.0
+        if self.epoch_ns is not None:
+            self.samples.append((elapsed, stats.readings.buffered if stats.readings else 0, stats.received - durable))
+        return LoadProgress(
+            stage=stage,
+            elapsed_s=elapsed,
+            planned=self.planned,
+            received=stats.received,
+            persisted=stats.readings.flushed_rows if stats.readings else 0,
+            rejected=stats.rejected,
+            backlog=max(0, stats.received - durable),
+            locust_requests=_locust_requests(self.run_dir),
+        )
 
+    def drive(
+        self,
+        locust: _Locust,
+        master_args: list[str],
+        on_progress: Callable[[LoadProgress], None] | None,
+        every_s: float,
+    ) -> tuple[dict[str, Any], dict[str, int | None], float]:
+        """Run locust to the end; returns its plan, exit codes and run time."""
+        started = time.monotonic()
         if on_progress:
-            on_progress(snapshot("starting locust"))
+            on_progress(self.snapshot("starting locust"))
         locust.start(master_args)
         assert locust.master is not None
-        wait_s = REMOTE_WORKERS_WAIT_S if options.remote_workers else LOCUST_START_TIMEOUT_S
-        deadline = time.monotonic() + run_time_s + wait_s + 30
+        wait_s = REMOTE_WORKERS_WAIT_S if self.options.remote_workers else LOCUST_START_TIMEOUT_S
+        deadline = started + self.run_time_s + wait_s + 30
+        plan: dict[str, Any] | None = None
         while locust.master.poll() is None:
-            if plan is None and (plan := _read_plan(sent_dir / PLAN_FILE)) is not None:
-                epoch_ns = int(plan["epoch_ns"])
-                if sc.run.start is not None:
+            if plan is None and (plan := _read_plan(self.sent_dir / PLAN_FILE)) is not None:
+                self.epoch_ns = int(plan["epoch_ns"])
+                if self.sc.run.start is not None:
                     # Replaying another time: the validator's clock reads that time too.
-                    pipeline.replay_offset_ns = int(sc.run.start.timestamp() * 1e9) - epoch_ns
+                    self.sut.pipeline.replay_offset_ns = int(self.sc.run.start.timestamp() * 1e9) - self.epoch_ns
             if time.monotonic() > deadline:
-                problems.append(f"locust did not finish within {deadline - started_locust:.0f} s; stopped it")
+                self.problems.append(f"locust did not finish within {deadline - started:.0f} s; stopped it")
                 break
             if on_progress:
-                stage = "waiting for locust workers" if plan is None else "sending"
-                on_progress(snapshot(stage))
-            time.sleep(progress_every_s)  # polling the master process and the pipeline's counters
+                on_progress(self.snapshot("waiting for locust workers" if plan is None else "sending"))
+            time.sleep(every_s)  # polling the master process and the pipeline's counters
         if locust.master.poll() is None:
             locust.close()
         else:
             locust.wait_workers(WORKERS_EXIT_TIMEOUT_S)
-        locust_s = time.monotonic() - started_locust
+        locust_s = time.monotonic() - started
         codes = locust.exit_codes()
         locust.close()
         if plan is None:
-            plan = _read_plan(sent_dir / PLAN_FILE)
+            plan = _read_plan(self.sent_dir / PLAN_FILE)
         if plan is None:
             raise ServiceError(f"locust never started the test (no plan was made): {locust._tail('master')}")
-        epoch_ns = int(plan["epoch_ns"])
+        self.epoch_ns = int(plan["epoch_ns"])
+        return plan, codes, locust_s
 
-        sent = collect_sent(sent_dir)
-        problems += sent.problems
-        # Drain: wait until the pipeline has received every send, or until it makes no progress
-        # for drain_timeout (then the ledger shows the loss).
-        wait_received(
-            lambda: pipeline.statistics().received,
-            sent.sends,
-            sc.run.drain_timeout,
-            tick=lambda: on_progress(snapshot("draining")) if on_progress else None,
-            every_s=progress_every_s,
+    def execute(self, on_progress: Callable[[LoadProgress], None] | None, every_s: float) -> LoadOutcome:
+        started_wall = time.time()
+        env_before = environment()
+        needs_broker = self.sc.transport.kind == "mqtt" and self.broker_setting == "embedded"
+        with (
+            harness.embedded_broker(needs_broker, self.run_dir / "broker.log") as broker,
+            harness.Session(self.session_config(broker.url if broker is not None else None), self.sut) as session,
+        ):
+            endpoints = session.start()
+            custom, master_args = self.locust_args(endpoints)
+            locust = _Locust(self.run_dir, USER_CLASS[self.sc.transport.kind], custom, self.options.workers, self.bind)
+            session.on_close(locust.close)
+            plan, codes, locust_s = self.drive(locust, master_args, on_progress, every_s)
+            sent = collect_sent(self.sent_dir)
+            self.problems += sent.problems
+            # Drain: wait until the pipeline has received every send, or until it makes no progress
+            # for drain_timeout (then the ledger shows the loss).
+            harness.wait_received(
+                self.sut.received,
+                sent.sends,
+                self.sc.run.drain_timeout,
+                tick=lambda: on_progress(self.snapshot("draining")) if on_progress else None,
+                every_s=every_s,
+            )
+            self.sut.close_sources()
+            opcua_stats = self.opcua_stats()
+            session.stop()
+            if on_progress:
+                on_progress(self.snapshot("reading back"))
+            extras = self.sut.extras()
+        variant, ledger = self.account(sent, extras, opcua_stats, plan=plan, codes=codes, locust_s=locust_s)
+        results = {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": self.run_id,
+            "started_at": datetime.fromtimestamp(started_wall, UTC).isoformat(),
+            "scenario": scenario_ref(self.loaded),
+            "environment": {**env_before, "host_load_after": environment()["host_load"]},
+            "variants": [variant],
+        }
+        write_results(self.run_dir / "results.json", results)
+        return LoadOutcome(self.run_dir, results, ledger, self.problems)
+
+    def opcua_stats(self) -> dict[str, Any] | None:
+        if self.sc.transport.kind != "opcua":
+            return None
+        from pipeline.opcua_source import OpcUaSource
+
+        source = next((s for s in self.sut.closed_sources if isinstance(s, OpcUaSource)), None)
+        return asdict(source.stats) if source is not None else None
+
+    def coverage_problems(self, coverage: dict[str, Any], codes: dict[str, int | None]) -> None:
+        if coverage["not_published"]:
+            self.problems.append(
+                f"{coverage['not_published']} planned message(s) were never published by any locust user "
+                f"(seq ids include {coverage['not_published_sample'][:10]}); see locust-*.log"
+            )
+        if coverage["failed"]:
+            self.problems.append(f"{coverage['failed']} publish(es) failed (see {LOCUST_CSV_PREFIX}_failures.csv)")
+        if coverage["published_twice"]:
+            self.problems.append(
+                f"{coverage['published_twice']} message(s) were published by more than one user "
+                f"(seq ids include {coverage['published_twice_sample'][:10]})"
+            )
+
+    def account(
+        self,
+        sent: Sent,
+        extras: dict[str, Any],
+        opcua_stats: dict[str, Any] | None,
+        *,
+        plan: dict[str, Any],
+        codes: dict[str, int | None],
+        locust_s: float,
+    ) -> tuple[dict[str, Any], Ledger]:
+        assert self.epoch_ns is not None
+        epoch_ns, planned = self.epoch_ns, self.planned
+        output = self.sut.read_back()
+        originals = sent.seq[~sent.copy]
+        intended = np.full(planned, -1, dtype=np.int64)
+        in_plan = (originals >= 0) & (originals < planned)
+        intended[originals[in_plan]] = sent.intended_ns[~sent.copy][in_plan]
+        intended_list: list[int] = intended.tolist()
+        sends = Sends(
+            seqs=[int(s) for s in originals],
+            intended_ns=intended_list,
+            sent=lambda seq: intended_list[seq] >= 0,
+            copies=Counter(int(s) for s in sent.seq[sent.copy]),
+            payloads=sent.payloads,
         )
-        if source is not None:
-            source.close()
-            source = None
-        if ua_source is not None:
-            ua_source.close()
-            opcua_stats = asdict(ua_source.stats)
-            ua_source = None
-        pipeline.close()
-        pipeline_closed = True
-        if on_progress:
-            on_progress(snapshot("reading back"))
-        pipeline_stats = pipeline.statistics()
-        pipeline_errors = [str(e) for e in pipeline.errors]
-        lock = lock_summary(pipeline.lock_probes, sc.pipeline.buffer.lock)
-    finally:
-        if locust is not None:
-            locust.close()
-        if ua_source is not None:
-            ua_source.close()
-        if plant is not None:
-            plant.close()
-        if source is not None:
-            source.close()
-        if pipeline is not None and not pipeline_closed:
-            pipeline.close()  # finalise files even when the run is aborted
-        if broker is not None:
-            broker.close()
-
-    back = read_back(run_dir / settings.parquet.path, run_dir / settings.quarantine.path, run_dir / "dropped")
-    originals = sent.seq[~sent.copy]
-    sent_seqs = [int(s) for s in originals]
-    copies: Counter[int] = Counter(int(s) for s in sent.seq[sent.copy])
-    ledger = reconcile(sent_seqs, back, copies=copies, sent_payloads=sent.payloads)
-    if transport.kind == "opcua" and ledger.lost:
-        dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
-        dropped.update(attribute_queue_overflow(sent_seqs, back, lambda seq: machine_of(spec, seq)))
-        ledger = reconcile(sent_seqs, back, dropped, copies=copies, sent_payloads=sent.payloads)
-    coverage = sent.coverage(planned)
-    if coverage["not_published"]:
-        problems.append(
-            f"{coverage['not_published']} planned message(s) were never published by any locust user "
-            f"(seq ids include {coverage['not_published_sample'][:10]}); see locust-*.log"
-        )
-    if coverage["failed"]:
-        problems.append(f"{coverage['failed']} publish(es) failed (see {LOCUST_CSV_PREFIX}_failures.csv)")
-    if coverage["published_twice"]:
-        problems.append(
-            f"{coverage['published_twice']} message(s) were published by more than one user "
-            f"(seq ids include {coverage['published_twice_sample'][:10]})"
-        )
-    problems += [f"pipeline: {e}" for e in pipeline_errors]
-    bad_codes = {k: c for k, c in codes.items() if c not in (0, 1)}  # 1: locust saw failed requests
-    if bad_codes:
-        problems.append(f"locust exited with {bad_codes} (see locust-*.log)")
-
-    intended = np.full(planned, -1, dtype=np.int64)
-    in_plan = (originals >= 0) & (originals < planned)
-    intended[originals[in_plan]] = sent.intended_ns[~sent.copy][in_plan]
-    e2e = Recorder()
-    for seq, durable_ns in durable_rows(back, flushes):
-        if 0 <= seq < planned and intended[seq] >= 0:
-            e2e.record_ns(durable_ns - int(intended[seq]))
-    send_lag = Recorder()
-    send_lag.record_all_ns(int(v) for v in sent.sent_ns - sent.intended_ns)
-    acked = sent.ack_ns >= 0
-    ack = Recorder()
-    ack.record_all_ns(int(v) for v in sent.ack_ns[acked] - sent.sent_ns[acked])
-
-    last_sent_ns = int(sent.sent_ns.max()) if sent.sends else epoch_ns
-    send_span_s = max((last_sent_ns - epoch_ns) / 1e9, 1e-9)
-    last_durable = max((f.durable_ns for f in flushes if f.sink == "parquet"), default=epoch_ns)
-    persist_span_s = max((last_durable - epoch_ns) / 1e9, 1e-9)
-    locust_stats = parse_locust_stats(run_dir / f"{LOCUST_CSV_PREFIX}_stats.csv")
-    locust_stats["sends"] = SEND_REQUEST[transport.kind]
-    plan_workers = [
-        {"index": w["index"], "users": sum(w["users"].values()), "host": w.get("host")} for w in plan.get("workers", [])
-    ]
-    variant: dict[str, Any] = {
-        "name": name,
-        "config": {
-            "pipeline": settings.model_dump(mode="json", by_alias=True),
-            "transport": {
-                "kind": transport.kind,
-                "broker": (options.broker or mq.broker) if transport.kind == "mqtt" else None,
-                "qos": mq.qos if transport.kind == "mqtt" else None,
-                "topic": mq.topic if transport.kind == "mqtt" else None,
-                "producers": users,
+        kind = self.sc.transport.kind
+        accounting = account(sends, output, self.spec, opcua_machines=self.spec.machines if kind == "opcua" else ())
+        coverage = sent.coverage(planned)
+        self.coverage_problems(coverage, codes)
+        errors = list(extras["errors"])
+        self.problems += [f"pipeline: {e}" for e in errors]
+        bad_codes = {k: c for k, c in codes.items() if c not in (0, 1)}  # 1: locust saw failed requests
+        if bad_codes:
+            self.problems.append(f"locust exited with {bad_codes} (see locust-*.log)")
+        send_lag = Recorder()
+        send_lag.record_all_ns(int(v) for v in sent.sent_ns - sent.intended_ns)
+        acked = sent.ack_ns >= 0
+        ack = Recorder()
+        ack.record_all_ns(int(v) for v in sent.ack_ns[acked] - sent.sent_ns[acked])
+        mq = self.sc.transport.mqtt
+        variant = variant_parts(
+            self.name,
+            self.sc,
+            self.settings,
+            self.spec,
+            transport={
+                "kind": kind,
+                "broker": self.broker_setting if kind == "mqtt" else None,
+                "qos": mq.qos if kind == "mqtt" else None,
+                "topic": mq.topic if kind == "mqtt" else None,
+                "producers": self.users,
             },
-            "stream": {
-                "planned": planned,
-                "duration_s": round(duration_s, 3),
-                "arrival": spec.arrival,
-                "machines": len(spec.machines),
-                "overrides": {"messages": options.messages, "duration_s": None},
-            },
-        },
-        "ledger": ledger.to_json(),
-        "throughput": {
-            "offered_per_s": round(planned / max(duration_s, 1e-9), 1),
-            "sent_per_s": round(ledger.sent / send_span_s, 1),
-            "persisted_per_s": round(ledger.persisted / persist_span_s, 1),
-            "sink_rows_per_s": sink_rows_per_s(flushes),
-        },
-        "latency_ms": {"end_to_end": e2e.summary(), "send_lag": send_lag.summary(), "ack": ack.summary()},
-        "timeline": timeline_json(_timeline(sent, flushes, epoch_ns)),
-        "probes": {
-            "flush": flush_summary(flushes),
-            "lock": lock,
-            "append_cost": append_cost(flushes),
-            "queue_depth": series_summary(samples),
-        },
-        "publisher": {
+            overrides={"messages": self.options.messages, "duration_s": None},
+            ledger=accounting.ledger,
+            latency={"end_to_end": accounting.e2e, "send_lag": send_lag, "ack": ack},
+            flushes=output.flushes,
+            epoch_ns=epoch_ns,
+            last_sent_ns=int(sent.sent_ns.max()) if sent.sends else epoch_ns,
+            timeline=_timeline(sent, output.flushes, epoch_ns),
+            samples=self.samples,
+            lock=lock_summary(extras["lock_probes"], self.sc.pipeline.buffer.lock),
+            pipeline=pipeline_part(extras, errors),
+            files=output.back.files,
+        )
+        variant["publisher"] = {
             "accepted": sent.sends,
             "acked": int(np.count_nonzero(acked)),
             "all_acked": bool(acked.all()),
             "failed": coverage["failed"],
-        },
-        "pipeline": {
-            "received": pipeline_stats.received,
-            "accepted": pipeline_stats.accepted,
-            "rejected": pipeline_stats.rejected,
-            "rejected_by_reason": pipeline_stats.rejected_by_reason,
-            "refused_after_close": pipeline_stats.refused_after_close,
-            "dropped_by_reason": pipeline.drops.counts(),
-            "errors": pipeline_errors,
-        },
-        "opcua": opcua_stats,
-        "faults": [f.model_dump(mode="json") for f in sc.faults],
-        "files": back.files,
-        "load": {
+        }
+        variant["opcua"] = opcua_stats
+        variant["load"] = self.load_part(sent, coverage, plan=plan, codes=codes, locust_s=locust_s)
+        return variant, accounting.ledger
+
+    def load_part(
+        self,
+        sent: Sent,
+        coverage: dict[str, Any],
+        *,
+        plan: dict[str, Any],
+        codes: dict[str, int | None],
+        locust_s: float,
+    ) -> dict[str, Any]:
+        locust_stats = parse_locust_stats(self.run_dir / f"{LOCUST_CSV_PREFIX}_stats.csv")
+        locust_stats["sends"] = SEND_REQUEST[self.sc.transport.kind]
+        plan_workers = [
+            {"index": w["index"], "users": sum(w["users"].values()), "host": w.get("host")}
+            for w in plan.get("workers", [])
+        ]
+        return {
             "engine": "locust",
-            "workers": workers,
-            "remote_workers": options.remote_workers,
-            "users": users,
-            "user_class": USER_CLASS[transport.kind],
-            "plan": {"epoch_ns": epoch_ns, "workers": plan_workers},
+            "workers": self.workers,
+            "remote_workers": self.options.remote_workers,
+            "users": self.users,
+            "user_class": USER_CLASS[self.sc.transport.kind],
+            "plan": {"epoch_ns": self.epoch_ns, "workers": plan_workers},
             "coverage": coverage,
             "locust": locust_stats,
             "exit_codes": codes,
@@ -855,19 +799,17 @@ def run_load(
             "clock_offsets_ms": {
                 str(m.get("worker_index")): round(float(m.get("clock_offset_ns", 0)) / 1e6, 3) for m in sent.metas
             },
-            "files": sorted(p.name for p in run_dir.iterdir() if p.name.startswith(LOCUST_CSV_PREFIX) and p.is_file()),
-        },
-    }
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "started_at": datetime.fromtimestamp(started_wall, UTC).isoformat(),
-        "scenario": {"name": sc.name, "path": str(loaded.path), "sha256": loaded.sha256, "seed": sc.seed},
-        "environment": {**env_before, "host_load_after": environment()["host_load"]},
-        "variants": [variant],
-    }
-    write_results(run_dir / "results.json", results)
-    return LoadOutcome(run_dir, results, ledger, problems)
+            "files": sorted(
+                p.name for p in self.run_dir.iterdir() if p.name.startswith(LOCUST_CSV_PREFIX) and p.is_file()
+            ),
+        }
+
+
+def run_load(
+    loaded: LoadedScenario, options: LoadOptions, *, on_progress: Callable[[LoadProgress], None] | None = None
+) -> LoadOutcome:
+    """Start broker (or plant server) and pipeline here, locust master + workers as subprocesses; reconcile."""
+    return _LoadRun(loaded, options).execute(on_progress, PROGRESS_EVERY_S)
 
 
 def _timeline(
