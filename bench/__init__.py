@@ -1,1 +1,1 @@
-"""The harness: CLI, scenario model, runner, ledger and results."""
+"""iiot-bench: harness/ (run), load/, capacity/, gate/, report/, results/, cli/; see docs/architecture.md."""

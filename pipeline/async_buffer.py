@@ -171,19 +171,6 @@ class AsyncFlushingBuffer(Generic[T]):
         self._account(batch, stats, error, 0)
         self._cond.notify_all()
 
-    def _signal_size(self) -> None:
-        """Swap: wake the flusher task; a fill during a flush is coalesced into the next swap."""
-        self._book.size_fired(len(self._core) == self._core.size)
-        self._cond.notify_all()
-
-    def _swap_out(self) -> tuple[list[T], int]:
-        """Swap: take the batch for the flusher task to write in a worker thread."""
-        batch = self._core.take()
-        self._book.flushing = True
-        batch_id = self._book.next_batch()
-        self._cond.notify_all()
-        return batch, batch_id
-
     def _account(
         self, batch: list[T], stats: list[FlushStat] | None, error: BaseException | None, coalesced: int
     ) -> None:

@@ -227,19 +227,6 @@ class FlushingBuffer(Generic[T]):
         self._cond.notify_all()
         self._report(stats, 0)
 
-    def _signal_size(self) -> None:
-        """Swap: wake the flusher; a fill during a flush is coalesced into the next swap."""
-        self._book.size_fired(len(self._core) == self._core.size)
-        self._cond.notify_all()
-
-    def _swap_out(self) -> tuple[list[T], int]:
-        """Swap: take the batch for a write outside the lock."""
-        batch = self._core.take()
-        self._book.flushing = True
-        batch_id = self._book.next_batch()
-        self._cond.notify_all()  # producers blocked on a full buffer may go on
-        return batch, batch_id
-
     def _record_hold(self, t_locked: int) -> None:
         if self.probes is not None:
             self.probes.hold.record_ns(time.perf_counter_ns() - t_locked)

@@ -165,17 +165,24 @@ class BufferBook(Generic[T]):
         )
 
 
+class _Notifier(Protocol):
+    def notify_all(self) -> None: ...
+
+
 class LockedBuffer(Protocol[T]):
-    """What a buffer driver offers its lock strategy; every call is made with the driver's lock held."""
+    """What a buffer driver offers its lock strategy; every call is made with the driver's lock held.
+
+    Both drivers (threads, asyncio) keep their batch in ``_core``, their counters in ``_book`` and wake their
+    flusher and blocked producers through ``_cond`` (a threading or an asyncio condition)."""
+
+    _core: BufferCore[T]
+    _book: BufferBook[T]
+
+    @property
+    def _cond(self) -> _Notifier: ...
 
     def _flush_locked(self, trigger: TriggerKind) -> None:
         """Take, write and account the whole batch without releasing the lock."""
-
-    def _signal_size(self) -> None:
-        """Tell the flusher the size trigger fired (coalesced if a flush is running)."""
-
-    def _swap_out(self) -> tuple[list[T], int]:
-        """Take the batch and its id for a write outside the lock; the flusher accounts it afterwards."""
 
 
 class LockStrategy(Protocol[T]):
@@ -213,10 +220,19 @@ class SwapLock(Generic[T]):
         self._buffer = buffer
 
     def size_reached(self) -> None:
-        self._buffer._signal_size()
+        """Wake the flusher; a fill during a flush is coalesced into the next swap."""
+        b = self._buffer
+        b._book.size_fired(len(b._core) == b._core.size)
+        b._cond.notify_all()
 
     def serve(self, trigger: TriggerKind) -> tuple[list[T], int] | None:
-        return self._buffer._swap_out()
+        """Take the batch for the flusher to write outside the lock."""
+        b = self._buffer
+        batch = b._core.take()
+        b._book.flushing = True
+        batch_id = b._book.next_batch()
+        b._cond.notify_all()  # producers blocked on a full buffer may go on
+        return batch, batch_id
 
 
 LockStrategyFactory = Callable[[LockedBuffer[Any]], LockStrategy[Any]]

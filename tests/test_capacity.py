@@ -18,6 +18,8 @@ from bench.capacity.pipeline_worker import rss_bytes
 from bench.capacity.sweep import _variant, machine_busy_s, process_cpu_s
 from bench.cli import main
 from bench.report.render import PLOT_IDS
+from bench.results.metrics import parquet_flush_triggers
+from bench.results.model import Latency, Results, Variant, read_results
 from bench.scenario import load_scenario
 from pipeline.buffer import LockProbes
 from pipeline.model import FlushStat
@@ -46,7 +48,7 @@ capacity:
 @dataclass(frozen=True)
 class SmallRun:
     run_dir: Path
-    results: dict[str, Any]
+    results: Results
     exit_code: int
 
 
@@ -57,39 +59,43 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> SmallRun:
     path = folder / "cap.yaml"
     path.write_text(SMALL, encoding="utf-8")
     code = main(["capacity", str(path), "--out", str(folder / "run"), "--quiet"])
-    return SmallRun(folder / "run", json.loads((folder / "run" / "results.json").read_text()), code)
+    return SmallRun(folder / "run", read_results(folder / "run"), code)
 
 
 def test_a_small_sweep_finds_a_sustainable_rate_with_its_evidence(small_run: SmallRun) -> None:
     assert small_run.exit_code == 0
-    cap = small_run.results["capacity"]
-    (series,) = cap["series"]
-    assert [s["offered_per_s"] for s in series["steps"]] == [100, 200]
-    for step in series["steps"]:
+    cap = small_run.results.capacity
+    assert cap is not None
+    (series,) = cap.series
+    assert [s.offered_per_s for s in series.steps] == [100, 200]
+    for step in series.steps:
         # Far below any limit of this machine: both steps are sustainable, every message read back from disk.
-        assert step["verdict"] == "sustainable", step
-        assert step["ledger"]["reconciled"] and step["ledger"]["lost"] == 0
-        assert step["sent"] == step["ledger"]["persisted"] == int(step["offered_per_s"] * 3)
-        assert step["achieved_ratio"] >= 0.98
-        assert step["latency_ms"]["end_to_end"]["count"] > 0
-        assert step["flush_ms"]["count"] > 0
-        assert step["cpu_pct"] > 0 and step["rss_mb"] > 10
-        assert step["timeline"]["t_s"] and len(step["timeline"]["backlog"]) == len(step["timeline"]["t_s"])
-    assert series["sustainable_per_s"] == 200
-    assert cap["usl"] is None  # one worker count: nothing to fit
-    assert {r["topic"] for r in cap["recommendations"]} >= {"workers", "flush interval", "buffer size"}
+        assert step.verdict == "sustainable", step
+        assert step.ledger is not None and step.ledger.reconciled and step.ledger.lost == 0
+        assert step.sent == step.ledger.persisted == int(step.offered_per_s * 3)
+        assert step.achieved_ratio is not None and step.achieved_ratio >= 0.98
+        assert step.latency_ms is not None and step.latency_ms.end_to_end is not None
+        assert step.latency_ms.end_to_end.count > 0
+        assert step.flush_ms is not None and step.flush_ms.count > 0
+        assert step.cpu_pct is not None and step.cpu_pct > 0 and step.rss_mb is not None and step.rss_mb > 10
+        assert step.timeline is not None and step.timeline.t_s and step.timeline.backlog is not None
+        assert len(step.timeline.backlog) == len(step.timeline.t_s)
+    assert series.sustainable_per_s == 200
+    assert cap.usl is None  # one worker count: nothing to fit
+    assert {r.topic for r in cap.recommendations} >= {"workers", "flush interval", "buffer size"}
     # Two publisher processes each sent a share; together every seq once.
-    step_dir = small_run.run_dir / series["steps"][0]["dir"]
+    assert series.steps[0].dir is not None
+    step_dir = small_run.run_dir / series.steps[0].dir
     shares = [json.loads((step_dir / f"publisher-{p}.json").read_text())["sent"] for p in (0, 1)]
     assert all(n > 0 for n in shares) and sum(shares) == 300
 
 
 def test_results_carry_a_run_shaped_variant_per_worker_count(small_run: SmallRun) -> None:
-    (variant,) = small_run.results["variants"]
-    assert variant["name"] == "workers-1"
-    assert variant["ledger"]["reconciled"]
-    assert variant["probes"]["flush"]["parquet"]
-    assert variant["timeline"]["t_s"] and variant["timeline"]["durable"]
+    (variant,) = small_run.results.variants
+    assert variant.name == "workers-1"
+    assert variant.ledger.reconciled
+    assert any(stats is not None for stats in parquet_flush_triggers(variant)), "the Parquet sink's flushes"
+    assert variant.timeline is not None and variant.timeline.t_s and variant.timeline.durable
 
 
 def test_a_capacity_run_writes_its_report(small_run: SmallRun) -> None:
@@ -149,17 +155,19 @@ def test_two_workers_share_the_subscription_on_mosquitto_and_a_usl_is_fitted(
     out = path.parent / "run"
     argv = ["capacity", str(path), "--out", str(out), "--broker", mosquitto_url, "--workers", "1,2", "--quiet"]
     assert main([*argv, "--rates", "300"]) == 0
-    results = json.loads((out / "results.json").read_text())
-    series: list[dict[str, Any]] = results["capacity"]["series"]
-    assert [s["workers"] for s in series] == [1, 2]
-    two = series[1]["steps"][0]
-    assert two["ledger"]["reconciled"] and two["ledger"]["persisted"] == 900
+    cap = read_results(out).capacity
+    assert cap is not None
+    series = cap.series
+    assert [s.workers for s in series] == [1, 2]
+    two = series[1].steps[0]
+    assert two.ledger is not None and two.ledger.reconciled and two.ledger.persisted == 900
     # The broker split the stream between the two workers: each received a real share, none got everything.
-    step_dir = out / two["dir"]
+    assert two.dir is not None
+    step_dir = out / two.dir
     received = [json.loads((step_dir / f"worker-{w}" / "final.json").read_text())["received"] for w in (0, 1)]
     assert sum(received) == 900 and min(received) > 100, received
-    fit = results["capacity"]["usl"]
-    assert fit is not None and fit["points"][0][0] == 1 and fit["points"][1][0] == 2
+    fit = cap.usl
+    assert fit is not None and fit.points[0][0] == 1 and fit.points[1][0] == 2
     # The run's own report: every plot drawn from this real sweep, the USL included.
     html = (out / "report.html").read_text(encoding="utf-8")
     for plot in PLOT_IDS:
@@ -217,28 +225,35 @@ def test_a_capacity_variants_figures_cover_the_steps_its_ledger_does() -> None:
     steady = [fs[1:] for fs in every]
     locks = [_locks(s["ledger"]["sent"]) for s in steps]
     series = {"sustainable_step": 1}
-    variant = _variant(sc, workers=1, steps=steps, step_flushes=every, step_steady=steady, step_locks=locks, sr=series)
-    ledger = variant["ledger"]
-    assert ledger["sent"] == 15_000 and ledger["steps_offered_per_s"] == [500, 1_000]
-    assert variant["probes"]["lock"]["wait_ms"]["count"] == ledger["sent"]
-    size = variant["probes"]["flush"]["parquet"]["size"]
-    assert size["count"] == len(steady[0]) + len(steady[1])
-    assert size["total_ms"]["max"] < 160, "no flush of the overloaded step"
-    assert variant["probes"]["append_cost"]["count"] == len(every[1]), "the longest of the judged steps"
-    assert variant["latency_ms"] == steps[1]["latency_ms"]
+    built = _variant(sc, workers=1, steps=steps, step_flushes=every, step_steady=steady, step_locks=locks, sr=series)
+    variant = Variant.model_validate(built)  # as results.json will hold it
+    ledger = variant.ledger
+    assert ledger.sent == 15_000 and ledger.steps_offered_per_s == [500, 1_000]
+    lock = variant.probes.lock
+    assert lock is not None and lock.wait_ms is not None and lock.wait_ms.count == ledger.sent
+    size = variant.probes.flush["parquet"].size
+    assert size is not None and size.count == len(steady[0]) + len(steady[1])
+    assert size.total_ms.max is not None and size.total_ms.max < 160, "no flush of the overloaded step"
+    append = variant.probes.append_cost
+    assert append is not None and append.count == len(every[1]), "the longest of the judged steps"
+    assert variant.latency_ms == Latency.model_validate(steps[1]["latency_ms"])
 
 
 def test_a_small_sweeps_report_says_what_its_variant_covers(small_run: SmallRun) -> None:
-    (variant,) = small_run.results["variants"]
-    steps = small_run.results["capacity"]["series"][0]["steps"]
-    assert variant["probes"]["lock"]["wait_ms"]["count"] == variant["ledger"]["sent"] == sum(s["sent"] for s in steps)
-    flushes = sum(d["count"] for d in variant["probes"]["flush"]["parquet"].values())
-    assert flushes == sum(s["flush_ms"]["count"] for s in steps), "the step table's flushes, after settle"
+    (variant,) = small_run.results.variants
+    assert small_run.results.capacity is not None
+    steps = small_run.results.capacity.series[0].steps
+    lock = variant.probes.lock
+    assert lock is not None and lock.wait_ms is not None
+    assert lock.wait_ms.count == variant.ledger.sent == sum(s.sent or 0 for s in steps)
+    assert all(s.sent is not None and s.flush_ms is not None for s in steps)
+    flushes = sum(d.count for d in parquet_flush_triggers(variant) if d is not None)
+    assert flushes == sum(s.flush_ms.count for s in steps if s.flush_ms), "the step table's flushes, after settle"
     markdown = (small_run.run_dir / "summary.md").read_text(encoding="utf-8")
-    rates = ", ".join(f"{s['offered_per_s']:,.0f}" for s in steps)
+    rates = ", ".join(f"{s.offered_per_s:,.0f}" for s in steps)
     assert f"ledger, flush and lock figures cover its {len(steps)} sustainable step(s) ({rates} msg/s)" in markdown
     verdict = next(line for line in markdown.splitlines() if line.startswith("**"))
-    assert verdict.startswith("**PASSED**") and f"sustainable {steps[-1]['offered_per_s']:,.0f} msg/s" in verdict
+    assert verdict.startswith("**PASSED**") and f"sustainable {steps[-1].offered_per_s:,.0f} msg/s" in verdict
 
 
 def test_cpu_and_memory_readings_follow_real_work() -> None:

@@ -6,9 +6,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from bench.cli import main
+from bench.results.model import read_results, results_json_schema
 from tests.conftest import SCENARIOS, run_module
 
 BROKEN = "name: broken\nphases:\n  - {kind: steady, rate: fast, duration: 1s}\n"
@@ -33,6 +35,51 @@ def test_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert schema["title"] == "iiot-bench scenario"
+
+
+def _memory_steady(folder: Path) -> Path:
+    """scenarios/steady.yaml on the memory transport: a real run without a broker."""
+    text = (SCENARIOS / "steady.yaml").read_text(encoding="utf-8")
+    memory = text.replace("transport:\n  mqtt:\n    broker: embedded\n    qos: 1\n", "transport:\n  kind: memory\n")
+    assert "kind: memory" in memory
+    path = folder / "steady.yaml"
+    path.write_text(memory, encoding="utf-8")
+    return path
+
+
+def test_schema_results_prints_a_json_schema_that_a_real_run_validates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["schema", "--results"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema == results_json_schema()
+    monkeypatch.setenv("BENCH_NO_REPORT", "1")  # the report has its own tests
+    out = tmp_path / "run"
+    assert main(["run", str(_memory_steady(tmp_path)), "--messages", "300", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("PASSED: ledger reconciled: 300 sent"), printed[:200]
+    assert "steady: run " in printed and "persisted msg/s" in printed and "reconciled" in printed
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    validator.validate(data)
+    data["variants"][0]["ledger"]["persited"] = 300
+    assert not validator.is_valid(data), "a misspelt key is refused, as the model refuses it"
+    # bench compare reads both sides through the model: one run a side can only be inconclusive (exit 3).
+    assert main(["compare", str(out), str(out), "--json"]) == 3
+    result = json.loads(capsys.readouterr().out)
+    assert result["outcome"] == "inconclusive" and {"persisted_per_s", "e2e_p99_ms"} <= {
+        m["metric"] for m in result["metrics"]
+    }
+    assert read_results(out).variants[0].ledger.persisted == 300
+
+
+def test_compare_names_a_file_that_is_not_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "results.json"
+    bad.write_text('{"variants": [{"name": "x"}]}', encoding="utf-8")
+    assert main(["compare", str(tmp_path), str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"bench: error: {bad}: expected a bench results file" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(

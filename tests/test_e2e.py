@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
@@ -13,6 +11,7 @@ import pytest
 from bench.cli import main
 from bench.harness import runner
 from bench.results import SCHEMA_VERSION
+from bench.results.model import Variant, read_results
 from bench.scenario import load_scenario
 from simulators.stream import planned_count
 from tests.conftest import SCENARIOS
@@ -34,7 +33,7 @@ run: {drain_timeout: 10s}
 """
 
 
-def _check_run(outcome: runner.RunOutcome, planned: int) -> dict[str, Any]:
+def _check_run(outcome: runner.RunOutcome, planned: int) -> Variant:
     ledger = outcome.ledger
     assert ledger.reconciled, ledger.problems()
     assert (ledger.sent, ledger.persisted, ledger.lost, ledger.duplicates) == (planned, planned, 0, 0)
@@ -43,10 +42,9 @@ def _check_run(outcome: runner.RunOutcome, planned: int) -> dict[str, Any]:
     assert sorted(rows.column("seq").to_pylist()) == list(range(planned))
     assert str(rows.schema.field("ts").type) == "timestamp[us, tz=UTC]"
     assert not list(outcome.run_dir.rglob("*.tmp")), "every file must be finalised"
-    on_disk = json.loads((outcome.run_dir / "results.json").read_text())
+    on_disk = read_results(outcome.run_dir / "results.json")
     assert on_disk == outcome.results
-    variant: dict[str, Any] = on_disk["variants"][0]
-    return variant
+    return on_disk.variants[0]
 
 
 def test_small_scenario_reconciles_over_embedded_broker(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
@@ -54,20 +52,22 @@ def test_small_scenario_reconciles_over_embedded_broker(write_scenario: Callable
     outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run"))
     variant = _check_run(outcome, planned=200 + 400 + 200)
     results = outcome.results
-    assert results["schema_version"] == SCHEMA_VERSION
-    assert results["scenario"]["sha256"] == loaded.sha256
-    assert "pyarrow" in results["environment"]["packages"]
-    e2e = variant["latency_ms"]["end_to_end"]
-    assert e2e["count"] == 800
-    assert 0 < e2e["p50"] <= e2e["p90"] <= e2e["p99"] <= e2e["p999"] <= e2e["max"]
-    assert "below_zero" not in e2e, "durable time before intended send time means the clocks disagree"
-    flush = variant["probes"]["flush"]["parquet"]
+    assert results.schema_version == SCHEMA_VERSION
+    assert results.scenario.sha256 == loaded.sha256
+    assert "pyarrow" in results.environment.packages
+    e2e = variant.latency_ms.end_to_end
+    assert e2e is not None and e2e.count == 800
+    assert e2e.p50 is not None and e2e.p90 is not None and e2e.p99 is not None
+    assert e2e.p999 is not None and e2e.max is not None
+    assert 0 < e2e.p50 <= e2e.p90 <= e2e.p99 <= e2e.p999 <= e2e.max
+    assert "below_zero" not in e2e.model_fields_set, "durable time before intended send time means the clocks disagree"
+    flush = variant.probes.flush["parquet"]
     # The burst (800/s against size 150) must fire the size trigger; the slow
     # steady tail and the pause must fire the 200 ms timeout trigger.
-    assert flush["size"]["count"] >= 1
-    assert flush["timeout"]["count"] >= 1
-    assert sum(t["rows"] for t in flush.values()) == 800
-    assert variant["throughput"]["persisted_per_s"] > 0
+    assert flush.size is not None and flush.size.count >= 1
+    assert flush.timeout is not None and flush.timeout.count >= 1
+    assert sum(t.rows for t in (flush.size, flush.timeout, flush.shutdown) if t is not None) == 800
+    assert variant.throughput.persisted_per_s is not None and variant.throughput.persisted_per_s > 0
 
 
 def test_burst_yaml_through_the_cli_with_message_override(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,9 +77,8 @@ def test_burst_yaml_through_the_cli_with_message_override(tmp_path: Path, capsys
     printed = capsys.readouterr().out
     # The conclusion comes first, before the table, as in the report.
     assert printed.startswith("PASSED: ledger reconciled: 300 sent"), printed[:200]
-    results = json.loads((out / "results.json").read_text())
-    ledger = results["variants"][0]["ledger"]
-    assert (ledger["sent"], ledger["persisted"], ledger["lost"]) == (300, 300, 0)
+    ledger = read_results(out).variants[0].ledger
+    assert (ledger.sent, ledger.persisted, ledger.lost) == (300, 300, 0)
     assert (out / "scenario.yaml").read_bytes() == (SCENARIOS / "burst.yaml").read_bytes()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow.dataset as ds
 import pytest
@@ -12,6 +11,7 @@ import sqlalchemy as sa
 
 from bench.cli import main
 from bench.harness import runner
+from bench.results.model import Validation, ValidationClass
 from bench.scenario import load_scenario
 from simulators.anomalies import KINDS, OPCUA_KINDS
 
@@ -50,11 +50,14 @@ pipeline:
 )
 
 
-def classes(outcome: runner.RunOutcome, variant: int = 0) -> dict[str, Any]:
-    validation = outcome.results["variants"][variant]["validation"]
+def scored(outcome: runner.RunOutcome, variant: int = 0) -> Validation:
+    validation = outcome.results.variants[variant].validation
     assert validation is not None
-    result: dict[str, Any] = validation["classes"]
-    return result
+    return validation
+
+
+def classes(outcome: runner.RunOutcome, variant: int = 0) -> dict[str, ValidationClass]:
+    return scored(outcome, variant).classes
 
 
 def test_every_class_is_scored_and_matches_its_policy(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
@@ -62,19 +65,19 @@ def test_every_class_is_scored_and_matches_its_policy(write_scenario: Callable[[
         load_scenario(write_scenario(SCENARIO)), runner.RunOptions(out=tmp_path / "r", calibrate=False)
     )
     assert outcome.ok, outcome.problems()
-    validation = outcome.results["variants"][0]["validation"]
-    assert validation["mismatches"] == 0, validation["mismatch_sample"]
+    validation = scored(outcome)
+    assert validation.mismatches == 0, validation.mismatch_sample
     table = classes(outcome)
     assert set(KINDS) | {"valid"} <= set(table), set(KINDS) - set(table)
     # A few decisions spelled out, so a wrong oracle and a wrong validator cannot agree silently.
-    assert table["nan"]["decisions"] == {"rejected:non_finite": table["nan"]["injected"]}
-    assert table["offset_timestamp"]["decisions"] == {"repaired:utc_normalised": table["offset_timestamp"]["injected"]}
-    assert table["out_of_order"]["decisions"] == {"accepted": table["out_of_order"]["injected"]}
-    assert table["duplicate"]["decisions"] == {"rejected:duplicate": table["duplicate"]["injected"]}
+    assert table["nan"].decisions == {"rejected:non_finite": table["nan"].injected}
+    assert table["offset_timestamp"].decisions == {"repaired:utc_normalised": table["offset_timestamp"].injected}
+    assert table["out_of_order"].decisions == {"accepted": table["out_of_order"].injected}
+    assert table["duplicate"].decisions == {"rejected:duplicate": table["duplicate"].injected}
     ledger = outcome.ledger
     assert ledger.reconciled and ledger.quarantine_rows == ledger.rejected
-    checks = validation["output_checks"]
-    assert checks["non_finite_values"] == checks["files_with_naive_timestamps"] == 0
+    checks = validation.output_checks
+    assert checks is not None and checks.non_finite_values == checks.files_with_naive_timestamps == 0
     # Hostile but real ids: stored exactly in Parquet and SQL, and never a path.
     data = ds.dataset(tmp_path / "r" / "data", format="parquet").to_table(columns=["machine"])
     stored = set(data.column("machine").to_pylist())
@@ -109,13 +112,11 @@ def test_a_policy_change_changes_the_expected_decisions(write_scenario: Callable
     assert outcome.ok, outcome.problems()
     table = classes(outcome)
     # Every naive local time repaired to the instant its machine meant (the scorer compares each stored ts).
-    assert set(table["naive_timestamp"]["decisions"]) <= {
+    assert set(table["naive_timestamp"].decisions) <= {
         "repaired:assumed_machine_zone",
         "rejected:ambiguous_local_time",
     }
-    assert table["number_as_string"]["decisions"] == {
-        "repaired:number_from_string": table["number_as_string"]["injected"]
-    }
+    assert table["number_as_string"].decisions == {"repaired:number_from_string": table["number_as_string"].injected}
 
 
 def test_status_codes_travel_over_opcua_and_are_quarantined(
@@ -141,12 +142,10 @@ anomalies:
     outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     assert outcome.ok, outcome.problems()
     table = classes(outcome)
-    assert table["status_uncertain"]["decisions"] == {
-        "rejected:status_uncertain": table["status_uncertain"]["injected"]
-    }
-    assert table["status_bad"]["decisions"] == {"rejected:status_bad": table["status_bad"]["injected"]}
-    assert table["nan"]["decisions"] == {"rejected:non_finite": table["nan"]["injected"]}
-    assert min(table[k]["injected"] for k in ("status_uncertain", "status_bad")) >= 10
+    assert table["status_uncertain"].decisions == {"rejected:status_uncertain": table["status_uncertain"].injected}
+    assert table["status_bad"].decisions == {"rejected:status_bad": table["status_bad"].injected}
+    assert table["nan"].decisions == {"rejected:non_finite": table["nan"].injected}
+    assert min(table[k].injected for k in ("status_uncertain", "status_bad")) >= 10
 
 
 def test_kinds_that_cannot_travel_over_opcua_are_refused(
@@ -182,19 +181,16 @@ def test_duplicate_keys_are_quarantined_and_scored(duplicate_key_run: tuple[runn
     outcome, out = duplicate_key_run
     assert outcome.ok, outcome.problems()
     refused, kept = classes(outcome, 0)["duplicate_key"], classes(outcome, 1)["duplicate_key"]
-    assert refused["injected"] == kept["injected"] >= 150
-    assert refused["expected"] == {"rejected:duplicate_key": refused["injected"]}
-    assert refused["mismatches"] == kept["mismatches"] == 0
+    assert refused.injected == kept.injected >= 150
+    assert refused.expected == {"rejected:duplicate_key": refused.injected}
+    assert refused.mismatches == kept.mismatches == 0
     # Every send is in the quarantine under its reason (the ledger reads it back: nothing lost).
-    assert outcome.results["variants"][0]["ledger"]["lost"] == 0
-    assert (
-        refused["decisions"].get("rejected:duplicate_key", 0) + refused["decisions"].get("lost", 0)
-        == (refused["injected"])
-    )
-    assert kept["decisions"] == {"accepted": kept["injected"]}
+    assert outcome.results.variants[0].ledger.lost == 0
+    assert refused.decisions.get("rejected:duplicate_key", 0) + refused.decisions.get("lost", 0) == refused.injected
+    assert kept.decisions == {"accepted": kept.injected}
     quarantine = ds.dataset(out / "reject" / "quarantine", format="parquet").to_table().to_pylist()
     rows = [r for r in quarantine if r["reason"] == "duplicate_key"]
-    assert len(rows) == refused["injected"]
+    assert len(rows) == refused.injected
     # A repeated seq is not trusted: that row names no seq (the bench matches it by payload); the others do.
     unnamed = [r for r in rows if r["seq"] is None]
     assert 0 < len(unnamed) < len(rows)
@@ -211,7 +207,7 @@ def test_duplicate_keys_are_quarantined_and_scored(duplicate_key_run: tuple[runn
 def test_every_duplicate_key_row_is_paired_with_its_send(duplicate_key_run: tuple[runner.RunOutcome, Path]) -> None:
     outcome, _ = duplicate_key_run
     refused = classes(outcome, 0)["duplicate_key"]
-    assert refused["decisions"] == {"rejected:duplicate_key": refused["injected"]}
+    assert refused.decisions == {"rejected:duplicate_key": refused.injected}
 
 
 def test_duplicate_key_cannot_travel_over_opcua(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import sqlalchemy as sa
 
 from bench.cli import main
 from bench.harness import runner
+from bench.results.model import read_results
 from bench.scenario import load_scenario
 
 MEMORY = """
@@ -37,7 +37,7 @@ def test_matrix_runs_every_variant_on_the_same_stream(write_scenario: Callable[[
     loaded = load_scenario(write_scenario(text))
     outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run", calibrate=False))
     assert outcome.ok, outcome.problems()
-    names = [v["name"] for v in outcome.results["variants"]]
+    names = [v.name for v in outcome.results.variants]
     assert names == ["coarse", "swap", "dataset"]
     seqs = []
     for name in names:
@@ -45,11 +45,13 @@ def test_matrix_runs_every_variant_on_the_same_stream(write_scenario: Callable[[
         seqs.append(sorted(zip(table.column("seq").to_pylist(), table.column("load_rate").to_pylist(), strict=True)))
     assert seqs[0] == seqs[1] == seqs[2], "every variant must persist the same stream"
     assert len(seqs[0]) == 3000
-    variants = {v["name"]: v for v in outcome.results["variants"]}
-    assert variants["coarse"]["probes"]["lock"]["strategy"] == "coarse"
-    assert variants["dataset"]["probes"]["loop_lag_ms"]["count"] > 0
-    assert variants["swap"]["probes"]["loop_lag_ms"] is None  # threads runtime has no loop
-    assert variants["coarse"]["probes"]["lock"]["wait_ms"]["count"] == 3000
+    variants = {v.name: v.probes for v in outcome.results.variants}
+    coarse_lock = variants["coarse"].lock
+    assert coarse_lock is not None and coarse_lock.strategy == "coarse"
+    loop_lag = variants["dataset"].loop_lag_ms
+    assert loop_lag is not None and loop_lag.count > 0
+    assert variants["swap"].loop_lag_ms is None  # threads runtime has no loop
+    assert coarse_lock.wait_ms is not None and coarse_lock.wait_ms.count == 3000
 
 
 @pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
@@ -71,7 +73,8 @@ def test_overflow_drops_are_counted_in_the_ledger(
     assert ledger.dropped > 0
     assert ledger.sent == ledger.persisted + ledger.dropped
     assert ledger.dropped_by_reason == {f"overflow_{policy}": ledger.dropped}
-    assert outcome.results["variants"][0]["pipeline"]["dropped_by_reason"] == {f"overflow_{policy}": ledger.dropped}
+    stats = outcome.results.variants[0].pipeline
+    assert stats is not None and stats.dropped_by_reason == {f"overflow_{policy}": ledger.dropped}
 
 
 def test_sql_sink_end_to_end_on_sqlite(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
@@ -81,9 +84,9 @@ def test_sql_sink_end_to_end_on_sqlite(write_scenario: Callable[[str], Path], tm
     )
     outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     assert outcome.ok, outcome.problems()
-    sql = outcome.results["variants"][0]["sql"]
-    assert sql["check"] == "ok"
-    assert sql["sum_count"] == 3000
+    sql = outcome.results.variants[0].sql
+    assert sql is not None and sql.check == "ok"
+    assert sql.sum_count == 3000
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'r' / 'agg.db'}")
     with engine.connect() as conn:
         rows = conn.execute(sa.text("SELECT machine, ts, count FROM loading_rate ORDER BY ts, machine")).all()
@@ -106,10 +109,9 @@ def test_sql_url_override_and_fixed_start_make_upsert_idempotent(
             ["run", str(path), "--out", str(tmp_path / f"r{attempt}"), "--quiet", "--sql-url", f"sqlite:///{db}"]
         )
         assert code == 0, capsys.readouterr().err
-    results = json.loads((tmp_path / "r1" / "results.json").read_text())
-    sql = results["variants"][0]["sql"]
-    assert sql["rows"] == 3000, "the second run must update, not duplicate"
-    assert sql["created_by_run"] is False and sql["check"].startswith("skipped")
+    sql = read_results(tmp_path / "r1").variants[0].sql
+    assert sql is not None and sql.rows == 3000, "the second run must update, not duplicate"
+    assert sql.created_by_run is False and sql.check is not None and sql.check.startswith("skipped")
 
 
 def test_sql_url_with_password_is_refused(

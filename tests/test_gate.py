@@ -14,22 +14,64 @@ import numpy as np
 import pytest
 
 from bench.cli import main
-from bench.errors import Inconclusive
+from bench.errors import Inconclusive, UsageError
 from bench.gate import runner as gate
 from bench.gate import stats as gate_stats
-from bench.scenario import GateMetric, GateSettings
+from bench.results import SCHEMA_VERSION
+from bench.results.model import Results, Variant, read_results
+from bench.scenario import GateMetric, GateSettings, load_scenario
 from tests.conftest import ROOT, SCENARIOS
 
 
-def _variant(flush_ms: float, *, lost: int = 0, persisted: int = 10_000, flushes: int = 20) -> dict[str, Any]:
-    return {
-        "ledger": {"persisted": persisted, "rejected": 0, "dropped": 0, "lost": lost, "duplicates": 0},
-        "files": 1,
-        "probes": {
-            "flush": {"parquet": {"size": {"count": flushes, "rows": persisted, "total_ms": {"mean": flush_ms}}}}
-        },
-        "resources": {"peak_rss_mb": 200.0},
-    }
+def _variant(flush_ms: float, *, lost: int = 0, persisted: int = 10_000, flushes: int = 20) -> Variant:
+    """A variant holding only what the gate reads: the ledger, the files, the size flushes and the peak RSS."""
+    return Variant.model_validate(
+        {
+            "name": "default",
+            "config": {"pipeline": {}},
+            "ledger": {
+                "sent": persisted + lost,
+                "persisted": persisted,
+                "rejected": 0,
+                "dropped": 0,
+                "lost": lost,
+                "duplicates": 0,
+            },
+            "throughput": {},
+            "latency_ms": {},
+            "files": 1,
+            "probes": {
+                "flush": {
+                    "parquet": {
+                        "size": {"count": flushes, "rows": persisted, "total_ms": {"count": flushes, "mean": flush_ms}}
+                    }
+                }
+            },
+            "resources": {"peak_rss_mb": 200.0},
+        }
+    )
+
+
+def _write_results(folder: Path, scenario: str, variant: Variant) -> None:
+    """A run folder whose results.json holds ``variant``, as a run of ``scenario`` would write it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results = Results.model_validate(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "run_id": f"{scenario}-0000",
+            "started_at": "2026-01-01T00:00:00+00:00",
+            "scenario": {"name": scenario, "path": f"scenarios/{scenario}.yaml", "sha256": "0" * 64, "seed": 0},
+            "environment": {
+                "python": "3.11.7",
+                "implementation": "cpython",
+                "platform": "Linux",
+                "machine": "x86_64",
+                "packages": {},
+            },
+            "variants": [variant],
+        }
+    )
+    results.write(folder / "results.json")
 
 
 def _reps(side: str, values: list[float], **kw: Any) -> list[gate.Replicate]:
@@ -146,6 +188,21 @@ def test_a_stored_baseline_is_normalised_by_the_reference_workload() -> None:
     assert raw["failed"], "without the reference the slower machine would read as a regression"
 
 
+def test_a_stored_baseline_keeps_its_variants_as_the_results_hold_them(tmp_path: Path) -> None:
+    reps = [gate.Replicate("B", i, Path(f"B{i}"), 0, _variant(10.0 + i), 100.0 + i) for i in range(3)]
+    gate.save_baseline(tmp_path, reps, load_scenario(SCENARIOS / "gate.yaml"))
+    _, stored = gate._load_stored(tmp_path)
+    assert [r.variant for r in stored] == [r.variant for r in reps]
+    assert [r.reference_ms for r in stored] == [100.0, 101.0, 102.0]
+    # A variant this bench cannot read is refused, naming the file and the field.
+    path = tmp_path / "baseline.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["replicates"][1]["variant"]["ledger"]["persited"] = 1
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(UsageError, match=r"baseline\.json: replicates\[1\]\.variant: ledger\.persited: unknown key"):
+        gate._load_stored(tmp_path)
+
+
 def test_markdown_names_the_method_and_the_reasons() -> None:
     verdict = gate.judge(
         _reps("A", list(10 * NOISE[0])), _reps("B", list(12 * NOISE[1])), SETTINGS, paired=True, normalise=False
@@ -216,9 +273,10 @@ def marked_repo(tmp_path: Path) -> tuple[Path, str]:
     base = _git(repo, "rev-parse", "HEAD")
     runner = repo / "bench" / "harness" / "runner.py"
     text = runner.read_text()
-    anchor = '        "scenario": scenario_ref(loaded),'
+    # The mark is the run id's prefix: a field every schema version has, so the results model accepts it.
+    anchor = '    run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"'
     assert anchor in text, "the mark needs a stable place in bench/harness/runner.py's results"
-    runner.write_text(text.replace(anchor, '        "gate_test_mark": "candidate",\n' + anchor, 1))
+    runner.write_text(text.replace(anchor, '    run_id = f"candidate-{sc.name}-{uuid.uuid4().hex[:8]}"', 1))
     return repo, base
 
 
@@ -241,10 +299,10 @@ def test_a_marked_baseline_revision_is_really_the_code_that_ran(tmp_path: Path, 
     assert done.returncode == 3, done.stderr[-3000:]  # 3 pairs: inconclusive, as above
     result = json.loads((out / "gate.json").read_text())
     marks = {
-        side: [json.loads((Path(r["run_dir"]) / "results.json").read_text()).get("gate_test_mark") for r in reps]
+        side: [read_results(Path(r["run_dir"])).run_id.startswith("candidate-") for r in reps]
         for side, reps in result["replicates"].items()
     }
-    assert marks == {"A": [None, None, None], "B": ["candidate"] * 3}
+    assert marks == {"A": [False] * 3, "B": [True] * 3}
     assert result["code"]["A"]["commit"] == base
     assert result["code"]["B"]["root"] == str(repo.resolve())
     assert result["code"]["A"]["code_sha256"] != result["code"]["B"]["code_sha256"]
@@ -311,9 +369,7 @@ def test_bench_compare_refuses_runs_of_different_scenarios(tmp_path: Path, capsy
     runs = {}
     for name in ("steady", "burst"):
         folder = tmp_path / name
-        folder.mkdir()
-        variant = _variant(10.0)
-        (folder / "results.json").write_text(json.dumps({"scenario": {"name": name}, "variants": [variant]}))
+        _write_results(folder, name, _variant(10.0))
         runs[name] = folder
     assert main(["compare", str(runs["steady"]), str(runs["burst"])]) == 2
     err = capsys.readouterr().err
@@ -325,10 +381,7 @@ def test_bench_compare_refuses_runs_of_different_scenarios(tmp_path: Path, capsy
 def test_a_failed_comparison_exits_1(tmp_path: Path) -> None:
     for side, flush in (("a", 10.0), ("b", 20.0)):
         for i in range(8):
-            folder = tmp_path / side / f"r{i}"
-            folder.mkdir(parents=True)
-            variant = _variant(flush * (1 + 0.01 * i))
-            (folder / "results.json").write_text(json.dumps({"scenario": {"name": "x"}, "variants": [variant]}))
+            _write_results(tmp_path / side / f"r{i}", "x", _variant(flush * (1 + 0.01 * i)))
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
 
 

@@ -24,6 +24,7 @@ from bench.cli import load as load_cli
 from bench.errors import ScenarioError, UsageError
 from bench.load import runner as load
 from bench.results import SCHEMA_VERSION
+from bench.results.model import read_results
 from simulators.opcua_server import PlantServer
 from tests.conftest import ROOT, SCENARIOS
 
@@ -71,22 +72,25 @@ def test_bench_load_burst_with_two_workers_reconciles(tmp_path: Path) -> None:
     assert int(rows["Aggregated"]["Failure Count"]) == 0
 
     # The ledger: every message published once, every one persisted.
-    results = json.loads((run_dir / "results.json").read_text())
-    variant = results["variants"][0]
-    ledger = variant["ledger"]
-    assert ledger["reconciled"]
-    assert ledger["sent"] == ledger["persisted"] == MESSAGES
-    assert ledger["lost"] == 0
-    assert variant["latency_ms"]["end_to_end"]["count"] == MESSAGES
-    assert results["schema_version"] == SCHEMA_VERSION
+    results = read_results(run_dir)
+    variant = results.variants[0]
+    ledger = variant.ledger
+    assert ledger.reconciled
+    assert ledger.sent == ledger.persisted == MESSAGES
+    assert ledger.lost == 0
+    e2e = variant.latency_ms.end_to_end
+    assert e2e is not None and e2e.count == MESSAGES
+    assert results.schema_version == SCHEMA_VERSION
 
-    run = variant["load"]
-    assert run["engine"] == "locust"
-    assert run["workers"] == 2
-    assert run["coverage"] == {**run["coverage"], "published": MESSAGES, "not_published": 0, "published_twice": 0}
-    assert run["locust"]["by_type"]["MQTT publish"]["requests"] == MESSAGES
-    assert run["locust"]["by_type"]["MQTT publish"]["p99_ms"] is not None
-    assert "locust_stats.csv" in run["files"] and "locust.html" in run["files"]
+    run = variant.load
+    assert run is not None
+    assert run.engine == "locust"
+    assert run.workers == 2
+    coverage = run.coverage
+    assert (coverage.published, coverage.not_published, coverage.published_twice) == (MESSAGES, 0, 0)
+    assert run.locust.by_type["MQTT publish"].requests == MESSAGES
+    assert run.locust.by_type["MQTT publish"].p99_ms is not None
+    assert "locust_stats.csv" in run.files and "locust.html" in run.files
 
 
 async def _read_seqs(url: str, ids: dict[str, dict[str, str]]) -> dict[str, int]:

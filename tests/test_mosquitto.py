@@ -37,6 +37,6 @@ def test_reconciles_over_real_mosquitto(
     assert ledger.reconciled, ledger.problems()
     assert (ledger.sent, ledger.persisted, ledger.lost, ledger.duplicates, ledger.unexpected) == (1350, 1350, 0, 0, 0)
     assert ds.dataset(outcome.run_dir / "data", format="parquet").count_rows() == 1350
-    variant = outcome.results["variants"][0]
-    assert variant["config"]["transport"]["broker"] == mosquitto_url
+    transport = outcome.results.variants[0].config.transport
+    assert transport is not None and transport.broker == mosquitto_url
     assert not (outcome.run_dir / "broker.log").exists(), "no embedded broker may start when a URL is given"

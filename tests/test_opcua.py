@@ -203,8 +203,8 @@ def test_bench_run_over_opcua_reconciles(write_scenario: Callable[[str], Path], 
     assert outcome.ok, outcome.problems()
     ledger = outcome.ledger
     assert (ledger.sent, ledger.persisted, ledger.lost) == (300, 300, 0)
-    stats = outcome.results["variants"][0]["opcua"]
-    assert stats["readings"] == 300 and stats["incomplete"] == 0
+    stats = outcome.results.variants[0].opcua
+    assert stats is not None and stats.readings == 300 and stats.incomplete == 0
     assert ds.dataset(tmp_path / "r" / "data", format="parquet").count_rows() == 300
 
 
@@ -213,9 +213,9 @@ def test_both_transports_into_one_pipeline_reconcile(write_scenario: Callable[[s
     outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
     assert outcome.ok, outcome.problems()
     assert (outcome.ledger.sent, outcome.ledger.persisted) == (300, 300)
-    stats = outcome.results["variants"][0]["opcua"]
+    stats = outcome.results.variants[0].opcua
     # Machines m-1 and m-3 (odd index) are on OPC UA: 2 of every 5 messages.
-    assert stats["readings"] == 120 and stats["machines"] == 2
+    assert stats is not None and stats.readings == 120 and stats.machines == 2
 
 
 def test_queue_overflow_is_counted_as_a_named_drop(write_scenario: Callable[[str], Path], tmp_path: Path) -> None:
@@ -314,15 +314,16 @@ def test_server_restart_losses_are_counted_with_their_cause(
         "faults:\n  - {kind: server_restart, at: 1.5s, down_for: 1s}\nrun: {drain_timeout: 3s}\n"
     )
     outcome = runner.run(load_scenario(write_scenario(text)), runner.RunOptions(out=tmp_path / "r", calibrate=False))
-    variant = outcome.results["variants"][0]
+    variant = outcome.results.variants[0]
     ledger = outcome.ledger
     assert ledger.reconciled, ledger.problems()
     # At least the planned second of downtime (60 readings) could not be written at all; a
     # restart on a loaded machine takes longer, so this is a lower bound.
-    not_sent = variant["publisher"]["not_sent"]["server_down"]
+    assert variant.publisher is not None and variant.publisher.not_sent is not None
+    not_sent = variant.publisher.not_sent["server_down"]
     assert not_sent >= 55
     assert ledger.sent + not_sent == 600, "every planned reading is sent or counted as not sent"
-    assert variant["opcua"]["connection_losses"] >= 1
+    assert variant.opcua is not None and variant.opcua.connection_losses >= 1
     # Readings from the second half of the run (long after the restart) arrive again.
     seqs = ds.dataset(tmp_path / "r" / "data", format="parquet").to_table(columns=["seq"]).column("seq").to_pylist()
     assert max(seqs) > 450
@@ -338,7 +339,8 @@ def test_bench_replays_into_an_external_server_by_url(write_scenario: Callable[[
         assert outside.written == 0  # the bench wrote as a client, not through the server's own API
     assert outcome.ok, outcome.problems()
     assert (outcome.ledger.sent, outcome.ledger.persisted) == (300, 300)
-    assert "reference" not in outcome.results["variants"][0]["opcua"]  # needs the embedded server
+    stats = outcome.results.variants[0].opcua
+    assert stats is not None and "reference" not in stats.model_fields_set  # needs the embedded server
 
 
 def test_source_with_configured_node_ids_skips_the_browse() -> None:

@@ -18,10 +18,12 @@ from PIL import Image
 from bench.errors import UsageError
 from bench.harness import runner
 from bench.report.render import PLOT_IDS, TABLE_IDS, ReportPaths, write_report
-from bench.results.metrics import METRIC_ROWS, get_path
+from bench.results.metrics import METRIC_ROWS
+from bench.results.model import read_results
 from bench.scenario import load_scenario
 from tests.conftest import SCENARIOS
 
+OLD_RESULTS = sorted((Path(__file__).parent / "data" / "results").glob("v*.json"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CAPACITY_PLOTS = ("plot-capacity", "plot-capacity-latency", "plot-usl")
 RUN_PLOTS = tuple(p for p in PLOT_IDS if p not in CAPACITY_PLOTS)
@@ -145,7 +147,7 @@ def capacity_sweep() -> dict[str, Any]:
                     "little": {
                         "mean_in_system": round(persisted * p50 / 1000, 1),
                         "arrival_per_s": round(persisted, 1),
-                        "mean_latency_s": round(p50 / 1000, 4),
+                        "mean_time_s": round(p50 / 1000, 4),
                         "predicted": round(persisted * p50 / 1000, 1),
                         "ratio": 1.02,
                     },
@@ -294,15 +296,16 @@ def test_real_run_report_has_every_plot_and_table_that_applies(lock_run: Path, l
 
     strategies = table(html, "table-strategies")
     shown = 0
-    for label, path, fmt, _ in METRIC_ROWS:
-        values = [get_path(v, *path) for v in variants]
+    for metric in METRIC_ROWS:
+        label = metric.label.strip()
+        values = [metric.value(v) for v in read_results(lock_run).variants]
         if all(v is None for v in values):
-            assert f">{label.strip()}<" not in strategies, label
+            assert f">{label}<" not in strategies, label
             continue
-        assert f">{label.strip()}<" in strategies, label
+        assert f">{label}<" in strategies, label
         for value in values:
             if value is not None:
-                assert fmt.format(value) in strategies, (label, value)
+                assert metric.fmt.format(value) in strategies, (label, value)
         shown += 1
     assert shown >= 15
     assert "(x" in strategies or "(1/" in strategies, "ratios to the first variant"
@@ -436,6 +439,27 @@ def test_several_runs_overlay_with_run_folder_labels(lock_run: Path, capacity_ru
     assert all(f'<th scope="col">{label}</th>' in ledger for label in labels)
     assert "lock/coarse" in re.search(r'alt="([^"]*)"', sections(html)["plot-lock"]).group(1)  # type: ignore[union-attr]
     assert ">capacity/1 worker<" in table(html, "table-capacity-summary")
+
+
+# ----------------------------------------------------------------------------- older results
+
+
+@pytest.mark.parametrize("fixture", OLD_RESULTS, ids=[p.stem for p in OLD_RESULTS])
+def test_the_report_renders_results_of_every_older_version(fixture: Path, tmp_path: Path) -> None:
+    """Files each schema version's bench wrote (tests/data/results): a report, its verdict, and a note that the
+    file is older."""
+    folder = tmp_path / fixture.stem
+    folder.mkdir()
+    shutil.copy(fixture, folder / "results.json")
+    html, markdown = read(write_report([folder]))
+    version = json.loads(fixture.read_text(encoding="utf-8"))["schema_version"]
+    assert f"results written with schema_version {version}; this report reads" in html
+    assert "<strong>PASSED</strong>" in html and markdown.splitlines()[2].startswith("**PASSED**")
+    for table_id in ("table-runs", "table-ledger", "table-strategies", "table-environment"):
+        table(html, table_id)
+    if "capacity" in fixture.stem:
+        table(html, "table-capacity")
+    assert 'class="missing"' not in html
 
 
 # ----------------------------------------------------------------------------- bad input

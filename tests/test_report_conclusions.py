@@ -20,7 +20,8 @@ from bench.gate import runner as gate
 from bench.harness import runner
 from bench.harness.probes import append_cost
 from bench.report.render import ReportPaths, default_out_dir, verdict, write_report
-from bench.results.metrics import TAIL_SHARE_WARNING, get_path, tail_share_bound
+from bench.results.metrics import TAIL_SHARE_WARNING, tail_share_bound
+from bench.results.model import read_results
 from bench.scenario import load_scenario
 from pipeline.model import FlushStat
 from pipeline.probes import Recorder
@@ -289,11 +290,9 @@ def test_a_validation_mismatch_fails_the_verdict_and_is_bold_in_markdown(anomaly
 def test_no_ratio_between_runs_of_different_scenarios(lock_run: Path, burst_run: Path, tmp_path: Path) -> None:
     _, markdown = read(write_report([lock_run, burst_run], tmp_path))
     assert md_row(markdown, "metric") == ["lock/coarse", "lock/swap", "burst/coarse", "burst/swap"]
-    values = [
-        get_path(v, "latency_ms", "end_to_end", "p99")
-        for run in (lock_run, burst_run)
-        for v in results_of(run)["variants"]
-    ]
+    summaries = [v.latency_ms.end_to_end for run in (lock_run, burst_run) for v in read_results(run).variants]
+    values = [e2e.p99 for e2e in summaries if e2e is not None and e2e.p99 is not None]
+    assert len(values) == 4
     cells = md_row(markdown, "end-to-end p99 ms")
     # Each scenario's first column is its own base; the other scenario's columns are never divided by it.
     assert "(" not in cells[0] and "(" not in cells[2], cells

@@ -36,13 +36,13 @@ from bench.capacity.publish_worker import spec_to_json
 from bench.capacity.workers import READY_TIMEOUT_S, Child, WorkerPipelines
 from bench.errors import ScenarioError, UsageError
 from bench.harness import session as harness
-from bench.harness.accounting import CommandOptions, RunRecord
+from bench.harness.accounting import CommandOptions, RunRecord, write_run_results
 from bench.harness.ledger import reconcile
 from bench.harness.probes import append_cost, flush_summary, lock_summary
 from bench.harness.progress import StepProgress
 from bench.harness.runner import make_run_dir, scenario_ref
 from bench.harness.sut import Output, SinkFault
-from bench.results import SCHEMA_VERSION, environment, write_results
+from bench.results import SCHEMA_VERSION, environment
 from bench.scenario import CapacitySettings, LoadedScenario, Scenario
 from pipeline.buffer import LockProbes
 from pipeline.clock import MonotonicWallClock
@@ -137,8 +137,7 @@ def run_capacity(
             "recommendations": advice,
         },
     }
-    write_results(run_dir / "results.json", results)
-    return CapacityOutcome(run_dir, results, problems)
+    return CapacityOutcome(run_dir, write_run_results(run_dir, results), problems)
 
 
 def _check_capacity(loaded: LoadedScenario, cap: CapacitySettings, options: CapacityOptions) -> str:

@@ -1,4 +1,4 @@
-"""The ``bench`` command: run, validate, schema.
+"""The ``bench`` command: run, load, capacity, gate, compare, report, validate, schema.
 
 Exit codes: 0 success; 1 the run failed its checks (e.g. the ledger does not
 reconcile) or a service could not be reached; 2 bad input (scenario file or
@@ -25,12 +25,13 @@ from rich.text import Text
 from bench.cli.args import broker_url, int_list, positive_int, positive_seconds, rate_list
 from bench.cli.load import register as register_load
 from bench.errors import BenchError, UsageError
-from bench.results.metrics import METRIC_ROWS, get_path
+from bench.results.metrics import GATE_METRICS, METRIC_ROWS, parquet_flush_triggers
 from bench.scenario import json_schema, load_scenario
 
 if TYPE_CHECKING:
     from bench.harness import runner
     from bench.harness.progress import Progress as RunProgress
+    from bench.results.model import LatencySummary, Results
 
 
 def _fraction(text: str) -> float:
@@ -149,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_val = sub.add_parser("validate", help="check a scenario file without running it")
     p_val.add_argument("scenario", type=Path, nargs="+")
-    sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
+    p_schema = sub.add_parser("schema", help="print the scenario JSON Schema (for editor completion)")
+    p_schema.add_argument(
+        "--results", action="store_true", help="print the JSON Schema of results.json instead (for other tools)"
+    )
     register_load(sub)
     return parser
 
@@ -169,8 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True)
     try:
         if args.command == "schema":
-            print(json.dumps(json_schema(), indent=2))
-            return 0
+            if args.results:
+                from bench.results.model import results_json_schema
+
+                return _print_schema(results_json_schema())
+            return _print_schema(json_schema())
         if args.command == "validate":
             for path in args.scenario:
                 loaded = load_scenario(path)
@@ -207,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _print_schema(schema: dict[str, Any]) -> int:
+    """Print a JSON Schema; a reader that stops early (``bench schema | head``) is not an error."""
+    try:
+        print(json.dumps(schema, indent=2), flush=True)
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     from bench.harness import runner  # the pipeline, pyarrow, the simulators: only for commands that run
 
@@ -229,7 +246,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         outcome = runner.run(loaded, options, on_progress=_line_printer(err) if show else None)
     report = _auto_report(outcome.run_dir, err)
     if args.json:
-        print(json.dumps(outcome.results, indent=2))
+        print(json.dumps(outcome.results.to_json(), indent=2))
     else:
         out.print(_verdict_line(outcome.results, outcome.run_dir))
         out.print(summary_table(outcome.results))
@@ -237,12 +254,12 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         if scored is not None:
             out.print(scored)
         out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
-    overhead = get_path(outcome.results["variants"][0], "probes", "overhead")
-    if overhead and not args.json:
+    overhead = outcome.results.variants[0].probes.overhead
+    if overhead is not None and not args.json:
         out.print(
-            f"probe overhead: {overhead['ns_per_put_on'] - overhead['ns_per_put_off']:,.0f} ns per put, "
-            f"{overhead['overhead_pct_of_message']}% of a message's decode + validate + put "
-            f"({overhead['overhead_pct']}% of the put alone); measured in this run, probes on vs off"
+            f"probe overhead: {overhead.ns_per_put_on - overhead.ns_per_put_off:,.0f} ns per put, "
+            f"{overhead.overhead_pct_of_message}% of a message's decode + validate + put "
+            f"({overhead.overhead_pct}% of the put alone); measured in this run, probes on vs off"
         )
     if not outcome.ok:
         err.print("bench: FAILED: the run did not pass its checks", style="bold red")
@@ -294,8 +311,8 @@ def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
 
         def progress(rep: gate.Replicate, total: int) -> None:
             if not quiet:
-                hot = get_path(rep.variant, "probes", "cpu", "hot_path_us_per_msg")
-                sink = get_path(rep.variant, "probes", "cpu", "sink_us_per_row", "parquet")
+                hot = GATE_METRICS["hot_path_cpu_us"].value(rep.variant)
+                sink = GATE_METRICS["sink_cpu_us_per_row"].value(rep.variant)
                 err.print(
                     f"replicate {rep.side}{rep.index + 1:02d} ({rep.seconds:.1f} s): hot path "
                     + ("-" if hot is None else f"{hot:.2f} us/msg")
@@ -436,7 +453,7 @@ def gate_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def _verdict_line(results: dict[str, Any], run_dir: Path) -> Text:
+def _verdict_line(results: Results, run_dir: Path) -> Text:
     """The run's conclusion, first, as its report gives it: PASSED / FAILED / INCONCLUSIVE and the figures."""
     from bench.report.render import verdict  # matplotlib: only for runs that print a conclusion
 
@@ -450,7 +467,7 @@ def _auto_report(run_dir: Path, err: Console) -> Path | None:
     nobody reads their reports; an env var, so older versions that lack it simply ignore it)."""
     if os.environ.get("BENCH_NO_REPORT") == "1":
         return None
-    from bench.report.render import write_report_or_warn  # matplotlib: a second of start-up only runs that report pay
+    from bench.cli.report_step import write_report_or_warn
 
     return write_report_or_warn(run_dir, err)
 
@@ -466,7 +483,7 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
     outcome = capacity.run_capacity(loaded, options, on_progress=_capacity_printer(err) if show else None)
     report = _auto_report(outcome.run_dir, err)
     if args.json:
-        print(json.dumps(outcome.results, indent=2))
+        print(json.dumps(outcome.results.to_json(), indent=2))
     else:
         for table in capacity_tables(outcome.results):
             out.print(table)
@@ -505,13 +522,28 @@ def _capacity_printer(console: Console, every_s: float = 2.0) -> Any:
     return update
 
 
-def capacity_tables(results: dict[str, Any]) -> list[Table]:
+def _num(value: float | None, fmt: str) -> str:
+    """A figure of a capacity step, or "-" where the step lacks it."""
+    return "-" if value is None else fmt.format(value)
+
+
+def _p50(summary: LatencySummary | None) -> float:
+    """A step's p50; 0 where it has none (no samples in the window)."""
+    return 0 if summary is None or summary.p50 is None else summary.p50
+
+
+def _p99(summary: LatencySummary | None) -> float:
+    """A step's p99; 0 where it has none (no samples in the window)."""
+    return 0 if summary is None or summary.p99 is None else summary.p99
+
+
+def capacity_tables(results: Results) -> list[Table]:
     """One table per worker count: the steps side by side with the evidence behind each verdict."""
     tables = []
-    for sr in results["capacity"]["series"]:
-        table = Table(title=f"capacity, {sr['workers']} pipeline worker(s): {sr['stopped']}")
-        if sr.get("limit"):
-            table.caption = f"limit: {sr['limit']}"
+    for sr in results.capacity.series if results.capacity is not None else []:
+        table = Table(title=f"capacity, {sr.workers} pipeline worker(s): {sr.stopped}")
+        if sr.limit:
+            table.caption = f"limit: {sr.limit}"
         cols = [
             "offered/s",
             "sent/s",
@@ -531,52 +563,54 @@ def capacity_tables(results: dict[str, Any]) -> list[Table]:
         ]
         for c in cols:
             table.add_column(c, justify="left" if c == "verdict" else "right")
-        for s in sr["steps"]:
-            e2e = s["latency_ms"]["end_to_end"]
-            colour = {"sustainable": "green", "unsustainable": "red"}.get(s["verdict"], "yellow")
+        for s in sr.steps:
+            e2e = s.latency_ms.end_to_end if s.latency_ms is not None else None
+            colour = {"sustainable": "green", "unsustainable": "red"}.get(s.verdict or "", "yellow")
             table.add_row(
-                f"{s['offered_per_s']:,.0f}",
-                f"{s['sent_per_s']:,.0f}",
-                f"{s['send_lag_p99_ms']:,.0f}",
-                f"{s['persisted_per_s']:,.0f}",
-                f"{s['achieved_ratio']:.3f}",
-                f"{s['backlog_slope_per_s']:,.1f}",
-                f"{s['backlog_end']:,}",
-                f"{e2e.get('p50', 0):,.1f}",
-                f"{e2e.get('p99', 0):,.1f}",
-                f"{s['flush_ms'].get('p99', 0):,.1f}",
-                f"{s['lock_wait_ms'].get('p99', 0):,.3f}",
-                f"{s['cpu_pct']:,.0f}",
-                f"{s['rss_mb']:,.0f}",
-                f"{s['lost']:,}",
-                f"[{colour}]{s['verdict']}[/]",
+                f"{s.offered_per_s:,.0f}",
+                _num(s.sent_per_s, "{:,.0f}"),
+                _num(s.send_lag_p99_ms, "{:,.0f}"),
+                _num(s.persisted_per_s, "{:,.0f}"),
+                _num(s.achieved_ratio, "{:.3f}"),
+                _num(s.backlog_slope_per_s, "{:,.1f}"),
+                _num(s.backlog_end, "{:,}"),
+                f"{_p50(e2e):,.1f}",
+                f"{_p99(e2e):,.1f}",
+                f"{_p99(s.flush_ms):,.1f}",
+                f"{_p99(s.lock_wait_ms):,.3f}",
+                _num(s.cpu_pct, "{:,.0f}"),
+                _num(s.rss_mb, "{:,.0f}"),
+                _num(s.lost, "{:,}"),
+                f"[{colour}]{s.verdict}[/]",
             )
         tables.append(table)
     return tables
 
 
-def capacity_lines(results: dict[str, Any]) -> list[str]:
-    cap = results["capacity"]
+def capacity_lines(results: Results) -> list[str]:
+    cap = results.capacity
+    if cap is None:
+        return []
     lines = []
-    for sr in cap["series"]:
-        sus = sr["sustainable_per_s"]
-        knee = sr["knee"]
+    for sr in cap.series:
+        sus = sr.sustainable_per_s
+        knee = sr.knee
         lines.append(
-            f"workers={sr['workers']}: sustainable throughput "
+            f"workers={sr.workers}: sustainable throughput "
             + (f"[bold]{sus:,.0f} msg/s[/]" if sus else "[red]none found[/]")
-            + f" (achieved >= {cap['threshold']:.0%} of offered, backlog not growing); peak achieved "
-            + f"{sr['peak_per_s'] or 0:,.0f} msg/s; knee "
-            + (f"at {knee['offered_per_s']:,.0f} msg/s (p99 {knee['p99_ms']:,.0f} ms)" if knee else "not reached")
+            + f" (achieved >= {_num(cap.threshold, '{:.0%}')} of offered, backlog not growing); peak achieved "
+            + f"{sr.peak_per_s or 0:,.0f} msg/s; knee "
+            + (f"at {knee.offered_per_s:,.0f} msg/s (p99 {knee.p99_ms:,.0f} ms)" if knee else "not reached")
         )
-    fit = cap.get("usl")
+    fit = cap.usl
     if fit:
-        peak = f"{fit['peak_per_s']:,.0f} msg/s" if fit["peak_per_s"] else "none"
+        peak = f"{fit.peak_per_s:,.0f} msg/s" if fit.peak_per_s else "none"
         lines.append(
-            f"USL fit: lambda {fit['lambda']:,.0f} msg/s, sigma {fit['sigma']:.4f}, kappa {fit['kappa']:.5f}; "
-            f"predicted peak ({fit['peak_kind']}) {peak}" + (f" [dim]({fit['note']})[/]" if fit["note"] else "")
+            f"USL fit: lambda {fit.lambda_:,.0f} msg/s, sigma {fit.sigma:.4f}, kappa {fit.kappa:.5f}; "
+            f"predicted peak ({fit.peak_kind}) {peak}" + (f" [dim]({fit.note})[/]" if fit.note else "")
         )
-    for r in cap["recommendations"]:
-        lines.append(f"advice ({r['topic']}): {r['text']} [dim]— {r['evidence']}[/]")
+    for r in cap.recommendations:
+        lines.append(f"advice ({r.topic}): {r.text} [dim]— {r.evidence}[/]")
     return lines
 
 
@@ -640,59 +674,60 @@ def _cell(value: Any, fmt: str, base: Any, ratio: bool) -> str:
     return text
 
 
-def summary_table(results: dict[str, Any]) -> Table:
+def summary_table(results: Results) -> Table:
     """The end-of-run table, one column per variant; ratios are to the first variant."""
-    variants = results["variants"]
-    table = Table(title=f"{results['scenario']['name']}: run {results['run_id']}")
+    variants = results.variants
+    table = Table(title=f"{results.scenario.name}: run {results.run_id}")
     table.add_column("metric")
     for variant in variants:
-        table.add_column(variant["name"], justify="right")
+        table.add_column(variant.name, justify="right")
     table.add_row(
         "ledger",
-        *["[green]reconciled[/]" if v["ledger"]["reconciled"] else "[red]NOT reconciled[/]" for v in variants],
+        *["[green]reconciled[/]" if v.ledger.reconciled else "[red]NOT reconciled[/]" for v in variants],
     )
-    for label, path, fmt, ratio in METRIC_ROWS:
-        values = [get_path(v, *path) for v in variants]
+    for row in METRIC_ROWS:
+        values = [row.value(v) for v in variants]
         if all(v is None for v in values):
             continue
         base = values[0]
-        table.add_row(label, *[_cell(val, fmt, base, ratio and i > 0) for i, val in enumerate(values)])
-    triggers = ("size", "timeout", "shutdown")
+        table.add_row(row.label, *[_cell(val, row.fmt, base, row.ratio and i > 0) for i, val in enumerate(values)])
     flush_counts = [
-        "/".join(str(get_path(v, "probes", "flush", "parquet", t, "count") or 0) for t in triggers) for v in variants
+        "/".join(str(stats.count if stats is not None else 0) for stats in parquet_flush_triggers(v)) for v in variants
     ]
     table.add_row("flushes size/timeout/shutdown", *flush_counts)
     coalesced = [
-        str(sum(get_path(v, "probes", "flush", "parquet", t, "coalesced") or 0 for t in triggers)) for v in variants
+        str(sum(stats.coalesced or 0 for stats in parquet_flush_triggers(v) if stats is not None)) for v in variants
     ]
     table.add_row("coalesced triggers", *coalesced)
     return table
 
 
-def validation_table(results: dict[str, Any]) -> Table | None:
+def validation_table(results: Results) -> Table | None:
     """Truth against decision per anomaly class (first variant with a score), or None without anomalies."""
-    variant = next((v for v in results["variants"] if v.get("validation")), None)
-    if variant is None:
+    variant = next((v for v in results.variants if v.validation is not None), None)
+    if variant is None or variant.validation is None:
         return None
-    score = variant["validation"]
-    title = f"validation ({variant['name']}): {score['mismatches']:,} mismatch(es) between truth and decision"
+    score = variant.validation
+    title = f"validation ({variant.name}): {score.mismatches:,} mismatch(es) between truth and decision"
     table = Table(title=title)
     for name, justify in (("class (truth)", "left"), ("injected", "right"), ("expected", "left")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     table.add_column("decisions", justify="left")
     table.add_column("mismatches", justify="right")
-    for truth, row in score["classes"].items():
-        expected = ", ".join(f"{k} {n:,}" for k, n in row["expected"].items())
-        decided = ", ".join(f"{k} {n:,}" for k, n in sorted(row["decisions"].items(), key=lambda kv: -kv[1]))
-        bad = row["mismatches"]
-        table.add_row(truth, f"{row['injected']:,}", expected, decided, f"[red]{bad:,}[/]" if bad else "0")
-    checks = score["output_checks"]
-    table.caption = (
-        f"read back: {checks['rows_read_back']:,} rows; NaN/inf {checks['non_finite_values']}, "
-        f"files with naive timestamps {checks['files_with_naive_timestamps']}, "
-        f"beyond the future tolerance {checks['beyond_future_tolerance']}; "
-        f"quarantine rows {score.get('quarantine_rows', 0):,}"
+    for truth, row in score.classes.items():
+        expected = ", ".join(f"{k} {n:,}" for k, n in row.expected.items())
+        decided = ", ".join(f"{k} {n:,}" for k, n in sorted(row.decisions.items(), key=lambda kv: -kv[1]))
+        bad = row.mismatches
+        table.add_row(truth, f"{row.injected:,}", expected, decided, f"[red]{bad:,}[/]" if bad else "0")
+    checks = score.output_checks
+    read_back = (
+        ""
+        if checks is None
+        else f"read back: {checks.rows_read_back:,} rows; NaN/inf {checks.non_finite_values}, "
+        f"files with naive timestamps {checks.files_with_naive_timestamps}, "
+        f"beyond the future tolerance {checks.beyond_future_tolerance}; "
     )
+    table.caption = read_back + f"quarantine rows {score.quarantine_rows or 0:,}"
     return table
 
 

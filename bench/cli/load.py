@@ -19,6 +19,7 @@ from bench.cli.args import broker_url, count, positive_int
 if TYPE_CHECKING:
     from bench.harness.progress import LoadProgress
     from bench.load.runner import LoadOptions, LoadOutcome
+    from bench.results.model import Results
     from bench.scenario import LoadedScenario
 
 
@@ -119,7 +120,7 @@ def command(args: argparse.Namespace) -> int:
         outcome = _run_with_bar(loaded, options, err)
     else:
         outcome = run_load(loaded, options, on_progress=_line_printer(err))
-    from bench.report.render import write_report_or_warn  # matplotlib is slow to import; only needed here
+    from bench.cli.report_step import write_report_or_warn
 
     report = write_report_or_warn(outcome.run_dir, err)
     out.print(summary_table(outcome.results))
@@ -177,46 +178,50 @@ def _line_printer(console: Any, every_s: float = 5.0) -> Callable[[LoadProgress]
     return update
 
 
-def summary_table(results: dict[str, Any]) -> Any:
+def summary_table(results: Results) -> Any:
     """The end-of-run table: the ledger, the bench's throughput and latency, and locust's own figures."""
     from rich.table import Table
 
-    v = results["variants"][0]
-    load, led = v["load"], v["ledger"]
-    loc = load["locust"]["by_type"].get(load["locust"].get("sends", ""), load["locust"])
-    table = Table(title=f"{results['scenario']['name']}: load run {results['run_id']}")
+    from bench.results.model import LatencySummary
+
+    v = results.variants[0]
+    load, led = v.load, v.ledger
+    if load is None:
+        raise ValueError(f"results of run {results.run_id} hold no load section: not a `bench load` run")
+    loc = load.locust.by_type.get(load.locust.sends or "", load.locust)
+    e2e = v.latency_ms.end_to_end or LatencySummary(count=0)
+    lag = v.latency_ms.send_lag or LatencySummary(count=0)
+    table = Table(title=f"{results.scenario.name}: load run {results.run_id}")
     table.add_column("metric")
     table.add_column("value", justify="right")
 
     def ms(value: Any) -> str:
         return "-" if value is None else f"{value:,.1f}"
 
+    coverage = load.coverage
     rows = [
-        ("ledger", "[green]reconciled[/]" if led["reconciled"] else "[red]NOT reconciled[/]"),
-        ("locust master + workers", f"1 + {load['workers']} ({load['users']} {load['user_class']} users)"),
-        ("  of which on other machines", f"{load.get('remote_workers', 0)}"),
-        ("  sent", f"{led['sent']:,}"),
-        ("  persisted", f"{led['persisted']:,}"),
-        ("  rejected", f"{led['rejected']:,}"),
-        ("  dropped", f"{led['dropped']:,}"),
-        ("  lost", f"{led['lost']:,}"),
+        ("ledger", "[green]reconciled[/]" if led.reconciled else "[red]NOT reconciled[/]"),
+        ("locust master + workers", f"1 + {load.workers} ({load.users} {load.user_class} users)"),
+        ("  of which on other machines", f"{load.remote_workers}"),
+        ("  sent", f"{led.sent:,}"),
+        ("  persisted", f"{led.persisted:,}"),
+        ("  rejected", f"{led.rejected:,}"),
+        ("  dropped", f"{led.dropped:,}"),
+        ("  lost", f"{led.lost:,}"),
         (
             "  not published / failed / twice",
-            "{not_published} / {failed} / {published_twice}".format(**load["coverage"]),
+            f"{coverage.not_published} / {coverage.failed} / {coverage.published_twice}",
         ),
-        ("offered msg/s", f"{v['throughput']['offered_per_s']:,.1f}"),
-        ("sent msg/s", f"{v['throughput']['sent_per_s']:,.1f}"),
-        ("persisted msg/s", f"{v['throughput']['persisted_per_s']:,.1f}"),
-        (
-            "end-to-end p50 / p99 / max ms",
-            " / ".join(ms(v["latency_ms"]["end_to_end"].get(k)) for k in ("p50", "p99", "max")),
-        ),
-        ("send lag p50 / p99 ms", " / ".join(ms(v["latency_ms"]["send_lag"].get(k)) for k in ("p50", "p99"))),
-        (f"locust {load['locust'].get('sends', 'requests')} (failures)", f"{loc['requests']:,} ({loc['failures']:,})"),
-        ("  locust requests/s (over the whole test)", ms(loc.get("requests_per_s"))),
+        ("offered msg/s", f"{v.throughput.offered_per_s:,.1f}"),
+        ("sent msg/s", f"{v.throughput.sent_per_s:,.1f}"),
+        ("persisted msg/s", f"{v.throughput.persisted_per_s:,.1f}"),
+        ("end-to-end p50 / p99 / max ms", " / ".join(ms(x) for x in (e2e.p50, e2e.p99, e2e.max))),
+        ("send lag p50 / p99 ms", " / ".join(ms(x) for x in (lag.p50, lag.p99))),
+        (f"locust {load.locust.sends or 'requests'} (failures)", f"{loc.requests:,} ({loc.failures:,})"),
+        ("  locust requests/s (over the whole test)", ms(loc.requests_per_s)),
         (
             "  locust response ms p50 / p95 / p99 / max",
-            " / ".join(ms(loc.get(k)) for k in ("median_ms", "p95_ms", "p99_ms", "max_ms")),
+            " / ".join(ms(x) for x in (loc.median_ms, loc.p95_ms, loc.p99_ms, loc.max_ms)),
         ),
     ]
     for label, value in rows:

@@ -37,14 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from bench.errors import Inconclusive, ScenarioError, UsageError
 from bench.gate import stats as gate_stats
 from bench.gate import worker as gate_worker
 from bench.harness.runner import make_run_dir
 from bench.results import environment
-from bench.results.metrics import COUNTERS, GATE_METRICS, CounterName, MetricName, counter_value, get_path
+from bench.results.metrics import COUNTERS, GATE_METRICS, CounterName, MetricName, counter_value
+from bench.results.model import ScenarioRef, Variant, read_results
 from bench.scenario import GateMetric, GateSettings, LoadedScenario
+from pipeline.config import format_validation_error
 
 GATE_SCHEMA = 2
 BASELINE_FILE = "baseline.json"
@@ -74,7 +77,8 @@ class Replicate:
     index: int
     run_dir: Path
     exit_code: int
-    variant: dict[str, Any]
+    variant: Variant
+    """The run's (first) variant, as its results.json holds it."""
     reference_ms: float | None = None
     seconds: float = 0.0
     modules: dict[str, str | None] | None = None
@@ -223,13 +227,17 @@ class _Worker:
                 f"replicate {out.name} ({self.side.label}) wrote no results (exit code {reply['exit_code']}); "
                 f"see {out}.log"
             )
-        results = json.loads(results_path.read_text(encoding="utf-8"))
+        try:
+            results = read_results(results_path)
+        except UsageError as exc:
+            # Another bench (a baseline revision, another install) wrote a file this one cannot read: no verdict.
+            raise Inconclusive(f"replicate {out.name} ({self.side.label}): {exc}") from None
         return Replicate(
             self.side.name,
             index,
             out,
             int(reply["exit_code"]),
-            results["variants"][0],
+            results.variants[0],
             ref,
             float(reply["seconds"]),
             reply["modules"],
@@ -370,14 +378,14 @@ def _git(args: list[str], cwd: Path, what: str) -> str:
 
 
 def _value(rep: Replicate, metric: MetricName, normalise: bool) -> float | None:
-    path, higher_is_better, _ = GATE_METRICS[metric]
-    value = get_path(rep.variant, *path)
+    figure = GATE_METRICS[metric]
+    value = figure.value(rep.variant)
     if value is None:
         return None
     value = float(value)
     if normalise and metric not in NOT_TIMES and rep.reference_ms:
         # Rates are per time: multiply; times: divide. Either way "as if the machine were as fast as the reference".
-        value = value * rep.reference_ms if higher_is_better else value / rep.reference_ms
+        value = value * rep.reference_ms if figure.higher_is_better else value / rep.reference_ms
     return value
 
 
@@ -435,7 +443,7 @@ def _metric_row(
     seed: int,
 ) -> dict[str, Any]:
     """One metric's values on both sides and their change, before Holm's step says whether it is significant."""
-    higher, unit = GATE_METRICS[name][1], GATE_METRICS[name][2]
+    higher, unit = GATE_METRICS[name].higher_is_better, GATE_METRICS[name].unit
     av = [_value(r, name, normalise) for r in a]
     bv = [_value(r, name, normalise) for r in b]
     conf = metric.confidence or gates.confidence
@@ -572,7 +580,7 @@ def _bound_check(bname: MetricName, limit: float, b: Sequence[Replicate]) -> tup
     """A service-level bound on the candidate's worst replicate, in real units (never normalised): the entry,
     and why it fails the gate (None if it does not)."""
     measured = [v for v in (_value(r, bname, False) for r in b) if v is not None]
-    higher = GATE_METRICS[bname][1]
+    higher = GATE_METRICS[bname].higher_is_better
     worst: float | None = (min(measured) if higher else max(measured)) if measured else None
     ok = worst is not None and (worst >= limit if higher else worst <= limit)
     why = (
@@ -768,9 +776,17 @@ def save_baseline(folder: Path, reps: Sequence[Replicate], loaded: LoadedScenari
         "scenario": {"name": loaded.scenario.name, "sha256": loaded.sha256},
         "saved_at": datetime.now(UTC).isoformat(),
         "environment": environment(),
-        "replicates": [{"variant": r.variant, "reference_ms": r.reference_ms, "exit_code": r.exit_code} for r in reps],
+        "replicates": [
+            {"variant": _variant_json(r.variant), "reference_ms": r.reference_ms, "exit_code": r.exit_code}
+            for r in reps
+        ],
     }
     (folder / BASELINE_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _variant_json(variant: Variant) -> dict[str, Any]:
+    """A variant as its results.json holds it (what a writer left unset stays out)."""
+    return variant.model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def _load_stored(folder: Path) -> tuple[dict[str, Any], list[Replicate]]:
@@ -778,7 +794,9 @@ def _load_stored(folder: Path) -> tuple[dict[str, Any], list[Replicate]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         reps = [
-            Replicate("A", i, folder, int(r["exit_code"]), r["variant"], float(r["reference_ms"]))
+            Replicate(
+                "A", i, folder, int(r["exit_code"]), _stored_variant(path, i, r["variant"]), float(r["reference_ms"])
+            )
             for i, r in enumerate(data["replicates"])
         ]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -786,6 +804,17 @@ def _load_stored(folder: Path) -> tuple[dict[str, Any], list[Replicate]]:
     if len(reps) < 3:
         raise UsageError(f"{path}: holds {len(reps)} replicate(s); a comparison needs at least 3")
     return {"kind": "stored", "folder": str(folder), "saved_at": data.get("saved_at")}, reps
+
+
+def _stored_variant(path: Path, index: int, data: Any) -> Variant:
+    """One replicate's variant of a stored baseline, through the results model."""
+    try:
+        return Variant.model_validate(data)
+    except ValidationError as exc:
+        problems = format_validation_error(f"{path}: replicates[{index}].variant", exc)
+        raise UsageError(
+            f"{path}: not a stored baseline this bench reads (written by bench gate --save-baseline):\n{problems}"
+        ) from None
 
 
 def baseline_only(loaded: LoadedScenario, folder: Path, replicates: int | None) -> Path:
@@ -888,7 +917,7 @@ def _span(values: Sequence[float | None]) -> str:
     return f"{lo:,.0f}" if lo == hi else f"{lo:,.0f} .. {hi:,.0f}"
 
 
-def _replicates_from(path: Path) -> tuple[list[Replicate], list[dict[str, Any]]]:
+def _replicates_from(path: Path) -> tuple[list[Replicate], list[ScenarioRef]]:
     """A results.json, a run folder, or a folder of run folders (e.g. a gate's), as replicates, with the
     scenario each one ran."""
     if path.is_file():
@@ -904,13 +933,11 @@ def _replicates_from(path: Path) -> tuple[list[Replicate], list[dict[str, Any]]]
     reps = []
     scenarios = []
     for i, f in enumerate(files):
-        try:
-            results = json.loads(f.read_text(encoding="utf-8"))
-            variant = results["variants"][0]
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            raise UsageError(f"{f}: not a bench results.json ({exc})") from None
-        reps.append(Replicate("A", i, f.parent, 0, variant))
-        scenarios.append({"file": str(f), **(results.get("scenario") or {})})
+        results = read_results(f)  # a UsageError naming the file when it is not a bench results.json
+        if not results.variants:
+            raise UsageError(f"{f}: not a bench results.json (no variants)")
+        reps.append(Replicate("A", i, f.parent, 0, results.variants[0]))
+        scenarios.append(results.scenario)
     return reps, scenarios
 
 
@@ -929,7 +956,7 @@ def compare(
     are refused (their ratios mean nothing) unless ``allow_different_scenarios``.
     """
     (reps_a, sc_a), (reps_b, sc_b) = _replicates_from(a), _replicates_from(b)
-    names = {s.get("name") for s in (*sc_a, *sc_b)}
+    names = {s.name for s in (*sc_a, *sc_b)}
     warnings: list[str] = []
     if len(names) > 1:
         message = (
@@ -939,13 +966,13 @@ def compare(
         if not allow_different_scenarios:
             raise UsageError(f"bench compare: {message}; pass --allow-different-scenarios to compare anyway")
         warnings.append(message)
-    elif len({s.get("sha256") for s in (*sc_a, *sc_b)}) > 1:
+    elif len({s.sha256 for s in (*sc_a, *sc_b)}) > 1:
         warnings.append("the scenario file differs between runs (same name, other content): check it is intended")
     reps_b = [Replicate("B", r.index, r.run_dir, r.exit_code, r.variant) for r in reps_b]
     present = [
         name
-        for name, (path, _, _) in GATE_METRICS.items()
-        if all(get_path(r.variant, *path) is not None for r in (*reps_a, *reps_b))
+        for name, figure in GATE_METRICS.items()
+        if all(figure.value(r.variant) is not None for r in (*reps_a, *reps_b))
     ]
     gates = GateSettings(
         confidence=confidence,

@@ -17,6 +17,7 @@ from typing import Any
 from bench.harness.ledger import Ledger, attribute_outage, attribute_queue_overflow, reconcile
 from bench.harness.probes import append_cost, flush_summary, series_summary, sink_rows_per_s, timeline_json
 from bench.harness.sut import Output
+from bench.results.model import Results
 from bench.scenario import Scenario
 from pipeline.config import PipelineSettings
 from pipeline.model import FlushStat
@@ -38,7 +39,17 @@ class RunRecord:
     """What a command leaves behind: its run folder, and what it wrote into its results.json."""
 
     run_dir: Path
-    results: dict[str, Any]
+    results: Results
+
+
+def write_run_results(run_dir: Path, data: dict[str, Any]) -> Results:
+    """Build the typed results from what a command measured, and write them as the run's results.json.
+
+    The model refuses a key it does not define: a writer's typo fails here, not in a reader months later.
+    """
+    results = Results.model_validate(data)
+    results.write(run_dir / "results.json")
+    return results
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from bench.harness.accounting import (
     account,
     pipeline_part,
     variant_parts,
+    write_run_results,
 )
 from bench.harness.faults import schedule
 from bench.harness.ledger import (
@@ -62,7 +63,7 @@ from bench.harness.session import (
     wait_received,
 )
 from bench.harness.sut import InProcessPipeline, Output, SinkFault
-from bench.results import SCHEMA_VERSION, environment, write_results
+from bench.results import SCHEMA_VERSION, environment
 from bench.scenario import LoadedScenario, Scenario, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings, SqlSettings, format_validation_error
@@ -273,8 +274,7 @@ def _run_in(
         "environment": {**env_before, "host_load_after": environment()["host_load"]},
         "variants": variants,
     }
-    write_results(run_dir / "results.json", results)
-    return RunOutcome(run_dir, results, ledgers, errors)
+    return RunOutcome(run_dir, write_run_results(run_dir, results), ledgers, errors)
 
 
 def scenario_ref(loaded: LoadedScenario) -> dict[str, Any]:

@@ -43,8 +43,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bench.errors import ServiceError, UsageError
+from bench.harness import accounting
 from bench.harness import session as harness
-from bench.harness.accounting import CommandOptions, RunRecord, Sends, account, pipeline_part, variant_parts
 from bench.harness.ledger import Ledger
 from bench.harness.probes import (
     lock_summary,
@@ -52,7 +52,7 @@ from bench.harness.probes import (
 from bench.harness.progress import LoadProgress
 from bench.harness.runner import make_run_dir, scenario_ref
 from bench.harness.sut import InProcessPipeline, SinkFault
-from bench.results import SCHEMA_VERSION, environment, write_results
+from bench.results import SCHEMA_VERSION, environment
 from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.model import FlushStat
@@ -277,7 +277,7 @@ def parse_locust_stats(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class LoadOptions(CommandOptions):
+class LoadOptions(accounting.CommandOptions):
     """``bench load``'s options (the command line's, or a test's)."""
 
     workers: int = 2
@@ -309,7 +309,7 @@ class LoadOptions(CommandOptions):
 
 
 @dataclass(frozen=True)
-class LoadOutcome(RunRecord):
+class LoadOutcome(accounting.RunRecord):
     ledger: Ledger
     problems: list[str] = field(default_factory=list)
 
@@ -670,8 +670,7 @@ class _LoadRun:
             "environment": {**env_before, "host_load_after": environment()["host_load"]},
             "variants": [variant],
         }
-        write_results(self.run_dir / "results.json", results)
-        return LoadOutcome(self.run_dir, results, ledger, self.problems)
+        return LoadOutcome(self.run_dir, accounting.write_run_results(self.run_dir, results), ledger, self.problems)
 
     def opcua_stats(self) -> dict[str, Any] | None:
         if self.sc.transport.kind != "opcua":
@@ -713,7 +712,7 @@ class _LoadRun:
         in_plan = (originals >= 0) & (originals < planned)
         intended[originals[in_plan]] = sent.intended_ns[~sent.copy][in_plan]
         intended_list: list[int] = intended.tolist()
-        sends = Sends(
+        sends = accounting.Sends(
             seqs=[int(s) for s in originals],
             intended_ns=intended_list,
             sent=lambda seq: intended_list[seq] >= 0,
@@ -721,7 +720,8 @@ class _LoadRun:
             payloads=sent.payloads,
         )
         kind = self.sc.transport.kind
-        accounting = account(sends, output, self.spec, opcua_machines=self.spec.machines if kind == "opcua" else ())
+        on_opcua = self.spec.machines if kind == "opcua" else ()
+        books = accounting.account(sends, output, self.spec, opcua_machines=on_opcua)
         coverage = sent.coverage(planned)
         self.coverage_problems(coverage, codes)
         errors = list(extras["errors"])
@@ -735,7 +735,7 @@ class _LoadRun:
         ack = Recorder()
         ack.record_all_ns(int(v) for v in sent.ack_ns[acked] - sent.sent_ns[acked])
         mq = self.sc.transport.mqtt
-        variant = variant_parts(
+        variant = accounting.variant_parts(
             self.name,
             self.sc,
             self.settings,
@@ -748,15 +748,15 @@ class _LoadRun:
                 "producers": self.users,
             },
             overrides={"messages": self.options.messages, "duration_s": None},
-            ledger=accounting.ledger,
-            latency={"end_to_end": accounting.e2e, "send_lag": send_lag, "ack": ack},
+            ledger=books.ledger,
+            latency={"end_to_end": books.e2e, "send_lag": send_lag, "ack": ack},
             flushes=output.flushes,
             epoch_ns=epoch_ns,
             last_sent_ns=int(sent.sent_ns.max()) if sent.sends else epoch_ns,
             timeline=_timeline(sent, output.flushes, epoch_ns),
             samples=self.samples,
             lock=lock_summary(extras["lock_probes"], self.sc.pipeline.buffer.lock),
-            pipeline=pipeline_part(extras, errors),
+            pipeline=accounting.pipeline_part(extras, errors),
             files=output.back.files,
         )
         variant["publisher"] = {
@@ -767,7 +767,7 @@ class _LoadRun:
         }
         variant["opcua"] = opcua_stats
         variant["load"] = self.load_part(sent, coverage, plan=plan, codes=codes, locust_s=locust_s)
-        return variant, accounting.ledger
+        return variant, books.ledger
 
     def load_part(
         self,

@@ -28,7 +28,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,7 +45,20 @@ from matplotlib.typing import RcKeyType
 
 from bench.errors import UsageError
 from bench.results import SCHEMA_VERSION
-from bench.results.metrics import METRIC_ROWS, TAIL_SHARE_WARNING, get_path, slope_fit, slope_text, tail_share_bound
+from bench.results.metrics import METRIC_ROWS, TAIL_SHARE_WARNING, tail_share_bound
+from bench.results.model import (
+    Capacity,
+    CapacitySeries,
+    CapacityStep,
+    FlushStats,
+    FlushTrigger,
+    LatencySummary,
+    Ledger,
+    Results,
+    UslFit,
+    Variant,
+    read_results,
+)
 
 __all__ = ["PLOT_IDS", "TABLE_IDS", "ReportPaths", "Verdict", "default_out_dir", "verdict", "write_report"]
 
@@ -76,7 +89,8 @@ TABLE_IDS = (
 )
 FLUSH_SINK = "parquet"
 # The shutdown flush is one per run and flushes whatever is left: it says little about the distribution.
-FLUSH_TRIGGERS = ("size", "timeout")
+FLUSH_TRIGGERS: tuple[FlushTrigger, ...] = ("size", "timeout")
+ALL_TRIGGERS: tuple[FlushTrigger, ...] = ("size", "timeout", "shutdown")
 # Okabe-Ito (without its yellow, too pale on white), then two of Paul Tol's: distinct for colour-blind readers too.
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#999999", "#882255", "#44AA99")
 FIG_SIZE_IN = (8.0, 4.5)
@@ -112,7 +126,16 @@ class _Run:
     folder: Path
     file: Path
     label: str
-    results: dict[str, Any]
+    results: Results
+
+
+@dataclass(frozen=True)
+class _TemplateRun:
+    """A run as the templates read it: its label, file and typed results."""
+
+    label: str
+    file: Path
+    results: Results
 
 
 @dataclass(frozen=True)
@@ -121,7 +144,7 @@ class _Series:
 
     label: str
     run: _Run
-    variant: dict[str, Any]
+    variant: Variant
     color: str
     style: str = "-"
 
@@ -259,10 +282,10 @@ def _md_escape(value: Any) -> str:
 
 
 def _load_runs(paths: list[Path]) -> list[_Run]:
-    loaded: list[tuple[Path, Path, dict[str, Any]]] = []
+    loaded: list[tuple[Path, Path, Results]] = []
     for path in paths:
         folder, file = (path, path / "results.json") if path.is_dir() else (path.parent, path)
-        loaded.append((folder, file, _read_results(path, file)))
+        loaded.append((folder, file, read_results(path)))
     names = [folder.resolve().name or str(folder) for folder, _, _ in loaded]
     runs = []
     for i, (folder, file, results) in enumerate(loaded):
@@ -271,49 +294,12 @@ def _load_runs(paths: list[Path]) -> list[_Run]:
     return runs
 
 
-def _read_results(given: Path, file: Path) -> dict[str, Any]:
-    expected = "a run folder holding results.json, as written by `bench run` or `bench capacity`"
-    if not given.exists():
-        raise UsageError(f"{given}: no such file or folder; expected {expected}")
-    if not file.is_file():
-        if (given / GATE_NAME).is_file():
-            raise UsageError(
-                f"{given}: a gate folder (its verdict is in {GATE_NAME} and summary.md), no results.json; pass one "
-                "of its replicate folders (A01, B01, ...) to report a run with the gate's verdict beside it"
-            )
-        raise UsageError(f"{given}: no results.json in this folder; expected {expected}")
-    if file.name != "results.json" and file.suffix != ".json":
-        raise UsageError(f"{given}: not a results.json file; expected {expected}")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{file}: cannot read it ({exc}); expected {expected}") from None
-    try:
-        results = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(
-            f"{file}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); expected a results.json "
-            "written by `bench run`"
-        ) from None
-    if not isinstance(results, dict):
-        raise UsageError(f"{file}: expected a JSON object with a 'variants' list, got {type(results).__name__}")
-    variants = results.get("variants", [] if "capacity" in results else None)
-    if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
-        raise UsageError(
-            f"{file}: expected a bench results file: an object with a 'variants' list of objects "
-            f"(schema_version {SCHEMA_VERSION}); got keys {sorted(results)[:8]}"
-        )
-    if "capacity" in results and results["capacity"] is not None and not isinstance(results["capacity"], dict):
-        raise UsageError(f"{file}: 'capacity' must be an object, got {type(results['capacity']).__name__}")
-    return results
-
-
 def _series(runs: list[_Run]) -> list[_Series]:
     several = len(runs) > 1
     out: list[_Series] = []
     for run in runs:
-        for variant in run.results.get("variants", []):
-            name = str(variant.get("name", f"variant {len(out) + 1}"))
+        for variant in run.results.variants:
+            name = variant.name
             i = len(out)
             # Past ten series the colours repeat: the line style tells them apart.
             style = ("-", "--", ":", "-.")[(i // len(PALETTE)) % 4]
@@ -348,9 +334,9 @@ def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
         "capacity_summary": _capacity_summary_table(capacity),
         "recommendations": _recommendations_table(runs),
     }
-    names = sorted({str(get_path(r.results, "scenario", "name") or "?") for r in runs})
+    names = sorted({r.results.scenario.name or "?" for r in runs})
     title = f"iiot-bench report: {', '.join(names)}"
-    versions = sorted({r.results.get("schema_version") for r in runs}, key=str)
+    versions = sorted({r.results.schema_version for r in runs}, key=str)
     schema_note = ""
     if any(v != SCHEMA_VERSION for v in versions):
         schema_note = (
@@ -361,7 +347,7 @@ def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
     return {
         "title": title,
         "verdicts": [_verdict(run, len(runs) > 1) for run in runs],
-        "runs": runs,
+        "runs": [_TemplateRun(r.label, r.file, r.results) for r in runs],
         "series": series,
         "plots": [p for p in plots if not p.missing],
         "plot_by_id": shown,
@@ -393,23 +379,23 @@ def _bench_version() -> str:
 # ----------------------------------------------------------------------------- the verdict
 
 
-def verdict(results: dict[str, Any], folder: Path) -> Verdict:
+def verdict(results: Results | Mapping[str, Any], folder: Path) -> Verdict:
     """The verdict line of a run's report, for a command that prints its conclusion first (the terminal)."""
-    return _verdict(_Run(folder, folder / "results.json", folder.name, results), several=False)
+    model = results if isinstance(results, Results) else Results.model_validate(results)
+    return _verdict(_Run(folder, folder / "results.json", folder.name, model), several=False)
 
 
 def _verdict(run: _Run, several: bool) -> Verdict:
     """What the run's own command would have concluded (its exit status), and the figures it rests on."""
     parts: list[tuple[str, bool]] = []  # (text, failed)
-    variants = _iter_dicts(run.results.get("variants"))
+    variants = run.results.variants
     ledger = _ledger_verdict(variants)
     if ledger is not None:
         parts.append(ledger)
     parts += _validation_verdict(variants)
     parts += _error_verdict(variants)
-    capacity = run.results.get("capacity")
-    if isinstance(capacity, dict):
-        parts += _capacity_verdict(capacity)
+    if run.results.capacity is not None:
+        parts += _capacity_verdict(run.results.capacity)
     gate_part, inconclusive = _gate_verdict(run)
     if gate_part is not None:
         parts.append(gate_part)
@@ -420,54 +406,53 @@ def _verdict(run: _Run, several: bool) -> Verdict:
     return Verdict(run.label if several else "", status, tone, tuple(text for text, _ in parts))
 
 
-def _ledger_verdict(variants: list[dict[str, Any]]) -> tuple[str, bool] | None:
-    ledgers = [(str(v.get("name", "?")), _dict(v.get("ledger"))) for v in variants]
-    ledgers = [(name, lg) for name, lg in ledgers if lg]
+def _outcome(lg: Ledger) -> tuple[tuple[str, int], ...]:
+    return (("persisted", lg.persisted), ("rejected", lg.rejected), ("dropped", lg.dropped))
+
+
+def _ledger_verdict(variants: list[Variant]) -> tuple[str, bool] | None:
+    ledgers = [(v.name, v.ledger) for v in variants]
     if not ledgers:
         return None
-    bad = [(name, lg) for name, lg in ledgers if lg.get("reconciled") is not True]
+    bad = [(name, lg) for name, lg in ledgers if lg.reconciled is not True]
     several = len(ledgers) > 1
     if bad:
         texts = []
         for name, lg in bad:
-            faults = [f"{_fmt(lg.get(k))} {k}" for k in ("lost", "duplicates", "unexpected") if lg.get(k)]
-            count = _fmt(lg.get("sent"))
+            counts = (("lost", lg.lost), ("duplicates", lg.duplicates), ("unexpected", lg.unexpected))
+            faults = [f"{_fmt(n)} {k}" for k, n in counts if n]
+            count = _fmt(lg.sent)
             what = f"{', '.join(faults)} of {count} sent" if faults else f"does not add up ({count} sent)"
             texts.append(f"{name + ': ' if several else ''}{what}")
         return "ledger NOT reconciled (" + "; ".join(texts) + ")", True
     # Capacity variants count only the steps the verdict rests on: say so, or the sum reads as the whole sweep.
     scope = ""
-    steps = [lg.get("steps") for _, lg in ledgers]
+    steps = [lg.steps for _, lg in ledgers]
     if all(isinstance(n, int) for n in steps):
         scope = " over the sustainable steps" if len(ledgers) > 1 else f" over {steps[0]} sustainable step(s)"
-    sent = {lg.get("sent") for _, lg in ledgers}
+    sent = {lg.sent for _, lg in ledgers}
     if len(sent) == 1:
         lg = ledgers[0][1]
         where = f" in each of {len(ledgers)} variants" if several else ""
-        outcome = ", ".join(
-            f"{_fmt(lg.get(k))} {k}" for k in ("persisted", "rejected", "dropped") if lg.get(k) or k == "persisted"
-        )
-        same = all(all(other.get(k) == lg.get(k) for k in ("persisted", "rejected", "dropped")) for _, other in ledgers)
-        detail = f"{_fmt(lg.get('sent'))} sent{where}" + (f" ({outcome}, 0 lost)" if same else ", 0 lost")
+        outcome = ", ".join(f"{_fmt(n)} {k}" for k, n in _outcome(lg) if n or k == "persisted")
+        same = all(_outcome(other) == _outcome(lg) for _, other in ledgers)
+        detail = f"{_fmt(lg.sent)} sent{where}" + (f" ({outcome}, 0 lost)" if same else ", 0 lost")
     else:
-        detail = ", ".join(f"{name} {_fmt(lg.get('sent'))} sent" for name, lg in ledgers) + ", 0 lost"
+        detail = ", ".join(f"{name} {_fmt(lg.sent)} sent" for name, lg in ledgers) + ", 0 lost"
     return f"ledger reconciled{scope}: {detail}", False
 
 
-def _validation_verdict(variants: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+def _validation_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
     out = []
-    scored = [(str(v.get("name", "?")), v["validation"]) for v in variants if isinstance(v.get("validation"), dict)]
+    scored = [(v.name, v.validation) for v in variants if v.validation is not None]
     for name, score in scored:
         prefix = f"{name}: " if len(scored) > 1 else ""
-        classes = _dict(score.get("classes"))
-        mismatches = score.get("mismatches") or 0
-        injected = sum(int(_number(_dict(row).get("injected")) or 0) for row in classes.values())
-        problems = [str(p) for p in score.get("problems") or []]
+        classes = score.classes
+        mismatches = score.mismatches or 0
+        injected = sum(row.injected for row in classes.values())
+        problems = list(score.problems)
         if mismatches:
-            worst = sorted(
-                ((truth, int(_dict(row).get("mismatches") or 0)) for truth, row in classes.items()),
-                key=lambda kv: (-kv[1], kv[0]),
-            )
+            worst = sorted(((truth, row.mismatches) for truth, row in classes.items()), key=lambda kv: (-kv[1], kv[0]))
             named = ", ".join(f"{truth} {n:,}" for truth, n in worst if n)
             out.append((f"{prefix}validation: {mismatches:,} mismatch(es) between truth and decision ({named})", True))
             # The run lists the mismatches as its first problem: the rest are checks of what was persisted.
@@ -484,27 +469,25 @@ def _validation_verdict(variants: list[dict[str, Any]]) -> list[tuple[str, bool]
     return out
 
 
-def _error_verdict(variants: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+def _error_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
     """Pipeline errors other than validation's (those are in its own part) fail the run as the command does."""
     out = []
     for v in variants:
-        errors = [str(e) for e in get_path(v, "pipeline", "errors") or [] if not str(e).startswith("validation: ")]
+        errors = [e for e in (v.pipeline.errors if v.pipeline else []) if not e.startswith("validation: ")]
         if errors:
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-            out.append((f"{v.get('name', '?')}: pipeline error: {errors[0]}{more}", True))
+            out.append((f"{v.name}: pipeline error: {errors[0]}{more}", True))
     return out
 
 
-def _capacity_verdict(capacity: dict[str, Any]) -> list[tuple[str, bool]]:
+def _capacity_verdict(capacity: Capacity) -> list[tuple[str, bool]]:
     """Per worker count: sustainable rate and knee; fails as `bench capacity` does (no sustainable step at the
     first worker count, a loss or an error in a step the verdict rests on)."""
     out = []
-    for i, sr in enumerate(_iter_dicts(capacity.get("series"))):
-        workers = sr.get("workers")
-        who = f"{workers} worker{'' if workers == 1 else 's'}"
-        sus = _number(sr.get("sustainable_per_s"))
-        knee = _dict(sr.get("knee"))
-        kx, ky = _number(knee.get("offered_per_s")), _number(knee.get("p99_ms"))
+    for i, sr in enumerate(capacity.series):
+        who = _workers_text(sr.workers)
+        sus = _number(sr.sustainable_per_s)
+        kx, ky = (_number(sr.knee.offered_per_s), _number(sr.knee.p99_ms)) if sr.knee else (None, None)
         knee_text = (
             f"knee at {kx:,.0f} msg/s (p99 {ky:,.0f} ms)" if kx is not None and ky is not None else "no knee found"
         )
@@ -512,14 +495,17 @@ def _capacity_verdict(capacity: dict[str, Any]) -> list[tuple[str, bool]]:
             out.append((f"{who}: no sustainable step, {knee_text}", i == 0))
         else:
             out.append((f"{who}: sustainable {sus:,.0f} msg/s, {knee_text}", False))
-        steps = _iter_dicts(sr.get("steps"))
-        lost = sum(int(_number(st.get("lost")) or 0) for st in steps if st.get("sustainable"))
+        lost = sum(st.lost or 0 for st in sr.steps if st.sustainable)
         if lost:
             out.append((f"{who}: {lost:,} message(s) lost in sustainable steps", True))
-        errors = [str(e) for st in steps for e in st.get("errors") or []]
+        errors = [e for st in sr.steps for e in st.errors]
         if errors:
             out.append((f"{who}: step error: {errors[0]}", True))
     return out
+
+
+def _workers_text(workers: int) -> str:
+    return f"{workers} worker{'' if workers == 1 else 's'}"
 
 
 def _gate_verdict(run: _Run) -> tuple[tuple[str, bool] | None, bool]:
@@ -612,7 +598,7 @@ def _missing_note(names: list[str], what: str) -> tuple[str, ...]:
     return (f"not shown ({what}): {', '.join(names)}",) if names else ()
 
 
-def _cumulative(t_s: list[Any], counts: list[Any]) -> tuple[Any, Any] | None:
+def _cumulative(t_s: Sequence[Any], counts: Sequence[Any]) -> tuple[Any, Any] | None:
     """Sorted (elapsed s, cumulative count) from a timeline, starting at (0, 0); a repeated time keeps its latest."""
     points: dict[float, float] = {}
     for t, c in zip(t_s, counts, strict=False):
@@ -661,14 +647,14 @@ def _throughput_plot(series: list[_Series]) -> Plot:
     windows: set[float] = set()
     without: list[str] = []
     for s in series:
-        timeline = s.variant.get("timeline")
-        t_s = get_path(timeline, "t_s") or []
-        sent = _cumulative(t_s, get_path(timeline, "sent") or [])
-        durable = _cumulative(t_s, get_path(timeline, "durable") or [])
+        timeline = s.variant.timeline
+        t_s = timeline.t_s if timeline else []
+        sent = _cumulative(t_s, timeline.sent if timeline else [])
+        durable = _cumulative(t_s, timeline.durable if timeline else [])
         if sent is None or durable is None or len(sent[0]) < 3:
             without.append(s.label)
             continue
-        window = _window_s(*durable, _number(get_path(s.variant, "config", "pipeline", "buffer", "flush_interval")))
+        window = _window_s(*durable, s.variant.config.flush_interval_s)
         windows.add(round(window, 2))
         at = sent[0][1:]
         drawn.append(
@@ -712,12 +698,12 @@ def _latency_plot(series: list[_Series]) -> Plot:
     drawn: list[tuple[_Series, list[float | None], Any]] = []
     without: list[str] = []
     for s in series:
-        e2e = get_path(s.variant, "latency_ms", "end_to_end")
-        values = [_number(get_path(e2e, key)) for _, key in E2E_PERCENTILES]
-        if not get_path(e2e, "count") or all(v is None for v in values):
+        e2e = s.variant.latency_ms.end_to_end
+        values = [_number(getattr(e2e, key)) if e2e else None for _, key in E2E_PERCENTILES]
+        if e2e is None or not e2e.count or all(v is None for v in values):
             without.append(s.label)
             continue
-        drawn.append((s, values, get_path(e2e, "count")))
+        drawn.append((s, values, e2e.count))
     if not drawn:
         return Plot("plot-latency", title, missing="no end-to-end latency in these runs (nothing was persisted)")
 
@@ -794,16 +780,16 @@ def _flush_plot(series: list[_Series]) -> Plot:
     for s in series:
         found = False
         for trigger in FLUSH_TRIGGERS:
-            total = get_path(s.variant, "probes", "flush", FLUSH_SINK, trigger, "total_ms")
-            xy = _ladder_xy(get_path(total, "ladder"))
-            if xy is not None:
-                drawn.append((s, trigger, xy[0], xy[1], get_path(total, "count")))
+            stats = _flushes(s.variant, trigger)
+            xy = _ladder_xy(stats.total_ms.ladder) if stats else None
+            if stats is not None and xy is not None:
+                drawn.append((s, trigger, xy[0], xy[1], stats.total_ms.count))
                 found = True
         if not found:
             without.append(s.label)
     if not drawn:
         what = f"no size- or timeout-triggered {FLUSH_SINK} flushes (with a percentile ladder) in these runs"
-        if series and all(get_path(s.variant, "probes", "flush", FLUSH_SINK, "shutdown") for s in series):
+        if series and all(_flushes(s.variant, "shutdown") for s in series):
             what += ": only the shutdown flush, one per variant (the runs ended before the buffer filled or timed out)"
         return Plot("plot-flush", title, missing=what)
     top = max(max(xs) for _, _, xs, _, _ in drawn)
@@ -841,16 +827,16 @@ def _lock_plot(series: list[_Series]) -> Plot:
     disabled: list[str] = []
     without: list[str] = []
     for s in series:
-        lock = get_path(s.variant, "probes", "lock")
-        if isinstance(lock, dict) and lock.get("enabled") is False:
+        lock = s.variant.probes.lock
+        if lock is not None and lock.enabled is False:
             disabled.append(s.label)
             continue
-        xy = _ladder_xy(get_path(lock, "wait_ms", "ladder"))
-        if xy is None:
+        wait = lock.wait_ms if lock else None
+        xy = _ladder_xy(wait.ladder) if wait else None
+        if lock is None or wait is None or xy is None:
             without.append(s.label)
             continue
-        strategy = str(get_path(lock, "strategy") or "?")
-        drawn.append((s, strategy, xy[0], xy[1], get_path(lock, "wait_ms", "count")))
+        drawn.append((s, lock.strategy or "?", xy[0], xy[1], wait.count))
     notes = _missing_note(disabled, "lock probes disabled") + _missing_note(without, "no lock probes")
     if not drawn:
         what = "no lock probes in these runs"
@@ -888,19 +874,17 @@ def _append_plot(series: list[_Series]) -> Plot:
     drawn: list[tuple[_Series, list[float], list[float], float | None, float | None, str]] = []
     without: list[str] = []
     for s in series:
-        cost = get_path(s.variant, "probes", "append_cost")
-        points = get_path(cost, "points")
+        cost = s.variant.probes.append_cost
         xy = []
-        for p in points if isinstance(points, list) else []:
-            if isinstance(p, list | tuple) and len(p) >= 3:
-                mb, ms = _number(p[0]), _number(p[2])
-                if mb is not None and ms is not None:
-                    xy.append((mb, ms))
-        if not xy:
+        for p in (cost.points if cost else None) or []:
+            mb, ms = _number(p[0]), _number(p[2])
+            if mb is not None and ms is not None:
+                xy.append((mb, ms))
+        if cost is None or not xy:
             without.append(s.label)
             continue
-        slope, intercept = _number(get_path(cost, "slope_ms_per_mb")), _number(get_path(cost, "intercept_ms"))
-        drawn.append((s, [mb for mb, _ in xy], [ms for _, ms in xy], slope, intercept, _slope_summary(cost) or ""))
+        slope, intercept = _number(cost.slope_ms_per_mb), _number(cost.intercept_ms)
+        drawn.append((s, [mb for mb, _ in xy], [ms for _, ms in xy], slope, intercept, cost.slope_summary or ""))
     if not drawn:
         return Plot("plot-append", title, missing="no append-cost points (Parquet flushes) in these runs")
 
@@ -941,22 +925,10 @@ def _append_plot(series: list[_Series]) -> Plot:
     )
 
 
-def _slope_summary(cost: Any) -> str | None:
-    """The append slope with its interval: as the run stored it, or fitted here from the stored points for
-    results written before the interval was (exact unless the points were thinned to the plotted sample)."""
-    stored = get_path(cost, "slope_summary")
-    if isinstance(stored, str):
-        return stored
-    points = [p for p in _iter_lists(get_path(cost, "points")) if len(p) >= 3]
-    xy = [(x, y) for p in points if (x := _number(p[0])) is not None and (y := _number(p[2])) is not None]
-    fit = slope_fit([x for x, _ in xy], [y for _, y in xy])
-    if fit is None:
-        return None
-    count = get_path(cost, "count")
-    sampled = (
-        f" (fitted here to {len(xy):,} of {count:,} flushes)" if isinstance(count, int) and count > len(xy) else ""
-    )
-    return slope_text(fit) + sampled
+def _flushes(variant: Variant, trigger: FlushTrigger) -> FlushStats | None:
+    """The variant's flushes of the plotted sink by one trigger."""
+    sink = variant.probes.flush.get(FLUSH_SINK)
+    return sink.trigger(trigger) if sink else None
 
 
 def _scope_notes(series: list[_Series], *, latency: bool) -> tuple[str, ...]:
@@ -972,10 +944,10 @@ def _scope_notes(series: list[_Series], *, latency: bool) -> tuple[str, ...]:
 def _capacity_scope(s: _Series) -> tuple[str, str] | None:
     """For a variant of a capacity sweep: (the steps its ledger, flush and lock figures cover; the step its
     latency and throughput come from). None for a plain run's variant."""
-    if s.run.results.get("kind") != "capacity" and "capacity_step" not in s.variant:
+    if s.run.results.kind != "capacity" and s.variant.capacity_step is None:
         return None
-    rates = get_path(s.variant, "ledger", "steps_offered_per_s")
-    if isinstance(rates, list) and rates:
+    rates = s.variant.ledger.steps_offered_per_s
+    if rates:
         listed = ", ".join(f"{_number(r) or 0:,.0f}" for r in rates)
         steps = (
             f"ledger, flush and lock figures cover its {len(rates)} sustainable step(s) ({listed} msg/s), flushes "
@@ -986,7 +958,7 @@ def _capacity_scope(s: _Series) -> tuple[str, str] | None:
             "its ledger covers the sustainable steps, its flush and lock figures every step of the sweep, overloaded "
             "ones included (results written before both covered the same steps)"
         )
-    best = _number(get_path(s.variant, "throughput", "offered_per_s"))
+    best = _number(s.variant.throughput.offered_per_s)
     at = f" ({best:,.0f} msg/s)" if best is not None else ""
     latency = (
         f"latency and throughput are its highest sustainable step's{at} after the settle time, so n is that step's "
@@ -1002,9 +974,9 @@ def _capacity_scope(s: _Series) -> tuple[str, str] | None:
 class _CapacitySeries:
     label: str
     run: _Run
-    workers: Any
-    steps: list[dict[str, Any]]
-    data: dict[str, Any]
+    workers: int
+    steps: list[CapacityStep]
+    data: CapacitySeries
     color: str
 
 
@@ -1012,41 +984,41 @@ def _capacity_series(runs: list[_Run]) -> list[_CapacitySeries]:
     several = len(runs) > 1
     out: list[_CapacitySeries] = []
     for run in runs:
-        for entry in _iter_dicts(get_path(run.results, "capacity", "series")):
-            workers = entry.get("workers")
-            name = f"{workers} worker{'' if workers == 1 else 's'}"
-            steps = list(_iter_dicts(entry.get("steps")))
+        for entry in run.results.capacity.series if run.results.capacity else []:
+            name = _workers_text(entry.workers)
             color = PALETTE[len(out) % len(PALETTE)]
-            out.append(_CapacitySeries(f"{run.label}/{name}" if several else name, run, workers, steps, entry, color))
+            label = f"{run.label}/{name}" if several else name
+            out.append(_CapacitySeries(label, run, entry.workers, entry.steps, entry, color))
     return out
-
-
-def _sustainable_step(cs: _CapacitySeries) -> dict[str, Any] | None:
-    """The step the sweep called sustainable: by its offered rate, else by its index."""
-    rate = _number(cs.data.get("sustainable_per_s"))
-    if rate is not None:
-        for step in cs.steps:
-            offered = _number(step.get("offered_per_s"))
-            if offered is not None and math.isclose(offered, rate, rel_tol=1e-6):
-                return step
-    index = cs.data.get("sustainable_step")
-    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < len(cs.steps):
-        return cs.steps[index]
-    return None
 
 
 NO_CAPACITY = "no capacity sweep in these runs (`bench capacity` writes one: the 'capacity' key of results.json)"
 
 
 def _step_points(
-    steps: list[dict[str, Any]], x_key: str, y_path: tuple[str, ...]
-) -> list[tuple[float, float, dict[str, Any]]]:
+    steps: list[CapacityStep], y_of: Callable[[CapacityStep], float | None]
+) -> list[tuple[float, float, CapacityStep]]:
+    """(offered rate, y, step) of each step that has both, by offered rate."""
     pts = []
     for step in steps:
-        x, y = _number(step.get(x_key)), _number(get_path(step, *y_path))
+        x, y = _number(step.offered_per_s), _number(y_of(step))
         if x is not None and y is not None:
             pts.append((x, y, step))
     return sorted(pts, key=lambda p: p[0])
+
+
+def _step_e2e(step: CapacityStep) -> LatencySummary | None:
+    return step.latency_ms.end_to_end if step.latency_ms else None
+
+
+def _step_p50(step: CapacityStep) -> float | None:
+    e2e = _step_e2e(step)
+    return e2e.p50 if e2e else None
+
+
+def _step_p99(step: CapacityStep) -> float | None:
+    e2e = _step_e2e(step)
+    return e2e.p99 if e2e else None
 
 
 def _rate_axes(ax: Axes) -> None:
@@ -1062,20 +1034,19 @@ _STEP_KIND_LABELS = {
 }
 
 
-def _step_kind(step: dict[str, Any]) -> str:
-    verdict = step.get("verdict")
-    if isinstance(verdict, str):
-        return verdict
-    return "sustainable" if step.get("sustainable") is not False else "unsustainable"
+def _step_kind(step: CapacityStep) -> str:
+    if step.verdict is not None:
+        return step.verdict
+    return "sustainable" if step.sustainable is not False else "unsustainable"
 
 
 def _capacity_plot(capacity: list[_CapacitySeries]) -> Plot:
     title = "Capacity: achieved against offered rate"
-    drawn = [(cs, pts) for cs in capacity if (pts := _step_points(cs.steps, "offered_per_s", ("persisted_per_s",)))]
+    drawn = [(cs, pts) for cs in capacity if (pts := _step_points(cs.steps, lambda st: st.persisted_per_s))]
     if not drawn:
         what = NO_CAPACITY if not capacity else "no steps with offered and persisted rates in the capacity sweeps"
         return Plot("plot-capacity", title, missing=what, applies=bool(capacity))
-    thresholds = {_number(get_path(cs.run.results, "capacity", "threshold")) for cs, _ in drawn} - {None}
+    thresholds = {_number(_threshold(cs.run.results.capacity)) for cs, _ in drawn} - {None}
     threshold = min(t for t in thresholds if t is not None) if thresholds else None
     top = max(max(max(x, y) for x, y, _ in pts) for _, pts in drawn) * 1.05
 
@@ -1098,8 +1069,8 @@ def _capacity_plot(capacity: list[_CapacitySeries]) -> Plot:
                 if xy:
                     ax.scatter([x for x, _ in xy], [y for _, y in xy], marker=marker, s=45, facecolors=face,
                                edgecolors="black", linewidths=1.2, zorder=3)  # fmt: skip
-            best = _sustainable_step(cs)
-            sx, sy = _number(get_path(best, "offered_per_s")), _number(get_path(best, "persisted_per_s"))
+            best = cs.data.best_step()
+            sx, sy = (_number(best.offered_per_s), _number(best.persisted_per_s)) if best else (None, None)
             if sx is not None and sy is not None:
                 ax.scatter([sx], [sy], marker="*", s=220, color=cs.color, edgecolors="black", linewidths=0.8, zorder=4,
                            label=f"{cs.label} sustainable: {sx:,.0f} msg/s")  # fmt: skip
@@ -1134,8 +1105,8 @@ def _capacity_latency_plot(capacity: list[_CapacitySeries]) -> Plot:
     title = "Latency against load"
     drawn = []
     for cs in capacity:
-        p50 = _step_points(cs.steps, "offered_per_s", ("latency_ms", "end_to_end", "p50"))
-        p99 = _step_points(cs.steps, "offered_per_s", ("latency_ms", "end_to_end", "p99"))
+        p50 = _step_points(cs.steps, _step_p50)
+        p99 = _step_points(cs.steps, _step_p99)
         if p50 or p99:
             drawn.append((cs, p50, p99))
     if not drawn:
@@ -1151,8 +1122,8 @@ def _capacity_latency_plot(capacity: list[_CapacitySeries]) -> Plot:
                     values += [y for _, y, _ in pts]
                     ax.plot([x for x, _, _ in pts], ys, color=cs.color, linestyle=style, marker="o", markersize=3,
                             label=f"{cs.label} {name}")  # fmt: skip
-            knee = cs.data.get("knee")
-            kx, ky = _number(get_path(knee, "offered_per_s")), _number(get_path(knee, "p99_ms"))
+            knee = cs.data.knee
+            kx, ky = (_number(knee.offered_per_s), _number(knee.p99_ms)) if knee else (None, None)
             if kx is not None:
                 ax.axvline(kx, color=cs.color, linewidth=0.9, linestyle=":")
                 if ky is not None and ky > 0:
@@ -1184,27 +1155,27 @@ def _usl(n: Any, lam: float, sigma: float, kappa: float) -> Any:
 
 def _usl_plot(runs: list[_Run]) -> Plot:
     title = "Universal Scalability Law fit"
-    fits: list[tuple[_Run, dict[str, Any], tuple[float, float, float], list[tuple[float, float]]]] = []
+    fits: list[tuple[_Run, UslFit, tuple[float, float, float], list[tuple[float, float]]]] = []
     unfitted: list[str] = []
     for run in runs:
-        capacity = run.results.get("capacity")
-        if not isinstance(capacity, dict):
+        capacity = run.results.capacity
+        if capacity is None:
             continue
-        usl = capacity.get("usl")
-        lam, sigma, kappa = (_number(get_path(usl, k)) for k in ("lambda", "sigma", "kappa"))
-        if not isinstance(usl, dict) or lam is None or sigma is None or kappa is None:
+        usl = capacity.usl
+        lam, sigma, kappa = (_number(usl.lambda_), _number(usl.sigma), _number(usl.kappa)) if usl else (None,) * 3
+        if usl is None or lam is None or sigma is None or kappa is None:
             unfitted.append(run.label)
             continue
         points = []
-        for p in _iter_lists(usl.get("points")):
-            n, x = (_number(p[0]), _number(p[1])) if len(p) == 2 else (None, None)
+        for p in usl.points:
+            n, x = _number(p[0]), _number(p[1])
             if n is not None and x is not None:
                 points.append((n, x))
         fits.append((run, usl, (lam, sigma, kappa), points))
     if not fits:
         what = NO_CAPACITY
         if unfitted:
-            counts = {len(_iter_dicts(get_path(r.results, "capacity", "series"))) for r in runs if r.label in unfitted}
+            counts = {len(r.results.capacity.series) for r in runs if r.label in unfitted and r.results.capacity}
             why = (
                 "one worker count measured: a fit needs two or more (--workers 1,2)" if counts == {1} else "usl is null"
             )
@@ -1216,7 +1187,7 @@ def _usl_plot(runs: list[_Run]) -> Plot:
         top_n = 1.0
         for i, (run, usl, (lam, sigma, kappa), points) in enumerate(fits):
             measured = max((n for n, _ in points), default=1.0)
-            peak = _number(usl.get("peak_workers"))
+            peak = _number(usl.peak_workers)
             # Show the peak when it is within reach of the data; a far-off peak would flatten the measured part.
             reach = max(measured * 2, min(peak * 1.25, measured * 6) if peak is not None else 0)
             top_n = max(top_n, reach)
@@ -1228,7 +1199,7 @@ def _usl_plot(runs: list[_Run]) -> Plot:
             if points:
                 ax.scatter([n for n, _ in points], [x for _, x in points], color=color, edgecolors="black", zorder=3,
                            s=36, label=f"{prefix}measured")  # fmt: skip
-            peak_x = _number(usl.get("peak_per_s"))
+            peak_x = _number(usl.peak_per_s)
             if peak is not None and peak_x is not None and peak <= reach:
                 ax.scatter([peak], [peak_x], marker="*", s=200, color=color, edgecolors="black", zorder=4,
                            label=f"{prefix}predicted peak: {peak_x:,.0f} msg/s at {peak:.3g} workers")  # fmt: skip
@@ -1240,9 +1211,7 @@ def _usl_plot(runs: list[_Run]) -> Plot:
         ax.set_xlabel("workers (N)")
         ax.set_ylabel("throughput (msg/s)")
 
-    notes = tuple(
-        f"{r.label}: {usl['note']}" if several else str(usl["note"]) for r, usl, *_ in fits if usl.get("note")
-    )
+    notes = tuple(f"{r.label}: {usl.note}" if several else usl.note for r, usl, *_ in fits if usl.note)
     return _plot(
         "plot-usl",
         title,
@@ -1258,8 +1227,8 @@ def _usl_plot(runs: list[_Run]) -> Plot:
     )
 
 
-def _iter_lists(value: Any) -> list[list[Any] | tuple[Any, ...]]:
-    return [v for v in value if isinstance(v, list | tuple)] if isinstance(value, list) else []
+def _threshold(capacity: Capacity | None) -> float | None:
+    return capacity.threshold if capacity else None
 
 
 # ----------------------------------------------------------------------------- tables
@@ -1289,15 +1258,15 @@ def _runs_table(runs: list[_Run]) -> Table:
     rows = []
     for label, get in (
         ("folder", lambda r: str(r.folder)),
-        ("scenario", lambda r: get_path(r.results, "scenario", "name")),
-        ("scenario file", lambda r: get_path(r.results, "scenario", "path")),
-        ("scenario sha256", lambda r: get_path(r.results, "scenario", "sha256")),
-        ("seed", lambda r: get_path(r.results, "scenario", "seed")),
-        ("run id", lambda r: r.results.get("run_id")),
-        ("started at", lambda r: r.results.get("started_at")),
-        ("schema version", lambda r: r.results.get("schema_version")),
-        ("variants", lambda r: ", ".join(str(v.get("name")) for v in r.results.get("variants", [])) or None),
-        ("capacity sweep", lambda r: "yes" if isinstance(r.results.get("capacity"), dict) else "no"),
+        ("scenario", lambda r: r.results.scenario.name),
+        ("scenario file", lambda r: r.results.scenario.path),
+        ("scenario sha256", lambda r: r.results.scenario.sha256),
+        ("seed", lambda r: r.results.scenario.seed),
+        ("run id", lambda r: r.results.run_id),
+        ("started at", lambda r: r.results.started_at),
+        ("schema version", lambda r: r.results.schema_version),
+        ("variants", lambda r: ", ".join(v.name for v in r.results.variants) or None),
+        ("capacity sweep", lambda r: "yes" if r.results.capacity is not None else "no"),
     ):
         rows.append(Row(label, tuple(Cell(_fmt(get(r), "{}")) for r in runs)))
     return Table("table-runs", "Runs", ("", *(r.label for r in runs)), tuple(rows), numeric=False)
@@ -1307,7 +1276,7 @@ def _ledger_table(series: list[_Series]) -> Table:
     title = "Ledger: where every sent message went"
     if not series:
         return Table("table-ledger", title, (), (), missing="no variants in these runs (nothing was sent)")
-    ledgers = [_dict(s.variant.get("ledger")) for s in series]
+    ledgers = [s.variant.ledger for s in series]
     rows = [Row("reconciled", tuple(_reconciled_cell(lg) for lg in ledgers))]
     for key, bad_if_nonzero in (
         ("sent", False),
@@ -1320,17 +1289,19 @@ def _ledger_table(series: list[_Series]) -> Table:
         ("redelivered", False),
         ("quarantine_rows", False),
     ):
-        if all(key not in lg for lg in ledgers):
+        values = [getattr(lg, key) for lg in ledgers]
+        if all(v is None for v in values):
             continue
-        values = [lg.get(key) for lg in ledgers]
         rows.append(Row(key.replace("_", " "), tuple(_count_cell(v, bad_if_nonzero) for v in values)))
-    for group, name in (("by_reason", "rejected"), ("dropped_by_reason", "dropped")):
-        reasons = sorted({r for lg in ledgers for r in _dict(lg.get(group))})
-        for reason in reasons:
-            by = [get_path(lg, group, reason) or 0 for lg in ledgers]
+    for by_reason, name in (
+        ([lg.by_reason or {} for lg in ledgers], "rejected"),
+        ([lg.dropped_by_reason or {} for lg in ledgers], "dropped"),
+    ):
+        for reason in sorted({r for counts in by_reason for r in counts}):
+            by = [counts.get(reason) or 0 for counts in by_reason]
             rows.append(Row(f"{name}: {reason}", tuple(_count_cell(v) for v in by), indent=True))
-    if any(lg.get("missing_seq_sample") for lg in ledgers):
-        samples = [", ".join(map(str, lg.get("missing_seq_sample") or [])) or "-" for lg in ledgers]
+    if any(lg.missing_seq_sample for lg in ledgers):
+        samples = [", ".join(map(str, lg.missing_seq_sample or [])) or "-" for lg in ledgers]
         rows.append(Row("missing seq (sample)", tuple(Cell(text, tone="bad") for text in samples)))
     return Table(
         "table-ledger",
@@ -1345,7 +1316,7 @@ def _ledger_table(series: list[_Series]) -> Table:
 def _comparable(s: _Series) -> tuple[str, str]:
     """Columns with the same key ran the same stream the same way: only between those is a ratio a comparison
     of strategies (a plain run and a capacity sweep of one scenario measure different things too)."""
-    return str(get_path(s.run.results, "scenario", "name") or "?"), str(s.run.results.get("kind") or "run")
+    return s.run.results.scenario.name or "?", s.run.results.kind or "run"
 
 
 def _strategies_table(series: list[_Series]) -> Table:
@@ -1358,40 +1329,33 @@ def _strategies_table(series: list[_Series]) -> Table:
         base_of.setdefault(_comparable(s), i)
     bases = [base_of[_comparable(s)] for s in series]
     notes: list[str] = []
-    rows = [Row("ledger reconciled", tuple(_reconciled_cell(_dict(s.variant.get("ledger"))) for s in series))]
-    for label, path, fmt, ratio in METRIC_ROWS:
-        values = [get_path(s.variant, *path) for s in series]
-        if path[-1] == "slope_summary":
-            values = [
-                v if v is not None else _slope_summary(get_path(s.variant, *path[:-1]))
-                for s, v in zip(series, values, strict=True)
-            ]
+    rows = [Row("ledger reconciled", tuple(_reconciled_cell(s.variant.ledger) for s in series))]
+    for metric in METRIC_ROWS:
+        label = metric.label.strip()
+        values = [metric.value(s.variant) for s in series]
         if all(v is None for v in values):
             continue
         cells = []
         for i, (s, v) in enumerate(zip(series, values, strict=True)):
-            note = _ratio(v, values[bases[i]]) if ratio and i != bases[i] and v is not None else ""
+            note = _ratio(v, values[bases[i]]) if metric.ratio and i != bases[i] and v is not None else ""
             tone = ""
-            share = tail_share_bound(get_path(s.variant, *path[:-1])) if path[-1] == "p99" else None
-            if share is not None and share >= TAIL_SHARE_WARNING:
+            summary = metric.summary(s.variant) if metric.summary else None
+            share = tail_share_bound(summary)
+            if summary is not None and share is not None and share >= TAIL_SHARE_WARNING:
                 # A ratio of two p99s that both miss where the time went would only mislead further.
                 note, tone = f"≥{share:.0%} of the total is in the slowest 1%", "warn"
-                summary = _dict(get_path(s.variant, *path[:-1]))
                 notes.append(
-                    f"{label.strip()} of {s.label} describes almost none of the time: at least {share:.0%} of the "
-                    f"{_fmt(summary.get('total'), '{:,.0f}')} ms in all lies in the slowest 1% of its "
-                    f"{_fmt(summary.get('count'))} samples; read p99.9, max and total."
+                    f"{label} of {s.label} describes almost none of the time: at least {share:.0%} of the "
+                    f"{_fmt(summary.total, '{:,.0f}')} ms in all lies in the slowest 1% of its "
+                    f"{_fmt(summary.count)} samples; read p99.9, max and total."
                 )
-            cells.append(Cell(_fmt(v, fmt), note=note, tone=tone))
-        rows.append(Row(label.strip(), tuple(cells), indent=label.startswith(" ")))
-    triggers = ("size", "timeout", "shutdown")
+            cells.append(Cell(_fmt(v, metric.fmt), note=note, tone=tone))
+        rows.append(Row(label, tuple(cells), indent=metric.label.startswith(" ")))
     rows.append(
         Row(
             "flushes size/timeout/shutdown",
             tuple(
-                Cell(
-                    "/".join(str(get_path(s.variant, "probes", "flush", FLUSH_SINK, t, "count") or 0) for t in triggers)
-                )
+                Cell("/".join(str(f.count if (f := _flushes(s.variant, t)) else 0) for t in ALL_TRIGGERS))
                 for s in series
             ),
         )
@@ -1400,9 +1364,7 @@ def _strategies_table(series: list[_Series]) -> Table:
         Row(
             "coalesced triggers",
             tuple(
-                Cell(
-                    str(sum(get_path(s.variant, "probes", "flush", FLUSH_SINK, t, "coalesced") or 0 for t in triggers))
-                )
+                Cell(str(sum((f.coalesced or 0) if (f := _flushes(s.variant, t)) else 0 for t in ALL_TRIGGERS)))
                 for s in series
             ),
         )
@@ -1429,7 +1391,7 @@ def _ratio_caption(series: list[_Series], bases: list[int]) -> str:
         )
     for b in groups:
         key = _comparable(series[b])
-        digests = {get_path(s.run.results, "scenario", "sha256") for s in series if _comparable(s) == key}
+        digests = {s.run.results.scenario.sha256 for s in series if _comparable(s) == key}
         if len(digests) > 1:
             text += (
                 f" The {key[0]} scenario file differs between these runs (same name, other content): check the "
@@ -1450,7 +1412,7 @@ def _scope_captions(series: list[_Series]) -> list[str]:
 def _validation_table(series: list[_Series]) -> Table:
     title = "Validation: truth against decision per anomaly class"
     header = ("class (truth)", "injected", "expected", "decisions", "mismatches")
-    scored = [(s, s.variant["validation"]) for s in series if isinstance(s.variant.get("validation"), dict)]
+    scored = [(s, s.variant.validation) for s in series if s.variant.validation is not None]
     if not scored:
         return Table(
             "table-validation",
@@ -1464,36 +1426,34 @@ def _validation_table(series: list[_Series]) -> Table:
     rows = []
     captions = []
     for s, score in scored:
-        for truth, raw in sorted(_dict(score.get("classes")).items()):
-            row = _dict(raw)
-            expected = ", ".join(f"{k} {_fmt(n)}" for k, n in _dict(row.get("expected")).items())
-            decided = sorted(_dict(row.get("decisions")).items(), key=lambda kv: (-(_number(kv[1]) or 0), kv[0]))
+        for truth, row in sorted(score.classes.items()):
+            expected = ", ".join(f"{k} {_fmt(n)}" for k, n in row.expected.items())
+            decided = sorted(row.decisions.items(), key=lambda kv: (-kv[1], kv[0]))
             cells = (
-                Cell(_fmt(row.get("injected"))),
+                Cell(_fmt(row.injected)),
                 Cell(expected or "-", tone="text"),
                 Cell(", ".join(f"{k} {_fmt(n)}" for k, n in decided) or "-", tone="text"),
-                _count_cell(row.get("mismatches"), bad_if_nonzero=True),
+                _count_cell(row.mismatches, bad_if_nonzero=True),
             )
             rows.append(Row(f"{s.label}: {truth}" if several else truth, cells))
-        checks = _dict(score.get("output_checks"))
+        checks = score.output_checks
         prefix = f"{s.label}: " if several else ""
         text = (
-            f"{prefix}{_fmt(score.get('mismatches'))} mismatch(es); read back {_fmt(checks.get('rows_read_back'))} "
-            f"rows: NaN/inf {_fmt(checks.get('non_finite_values'))}, files with naive timestamps "
-            f"{_fmt(checks.get('files_with_naive_timestamps'))}, beyond the future tolerance "
-            f"{_fmt(checks.get('beyond_future_tolerance'))}; quarantine rows {_fmt(score.get('quarantine_rows'))}."
+            f"{prefix}{_fmt(score.mismatches)} mismatch(es); read back {_fmt(checks and checks.rows_read_back)} "
+            f"rows: NaN/inf {_fmt(checks and checks.non_finite_values)}, files with naive timestamps "
+            f"{_fmt(checks and checks.files_with_naive_timestamps)}, beyond the future tolerance "
+            f"{_fmt(checks and checks.beyond_future_tolerance)}; quarantine rows {_fmt(score.quarantine_rows)}."
         )
-        sample = _iter_dicts(score.get("mismatch_sample"))
-        if sample:
+        if score.mismatch_sample:
             text += (
                 " Sample of mismatches: "
                 + ", ".join(
-                    f"seq {_fmt(m.get('seq'), '{}')} {_fmt(m.get('truth'), '{}')} ({_fmt(m.get('problem'), '{}')})"
-                    for m in sample
+                    f"seq {_fmt(m.seq, '{}')} {_fmt(m.truth, '{}')} ({_fmt(m.problem, '{}')})"
+                    for m in score.mismatch_sample
                 )
                 + "."
             )
-        text += "".join(f" Problem: {p}." for p in score.get("problems") or [])
+        text += "".join(f" Problem: {p}." for p in score.problems)
         captions.append(text)
     return Table(
         "table-validation",
@@ -1507,48 +1467,43 @@ def _validation_table(series: list[_Series]) -> Table:
 
 
 def _environment_table(runs: list[_Run]) -> Table:
-    envs = [_dict(r.results.get("environment")) for r in runs]
+    envs = [r.results.environment for r in runs]
 
-    def load(value: Any) -> str:
-        if isinstance(value, list) and value:
+    def load(value: list[float] | None) -> str:
+        if value:
             return " / ".join(_fmt(v, "{:.2f}") for v in value)
         return _fmt(value, "{}")
 
     rows = [
-        Row(
-            "python",
-            tuple(Cell(f"{_fmt(e.get('python'), '{}')} ({_fmt(e.get('implementation'), '{}')})") for e in envs),
-        ),
-        Row("platform", tuple(Cell(_fmt(e.get("platform"), "{}")) for e in envs)),
-        Row("machine", tuple(Cell(_fmt(e.get("machine"), "{}")) for e in envs)),
-        Row("cpus", tuple(Cell(_fmt(e.get("cpus"), "{}")) for e in envs)),
-        Row("host load before (1/5/15 min)", tuple(Cell(load(e.get("host_load"))) for e in envs)),
-        Row("host load after (1/5/15 min)", tuple(Cell(load(e.get("host_load_after"))) for e in envs)),
+        Row("python", tuple(Cell(f"{_fmt(e.python, '{}')} ({_fmt(e.implementation, '{}')})") for e in envs)),
+        Row("platform", tuple(Cell(_fmt(e.platform, "{}")) for e in envs)),
+        Row("machine", tuple(Cell(_fmt(e.machine, "{}")) for e in envs)),
+        Row("cpus", tuple(Cell(_fmt(e.cpus, "{}")) for e in envs)),
+        Row("host load before (1/5/15 min)", tuple(Cell(load(e.host_load)) for e in envs)),
+        Row("host load after (1/5/15 min)", tuple(Cell(load(e.host_load_after)) for e in envs)),
     ]
-    packages = sorted({p for e in envs if isinstance(e.get("packages"), dict) for p in e["packages"]})
-    for name in packages:
-        rows.append(Row(name, tuple(Cell(_fmt(get_path(e, "packages", name), "{}")) for e in envs), indent=True))
-    missing = "" if any(envs) else "no environment recorded in these runs"
+    for name in sorted({p for e in envs for p in e.packages}):
+        rows.append(Row(name, tuple(Cell(_fmt(e.packages.get(name), "{}")) for e in envs), indent=True))
     header = ("", *(r.label for r in runs))
-    return Table("table-environment", "Environment", header, tuple(rows), missing=missing, numeric=False)
+    return Table("table-environment", "Environment", header, tuple(rows), numeric=False)
 
 
-_STEP_COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("offered msg/s", ("offered_per_s",), "{:,.0f}"),
-    ("sent msg/s", ("sent_per_s",), "{:,.1f}"),
-    ("publisher kept up", ("publisher_kept_up",), "{}"),
-    ("persisted msg/s", ("persisted_per_s",), "{:,.1f}"),
-    ("achieved ratio", ("achieved_ratio",), "{:.3f}"),
-    ("backlog slope /s", ("backlog_slope_per_s",), "{:,.1f}"),
-    ("backlog end", ("backlog_end",), "{:,.0f}"),
-    ("backlog growing", ("backlog_growing",), "{}"),
-    ("e2e p50 ms", ("latency_ms", "end_to_end", "p50"), "{:,.1f}"),
-    ("e2e p99 ms", ("latency_ms", "end_to_end", "p99"), "{:,.1f}"),
-    ("flush p99 ms", ("flush_ms", "p99"), "{:,.1f}"),
-    ("lock wait p99 ms", ("lock_wait_ms", "p99"), "{:,.3f}"),
-    ("CPU %", ("cpu_pct",), "{:,.0f}"),
-    ("RSS MB", ("rss_mb",), "{:,.0f}"),
-    ("Little L/(λW)", ("little", "ratio"), "{:.2f}"),
+_STEP_COLUMNS: tuple[tuple[str, Callable[[CapacityStep], Any], str], ...] = (
+    ("offered msg/s", lambda st: st.offered_per_s, "{:,.0f}"),
+    ("sent msg/s", lambda st: st.sent_per_s, "{:,.1f}"),
+    ("publisher kept up", lambda st: st.publisher_kept_up, "{}"),
+    ("persisted msg/s", lambda st: st.persisted_per_s, "{:,.1f}"),
+    ("achieved ratio", lambda st: st.achieved_ratio, "{:.3f}"),
+    ("backlog slope /s", lambda st: st.backlog_slope_per_s, "{:,.1f}"),
+    ("backlog end", lambda st: st.backlog_end, "{:,.0f}"),
+    ("backlog growing", lambda st: st.backlog_growing, "{}"),
+    ("e2e p50 ms", _step_p50, "{:,.1f}"),
+    ("e2e p99 ms", _step_p99, "{:,.1f}"),
+    ("flush p99 ms", lambda st: st.flush_ms.p99 if st.flush_ms else None, "{:,.1f}"),
+    ("lock wait p99 ms", lambda st: st.lock_wait_ms.p99 if st.lock_wait_ms else None, "{:,.3f}"),
+    ("CPU %", lambda st: st.cpu_pct, "{:,.0f}"),
+    ("RSS MB", lambda st: st.rss_mb, "{:,.0f}"),
+    ("Little L/(λW)", lambda st: st.little.ratio if st.little else None, "{:.2f}"),
 )
 VERDICT_TONES = {"sustainable": "good", "unsustainable": "bad", "publisher-limited": "dim"}
 
@@ -1562,18 +1517,16 @@ def _capacity_table(capacity: list[_CapacitySeries]) -> Table:
     for cs in capacity:
         for step in cs.steps:
             cells = []
-            for _, path, fmt in _STEP_COLUMNS:
-                value = get_path(step, *path)
+            for name, get, fmt in _STEP_COLUMNS:
+                value = get(step)
                 tone = ""
-                if path == ("publisher_kept_up",):
+                if name == "publisher kept up":
                     tone = "bad" if value is False else ""
-                elif path == ("backlog_growing",):
+                elif name == "backlog growing":
                     tone = "bad" if value is True else ""
                 cells.append(Cell(_fmt(value, fmt), tone=tone))
-            verdict = step.get("verdict")
-            if verdict is None and isinstance(step.get("sustainable"), bool):
-                verdict = "sustainable" if step["sustainable"] else "unsustainable"
-            cells.append(Cell(_fmt(verdict, "{}"), tone=VERDICT_TONES.get(str(verdict), "")))
+            # Older files' steps without a verdict get theirs from `sustainable` in the model.
+            cells.append(Cell(_fmt(step.verdict, "{}"), tone=VERDICT_TONES.get(str(step.verdict), "")))
             rows.append(Row(cs.label, tuple(cells)))
     return Table(
         "table-capacity",
@@ -1596,21 +1549,21 @@ def _capacity_summary_table(capacity: list[_CapacitySeries]) -> Table:
     rows = []
     notes: list[str] = []
     for cs in capacity:
-        knee = cs.data.get("knee")
-        method = get_path(knee, "method")
+        knee = cs.data.knee
+        method = knee.method if knee else None
         if method and f"Knee: {method}." not in notes:
             notes.append(f"Knee: {method}.")
-        notes += [f"{cs.label}: {w}." for w in cs.data.get("warnings") or [] if isinstance(w, str)]
+        notes += [f"{cs.label}: {w}." for w in cs.data.warnings or []]
         rows.append(
             Row(
                 cs.label,
                 (
-                    Cell(_fmt(cs.data.get("sustainable_per_s"), "{:,.0f}")),
-                    Cell(_fmt(cs.data.get("peak_per_s"), "{:,.0f}")),
-                    Cell(_fmt(get_path(knee, "offered_per_s"), "{:,.0f}")),
-                    Cell(_fmt(get_path(knee, "p99_ms"), "{:,.1f}")),
-                    Cell(_fmt(cs.data.get("limit"), "{}"), tone="text"),
-                    Cell(_fmt(cs.data.get("stopped"), "{}"), tone="text dim"),
+                    Cell(_fmt(cs.data.sustainable_per_s, "{:,.0f}")),
+                    Cell(_fmt(cs.data.peak_per_s, "{:,.0f}")),
+                    Cell(_fmt(knee.offered_per_s if knee else None, "{:,.0f}")),
+                    Cell(_fmt(knee.p99_ms if knee else None, "{:,.1f}")),
+                    Cell(_fmt(cs.data.limit, "{}"), tone="text"),
+                    Cell(_fmt(cs.data.stopped, "{}"), tone="text dim"),
                 ),
             )
         )
@@ -1637,10 +1590,9 @@ def _recommendations_table(runs: list[_Run]) -> Table:
     rows = []
     several = len(runs) > 1
     for run in runs:
-        for rec in _iter_dicts(get_path(run.results, "capacity", "recommendations")):
-            topic = _fmt(rec.get("topic"), "{}")
-            cells = (Cell(_fmt(rec.get("text"), "{}")), Cell(_fmt(rec.get("evidence"), "{}"), tone="dim"))
-            rows.append(Row(f"{run.label}: {topic}" if several else topic, cells))
+        for rec in run.results.capacity.recommendations if run.results.capacity else []:
+            cells = (Cell(rec.text), Cell(rec.evidence, tone="dim"))
+            rows.append(Row(f"{run.label}: {rec.topic}" if several else rec.topic, cells))
     return Table(
         "table-recommendations",
         "Recommendations",
@@ -1649,10 +1601,10 @@ def _recommendations_table(runs: list[_Run]) -> Table:
         missing=""
         if rows
         else "no recommendations in these runs (a capacity sweep makes them)"
-        if any(isinstance(r.results.get("capacity"), dict) for r in runs)
+        if any(r.results.capacity is not None for r in runs)
         else NO_CAPACITY,
         numeric=False,
-        applies=any(isinstance(r.results.get("capacity"), dict) for r in runs),
+        applies=any(r.results.capacity is not None for r in runs),
     )
 
 
@@ -1661,28 +1613,7 @@ def _count_cell(value: Any, bad_if_nonzero: bool = False) -> Cell:
     return Cell(_fmt(value, "{:,}"), tone="bad" if bad else "")
 
 
-def _reconciled_cell(ledger: dict[str, Any]) -> Cell:
-    if "reconciled" not in ledger:
+def _reconciled_cell(ledger: Ledger) -> Cell:
+    if ledger.reconciled is None:
         return Cell("-")
-    return Cell("yes", tone="good") if ledger["reconciled"] else Cell("NO", tone="bad")
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _iter_dicts(value: Any) -> list[dict[str, Any]]:
-    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
-
-
-def write_report_or_warn(run_dir: Path, err: Any) -> Path | None:
-    """report.html and summary.md in a run folder, for the commands that write one automatically.
-
-    A report that fails to render must not cost the run its results (already written): the failure is printed
-    as a warning on ``err`` (a rich Console) and the command goes on to its own verdict.
-    """
-    try:
-        return write_report([run_dir]).html
-    except Exception as exc:  # any rendering failure; the tests of this module keep it from being routine
-        err.print(f"bench: warning: could not write the report into {run_dir}: {exc}", style="yellow")
-        return None
+    return Cell("yes", tone="good") if ledger.reconciled else Cell("NO", tone="bad")

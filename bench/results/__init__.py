@@ -1,5 +1,10 @@
 """results.json: one plain, versioned JSON file per run.
 
+Its definition is the typed model in :mod:`bench.results.model` (writers build a
+:class:`~bench.results.model.Results`, readers get one from
+:func:`~bench.results.model.read_results`); this module holds the version, the
+environment every run records, and the atomic write.
+
 Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
 ``docs/results.md``):
 
@@ -7,15 +12,24 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
    throughput, latency_ms (end_to_end, send_lag), probes.flush, publisher.
 2. One entry per matrix variant; probes.lock, probes.append_cost,
    probes.queue_depth, probes.loop_lag_ms, probes.overhead;
-   throughput.sink_rows_per_s; sql; faults; pipeline.dropped_by_reason and
-   refused_after_close; latency summaries gain "total" (ms).
+   throughput.sink_rows_per_s (throughput.wall_s removed); sql; faults;
+   pipeline.dropped_by_reason and refused_after_close; latency summaries gain
+   "total" (ms).
 3. opcua (source statistics, security, reference), publisher.not_sent;
    ledger dropped reasons opcua_queue_overflow and server_outage.
 4. validation; ledger.redelivered and quarantine_rows.
 5. timeline per variant; percentile ladders in flush total_ms and lock
-   wait_ms; capacity runs (kind, capacity).
+   wait_ms; capacity runs (kind, capacity); bench load runs (load,
+   latency_ms.ack); resources.peak_rss_mb; data_bytes.
 6. probes.cpu (thread CPU time: hot path per message, sinks per row); latency
    summaries' mean is exact (total / count), no longer HdrHistogram's bucket mean.
+7. publisher.window and MQTT reasons in publisher.not_sent; append_cost gains
+   slope_stderr_ms_per_mb, slope_ci95_ms_per_mb and slope_summary; a capacity
+   variant's flush, lock and append figures cover its ledger's steps, and its
+   ledger gains steps_offered_per_s; lock hold_ms leaves out condition waits.
+8. environment.git_commit: the commit of the checkout the bench ran from (null
+   outside a git checkout). The model (bench.results.model) is the definition;
+   files of versions 1 to 7 still load through it.
 """
 
 from __future__ import annotations
@@ -24,13 +38,19 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.probes import Recorder
 
-SCHEMA_VERSION = 7
+if TYPE_CHECKING:
+    from bench.results.model import Results
+
+SCHEMA_VERSION = 8
 PACKAGES = (
     "iiot-bench",
     "asyncua",
@@ -49,6 +69,10 @@ PACKAGES = (
 )
 # Latency histograms: one implementation, shared with the pipeline's probes.
 LatencyRecorder = Recorder
+# The checkout the bench package lives in: bench/results/__init__.py -> the project root.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+GIT_TIMEOUT_S = 5
+_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 
 
 def environment() -> dict[str, Any]:
@@ -67,10 +91,79 @@ def environment() -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "host_load": list(load) if load else None,
         "packages": packages,
+        "git_commit": git_commit(),
     }
 
 
-def write_results(path: Path, results: dict[str, Any]) -> None:
+def git_commit(root: Path = PROJECT_ROOT) -> str | None:
+    """The commit checked out at ``root`` (the bench's own checkout), or None when ``root`` is no git checkout.
+
+    Read from ``.git`` itself (a few small files: no process, no git needed); git is asked only when the
+    repository keeps its refs in a form this does not read (reftable). An installed bench (site-packages) has
+    no ``.git`` beside it and records None rather than the commit of whatever repository encloses it.
+    """
+    dot_git = root / ".git"
+    if not dot_git.exists():
+        return None
+    try:
+        found = _read_head(dot_git)
+    except (OSError, UnicodeDecodeError, ValueError):
+        found = None
+    return found if found is not None else _ask_git(root)
+
+
+def _read_head(dot_git: Path) -> str | None:
+    git_dir = dot_git
+    if dot_git.is_file():  # a worktree or a submodule: "gitdir: <path>"
+        pointer = dot_git.read_text(encoding="utf-8").strip()
+        if not pointer.startswith("gitdir:"):
+            return None
+        git_dir = (dot_git.parent / pointer.removeprefix("gitdir:").strip()).resolve()
+    head = (git_dir / "HEAD").read_text(encoding="utf-8").strip()
+    if not head.startswith("ref:"):
+        return head if _SHA.fullmatch(head) else None  # detached
+    ref = head.removeprefix("ref:").strip()
+    # A worktree keeps its HEAD; branches live in the repository it shares ("commondir").
+    common = git_dir
+    if (git_dir / "commondir").is_file():
+        common = (git_dir / (git_dir / "commondir").read_text(encoding="utf-8").strip()).resolve()
+    for base in (git_dir, common):
+        loose = base / ref
+        if loose.is_file():
+            sha = loose.read_text(encoding="utf-8").strip()
+            return sha if _SHA.fullmatch(sha) else None
+    packed = common / "packed-refs"
+    if packed.is_file():
+        for line in packed.read_text(encoding="utf-8").splitlines():
+            sha, _, name = line.partition(" ")
+            if name == ref and _SHA.fullmatch(sha):
+                return sha
+    return None
+
+
+def _ask_git(root: Path) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--verify", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    sha = done.stdout.strip()
+    return sha if done.returncode == 0 and _SHA.fullmatch(sha) else None
+
+
+def write_results(path: Path, results: Results | Mapping[str, Any]) -> None:
+    """Write results.json atomically: a temporary file beside it, then a rename.
+
+    A :class:`~bench.results.model.Results` is written as built (keys a writer left unset stay out); a plain
+    mapping as given, while writers move to the model.
+    """
+    data = results if isinstance(results, Mapping) else results.to_json()
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)

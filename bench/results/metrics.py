@@ -1,4 +1,9 @@
-"""The metrics shown side by side per variant, shared by the terminal summary and the reports.
+"""The metrics shown side by side per variant, shared by the terminal summary and the reports, and the ones a
+gate compares.
+
+Each figure is a getter over the results model (:class:`~bench.results.model.Variant` -> value, None where the
+variant lacks the part it lives in), not a path of keys: a renamed field is an error of the type checker, not a
+row that silently disappears.
 
 Also the small statistics both need to say how far a figure can be trusted: the interval of a fitted slope
 (:func:`slope_fit`, :func:`slope_text`) and whether a p99 hides where the time went (:func:`tail_share_bound`).
@@ -8,69 +13,202 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, get_args
+
+if TYPE_CHECKING:
+    # The model imports this module (slope_fit, slope_text): its types are for annotations only.
+    from bench.results.model import (
+        AppendCost,
+        CpuProbe,
+        FlushStats,
+        LatencySummary,
+        LockProbe,
+        OpcUa,
+        QueueDepth,
+        SinkFlushes,
+        Variant,
+    )
+
+_P = TypeVar("_P")
+_V = TypeVar("_V")
+
+MetricValue: TypeAlias = int | float | str | None
+"""A figure as the results hold it: a count, a rate, a time, or a text (the append slope); None when absent."""
 
 
-def get_path(data: Any, *path: str) -> Any:
-    """``data[path[0]][path[1]]...``, or None where a key is missing."""
-    for key in path:
-        if not isinstance(data, dict) or key not in data:
-            return None
-        data = data[key]
-    return data
+# ----------------------------------------------------------------------------- the parts of a variant
 
 
-# (label, path into a variant, format, whether a ratio to the first variant is worth showing)
-METRIC_ROWS: list[tuple[str, tuple[str, ...], str, bool]] = [
-    ("  sent", ("ledger", "sent"), "{:,.0f}", False),
-    ("  persisted", ("ledger", "persisted"), "{:,.0f}", False),
-    ("  rejected", ("ledger", "rejected"), "{:,.0f}", False),
-    ("  dropped", ("ledger", "dropped"), "{:,.0f}", False),
-    ("  lost", ("ledger", "lost"), "{:,.0f}", False),
-    ("  duplicates", ("ledger", "duplicates"), "{:,.0f}", False),
-    ("offered msg/s", ("throughput", "offered_per_s"), "{:,.1f}", False),
-    ("sent msg/s", ("throughput", "sent_per_s"), "{:,.1f}", True),
-    ("persisted msg/s", ("throughput", "persisted_per_s"), "{:,.1f}", True),
-    ("end-to-end p50 ms", ("latency_ms", "end_to_end", "p50"), "{:,.1f}", True),
-    ("end-to-end p99 ms", ("latency_ms", "end_to_end", "p99"), "{:,.1f}", True),
-    ("end-to-end max ms", ("latency_ms", "end_to_end", "max"), "{:,.1f}", True),
-    ("send lag p99 ms", ("latency_ms", "send_lag", "p99"), "{:,.1f}", True),
-    ("hot path CPU us/msg", ("probes", "cpu", "hot_path_us_per_msg"), "{:,.2f}", True),
-    ("parquet sink CPU us/row", ("probes", "cpu", "sink_us_per_row", "parquet"), "{:,.2f}", True),
-    ("flush p99 ms (size)", ("probes", "flush", "parquet", "size", "total_ms", "p99"), "{:,.2f}", True),
-    ("flush p99 ms (timeout)", ("probes", "flush", "parquet", "timeout", "total_ms", "p99"), "{:,.2f}", True),
-    ("lock wait p99 ms", ("probes", "lock", "wait_ms", "p99"), "{:,.3f}", True),
-    ("lock wait max ms", ("probes", "lock", "wait_ms", "max"), "{:,.3f}", True),
+def _via(part: Callable[[Variant], _P | None], figure: Callable[[_P], _V | None]) -> Callable[[Variant], _V | None]:
+    """``figure`` of a variant's optional ``part``: None when the variant lacks the part."""
+
+    def get(variant: Variant) -> _V | None:
+        found = part(variant)
+        return None if found is None else figure(found)
+
+    return get
+
+
+def _e2e(v: Variant) -> LatencySummary | None:
+    return v.latency_ms.end_to_end
+
+
+def _send_lag(v: Variant) -> LatencySummary | None:
+    return v.latency_ms.send_lag
+
+
+def _cpu(v: Variant) -> CpuProbe | None:
+    return v.probes.cpu
+
+
+def _lock(v: Variant) -> LockProbe | None:
+    return v.probes.lock
+
+
+def _loop_lag(v: Variant) -> LatencySummary | None:
+    return v.probes.loop_lag_ms
+
+
+def _append_cost(v: Variant) -> AppendCost | None:
+    return v.probes.append_cost
+
+
+def _queue_depth(v: Variant) -> QueueDepth | None:
+    return v.probes.queue_depth
+
+
+def _opcua(v: Variant) -> OpcUa | None:
+    return v.opcua
+
+
+def parquet_flushes(v: Variant) -> SinkFlushes | None:
+    """The Parquet sink's flushes by trigger, None when the variant has no flush probe for it."""
+    return v.probes.flush.get("parquet")
+
+
+def parquet_flush_triggers(v: Variant) -> tuple[FlushStats | None, FlushStats | None, FlushStats | None]:
+    """The Parquet sink's flushes of each trigger: size, timeout, shutdown (None where none fired)."""
+    flushes = parquet_flushes(v)
+    if flushes is None:
+        return None, None, None
+    return flushes.size, flushes.timeout, flushes.shutdown
+
+
+_lock_wait = _via(_lock, lambda lock: lock.wait_ms)
+_lock_hold = _via(_lock, lambda lock: lock.hold_ms)
+_producer_stall = _via(_lock, lambda lock: lock.stall_ms)
+_size_flush_ms = _via(_via(parquet_flushes, lambda f: f.size), lambda stats: stats.total_ms)
+_timeout_flush_ms = _via(_via(parquet_flushes, lambda f: f.timeout), lambda stats: stats.total_ms)
+
+
+def _p50(s: LatencySummary) -> float | None:
+    return s.p50
+
+
+def _p99(s: LatencySummary) -> float | None:
+    return s.p99
+
+
+def _p999(s: LatencySummary) -> float | None:
+    return s.p999
+
+
+def _max(s: LatencySummary) -> float | None:
+    return s.max
+
+
+def _mean(s: LatencySummary) -> float | None:
+    return s.mean
+
+
+def _total(s: LatencySummary) -> float | None:
+    return s.total
+
+
+def _sink_rows_per_s(sink: str) -> Callable[[Variant], float | None]:
+    return lambda v: (v.throughput.sink_rows_per_s or {}).get(sink)
+
+
+_hot_path_cpu = _via(_cpu, lambda cpu: cpu.hot_path_us_per_msg)
+_parquet_sink_cpu = _via(_cpu, lambda cpu: cpu.sink_us_per_row.get("parquet"))
+
+
+# ----------------------------------------------------------------------------- the side-by-side table
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """One row of the side-by-side table: a figure of each variant."""
+
+    label: str
+    value: Callable[[Variant], MetricValue]
+    """The figure of a variant; None where the variant lacks it (the row is left out when every variant does)."""
+    fmt: str
+    """How a value prints (``str.format``)."""
+    ratio: bool
+    """Whether a ratio to the first variant is worth showing."""
+    summary: Callable[[Variant], LatencySummary | None] | None = None
+    """For a p99: the distribution it is read from, to tell whether the p99 hides where the time went
+    (:func:`tail_share_bound`); None for every other row."""
+
+
+METRIC_ROWS: list[MetricRow] = [
+    MetricRow("  sent", lambda v: v.ledger.sent, "{:,.0f}", False),
+    MetricRow("  persisted", lambda v: v.ledger.persisted, "{:,.0f}", False),
+    MetricRow("  rejected", lambda v: v.ledger.rejected, "{:,.0f}", False),
+    MetricRow("  dropped", lambda v: v.ledger.dropped, "{:,.0f}", False),
+    MetricRow("  lost", lambda v: v.ledger.lost, "{:,.0f}", False),
+    MetricRow("  duplicates", lambda v: v.ledger.duplicates, "{:,.0f}", False),
+    MetricRow("offered msg/s", lambda v: v.throughput.offered_per_s, "{:,.1f}", False),
+    MetricRow("sent msg/s", lambda v: v.throughput.sent_per_s, "{:,.1f}", True),
+    MetricRow("persisted msg/s", lambda v: v.throughput.persisted_per_s, "{:,.1f}", True),
+    MetricRow("end-to-end p50 ms", _via(_e2e, _p50), "{:,.1f}", True),
+    MetricRow("end-to-end p99 ms", _via(_e2e, _p99), "{:,.1f}", True, summary=_e2e),
+    MetricRow("end-to-end max ms", _via(_e2e, _max), "{:,.1f}", True),
+    MetricRow("send lag p99 ms", _via(_send_lag, _p99), "{:,.1f}", True, summary=_send_lag),
+    MetricRow("hot path CPU us/msg", _hot_path_cpu, "{:,.2f}", True),
+    MetricRow("parquet sink CPU us/row", _parquet_sink_cpu, "{:,.2f}", True),
+    MetricRow("flush p99 ms (size)", _via(_size_flush_ms, _p99), "{:,.2f}", True, summary=_size_flush_ms),
+    MetricRow("flush p99 ms (timeout)", _via(_timeout_flush_ms, _p99), "{:,.2f}", True, summary=_timeout_flush_ms),
+    MetricRow("lock wait p99 ms", _via(_lock_wait, _p99), "{:,.3f}", True, summary=_lock_wait),
+    MetricRow("lock wait max ms", _via(_lock_wait, _max), "{:,.3f}", True),
     # A p99 of many short holds says nothing of the few long ones (a coarse lock held across each flush: 160
     # flushes among 40,000 puts sit above the p99), so the tail and the total are shown beside it.
-    ("lock hold p99 ms", ("probes", "lock", "hold_ms", "p99"), "{:,.3f}", True),
-    ("lock hold p99.9 ms", ("probes", "lock", "hold_ms", "p999"), "{:,.3f}", True),
-    ("lock hold max ms", ("probes", "lock", "hold_ms", "max"), "{:,.3f}", True),
-    ("lock hold total ms", ("probes", "lock", "hold_ms", "total"), "{:,.0f}", True),
+    MetricRow("lock hold p99 ms", _via(_lock_hold, _p99), "{:,.3f}", True, summary=_lock_hold),
+    MetricRow("lock hold p99.9 ms", _via(_lock_hold, _p999), "{:,.3f}", True),
+    MetricRow("lock hold max ms", _via(_lock_hold, _max), "{:,.3f}", True),
+    MetricRow("lock hold total ms", _via(_lock_hold, _total), "{:,.0f}", True),
     # Likewise a producer that blocks on a full buffer does so rarely but for long: max and total tell it.
-    ("producer stall p99 ms", ("probes", "lock", "stall_ms", "p99"), "{:,.3f}", True),
-    ("producer stall max ms", ("probes", "lock", "stall_ms", "max"), "{:,.3f}", True),
-    ("producer stall total ms", ("probes", "lock", "stall_ms", "total"), "{:,.0f}", True),
-    ("blocked on a full buffer ms", ("pipeline", "producer_wait_ms"), "{:,.0f}", True),
-    ("event-loop lag p99 ms", ("probes", "loop_lag_ms", "p99"), "{:,.2f}", True),
-    ("event-loop lag max ms", ("probes", "loop_lag_ms", "max"), "{:,.2f}", True),
-    ("append cost first ms", ("probes", "append_cost", "first_ms"), "{:,.2f}", True),
-    ("append cost last ms", ("probes", "append_cost", "last_ms"), "{:,.2f}", True),
-    ("append last/first", ("probes", "append_cost", "last_over_first"), "{:,.2f}", False),
-    ("append last/first (fit)", ("probes", "append_cost", "fit_last_over_first"), "{:,.2f}", False),
+    MetricRow("producer stall p99 ms", _via(_producer_stall, _p99), "{:,.3f}", True, summary=_producer_stall),
+    MetricRow("producer stall max ms", _via(_producer_stall, _max), "{:,.3f}", True),
+    MetricRow("producer stall total ms", _via(_producer_stall, _total), "{:,.0f}", True),
+    MetricRow("blocked on a full buffer ms", _via(lambda v: v.pipeline, lambda p: p.producer_wait_ms), "{:,.0f}", True),
+    MetricRow("event-loop lag p99 ms", _via(_loop_lag, _p99), "{:,.2f}", True, summary=_loop_lag),
+    MetricRow("event-loop lag max ms", _via(_loop_lag, _max), "{:,.2f}", True),
+    MetricRow("append cost first ms", _via(_append_cost, lambda a: a.first_ms), "{:,.2f}", True),
+    MetricRow("append cost last ms", _via(_append_cost, lambda a: a.last_ms), "{:,.2f}", True),
+    MetricRow("append last/first", _via(_append_cost, lambda a: a.last_over_first), "{:,.2f}", False),
+    MetricRow("append last/first (fit)", _via(_append_cost, lambda a: a.fit_last_over_first), "{:,.2f}", False),
     # Text with its 95% interval ("flat within noise" when it holds 0): a bare slope from a few noisy flushes
     # reads as a trend that is not there.
-    ("append slope", ("probes", "append_cost", "slope_summary"), "{}", False),
-    ("parquet sink rows/s", ("throughput", "sink_rows_per_s", "parquet"), "{:,.0f}", True),
-    ("sql sink rows/s", ("throughput", "sink_rows_per_s", "sql"), "{:,.0f}", True),
-    ("opcua notifications/s", ("opcua", "notifications_per_s"), "{:,.0f}", True),
-    ("opcua capacity: pipeline / bare", ("opcua", "reference", "pipeline_fraction"), "{:.3f}", False),
-    ("queue depth max", ("probes", "queue_depth", "depth_max"), "{:,.0f}", True),
-    ("files", ("files",), "{:,.0f}", False),
+    MetricRow("append slope", _via(_append_cost, lambda a: a.slope_summary), "{}", False),
+    MetricRow("parquet sink rows/s", _sink_rows_per_s("parquet"), "{:,.0f}", True),
+    MetricRow("sql sink rows/s", _sink_rows_per_s("sql"), "{:,.0f}", True),
+    MetricRow("opcua notifications/s", _via(_opcua, lambda o: o.notifications_per_s), "{:,.0f}", True),
+    MetricRow(
+        "opcua capacity: pipeline / bare",
+        _via(_via(_opcua, lambda o: o.reference), lambda r: r.pipeline_fraction),
+        "{:.3f}",
+        False,
+    ),
+    MetricRow("queue depth max", _via(_queue_depth, lambda q: q.depth_max), "{:,.0f}", True),
+    MetricRow("files", lambda v: v.files, "{:,.0f}", False),
 ]
 
+
+# ----------------------------------------------------------------------------- what a gate compares
 
 MetricName = Literal[
     "hot_path_cpu_us",
@@ -89,43 +227,65 @@ CounterName = Literal[
     "persisted", "rejected", "dropped", "lost", "duplicates", "files", "data_bytes", "flushes", "rows_written"
 ]
 
-# What a regression gate can compare, per variant of a run's results.json.
-# name -> (path, higher_is_better, unit). Times are medians or tails over one run; each gate replicate gives one value.
-GATE_METRICS: dict[MetricName, tuple[tuple[str, ...], bool, str]] = {
+
+@dataclass(frozen=True)
+class GateFigure:
+    """A metric a regression gate can compare: one value per variant of a run (so one per gate replicate)."""
+
+    value: Callable[[Variant], float | None]
+    """The variant's value; None where it lacks it (e.g. a baseline older than the metric)."""
+    higher_is_better: bool
+    unit: str
+
+
+# What a regression gate can compare, per variant of a run's results.json. Times are medians or tails over one
+# run; each gate replicate gives one value.
+GATE_METRICS: dict[MetricName, GateFigure] = {
     # Thread CPU time: what a gate can judge on a shared machine (a busy neighbour doubles wall times).
-    "hot_path_cpu_us": (("probes", "cpu", "hot_path_us_per_msg"), False, "us/msg"),
-    "sink_cpu_us_per_row": (("probes", "cpu", "sink_us_per_row", "parquet"), False, "us/row"),
-    "flush_mean_ms": (("probes", "flush", "parquet", "size", "total_ms", "mean"), False, "ms"),
-    "flush_p50_ms": (("probes", "flush", "parquet", "size", "total_ms", "p50"), False, "ms"),
-    "flush_p99_ms": (("probes", "flush", "parquet", "size", "total_ms", "p99"), False, "ms"),
-    "e2e_p50_ms": (("latency_ms", "end_to_end", "p50"), False, "ms"),
-    "e2e_p99_ms": (("latency_ms", "end_to_end", "p99"), False, "ms"),
-    "lock_wait_p99_ms": (("probes", "lock", "wait_ms", "p99"), False, "ms"),
-    "sink_rows_per_s": (("throughput", "sink_rows_per_s", "parquet"), True, "rows/s"),
-    "persisted_per_s": (("throughput", "persisted_per_s"), True, "msg/s"),
-    "peak_rss_mb": (("resources", "peak_rss_mb"), False, "MB"),
+    "hot_path_cpu_us": GateFigure(_hot_path_cpu, False, "us/msg"),
+    "sink_cpu_us_per_row": GateFigure(_parquet_sink_cpu, False, "us/row"),
+    "flush_mean_ms": GateFigure(_via(_size_flush_ms, _mean), False, "ms"),
+    "flush_p50_ms": GateFigure(_via(_size_flush_ms, _p50), False, "ms"),
+    "flush_p99_ms": GateFigure(_via(_size_flush_ms, _p99), False, "ms"),
+    "e2e_p50_ms": GateFigure(_via(_e2e, _p50), False, "ms"),
+    "e2e_p99_ms": GateFigure(_via(_e2e, _p99), False, "ms"),
+    "lock_wait_p99_ms": GateFigure(_via(_lock_wait, _p99), False, "ms"),
+    "sink_rows_per_s": GateFigure(_sink_rows_per_s("parquet"), True, "rows/s"),
+    "persisted_per_s": GateFigure(lambda v: v.throughput.persisted_per_s, True, "msg/s"),
+    "peak_rss_mb": GateFigure(_via(lambda v: v.resources, lambda r: r.peak_rss_mb), False, "MB"),
 }
-_TRIGGERS = ("size", "timeout", "shutdown")
 
 
-def counter_value(variant: dict[str, Any], name: str) -> float | None:
+def _parquet_flush_sum(v: Variant, figure: Callable[[FlushStats], int]) -> int | None:
+    """``figure`` summed over the Parquet sink's flush triggers; None when none fired (or no probe)."""
+    parts = [figure(stats) for stats in parquet_flush_triggers(v) if stats is not None]
+    return sum(parts) if parts else None
+
+
+# A deterministic counter of a run: the same stream into the same code must give the same number.
+_COUNTERS: dict[CounterName, Callable[[Variant], int | None]] = {
+    "persisted": lambda v: v.ledger.persisted,
+    "rejected": lambda v: v.ledger.rejected,
+    "dropped": lambda v: v.ledger.dropped,
+    "lost": lambda v: v.ledger.lost,
+    "duplicates": lambda v: v.ledger.duplicates,
+    "files": lambda v: v.files,
+    "data_bytes": lambda v: v.data_bytes,
+    "flushes": lambda v: _parquet_flush_sum(v, lambda stats: stats.count),
+    "rows_written": lambda v: _parquet_flush_sum(v, lambda stats: stats.rows),
+}
+
+
+def counter_value(variant: Variant, name: CounterName) -> float | None:
     """A deterministic counter of a run: the same stream into the same code must give the same number."""
-    if name in ("persisted", "rejected", "dropped", "lost", "duplicates"):
-        value = get_path(variant, "ledger", name)
-    elif name in ("files", "data_bytes"):
-        value = get_path(variant, name)
-    elif name in ("flushes", "rows_written"):
-        key = "count" if name == "flushes" else "rows"
-        parts = [get_path(variant, "probes", "flush", "parquet", t, key) for t in _TRIGGERS]
-        value = sum(p for p in parts if p is not None) if any(p is not None for p in parts) else None
-    else:
-        raise KeyError(name)
+    value = _COUNTERS[name](variant)
     return None if value is None else float(value)
 
 
 COUNTERS: tuple[CounterName, ...] = get_args(CounterName)
-# One list of names for the schema (Literal) and one table of paths: they must agree.
+# One list of names for the schema (Literal) and one table of getters: they must agree.
 assert set(get_args(MetricName)) == set(GATE_METRICS)
+assert set(COUNTERS) == set(_COUNTERS)
 
 
 # ----------------------------------------------------------------------------- how far a figure can be trusted
@@ -239,18 +399,28 @@ def slope_text(fit: SlopeFit, unit: str = "ms/MB") -> str:
     return f"{fit.slope:,.{d}f} {unit} ({ci})"
 
 
-def tail_share_bound(summary: Any) -> float | None:
+def tail_share_bound(summary: LatencySummary | Mapping[str, Any] | None) -> float | None:
     """At least this share of a latency summary's total time lies in its slowest 1% of samples.
 
     Every sample up to the p99 is at most the p99, so the fastest 99% add up to at most 0.99 * count * p99 and
     the rest of the total is the slowest 1%'s. Near 1, the p99 describes almost none of the time spent: a
     coarse lock's few flush-long holds among many short ones, or a producer blocked on a full buffer now and
-    then. None when the summary lacks p99 or mean.
+    then. None when the summary lacks p99 or mean. ``summary``: a :class:`~bench.results.model.LatencySummary`,
+    or the dict a recorder gives.
     """
-    if not isinstance(summary, dict):
+    from bench.results.model import LatencySummary  # the model imports this module: not at its top
+
+    p99: Any
+    mean: Any
+    total: Any
+    count: Any
+    if isinstance(summary, LatencySummary):
+        p99, mean, total, count = summary.p99, summary.mean, summary.total, summary.count
+    elif isinstance(summary, Mapping):
+        p99, mean = summary.get("p99"), summary.get("mean")
+        total, count = summary.get("total"), summary.get("count")
+    else:
         return None
-    p99, mean = summary.get("p99"), summary.get("mean")
-    total, count = summary.get("total"), summary.get("count")
     if isinstance(total, int | float) and isinstance(count, int) and count > 0:
         mean = total / count  # total keeps more digits than the stored mean
     if not isinstance(p99, int | float) or not isinstance(mean, int | float) or mean <= 0:
