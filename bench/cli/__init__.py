@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
 from bench.cli.args import broker_url, int_list, positive_int, positive_seconds, rate_list
+from bench.cli.display import progress_bar
 from bench.cli.load import register as register_load
 from bench.errors import BenchError, UsageError
 from bench.results.metrics import GATE_METRICS, METRIC_ROWS, parquet_flush_triggers
@@ -625,21 +625,10 @@ def _info(p: RunProgress) -> str:
 def _run_with_bar(loaded: Any, options: runner.RunOptions, console: Console) -> runner.RunOutcome:
     from bench.harness import runner
 
-    with Progress(
-        TextColumn("sent"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("run", total=None, info="starting broker and pipeline")
+    with progress_bar(console, "sent") as bar:
 
         def update(p: RunProgress) -> None:
-            bar.update(
-                task, total=p.planned * p.variants, completed=p.planned * p.variant_index + p.sent, info=_info(p)
-            )
+            bar(p.planned * p.variants, p.planned * p.variant_index + p.sent, _info(p))
 
         return runner.run(loaded, options, on_progress=update)
 

@@ -144,23 +144,13 @@ def _info(p: LoadProgress) -> str:
 
 
 def _run_with_bar(loaded: LoadedScenario, options: LoadOptions, console: Any) -> LoadOutcome:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from bench.cli.display import progress_bar
     from bench.load.runner import run_load
 
-    with Progress(
-        TextColumn("received"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("load", total=None, info="starting broker and pipeline")
+    with progress_bar(console, "received") as bar:
 
         def update(p: LoadProgress) -> None:
-            bar.update(task, total=p.planned, completed=min(p.received, p.planned), info=_info(p))
+            bar(p.planned, min(p.received, p.planned), _info(p))
 
         return run_load(loaded, options, on_progress=update)
 
