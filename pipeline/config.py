@@ -408,6 +408,18 @@ class ValidateSettings(Frozen):
     dedup_window: int = Field(
         100_000, gt=0, description="Recent seq ids remembered per machine for duplicate detection."
     )
+    mileage_max: float = Field(
+        1e9,
+        gt=0,
+        description="Largest believable mileage; a larger one is refused (out_of_range) and never enters the "
+        "machine's history, where it would make every later reading look like mileage going backwards.",
+    )
+    machines_tracked: int = Field(
+        100_000,
+        gt=0,
+        description="Per-machine history (newest time, mileage, recent seq ids) is kept for at most this many "
+        "machines; beyond it the least recently seen machine's is evicted, so memory stays bounded.",
+    )
     rules: RulePolicies = RulePolicies()
 
     @field_validator("default_timezone")
@@ -583,6 +595,13 @@ class PipelineSettings(Frozen):
     quarantine: QuarantineSettings = QuarantineSettings()
     sql: SqlSettings | None = Field(None, description="Also write to a SQL database (off by default).")
     probes: bool = Field(True, description="Record lock wait/hold and producer stall histograms.")
+    durability: Literal["naive", "crash_safe"] = Field(
+        "naive",
+        description="naive: as the pipeline always was (a crash loses what was buffered and the file being "
+        "written; a restart may overwrite files). crash_safe: files a restart never overwrites, an output "
+        "folder lock, flushed data kept in a journal that survives kill -9 and is recovered at start-up; "
+        "an MQTT source acknowledges only once a message is durable (docs/durability.md).",
+    )
     runtime: Literal["threads", "asyncio"] = Field(
         "threads",
         description="threads: thread locks and flusher threads. asyncio: the pipeline runs on an event loop "
@@ -599,6 +618,16 @@ class MqttSourceSettings(Frozen):
     topic: str = Field("plant/+/telemetry", description="Subscription filter.")
     qos: Literal[0, 1, 2] = 1
     client_id: str | None = None
+    session: Literal["clean", "persistent"] = Field(
+        "clean",
+        description="persistent: the broker keeps the subscription and queues QoS 1/2 messages while the "
+        "pipeline is down (needs a stable client_id); clean: a new session on every connect.",
+    )
+    ack: Literal["on_receive", "durable"] = Field(
+        "on_receive",
+        description="When a QoS 1/2 message is acknowledged: on_receive (when it reaches the buffer; a crash "
+        "loses what was buffered) or durable (once its row, or its quarantine row, is on disk).",
+    )
     username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
     password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a file.")
 
@@ -617,6 +646,12 @@ class MqttSourceSettings(Frozen):
         if value is not None and not _ENV_REF.match(value):
             raise ValueError("expected an environment reference such as ${MQTT_PASSWORD}")
         return value
+
+    @model_validator(mode="after")
+    def _persistent_needs_client_id(self) -> MqttSourceSettings:
+        if self.session == "persistent" and not self.client_id:
+            raise ValueError("session persistent needs a client_id: the broker keeps the session under that id")
+        return self
 
 
 class OpcUaSourceSettings(Frozen):
