@@ -394,7 +394,56 @@ class ServerRestartFault(Frozen):
     down_for: Duration = Field(gt=0, description="How long the server stays off the network.")
 
 
-Fault = Annotated[SlowSinkFault | ServerRestartFault, Field(discriminator="kind")]
+class _ProcessFault(Frozen):
+    at: Duration = Field(ge=0, description="Seconds after the first send.")
+    restart_after: Duration = Field(
+        1.0, ge=0, description="Seconds the system under test stays down before the bench starts it again."
+    )
+    times: int = Field(1, ge=1, le=100, description="How many times the fault happens.")
+    every: Duration | None = Field(
+        None, gt=0, description="Seconds between one occurrence and the next (needed when times > 1)."
+    )
+
+    @model_validator(mode="after")
+    def _repeat(self) -> _ProcessFault:
+        if self.times > 1 and self.every is None:
+            raise ValueError("times > 1 needs every (seconds between occurrences)")
+        if self.every is not None and self.every <= self.restart_after:
+            raise ValueError(f"every ({self.every:g} s) must be longer than restart_after ({self.restart_after:g} s)")
+        return self
+
+    def moments(self) -> list[float]:
+        """Seconds after the first send at which the fault strikes."""
+        return [self.at + i * (self.every or 0.0) for i in range(self.times)]
+
+
+class ProcessKillFault(_ProcessFault):
+    """SIGKILL to the system under test (a crash: nothing flushed that was not already), then a restart."""
+
+    kind: Literal["process_kill"]
+
+
+class ProcessRestartFault(_ProcessFault):
+    """SIGTERM to the system under test (a graceful stop: it flushes and exits), then a restart."""
+
+    kind: Literal["process_restart"]
+
+
+Fault = Annotated[
+    SlowSinkFault | ServerRestartFault | ProcessKillFault | ProcessRestartFault, Field(discriminator="kind")
+]
+PROCESS_FAULTS = (ProcessKillFault, ProcessRestartFault)
+
+
+class SystemSettings(Frozen):
+    """What the bench measures: the built-in pipeline in the bench's own process, or as a process of its own."""
+
+    kind: Literal["in_process", "process"] = Field(
+        "in_process",
+        description="in_process: threads of the bench's process (lock, flush and CPU probes available). "
+        "process: `python -m pipeline` as a child process, which process faults can kill and restart; "
+        "the ledger comes from its files alone.",
+    )
 
 
 class RateRamp(Frozen):
@@ -502,6 +551,7 @@ class Scenario(Frozen):
     signals: Signals = Signals()
     phases: tuple[Phase, ...] = Field(min_length=1)
     transport: Transport = Transport()
+    system: SystemSettings = SystemSettings()
     pipeline: PipelineSettings = PipelineSettings()
     anomalies: tuple[Anomaly, ...] = Field(
         (), description="Bad data injected on purpose; every message carries its truth label and is scored."
@@ -520,7 +570,7 @@ class Scenario(Frozen):
                 "type": "object",
                 "required": ["name"],
                 "properties": {"name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"}},
-                "propertyNames": {"pattern": r"^(name|faults(\\..+)?|pipeline\..+|transport\..+)$"},
+                "propertyNames": {"pattern": r"^(name|faults(\\..+)?|pipeline\..+|transport\..+|system\..+)$"},
             }
         },
     )
@@ -552,6 +602,15 @@ class Scenario(Frozen):
                     f"opcua or both with transport.opcua.server: embedded, got {self.transport.kind}"
                     + (f" with {self.transport.opcua.server}" if self.transport.kind in ("opcua", "both") else "")
                 )
+            if isinstance(fault, PROCESS_FAULTS) and self.system.kind != "process":
+                raise ValueError(
+                    f"faults[{i}]: {fault.kind} stops the pipeline's process; expected system.kind: process, "
+                    f"got {self.system.kind}"
+                )
+        if self.system.kind == "process" and self.transport.kind != "mqtt":
+            raise ValueError(
+                f"system.kind: process subscribes over MQTT; expected transport.kind mqtt, got {self.transport.kind}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -614,7 +673,7 @@ class LoadedScenario:
 
 
 _VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_VARIABLE_PREFIXES = ("pipeline.", "transport.", "faults")
+_VARIABLE_PREFIXES = ("pipeline.", "transport.", "system.", "faults")
 
 
 def _apply_variant(path: Path, index: int, base: dict[str, Any], variant: dict[str, Any]) -> tuple[str, Scenario]:
@@ -629,7 +688,7 @@ def _apply_variant(path: Path, index: int, base: dict[str, Any], variant: dict[s
             continue
         if not key.startswith(_VARIABLE_PREFIXES):
             raise ScenarioError(
-                f"{where}.{key}: only pipeline.*, transport.* and faults may vary, "
+                f"{where}.{key}: only pipeline.*, transport.*, system.* and faults may vary, "
                 "so every variant replays the same stream"
             )
         node = data

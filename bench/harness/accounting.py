@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.harness.ledger import Ledger, attribute_outage, attribute_queue_overflow, reconcile
+from bench.harness.ledger import Ledger, ReadBack, attribute_outage, attribute_queue_overflow, reconcile
 from bench.harness.probes import append_cost, flush_summary, series_summary, sink_rows_per_s, timeline_json
 from bench.harness.sut import Output
 from bench.results.model import Results
@@ -76,6 +76,16 @@ class Outage:
 
 
 @dataclass(frozen=True)
+class CrashWindow:
+    """A stretch of the run clock where a process fault could cost messages the system never promised to keep:
+    a loss of a message intended for this window is named by the fault (``cause``) instead of left unexplained."""
+
+    cause: str
+    start_ns: int
+    end_ns: int
+
+
+@dataclass(frozen=True)
 class Accounting:
     ledger: Ledger
     e2e: Recorder
@@ -88,10 +98,14 @@ def account(
     *,
     opcua_machines: Sequence[str] = (),
     outage: Outage | None = None,
+    crashes: Sequence[CrashWindow] = (),
 ) -> Accounting:
-    """Reconcile, attribute what OPC UA's queues and a caused outage dropped by name, and measure end to end."""
+    """Reconcile, attribute what OPC UA's queues, a caused outage and a process fault the configuration did not
+    promise to survive dropped, by name, and measure end to end."""
     back = output.back
     ledger = reconcile(sends.seqs, back, copies=sends.copies, sent_payloads=sends.payloads)
+    if crashes and ledger.lost:
+        ledger = _attribute_crashes(sends, back, ledger, crashes)
     if opcua_machines and ledger.lost:
         dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
         on_opcua = set(opcua_machines)
@@ -117,6 +131,20 @@ def account(
     return Accounting(ledger, e2e)
 
 
+def _attribute_crashes(sends: Sends, back: ReadBack, ledger: Ledger, crashes: Sequence[CrashWindow]) -> Ledger:
+    """Name each lost message intended inside a crash window by its fault; the rest stay lost (unexplained)."""
+    dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
+    seen = set(back.persisted_seqs) | {s for s in back.rejected_seqs if s is not None} | set(dropped)
+    for seq in sends.seqs:
+        if seq in seen:
+            continue
+        at = sends.intended_ns[seq]
+        cause = next((c.cause for c in crashes if c.start_ns <= at <= c.end_ns), None)
+        if cause is not None:
+            dropped[seq] = cause
+    return reconcile(sends.seqs, back, dropped, copies=sends.copies, sent_payloads=sends.payloads)
+
+
 def variant_parts(
     name: str,
     sc: Scenario,
@@ -133,15 +161,16 @@ def variant_parts(
     timeline: list[tuple[float, int, int]],
     samples: list[tuple[float, int, int]],
     lock: dict[str, Any],
-    pipeline: dict[str, Any],
+    pipeline: dict[str, Any] | None,
     files: int,
 ) -> dict[str, Any]:
     """The parts of a results.json variant every run engine writes, in the order readers expect them."""
     planned = planned_count(spec)
     duration_s = total_duration_s(spec)
     send_span_s = max((last_sent_ns - epoch_ns) / 1e9, 1e-9)
-    last_durable = max((f.durable_ns for f in flushes if f.sink == "parquet"), default=epoch_ns)
-    persist_span_s = max((last_durable - epoch_ns) / 1e9, 1e-9)
+    # Without flush records (a pipeline in another process) the persist rate is unknown, not infinite.
+    last_durable = max((f.durable_ns for f in flushes if f.sink == "parquet"), default=epoch_ns if flushes else None)
+    persist_span_s = None if last_durable is None else max((last_durable - epoch_ns) / 1e9, 1e-9)
     return {
         "name": name,
         "config": {
@@ -159,7 +188,7 @@ def variant_parts(
         "throughput": {
             "offered_per_s": round(planned / max(duration_s, 1e-9), 1),
             "sent_per_s": round(ledger.sent / send_span_s, 1),
-            "persisted_per_s": round(ledger.persisted / persist_span_s, 1),
+            "persisted_per_s": None if persist_span_s is None else round(ledger.persisted / persist_span_s, 1),
             "sink_rows_per_s": sink_rows_per_s(flushes),
         },
         "latency_ms": {k: r.summary() for k, r in latency.items()},

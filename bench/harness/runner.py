@@ -31,6 +31,7 @@ from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
 from bench.harness.accounting import (
     Accounting,
     CommandOptions,
+    CrashWindow,
     Outage,
     RunRecord,
     Sends,
@@ -39,7 +40,7 @@ from bench.harness.accounting import (
     variant_parts,
     write_run_results,
 )
-from bench.harness.faults import schedule
+from bench.harness.faults import FaultContext, FaultEvent, fault_events_json, schedule
 from bench.harness.ledger import (
     Ledger,
     ReadBack,
@@ -51,15 +52,18 @@ from bench.harness.probes import (
     lock_summary,
     probe_overhead,
 )
+from bench.harness.process_sut import ProcessPipeline
 from bench.harness.progress import Progress
 from bench.harness.scoring import Decision, expect, read_outcomes, score
 from bench.harness.session import (
+    QUIET_S,
     Credentials,
     Endpoints,
     Session,
     SessionConfig,
     embedded_broker,
     service_errors,
+    wait_quiet,
     wait_received,
 )
 from bench.harness.sut import InProcessPipeline, Output, SinkFault
@@ -318,15 +322,14 @@ class _Sending:
 
     def snapshot(self, rate: float) -> Progress:
         r = self.run
-        stats = r.sut.pipeline.statistics()
-        durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
+        received, persisted, rejected, buffered, durable = r.counters()
         now = r.clock.now_ns()
         elapsed = max(0.0, (now - r.epoch_ns) / 1e9)
         sent = self.sent()
         last_intended = max(log.last_intended_ns for log in r.logs)
         lag = max(0.0, (now - last_intended) / 1e9) if 0 < sent < r.planned else 0.0
         backlog = max(0, sent - durable)
-        self.samples.append((elapsed, stats.readings.buffered if stats.readings else 0, backlog))
+        self.samples.append((elapsed, buffered, backlog))
         self.timeline.append((elapsed, sent, durable))
         return Progress(
             variant=r.name,
@@ -335,9 +338,9 @@ class _Sending:
             elapsed_s=elapsed,
             planned=r.planned,
             sent=sent,
-            received=stats.received,
-            persisted=stats.readings.flushed_rows if stats.readings else 0,
-            rejected=stats.rejected,
+            received=received,
+            persisted=persisted,
+            rejected=rejected,
             send_rate=rate,
             lag_s=lag,
             backlog=backlog,
@@ -424,13 +427,25 @@ class _VariantRun:
         self.mqtt_publisher: PacedPublisher | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
         self.credentials = Credentials.of(self.sc, loaded.path)
-        with service_errors():
-            self.sut = InProcessPipeline(
-                self.settings,
-                out_dir,
-                self.clock,
-                SinkFault.of(self.sc),
-            )
+        self.sut: InProcessPipeline | ProcessPipeline
+        if self.sc.system.kind == "process":
+            self.sut = ProcessPipeline(self.settings, out_dir)
+        else:
+            with service_errors():
+                self.sut = InProcessPipeline(self.settings, out_dir, self.clock, SinkFault.of(self.sc))
+        self.fault_events: list[FaultEvent] = []
+
+    def counters(self) -> tuple[int, int, int, int, int]:
+        """(received, persisted, rejected, buffered, durable) for the progress display; a pipeline in another
+        process reports only what it received (the ledger reads its files afterwards)."""
+        if isinstance(self.sut, ProcessPipeline):
+            received = self.sut.received()
+            return received, 0, 0, 0, received
+        stats = self.sut.pipeline.statistics()
+        durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
+        persisted = stats.readings.flushed_rows if stats.readings else 0
+        buffered = stats.readings.buffered if stats.readings else 0
+        return stats.received, persisted, stats.rejected, buffered, durable
 
     def session_config(self, broker_url: str | None) -> SessionConfig:
         setting = self.options.broker or self.sc.transport.mqtt.broker
@@ -448,6 +463,7 @@ class _VariantRun:
     def publishers(self, session: Session, endpoints: Endpoints) -> list[_Publisher]:
         kind, mq, creds = self.sc.transport.kind, self.sc.transport.mqtt, self.credentials
         if kind == "memory":
+            assert isinstance(self.sut, InProcessPipeline)  # the scenario refuses memory with system process
             return [DirectPublisher(self.sut.submit, mq.topic_for_run(self.run_id)) for _ in range(self.producers)]
         publishers: list[_Publisher] = []
         if endpoints.mqtt_url is not None:
@@ -476,7 +492,8 @@ class _VariantRun:
         if ts_epoch is not None:
             # Replaying another time: the validator's clock reads that time too, or every reading would be far past.
             self.replay_offset_ns = ts_epoch - self.epoch_ns
-            self.sut.pipeline.replay_offset_ns = self.replay_offset_ns
+            if isinstance(self.sut, InProcessPipeline):
+                self.sut.pipeline.replay_offset_ns = self.replay_offset_ns
         messages: Iterable[Message] = stream(spec, self.epoch_ns, ts_epoch)
         if sc.anomalies:
             on_opcua_only = set(self.opcua_machines) if sc.transport.kind == "both" else set()
@@ -494,7 +511,8 @@ class _VariantRun:
         with Session(self.session_config(broker_url), self.sut) as session:
             endpoints = session.start()
             sending = _Sending(self, self.publishers(session, endpoints), self.messages())
-            faults = schedule(self.sc.faults, endpoints, self.epoch_ns, self.clock, sending.stop)
+            context = FaultContext(endpoints, self.sut, self.epoch_ns, self.clock, sending.stop, self.fault_events)
+            faults = schedule(self.sc.faults, context)
             sending.run_until_sent(every_s)
             sent = sending.sent()
             # The MQTT publisher is the first producer; with "both" it sent only its share.
@@ -504,10 +522,16 @@ class _VariantRun:
             )
             # Drain: wait until the pipeline has received every sent message, or until it makes no progress
             # for drain_timeout (then the ledger shows the loss).
-            wait_received(self.sut.received, sent, self.sc.run.drain_timeout, sending.tick, every_s)
             for timer in faults:
-                timer.join(5)
-            self.sut.close_sources()
+                # A process fault's last restart comes before the drain: what the broker kept for the
+                # restarted pipeline must have its chance to arrive.
+                timer.join(max(5.0, self.sc.run.drain_timeout))
+            wait_received(self.sut.received, sent, self.sc.run.drain_timeout, sending.tick, every_s)
+            if self.fault_events:
+                # Redelivered copies make "received" reach "sent" early: wait until nothing more arrives.
+                wait_quiet(self.sut.received, QUIET_S, self.sc.run.drain_timeout, sending.tick, every_s)
+            if isinstance(self.sut, InProcessPipeline):
+                self.sut.close_sources()
             opcua = self.opcua_stats()
             session.stop()
             final = sending.snapshot(0.0)
@@ -521,7 +545,7 @@ class _VariantRun:
         return self.account(extras, opcua, publisher, sending, writer)
 
     def opcua_stats(self) -> dict[str, Any] | None:
-        if not self.opcua_machines:
+        if not self.opcua_machines or not isinstance(self.sut, InProcessPipeline):
             return None
         from pipeline.opcua_source import OpcUaSource
 
@@ -593,13 +617,21 @@ class _VariantRun:
             if plant is not None and opcua is not None
             else None
         )
-        accounting = account(sends, output, self.spec, opcua_machines=self.opcua_machines, outage=outage)
+        accounting = account(
+            sends,
+            output,
+            self.spec,
+            opcua_machines=self.opcua_machines,
+            outage=outage,
+            crashes=self.crash_windows(),
+        )
         ledger = accounting.ledger
-        errors = list(extras["errors"])
+        errors = list(extras.get("errors", []))
+        errors += [f"{e.kind}: the restart failed: {e.error}" for e in self.fault_events if e.error]
         if self.mqtt_publisher is not None and (unsent := self.mqtt_publisher.not_sent_problem()):
             # Offered but never handed to the broker: the run must say so, not only the counters.
             errors.append(unsent)
-        sql_back = extras["sql_back"]
+        sql_back = extras.get("sql_back")
         if sql_back is not None:
             problem = _check_sql(
                 sql_back, ledger.persisted, self.settings.sql.aggregate if self.settings.sql else "raw"
@@ -612,6 +644,26 @@ class _VariantRun:
             send_lag.merge(log.lag)
         measured = _Measured(extras, opcua, publisher, sending, output, accounting, send_lag, validation, errors)
         return self.result(measured), ledger, errors
+
+    def crash_windows(self) -> list[CrashWindow]:
+        """Where a process fault may have cost messages the configuration never promised to keep.
+
+        A pipeline that is not crash-safe, or messages sent at QoS 0, lose what was buffered when the process
+        died and what was sent while it was down: those losses are named by their fault. A crash-safe pipeline
+        fed at QoS 1 or 2 promised to lose nothing, so nothing is attributed and any loss stays unexplained.
+        """
+        promised = self.settings.durability == "crash_safe" and self.sc.transport.mqtt.qos > 0
+        if promised:
+            return []
+        # Not only the buffer: a naive writer's open file (a time window of parquet.rotate) dies with it.
+        s = self.settings
+        before_ns = int((max(s.buffer.flush_interval, s.parquet.rotate) + 1.0) * 1e9)
+        windows = []
+        for e in self.fault_events:
+            if e.kind in ("process_kill", "process_restart"):
+                end = e.recovered_ns if e.recovered_ns is not None else self.clock.now_ns()
+                windows.append(CrashWindow(e.kind, e.struck_ns - before_ns, end + int(QUIET_S * 1e9)))
+        return windows
 
     def validation(
         self, output: Output, sends: Sends, anomalous: dict[int, list[Message]], ledger: Ledger, errors: list[str]
@@ -642,7 +694,11 @@ class _VariantRun:
         extras, output, accounting = m.extras, m.output, m.accounting
         sc, mq, kind = self.sc, self.sc.transport.mqtt, self.sc.transport.kind
         on_mqtt = kind in ("mqtt", "both")
-        stats = extras["statistics"]
+        stats = extras.get("statistics")
+        pipeline = None
+        if stats is not None:
+            wait_ms = round(stats.readings.producer_wait_ns / 1e6, 3) if stats.readings else 0
+            pipeline = {**pipeline_part(extras, m.errors), "producer_wait_ms": wait_ms}
         result = variant_parts(
             self.name,
             sc,
@@ -663,19 +719,20 @@ class _VariantRun:
             last_sent_ns=max(log.last_sent_ns for log in self.logs),
             timeline=m.sending.timeline,
             samples=m.sending.samples,
-            lock=lock_summary(extras["lock_probes"], sc.pipeline.buffer.lock),
-            pipeline={
-                **pipeline_part(extras, m.errors),
-                "producer_wait_ms": round(stats.readings.producer_wait_ns / 1e6, 3) if stats.readings else 0,
-            },
+            lock=lock_summary(extras.get("lock_probes"), sc.pipeline.buffer.lock),
+            pipeline=pipeline,
             files=output.back.files,
         )
-        result["probes"]["loop_lag_ms"] = extras["loop_lag"]
-        result["probes"]["cpu"] = cpu_summary(output.flushes, extras["hot_path_cpu"])
+        result["probes"]["loop_lag_ms"] = extras.get("loop_lag")
+        result["probes"]["cpu"] = cpu_summary(output.flushes, extras.get("hot_path_cpu"))
         result["publisher"] = m.publisher
         result["validation"] = m.validation
         result["opcua"] = m.opcua
-        result["sql"] = extras["sql_back"]
+        result["sql"] = extras.get("sql_back")
+        if isinstance(self.sut, ProcessPipeline):
+            result["system"] = {"kind": "process", **extras}
+        if self.fault_events:
+            result["fault_events"] = fault_events_json(self.fault_events, self.epoch_ns)
         # Bytes of the finished Parquet data files: for the same stream and code, the same every run (a gate counter).
         data = self.out_dir / self.settings.parquet.path
         result["data_bytes"] = sum(f.stat().st_size for f in data.rglob("*.parquet"))

@@ -94,11 +94,16 @@ def _mqtt(config: SessionConfig, stack: ExitStack, endpoints: Endpoints) -> None
     assert config.broker_url is not None
     endpoints.mqtt_url = config.broker_url
     endpoints.mqtt_topic = mq.topic_for_run(config.run_id)
+    # A crash-safe pipeline keeps its broker session across restarts and acknowledges only durable messages;
+    # the client id is the run's, so a restarted process finds the session it left.
+    crash_safe = config.scenario.pipeline.durability == "crash_safe"
     settings = MqttSourceSettings.model_construct(
         url=config.broker_url,
         topic=mq.subscription(config.run_id),
         qos=mq.qos,
         client_id=f"{config.run_id}-pipeline",
+        session="persistent" if crash_safe else "clean",
+        ack="durable" if crash_safe else "on_receive",
         username=mq.username,
         password=mq.password,
     )
@@ -234,6 +239,26 @@ class Session:
 
     def stop(self) -> None:
         self.sut.stop()
+
+
+QUIET_S = 1.5
+"""After a fault, the drain also waits until nothing has arrived for this long (redelivered copies count)."""
+
+
+def wait_quiet(
+    received: Callable[[], int], quiet_s: float, timeout_s: float, tick: Callable[[], Any], every_s: float
+) -> None:
+    """Wait until ``received()`` has not changed for ``quiet_s``, or ``timeout_s`` in all."""
+    deadline = time.monotonic() + timeout_s
+    last, last_change = received(), time.monotonic()
+    while time.monotonic() < deadline:
+        tick()
+        time.sleep(every_s)  # polling a counter of another thread or process
+        now = received()
+        if now != last:
+            last, last_change = now, time.monotonic()
+        elif time.monotonic() - last_change >= quiet_s:
+            return
 
 
 def wait_received(

@@ -30,6 +30,10 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
 8. environment.git_commit: the commit of the checkout the bench ran from (null
    outside a git checkout). The model (bench.results.model) is the definition;
    files of versions 1 to 7 still load through it.
+9. system (kind, starts, exit codes) for a pipeline run as a process of its
+   own; fault_events (kind, at_s, recovered_s, error); ledger dropped reasons
+   process_kill and process_restart (losses a configuration that is not
+   crash-safe does not promise to avoid).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from pipeline.probes import Recorder
 if TYPE_CHECKING:
     from bench.results.model import Results
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 PACKAGES = (
     "iiot-bench",
     "asyncua",

@@ -658,6 +658,29 @@ class Load(ResultsModel):
     """locust's CSV, HTML and logs in the run folder."""
 
 
+class FaultEvent(ResultsModel):
+    """One occurrence of a timed fault (version 9 on)."""
+
+    kind: str
+    at_s: float
+    """Seconds after the first send when it struck."""
+    recovered_s: float | None = None
+    """Seconds until the system was back (a restarted process subscribed again); null when it was not."""
+    error: str | None = None
+    """Why it did not recover, when it did not."""
+
+
+class SystemPart(ResultsModel):
+    """The system under test when it ran as a process of its own (version 9 on)."""
+
+    kind: str
+    """``process``: ``python -m pipeline`` as a child of the bench."""
+    starts: int
+    """How many times it was started (1 + restarts)."""
+    exit_codes: list[int | None]
+    """Each start's exit code (-9: killed by SIGKILL)."""
+
+
 class Variant(ResultsModel):
     """One matrix variant of a run (``default`` without a matrix), or one worker count of a capacity sweep."""
 
@@ -684,6 +707,9 @@ class Variant(ResultsModel):
     load: Load | None = None
     capacity_step: str | None = None
     """Capacity variants: the folder of the step its latency, throughput and timeline come from."""
+    system: SystemPart | None = None
+    fault_events: list[FaultEvent] | None = None
+    """The timed faults that happened, in order."""
 
 
 # ----------------------------------------------------------------------------- capacity
