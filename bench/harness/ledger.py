@@ -19,6 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MISSING_SAMPLE = 20
+UNFINALISED = ("*.tmp", "*.arrows.partial")
+"""Files a writer had not finished: a naive writer's footer-less Parquet, a crash-safe sink's journal."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,9 @@ def _read_column(folder: Path, columns: Sequence[str]) -> tuple[dict[str, list[A
     values: dict[str, list[Any]] = {c: [] for c in columns}
     files = 0
     # rglob: the dataset strategy nests files in machine=/date= folders.
-    unfinalised = sorted(str(p) for p in folder.rglob("*.tmp")) if folder.exists() else []
+    # A crash-safe sink's journal left by a pipeline that never restarted holds durable rows not yet in a
+    # Parquet file: unfinalised, not lost.
+    unfinalised = sorted(str(p) for pattern in UNFINALISED for p in folder.rglob(pattern)) if folder.exists() else []
     for path in sorted(folder.rglob("*.parquet")) if folder.exists() else []:
         table: pa.Table = pq.read_table(path, columns=list(columns))
         for c in columns:
