@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import random
 import re
 import string
 from dataclasses import dataclass, replace
@@ -403,18 +404,28 @@ class _ProcessFault(Frozen):
     every: Duration | None = Field(
         None, gt=0, description="Seconds between one occurrence and the next (needed when times > 1)."
     )
+    jitter: Duration = Field(
+        0.0,
+        ge=0,
+        description="Each occurrence strikes at a random moment up to this many seconds later (seeded by the "
+        "scenario's seed), so a crash does not always land at the same point of a flush cycle.",
+    )
 
     @model_validator(mode="after")
     def _repeat(self) -> _ProcessFault:
         if self.times > 1 and self.every is None:
             raise ValueError("times > 1 needs every (seconds between occurrences)")
-        if self.every is not None and self.every <= self.restart_after:
-            raise ValueError(f"every ({self.every:g} s) must be longer than restart_after ({self.restart_after:g} s)")
+        if self.every is not None and self.every <= self.restart_after + self.jitter:
+            raise ValueError(
+                f"every ({self.every:g} s) must be longer than restart_after + jitter "
+                f"({self.restart_after + self.jitter:g} s)"
+            )
         return self
 
-    def moments(self) -> list[float]:
-        """Seconds after the first send at which the fault strikes."""
-        return [self.at + i * (self.every or 0.0) for i in range(self.times)]
+    def moments(self, seed: int) -> list[float]:
+        """Seconds after the first send at which the fault strikes (the same for the same seed)."""
+        rng = random.Random(f"{seed}-{type(self).__name__}-{self.at}")
+        return [self.at + i * (self.every or 0.0) + rng.uniform(0.0, self.jitter) for i in range(self.times)]
 
 
 class ProcessKillFault(_ProcessFault):
@@ -610,6 +621,18 @@ class Scenario(Frozen):
         if self.system.kind == "process" and self.transport.kind != "mqtt":
             raise ValueError(
                 f"system.kind: process subscribes over MQTT; expected transport.kind mqtt, got {self.transport.kind}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fleet_fits_the_history(self) -> Scenario:
+        # The scoring oracle assumes every machine's history is kept for the run: a fleet larger than the
+        # validator keeps would make evicted machines' history anomalies look like mismatches.
+        fleet, kept = len(self.machines.ids()), self.pipeline.validate_.machines_tracked
+        if kept < fleet:
+            raise ValueError(
+                f"pipeline.validate.machines_tracked: {kept} is smaller than the fleet ({fleet} machines); "
+                "expected at least the number of machines"
             )
         return self
 

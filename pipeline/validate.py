@@ -10,7 +10,10 @@ and why.
 Most rules look at one message alone. Three compare it with what the same
 machine sent before (``duplicate``, ``late`` beyond the watermark,
 ``mileage_backwards``); that per-machine state sits behind one lock, since
-several source threads may validate at once.
+several source threads may validate at once, and is kept for the
+``machines_tracked`` most recently seen machines only (least recently seen
+evicted first): ids are input, and a stream of new ones must not grow memory
+without end. A machine seen again after its eviction starts afresh.
 
 >>> v = Validator()
 >>> now = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -100,7 +103,7 @@ class _Reject(Exception):
         self.detail = detail
 
 
-@dataclass
+@dataclass(slots=True)
 class _MachineState:
     newest_ts_ns: int | None = None
     newest_mileage: float = -math.inf
@@ -121,7 +124,10 @@ class Validator:
         self._fleet = frozenset(s.machines) if s.machines is not None else None
         self._zones = {machine: ZoneInfo(zone) for machine, zone in s.timezones.items()}
         self._default_zone = ZoneInfo(s.default_timezone)
-        self._state: dict[str, _MachineState] = {}
+        self._mileage_max = s.mileage_max
+        self._machines_tracked = s.machines_tracked
+        # Least recently seen first: a sighting moves the machine to the end, eviction pops the front.
+        self._state: OrderedDict[str, _MachineState] = OrderedDict()
         self._lock = threading.Lock()
         self._accept_duplicate_keys = self.rules.duplicate_key == "accept"
 
@@ -162,9 +168,10 @@ class Validator:
         # First: an OPC UA Bad value may carry no value at all, and "status_bad" says why better than
         # "missing_field" would.
         self._status(obj.get("status", "Good"))
-        missing = [name for name in REQUIRED if name not in obj]
-        nulls = [name for name in REQUIRED if name in obj and obj[name] is None]
-        if missing or nulls:
+        if None in map(obj.get, REQUIRED):
+            # Listed by name only when one is missing or null: the usual message pays one pass, not two.
+            missing = [name for name in REQUIRED if name not in obj]
+            nulls = [name for name in REQUIRED if name in obj and obj[name] is None]
             parts = ([f"missing: {', '.join(missing)}"] if missing else []) + (
                 [f"null: {', '.join(nulls)}"] if nulls else []
             )
@@ -184,8 +191,13 @@ class Validator:
                 raise _Reject(
                     "out_of_range", f"load_rate: expected {low:g} <= load_rate <= {high:g}, got {numbers['load_rate']}"
                 )
-            if numbers["mileage"] < 0:
-                raise _Reject("out_of_range", f"mileage: expected >= 0, got {numbers['mileage']}")
+            if not 0 <= numbers["mileage"] <= self._mileage_max:
+                # Checked before the history: one absurd counter (1e300) would otherwise stay the machine's newest
+                # mileage and make every later reading of it mileage_backwards.
+                raise _Reject(
+                    "out_of_range",
+                    f"mileage: expected 0 <= mileage <= {self._mileage_max:g} (mileage_max), got {numbers['mileage']}",
+                )
         if rules.extra_fields == "reject":
             extra = sorted(set(obj) - KNOWN_FIELDS)
             if extra:
@@ -324,9 +336,14 @@ class Validator:
     def _against_history(self, machine: str, seq: int, ts: int, mileage: float, now: int) -> None:
         rules = self.rules
         with self._lock:
-            state = self._state.get(machine)
+            states = self._state
+            state = states.get(machine)
             if state is None:
-                state = self._state[machine] = _MachineState()
+                state = states[machine] = _MachineState()
+                if len(states) > self._machines_tracked:
+                    states.popitem(last=False)
+            else:
+                states.move_to_end(machine)
             if rules.duplicate == "reject" and seq in state.recent_set:
                 raise _Reject("duplicate", f"seq {seq} of {machine[:64]!r} was already accepted")
             newest = state.newest_ts_ns
@@ -347,7 +364,9 @@ class Validator:
                 # (within the future tolerance, or accepted by policy) would otherwise make every later
                 # reading of its machine late.
                 state.newest_ts_ns = min(ts, now)
-                state.newest_mileage = mileage
+                if mileage <= self._mileage_max:
+                    # Above it only when out_of_range is accepted: stored, but never the bar for later readings.
+                    state.newest_mileage = mileage
 
 
 def _known_seq(seq: Any) -> int | None:

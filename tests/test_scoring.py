@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bench.harness.scoring import Decision, Expectation, Observed, Outcomes, Score, expect, score
 from pipeline.config import RulePolicies, ValidateSettings
+from pipeline.model import Reading, Rejection
+from pipeline.validate import Validator
 from simulators.stream import Message, format_ts
 
 NOW_NS = 1_700_000_000 * 10**9  # 2023-11-14T22:13:20Z
@@ -247,3 +252,80 @@ def test_duplicate_key_scored_against_the_quarantine() -> None:
     # Stored silently (last value wins) is what the rule exists to prevent: a mismatch under the default.
     assert judge([(21, [m])], stored).sample[0]["problem"] == "accepted, expected rejected:duplicate_key"
     assert "reason malformed_json" in judge([(21, [m])], wrong).sample[0]["problem"]
+
+
+# --- mileage_max: the oracle agrees with the validator around the bound ------------------------------------------
+
+
+def around(bound: float) -> st.SearchStrategy[float | int]:
+    """Mileages at the bound, a few ulps and units either side, and the integers next to it."""
+    ulps = st.integers(-3, 3).map(lambda k: _ulps(bound, k))
+    units = st.sampled_from([-1, -0.001, 0.001, 1]).map(lambda d: bound + d)
+    ints = st.integers(-2, 2).map(lambda k: max(0, math.floor(bound) + k))
+    return ulps | units | ints | st.floats(0, bound * 2, allow_nan=False)
+
+
+def _ulps(value: float, k: int) -> float:
+    for _ in range(abs(k)):
+        value = math.nextafter(value, math.inf if k > 0 else 0.0)
+    return value
+
+
+def spikes(bound: float) -> st.SearchStrategy[float | int]:
+    """One absurd counter reading (the issue's 1e300), and integers no float holds."""
+    return st.sampled_from([1e300, 1.7976931348623157e308, 10**30, 10**400]) | st.just(bound * 4)
+
+
+@st.composite
+def bound_cases(draw: st.DrawFn) -> tuple[ValidateSettings, list[Message]]:
+    """One machine whose mileage climbs across mileage_max, with maybe one absurd spike among its readings."""
+    bound = draw(st.sampled_from([1e9, 1000.0, 0.5]) | st.floats(1e-3, 1e12))
+    settings = ValidateSettings(
+        machines=("m-0", "m-1"),
+        mileage_max=bound,
+        rules=RulePolicies(out_of_range=draw(st.sampled_from(["reject", "accept"]))),
+    )
+    mileages: list[float | int] = sorted(draw(st.lists(around(bound), min_size=1, max_size=8)))
+    labels = ["valid"] * len(mileages)
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(mileages)))
+        mileages.insert(at, draw(spikes(bound)))
+        labels.insert(at, "out_of_range")  # what the catalogue calls it; the oracle must not rely on the label
+    messages = [message(seq, truth, mileage=m) for seq, (m, truth) in enumerate(zip(mileages, labels, strict=True))]
+    return settings, messages
+
+
+def validator_label(result: Reading | Rejection) -> str:
+    if isinstance(result, Rejection):
+        return f"rejected:{result.reason}"
+    return "repaired:" + ",".join(sorted(result.repairs)) if result.repairs else "accepted"
+
+
+@settings(max_examples=600, deadline=None, derandomize=True, database=None)
+@given(bound_cases())
+def test_oracle_and_validator_agree_around_mileage_max(case: tuple[ValidateSettings, list[Message]]) -> None:
+    """Each reading, in order, through one validator: the oracle predicts every decision and reason, so a mileage
+    above the bound is out_of_range (or, accepted by policy, stored without becoming the bar for what follows)."""
+    s, messages = case
+    v = Validator(s)
+    for m in messages:
+        got = validator_label(v.check(m.payload, "t", m.intended_send_ns))
+        exp = expect(m, s, m.intended_send_ns)
+        assert got == exp.label(), (m.truth, json.loads(m.payload)["mileage"], s.mileage_max, s.rules.out_of_range)
+        if got == "accepted":
+            mileage = json.loads(m.payload)["mileage"]
+            assert s.rules.out_of_range == "accept" or 0 <= mileage <= s.mileage_max
+
+
+def test_oracle_knows_mileage_max_whatever_the_label() -> None:
+    s = ValidateSettings(machines=("m-0", "m-1"), mileage_max=5000)
+    assert expect(message(1, mileage=5000), s, NOW_NS + 10**9).label() == "accepted"
+    assert expect(message(1, mileage=5000.5), s, NOW_NS + 10**9).label() == "rejected:out_of_range"
+    # Out of range comes before the history: a reading above the bound is never mileage_backwards.
+    assert expect(message(2, "mileage_backwards", mileage=1e300), s, NOW_NS + 2 * 10**9).label() == (
+        "rejected:out_of_range"
+    )
+    lenient = ValidateSettings(machines=("m-0", "m-1"), mileage_max=5000, rules=RulePolicies(out_of_range="accept"))
+    assert expect(message(1, mileage=1e300), lenient, NOW_NS + 10**9).label() == "accepted"
+    # An integer no float can hold is refused whatever the policy, by the validator and so by the oracle.
+    assert expect(message(1, mileage=10**400), lenient, NOW_NS + 10**9).label() == "rejected:out_of_range"

@@ -502,6 +502,9 @@ def test_bad_machine_id_checked_before_the_fleet() -> None:
         ({"load_rate": 1e308}, "load_rate"),
         ({"mileage": -0.5}, "mileage"),
         ({"mileage": -(10**20)}, "mileage"),
+        ({"mileage": 1e300}, "mileage"),
+        ({"mileage": 1_000_000_000.5}, "mileage"),
+        ({"mileage": 10**10}, "mileage"),
     ],
     ids=repr,
 )
@@ -512,7 +515,7 @@ def test_out_of_range(overrides: dict[str, Any], field: str) -> None:
     assert (result.seq, result.machine) == (7, "m-1")
 
 
-@pytest.mark.parametrize(("load_rate", "mileage"), [(0, 0), (100, 0), (0.0, 1e308), (-0.0, -0.0)])
+@pytest.mark.parametrize(("load_rate", "mileage"), [(0, 0), (100, 0), (0.0, 1e9), (0, 10**9), (-0.0, -0.0)])
 def test_range_bounds_are_inclusive(load_rate: float, mileage: float) -> None:
     result = accepted(body(load_rate=load_rate, mileage=mileage))
     assert (result.load_rate, result.mileage) == (load_rate, mileage)

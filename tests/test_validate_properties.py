@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import unicodedata
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from fractions import Fraction
@@ -149,7 +149,7 @@ def assert_reading(reading: Reading, s: ValidateSettings, now: int) -> None:
     if s.rules.out_of_range == "reject":
         low, high = s.load_rate_range
         assert low <= reading.load_rate <= high
-        assert reading.mileage >= 0
+        assert 0 <= reading.mileage <= s.mileage_max
     if s.rules.future_timestamp == "reject":
         assert reading.ts_ns - now <= int(s.future_tolerance * 1e9)
     if s.rules.far_past == "reject":
@@ -271,7 +271,10 @@ FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
     "machine": (plausible_machines, texts | st.just("x" * 256) | json_values),
     "ts": (plausible_timestamps, timestamps),
     "load_rate": (st.floats(0, 100) | st.integers(0, 100), st.floats() | huge_ints | number_strings | json_values),
-    "mileage": (st.floats(0, 1e9) | st.integers(0, 10**12), st.floats() | huge_ints | number_strings | json_values),
+    "mileage": (
+        st.floats(0, 1e9) | st.integers(0, 10**9),
+        st.floats() | huge_ints | number_strings | json_values | st.sampled_from([1e9, 10**9 + 1, 1e300, 1.5e9]),
+    ),
     "seq": (st.integers(0, 2**63 - 1), st.integers(-(2**64), 2**64) | huge_ints | json_values),
     "status": (
         st.just("Good"),
@@ -339,6 +342,8 @@ def validate_settings(draw: st.DrawFn) -> ValidateSettings:
             "timezones": draw(st.dictionaries(st.sampled_from(MACHINES), zone_names, max_size=3)),
             "default_timezone": draw(zone_names),
             "dedup_window": draw(st.integers(1, 5) | st.just(100_000)),
+            "mileage_max": draw(st.sampled_from([1e9, 3.0, 5.5]) | st.floats(1e-3, 1e12)),
+            "machines_tracked": draw(st.sampled_from([1, 2, 100_000])),
             "rules": draw(rule_policies),
         }
     )
@@ -507,11 +512,13 @@ def check_history_against_model(s: ValidateSettings, messages: list[dict[str, An
     The model: a seq is a duplicate while it is among the last dedup_window accepted seqs; a reading
     is late when older than the watermark (the newest accepted ts, clamped to the pipeline clock of the
     check that accepted it) minus the watermark setting; its mileage is compared with the newest
-    accepted reading's when it is not older than that reading.
+    accepted reading's when it is not older than that reading, a mileage above mileage_max (accepted
+    with out_of_range at accept) never being that bar. Only the machines_tracked machines seen last
+    (by a message that passed the other rules) have a history: the one seen least recently is forgotten.
     """
     v = Validator(s)
     watermark_ns = int(s.watermark * 1e9)
-    model: dict[str, MachineModel] = {}
+    model: OrderedDict[str, MachineModel] = OrderedDict()
     clock = NOW_NS
     for msg in messages:
         clock += msg["advance_s"] * SECOND_NS
@@ -526,6 +533,9 @@ def check_history_against_model(s: ValidateSettings, messages: list[dict[str, An
             assert isinstance(result, Rejection) and result.reason == alone.reason
             continue
         state = model.setdefault(msg["machine"], MachineModel())
+        model.move_to_end(msg["machine"])
+        if len(model) > s.machines_tracked:
+            model.popitem(last=False)
         violated = [
             reason
             for reason, hit in (
@@ -544,7 +554,9 @@ def check_history_against_model(s: ValidateSettings, messages: list[dict[str, An
             state.recent.popleft()
         state.watermark = max(state.watermark, min(ts, clock))
         if ts >= state.newest_ts:
-            state.newest_ts, state.newest_mileage = ts, msg["mileage"]
+            state.newest_ts = ts
+            if msg["mileage"] <= s.mileage_max:
+                state.newest_mileage = msg["mileage"]
 
 
 @HISTORY

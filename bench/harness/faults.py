@@ -38,6 +38,8 @@ class FaultContext:
     clock: Clock
     stop: threading.Event
     events: list[FaultEvent] = field(default_factory=list)
+    seed: int = 0
+    """The scenario's seed: random fault moments (jitter) are the same in every run of it."""
 
     def wait_until(self, at_s: float) -> bool:
         """Wait for ``at_s`` seconds after the first send; False when the run stopped first."""
@@ -75,7 +77,7 @@ def _process_fault(fault: Fault, ctx: FaultContext) -> Callable[[], None]:
         raise ScenarioError(f"faults: {fault.kind} needs system.kind: process")
 
     def strike() -> None:
-        for at_s in fault.moments():
+        for at_s in fault.moments(ctx.seed):
             if not ctx.wait_until(at_s):
                 return
             event = FaultEvent(fault.kind, ctx.clock.now_ns())

@@ -511,7 +511,9 @@ class _VariantRun:
         with Session(self.session_config(broker_url), self.sut) as session:
             endpoints = session.start()
             sending = _Sending(self, self.publishers(session, endpoints), self.messages())
-            context = FaultContext(endpoints, self.sut, self.epoch_ns, self.clock, sending.stop, self.fault_events)
+            context = FaultContext(
+                endpoints, self.sut, self.epoch_ns, self.clock, sending.stop, self.fault_events, self.sc.seed
+            )
             faults = schedule(self.sc.faults, context)
             sending.run_until_sent(every_s)
             sent = sending.sent()

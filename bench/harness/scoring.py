@@ -2,16 +2,18 @@
 
 The expected decision is derived here, independently of ``pipeline.validate``,
 from the message's truth label and the validator's configured policies (the
-table in ``docs/validation.md``). The observed decision is read back from the
-files: a persisted row (accepted, or repaired with its repairs named), a
-quarantined row (with its reason), a dropped row, or nothing (lost). Per
-class, a confusion table of truth against decision; every disagreement is a
-mismatch, listed.
+table in ``docs/validation.md``), and from its payload's mileage, which must lie
+in [0, ``mileage_max``] whatever anomaly was injected. The observed decision is
+read back from the files: a persisted row (accepted, or repaired with its
+repairs named), a quarantined row (with its reason), a dropped row, or nothing
+(lost). Per class, a confusion table of truth against decision; every
+disagreement is a mismatch, listed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
@@ -119,7 +121,7 @@ def expect(message: Message, v: ValidateSettings, now_ns: int) -> Expectation:
     reason = (
         _wrong_type(message, v, reading)
         or _machine_rejection(message, v, reading.machine)
-        or _value_rejection(message, v)
+        or _value_rejection(message, v, body)
         or _timestamp_form(message, v, body, reading)
         or _clock_rejection(v, reading.instant, now_ns)
         or _history_rejection(message, v, reading.instant)
@@ -168,7 +170,7 @@ def _machine_rejection(message: Message, v: ValidateSettings, machine: str) -> s
     return None
 
 
-def _value_rejection(message: Message, v: ValidateSettings) -> str | None:
+def _value_rejection(message: Message, v: ValidateSettings, body: dict[str, Any]) -> str | None:
     """Readings the policies may reject: out of range, an uncertain or bad status, fields beyond the schema."""
     truth, rules = message.truth, v.rules
     if truth == "out_of_range" and rules.out_of_range == "reject":
@@ -177,9 +179,30 @@ def _value_rejection(message: Message, v: ValidateSettings) -> str | None:
         return "status_uncertain"
     if truth == "status_bad" and rules.status_bad == "reject":
         return "status_bad"
+    # Whatever the label, after the status (which the validator checks first): a mileage outside [0, mileage_max]
+    # (a backwards shift below zero, a bound set below the stream's counters, an absurd spike).
+    mileage = _mileage(body)
+    if mileage == math.inf:
+        return "out_of_range"  # an integer no float holds: refused whatever the policy
+    if rules.out_of_range == "reject" and mileage is not None and not 0 <= mileage <= v.mileage_max:
+        return "out_of_range"
     if truth in ("extra_fields", "oversize") and rules.extra_fields == "reject":
         return "extra_fields"
     return None
+
+
+def _mileage(body: dict[str, Any]) -> float | None:
+    """The payload's mileage as the validator reads it (inf for an integer too large for a float); None when it
+    is not a number."""
+    mileage = body.get("mileage")
+    if isinstance(mileage, float):
+        return mileage if math.isfinite(mileage) else None  # NaN and infinity are the non_finite rule's
+    if isinstance(mileage, bool) or not isinstance(mileage, int):
+        return None
+    try:
+        return float(mileage)
+    except OverflowError:
+        return math.inf
 
 
 def _timestamp_form(message: Message, v: ValidateSettings, body: dict[str, Any], reading: _Reading) -> str | None:
