@@ -244,8 +244,17 @@ class Signals(Frozen):
     mileage: MileageSignal = MileageSignal()
 
 
+MANAGED_BROKERS = ("embedded", "mosquitto")
+"""Broker settings naming a broker the bench starts itself (any other value is a URL)."""
+
+
 class MqttTransport(Frozen):
-    broker: str = Field("embedded", description="'embedded' (amqtt on an ephemeral loopback port) or mqtt://host:port.")
+    broker: str = Field(
+        "embedded",
+        description="'embedded' (amqtt on an ephemeral loopback port), 'mosquitto' (a Mosquitto the bench starts "
+        "on a free loopback port, with queues large enough for a pipeline restart; needs mosquitto installed) "
+        "or mqtt://host:port.",
+    )
     topic: str = Field(
         "plant/{machine}/telemetry",
         # MQTT allows 65,535 bytes; 1,024 characters leave room for the machine id and the run id.
@@ -259,8 +268,10 @@ class MqttTransport(Frozen):
     @field_validator("broker")
     @classmethod
     def _check_broker(cls, value: str) -> str:
-        if value != "embedded" and not (value.startswith(("mqtt://", "tcp://")) and len(value) > 7):
-            raise ValueError(f"expected 'embedded' or a URL like mqtt://127.0.0.1:1883, got {redact_url(value)!r}")
+        if value not in MANAGED_BROKERS and not (value.startswith(("mqtt://", "tcp://")) and len(value) > 7):
+            raise ValueError(
+                f"expected 'embedded', 'mosquitto' or a URL like mqtt://127.0.0.1:1883, got {redact_url(value)!r}"
+            )
         refuse_url_password(value, "transport.mqtt.password")
         return value
 

@@ -61,14 +61,14 @@ from bench.harness.session import (
     Endpoints,
     Session,
     SessionConfig,
-    embedded_broker,
+    managed_brokers,
     service_errors,
     wait_quiet,
     wait_received,
 )
 from bench.harness.sut import InProcessPipeline, Output, SinkFault
 from bench.results import SCHEMA_VERSION, environment
-from bench.scenario import LoadedScenario, Scenario, apply_overrides
+from bench.scenario import MANAGED_BROKERS, LoadedScenario, Scenario, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings, SqlSettings, format_validation_error
 from pipeline.probes import Recorder
@@ -241,15 +241,13 @@ def _run_in(
     env_before = environment()
     overhead = probe_overhead() if options.calibrate else None
 
-    needs_embedded = any(
-        v.transport.kind in ("mqtt", "both") and (options.broker or v.transport.mqtt.broker) == "embedded"
-        for _, v in loaded.variants
-    )
+    managed = {
+        options.broker or v.transport.mqtt.broker for _, v in loaded.variants if v.transport.kind in ("mqtt", "both")
+    } & set(MANAGED_BROKERS)
     variants: list[dict[str, Any]] = []
     ledgers: dict[str, Ledger] = {}
     errors: dict[str, list[str]] = {}
-    with embedded_broker(needs_embedded, run_dir / "broker.log") as broker:
-        broker_url = broker.url if broker is not None else None
+    with managed_brokers(managed, run_dir) as brokers:
         single = len(loaded.variants) == 1
         for index, (name, variant_sc) in enumerate(loaded.variants):
             variant = _VariantRun(
@@ -263,7 +261,7 @@ def _run_in(
                 on_progress=on_progress,
                 position=(index, len(loaded.variants)),
             )
-            result, ledger, errs = variant.execute(broker_url, progress_every_s)
+            result, ledger, errs = variant.execute(brokers, progress_every_s)
             if overhead is not None:
                 result["probes"]["overhead"] = overhead
             variants.append(result)
@@ -447,14 +445,14 @@ class _VariantRun:
         buffered = stats.readings.buffered if stats.readings else 0
         return stats.received, persisted, stats.rejected, buffered, durable
 
-    def session_config(self, broker_url: str | None) -> SessionConfig:
+    def session_config(self, brokers: dict[str, str]) -> SessionConfig:
         setting = self.options.broker or self.sc.transport.mqtt.broker
         return SessionConfig(
             scenario=self.sc,
             scenario_path=self.loaded.path,
             run_id=self.run_id,
             out_dir=self.out_dir,
-            broker_url=broker_url if setting == "embedded" else setting,
+            broker_url=brokers.get(setting, setting),
             opcua_machines=self.opcua_machines,
             credentials=self.credentials,
             clock=self.clock,
@@ -507,8 +505,8 @@ class _VariantRun:
             )
         return [messages] if self.producers == 1 else list(_split(messages, self.producers, spec.machines))
 
-    def execute(self, broker_url: str | None, every_s: float) -> tuple[dict[str, Any], Ledger, list[str]]:
-        with Session(self.session_config(broker_url), self.sut) as session:
+    def execute(self, brokers: dict[str, str], every_s: float) -> tuple[dict[str, Any], Ledger, list[str]]:
+        with Session(self.session_config(brokers), self.sut) as session:
             endpoints = session.start()
             sending = _Sending(self, self.publishers(session, endpoints), self.messages())
             context = FaultContext(

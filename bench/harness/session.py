@@ -21,6 +21,7 @@ from pipeline.config import MqttSourceSettings, OpcUaSourceSettings, resolve_env
 from pipeline.errors import ConfigError, PipelineError
 from simulators.broker import EmbeddedBroker
 from simulators.errors import SimulatorError
+from simulators.mosquitto import ManagedMosquitto
 
 if TYPE_CHECKING:
     # OPC UA (asyncua) is imported only by sessions that use it: it is half of a new process's import time,
@@ -178,6 +179,23 @@ def service_errors() -> Iterator[None]:
         yield
     except (SimulatorError, PipelineError) as exc:
         raise ServiceError(str(exc)) from None
+
+
+@contextmanager
+def managed_brokers(kinds: set[str], folder: Path) -> Iterator[dict[str, str]]:
+    """The brokers the bench starts itself (``embedded``, ``mosquitto``) while the block runs: kind -> URL."""
+    with ExitStack() as stack:
+        urls: dict[str, str] = {}
+        if "embedded" in kinds:
+            broker = stack.enter_context(embedded_broker(True, folder / "broker.log"))
+            assert broker is not None
+            urls["embedded"] = broker.url
+        if "mosquitto" in kinds:
+            with service_errors():
+                mosquitto = ManagedMosquitto(folder / "mosquitto").start()
+            stack.callback(mosquitto.close)
+            urls["mosquitto"] = mosquitto.url
+        yield urls
 
 
 @contextmanager

@@ -53,7 +53,7 @@ from bench.harness.progress import LoadProgress
 from bench.harness.runner import make_run_dir, scenario_ref
 from bench.harness.sut import InProcessPipeline, SinkFault
 from bench.results import SCHEMA_VERSION, environment
-from bench.scenario import LoadedScenario, Scenario, ServerRestartFault, apply_overrides
+from bench.scenario import MANAGED_BROKERS, LoadedScenario, Scenario, ServerRestartFault, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.model import FlushStat
 from pipeline.probes import Recorder
@@ -634,10 +634,10 @@ class _LoadRun:
     def execute(self, on_progress: Callable[[LoadProgress], None] | None, every_s: float) -> LoadOutcome:
         started_wall = time.time()
         env_before = environment()
-        needs_broker = self.sc.transport.kind == "mqtt" and self.broker_setting == "embedded"
+        managed = {self.broker_setting} & set(MANAGED_BROKERS) if self.sc.transport.kind == "mqtt" else set()
         with (
-            harness.embedded_broker(needs_broker, self.run_dir / "broker.log") as broker,
-            harness.Session(self.session_config(broker.url if broker is not None else None), self.sut) as session,
+            harness.managed_brokers(managed, self.run_dir) as brokers,
+            harness.Session(self.session_config(brokers.get(self.broker_setting)), self.sut) as session,
         ):
             endpoints = session.start()
             custom, master_args = self.locust_args(endpoints)
