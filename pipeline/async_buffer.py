@@ -12,7 +12,9 @@ Lock strategies, chosen by name from :data:`~pipeline.buffer_core.LOCK_STRATEGIE
     loop-lag probe (:class:`LoopLagProbe`) shows exactly that.
 
 Decisions come from the shared sans-IO :class:`~pipeline.buffer_core.BufferCore`;
-writing (with retries) from :func:`~pipeline.buffer.write_to_sinks`.
+writing (with retries) from :func:`~pipeline.buffer.write_to_sinks`. Callbacks that come with rows
+(``put(row, on_durable)``) are called as in :mod:`pipeline.buffer`: on the loop, by the flusher task, after
+the batch was written, in row order; never for a batch whose write failed.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Generic, TypeVar
 
-from pipeline.buffer import BufferClosed, LockProbes, write_to_sinks
+from pipeline.buffer import BufferClosed, LockProbes, settle, settle_batch, write_to_sinks
 from pipeline.buffer_core import (
     BufferBook,
     BufferCore,
@@ -35,7 +37,7 @@ from pipeline.buffer_core import (
     lock_strategy,
 )
 from pipeline.clock import Clock
-from pipeline.model import FlushStat, TriggerKind
+from pipeline.model import FlushStat, OnDurable, TriggerKind
 from pipeline.probes import Recorder
 from pipeline.sinks import Sink
 
@@ -85,30 +87,35 @@ class AsyncFlushingBuffer(Generic[T]):
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="flusher")
 
-    async def put(self, item: T) -> None:
+    async def put(self, item: T, on_durable: OnDurable | None = None) -> None:
+        """Add one row; ``on_durable`` is called once it is written (or dropped by the overflow policy)."""
         t_enter = time.perf_counter_ns()
         async with self._cond:
             t_locked = time.perf_counter_ns()
             waited = [0]  # time in cond.wait(), when the lock is released: not part of the hold
             try:
-                await self._put_locked(item, t_enter, t_locked, waited)
+                dropped_settlers = await self._put_locked(item, on_durable, t_enter, t_locked, waited)
             finally:
                 if self.probes is not None:
                     now = time.perf_counter_ns()
                     self.probes.hold.record_ns(now - t_locked - waited[0])
                     self.probes.stall.record_ns(now - t_enter)
+        if dropped_settlers:
+            settle(dropped_settlers)
 
-    async def _put_locked(self, item: T, t_enter: int, t_locked: int, waited: list[int]) -> None:
+    async def _put_locked(
+        self, item: T, on_durable: OnDurable | None, t_enter: int, t_locked: int, waited: list[int]
+    ) -> Sequence[OnDurable]:
         if self.probes is not None:
             self.probes.wait.record_ns(t_locked - t_enter)
         if self._closing:
             raise BufferClosed("buffer is closed; row not accepted")
-        result, dropped = self._core.offer(item, self._clock.now_ns())
+        result, dropped = self._core.offer(item, self._clock.now_ns(), on_durable)
         if result == "full":
             start = time.perf_counter_ns()
             while result == "full" and not self._closing:
                 await self._cond.wait()
-                result, dropped = self._core.offer(item, self._clock.now_ns())
+                result, dropped = self._core.offer(item, self._clock.now_ns(), on_durable)
             waited[0] = time.perf_counter_ns() - start
             self._book.producer_wait_ns += waited[0]
             if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
@@ -118,6 +125,13 @@ class AsyncFlushingBuffer(Generic[T]):
             self._cond.notify_all()
         if len(self._core) >= self._core.size:
             self._size_reached()
+        return self._core.take_dropped_settlers() if dropped is not None else ()
+
+    async def request_flush(self) -> None:
+        """Flush what is buffered now rather than at the next trigger; returns without waiting for it."""
+        async with self._cond:
+            self._core.request_flush()
+            self._cond.notify_all()
 
     async def close(self) -> None:
         async with self._cond:
@@ -140,6 +154,7 @@ class AsyncFlushingBuffer(Generic[T]):
                 if trigger is None:
                     return
                 swapped = self._serve(trigger)
+                settlers = self._core.take_settlers()
                 if swapped is None:
                     continue
             batch, batch_id = swapped
@@ -148,6 +163,7 @@ class AsyncFlushingBuffer(Generic[T]):
                 self._book.flushing = False
                 coalesced = self._book.take_coalesced()
                 self._account(batch, stats, error, coalesced)
+            settle_batch(settlers, stats is not None, batch_id)
 
     async def _wait_for_trigger(self) -> TriggerKind | None:
         while True:
@@ -167,9 +183,12 @@ class AsyncFlushingBuffer(Generic[T]):
     def _flush_locked(self, trigger: TriggerKind) -> None:
         """Coarse: write right here, on the loop, holding the lock (the baseline's cost)."""
         batch = self._core.take()
-        stats, error = write_to_sinks(self._sinks, batch, self._book.next_batch(), trigger, self._clock)
+        settlers = self._core.take_settlers()
+        batch_id = self._book.next_batch()
+        stats, error = write_to_sinks(self._sinks, batch, batch_id, trigger, self._clock)
         self._account(batch, stats, error, 0)
         self._cond.notify_all()
+        settle_batch(settlers, stats is not None, batch_id)
 
     def _account(
         self, batch: list[T], stats: list[FlushStat] | None, error: BaseException | None, coalesced: int

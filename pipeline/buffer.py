@@ -16,6 +16,10 @@ Two lock strategies, chosen by name from :data:`~pipeline.buffer_core.LOCK_STRAT
 
 Probes (when enabled): producer lock wait, lock hold time (any holder), and
 producer stall (whole ``put``), each an HdrHistogram recorded under the lock.
+
+A row may come with an :data:`~pipeline.model.OnDurable` callback (``put(row, on_durable)``): the flusher
+thread calls the callbacks of a batch, in row order, after every sink wrote it, and never when the write
+failed; a row an overflow policy drops has its callback called by the producer that caused the drop.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pipeline.buffer_core import (
 )
 from pipeline.clock import Clock
 from pipeline.errors import PipelineError
-from pipeline.model import FlushStat, TriggerKind
+from pipeline.model import FlushStat, OnDurable, TriggerKind
 from pipeline.probes import Recorder
 from pipeline.sinks import Sink
 
@@ -50,6 +54,8 @@ __all__ = [
     "BufferStatistics",
     "FlushingBuffer",
     "due_trigger",
+    "settle",
+    "settle_batch",
     "write_to_sinks",
 ]
 
@@ -124,23 +130,27 @@ class FlushingBuffer(Generic[T]):
 
     # -- producers ---------------------------------------------------------
 
-    def put(self, item: T) -> None:
-        """Add one row. ``block`` waits while full; the drop policies never wait."""
+    def put(self, item: T, on_durable: OnDurable | None = None) -> None:
+        """Add one row. ``block`` waits while full; the drop policies never wait.
+
+        ``on_durable`` is called once the row is written (or dropped by the overflow policy); see the module.
+        """
         t_enter = time.perf_counter_ns()
         self._cond.acquire()
         t_locked = time.perf_counter_ns()
         waited = 0  # time in cond.wait(), when the lock is released: not part of the hold
+        dropped_settlers: Sequence[OnDurable] = ()
         try:
             if self.probes is not None:
                 self.probes.wait.record_ns(t_locked - t_enter)
             if self._closing:
                 raise BufferClosed(f"buffer of {self._thread.name} is closed; row not accepted")
-            result, dropped = self._core.offer(item, self._clock.now_ns())
+            result, dropped = self._core.offer(item, self._clock.now_ns(), on_durable)
             if result == "full":
                 start = time.perf_counter_ns()
                 while result == "full" and not self._closing:
                     self._cond.wait()
-                    result, dropped = self._core.offer(item, self._clock.now_ns())
+                    result, dropped = self._core.offer(item, self._clock.now_ns(), on_durable)
                 waited = time.perf_counter_ns() - start
                 self._book.producer_wait_ns += waited
                 if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
@@ -148,6 +158,8 @@ class FlushingBuffer(Generic[T]):
                     # last batch, so appending now would lose the row silently.
                     raise BufferClosed(f"buffer of {self._thread.name} closed while a producer waited")
             self._book.after_offer(result, dropped)
+            if dropped is not None:
+                dropped_settlers = self._core.take_dropped_settlers()
             if len(self._core) == 1:
                 # The flusher sleeps without a deadline while the buffer is
                 # empty; the first row starts the timeout trigger's clock.
@@ -160,6 +172,15 @@ class FlushingBuffer(Generic[T]):
                 self.probes.hold.record_ns(now - t_locked - waited)
                 self.probes.stall.record_ns(now - t_enter)
             self._cond.release()
+        if dropped_settlers:
+            # Recorded by on_drop above: the policy's decision is final, the source may let the message go.
+            settle(dropped_settlers)
+
+    def request_flush(self) -> None:
+        """Flush what is buffered now rather than at the next trigger; returns at once."""
+        with self._cond:
+            self._core.request_flush()
+            self._cond.notify_all()
 
     def wake(self) -> None:
         """Re-evaluate the triggers now (used after a fake clock jumps)."""
@@ -194,6 +215,7 @@ class FlushingBuffer(Generic[T]):
                     self._record_hold(t_locked)
                     return
                 swapped = self._serve(trigger)
+                settlers = self._core.take_settlers()
                 self._record_hold(t_locked)
                 if swapped is None:
                     continue
@@ -204,6 +226,7 @@ class FlushingBuffer(Generic[T]):
                 coalesced = self._book.take_coalesced()
                 self._account(batch, stats, coalesced)
             self._report(stats, coalesced)
+            settle_batch(settlers, stats is not None, batch_id)
 
     def _wait_for_trigger(self) -> TriggerKind | None:
         """Under the lock: block until a trigger is due; ``None`` means stop."""
@@ -222,10 +245,13 @@ class FlushingBuffer(Generic[T]):
     def _flush_locked(self, trigger: TriggerKind) -> None:
         """Coarse: take and write while holding the lock (the baseline's cost)."""
         batch = self._core.take()
-        stats = self._write(batch, self._book.next_batch(), trigger)
+        settlers = self._core.take_settlers()
+        batch_id = self._book.next_batch()
+        stats = self._write(batch, batch_id, trigger)
         self._account(batch, stats, 0)
         self._cond.notify_all()
         self._report(stats, 0)
+        settle_batch(settlers, stats is not None, batch_id)
 
     def _record_hold(self, t_locked: int) -> None:
         if self.probes is not None:
@@ -244,6 +270,26 @@ class FlushingBuffer(Generic[T]):
         if error is not None:
             self.error = error
         return stats
+
+
+def settle(callbacks: Sequence[OnDurable]) -> None:
+    """Call each callback in order; one that raises is logged and does not stop the others (nor the flusher)."""
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            log.exception("a durable-acknowledgement callback failed")
+
+
+def settle_batch(callbacks: Sequence[OnDurable], written: bool, batch_id: int) -> None:
+    """After a flush: call the batch's callbacks if every sink wrote it, else say they stay unacknowledged."""
+    if not callbacks:
+        return
+    if written:
+        settle(callbacks)
+    else:
+        # Not acknowledged: the broker keeps them and delivers them again after a reconnect or a restart.
+        log.warning("flush %d failed: its %d messages stay unacknowledged", batch_id, len(callbacks))
 
 
 def write_to_sinks(

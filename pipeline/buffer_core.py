@@ -9,11 +9,11 @@ core never blocks, never sleeps and never reads a clock.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from pipeline.model import TriggerKind
+from pipeline.model import OnDurable, TriggerKind
 
 T = TypeVar("T")
 Overflow = Literal["block", "drop_oldest", "drop_newest"]
@@ -50,6 +50,10 @@ class BufferCore(Generic[T]):
     producer wait. ``drop_newest``: the offered row is dropped. ``drop_oldest``:
     the oldest buffered row is dropped to make room. Every drop is returned to the
     driver, which reports it: nothing is dropped silently.
+
+    A row may carry an :data:`~pipeline.model.OnDurable` callback. The core keeps it beside the row and hands
+    it back with the row's batch (:meth:`take_settlers`) or, for a dropped row, at once
+    (:meth:`take_dropped_settlers`); the driver calls it. Rows without one cost nothing extra.
     """
 
     def __init__(self, *, size: int, interval_ns: int, capacity: int, overflow: Overflow) -> None:
@@ -61,27 +65,53 @@ class BufferCore(Generic[T]):
         self.overflow: Overflow = overflow
         self._items: deque[T] = deque()
         self.oldest_ns: int | None = None
+        # Callbacks of buffered rows that carry one, with the row's position: rows removed before it + its index.
+        # A separate deque, so rows without a callback (the bench, OPC UA, MQTT acknowledging on receipt) pay
+        # nothing for it.
+        self._settlers: deque[tuple[int, OnDurable]] = deque()
+        self._removed = 0
+        self._taken_settlers: list[OnDurable] = []
+        self._dropped_settlers: list[OnDurable] = []
+        self._flush_requested = False
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def offer(self, item: T, now_ns: int) -> tuple[OfferResult, T | None]:
-        """Try to add ``item``; returns what happened and the row dropped, if any."""
+    def offer(self, item: T, now_ns: int, on_durable: OnDurable | None = None) -> tuple[OfferResult, T | None]:
+        """Try to add ``item``; returns what happened and the row dropped, if any.
+
+        A dropped row's callback is kept for :meth:`take_dropped_settlers`: a drop by policy is final.
+        """
         dropped: T | None = None
         result: OfferResult = "accepted"
         if len(self._items) >= self.capacity:
             if self.overflow == "block":
                 return "full", None
             if self.overflow == "drop_newest":
+                if on_durable is not None:
+                    self._dropped_settlers.append(on_durable)
                 return "dropped_newest", item
             dropped = self._items.popleft()
+            if self._settlers and self._settlers[0][0] == self._removed:
+                self._dropped_settlers.append(self._settlers.popleft()[1])
+            self._removed += 1
             result = "dropped_oldest"
         if not self._items:
             self.oldest_ns = now_ns
+        if on_durable is not None:
+            self._settlers.append((self._removed + len(self._items), on_durable))
         self._items.append(item)
         return result, dropped
 
+    def request_flush(self) -> None:
+        """Make a flush due now, if anything is buffered (served as a ``size`` trigger: the size that filled
+        up is the source's acknowledgement window, see :meth:`pipeline.runtime.Pipeline.request_flush`)."""
+        if self._items:
+            self._flush_requested = True
+
     def due(self, now_ns: int) -> TriggerKind | None:
+        if self._flush_requested:
+            return "size"
         return due_trigger(now_ns, len(self._items), self.oldest_ns, self.size, self.interval_ns)
 
     def next_deadline_ns(self) -> int | None:
@@ -89,10 +119,33 @@ class BufferCore(Generic[T]):
         return None if self.oldest_ns is None or not self._items else self.oldest_ns + self.interval_ns
 
     def take(self) -> list[T]:
+        """Every buffered row, oldest first; their callbacks wait in :meth:`take_settlers`."""
         batch = list(self._items)
         self._items.clear()
         self.oldest_ns = None
+        self._removed += len(batch)
+        self._flush_requested = False
+        if self._settlers:
+            self._taken_settlers.extend(callback for _, callback in self._settlers)
+            self._settlers.clear()
         return batch
+
+    def take_settlers(self) -> Sequence[OnDurable]:
+        """The callbacks of the rows :meth:`take` returned, in row order, each once.
+
+        The driver calls them after the batch's write succeeded, and never if it failed.
+        """
+        if not self._taken_settlers:
+            return ()
+        taken, self._taken_settlers = self._taken_settlers, []
+        return taken
+
+    def take_dropped_settlers(self) -> Sequence[OnDurable]:
+        """The callbacks of rows an overflow policy dropped, each once."""
+        if not self._dropped_settlers:
+            return ()
+        dropped, self._dropped_settlers = self._dropped_settlers, []
+        return dropped
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,16 @@ describe ground truth; nothing here does I/O.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 TriggerKind = Literal["size", "timeout", "shutdown"]
+
+OnDurable = Callable[[], None]
+"""What a source hands over with a message when it acknowledges only what is durable: the pipeline calls it
+once, after the flush that wrote the message's row (or its quarantine row) succeeded, or when an overflow
+policy dropped it (a final decision). Never called for a message whose flush failed or that was refused."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,10 @@
 """The assembled pipeline: validate -> buffer -> Parquet (+ SQL), rejections -> quarantine.
 
 Source-agnostic: a source calls :meth:`Pipeline.submit` with raw bytes, from any
-thread (or awaits :meth:`Pipeline.asubmit` on the pipeline's own loop).
+thread (or awaits :meth:`Pipeline.asubmit` on the pipeline's own loop). A source
+that acknowledges only what is durable (MQTT ``ack: durable``) hands a callback
+with each message; the buffers carry it with the message's reading or rejection
+and call it after the flush that wrote it (see :data:`pipeline.model.OnDurable`).
 
 Two runtimes, chosen by ``settings.runtime``:
 
@@ -28,7 +31,7 @@ from pipeline.clock import Clock
 from pipeline.config import PipelineSettings, check_output_path
 from pipeline.drops import DropLog
 from pipeline.errors import ConfigError
-from pipeline.model import FlushStat, Reading, Rejection
+from pipeline.model import FlushStat, OnDurable, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 from pipeline.probes import CpuSampler, Recorder
 from pipeline.sinks import Sink, SlowSink
@@ -90,9 +93,15 @@ class Pipeline:
             fsync=pq.fsync,
             strategy=pq.strategy,
             rotate_rows=pq.rotate_rows,
+            crash_safe=settings.durability == "crash_safe",
         )
         self.drops = DropLog(output / "dropped")
-        self.quarantine = QuarantineSink(output / settings.quarantine.path, rotate_s=pq.rotate, fsync=pq.fsync)
+        self.quarantine = QuarantineSink(
+            output / settings.quarantine.path,
+            rotate_s=pq.rotate,
+            fsync=pq.fsync,
+            crash_safe=settings.durability == "crash_safe",
+        )
         self._readings_sinks: list[Sink[Reading]] = [
             SlowSink(self.parquet, sink_delay_s, sink_slowdown)
             if sink_delay_s > 0 or sink_slowdown > 0
@@ -180,34 +189,56 @@ class Pipeline:
         with self._lock:
             self._refused_after_close += 1
 
-    def submit(self, payload: bytes, topic: str) -> None:
-        """Take one raw message from a source thread; may block on backpressure."""
+    def submit(self, payload: bytes, topic: str, on_durable: OnDurable | None = None) -> None:
+        """Take one raw message from a source thread; may block on backpressure.
+
+        ``on_durable`` is called once the message's reading (or its quarantine row) is written by a flush that
+        succeeded, from the flusher; never for a message refused after :meth:`close` or whose flush failed.
+        """
         if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self.asubmit(payload, topic), self._loop).result()
+            asyncio.run_coroutine_threadsafe(self.asubmit(payload, topic, on_durable), self._loop).result()
             return
         if not self.hot_path_cpu.due():
-            self._submit(payload, topic)
+            self._submit(payload, topic, on_durable)
             return
         # The hot path's CPU time (decode + validate + put), one message in `every`; a put that blocks on a
         # full buffer waits without using CPU, so backpressure does not inflate it.
         began = self.hot_path_cpu.now_ns()
-        self._submit(payload, topic)
+        self._submit(payload, topic, on_durable)
         self.hot_path_cpu.add(self.hot_path_cpu.now_ns() - began)
 
-    def _submit(self, payload: bytes, topic: str) -> None:
+    def _submit(self, payload: bytes, topic: str, on_durable: OnDurable | None) -> None:
         result = self._validate(payload, topic)
         try:
             if isinstance(result, Reading):
                 assert isinstance(self._readings, FlushingBuffer)
-                self._readings.put(result)
+                self._readings.put(result, on_durable)
             else:
                 assert isinstance(self._rejections, FlushingBuffer)
-                self._rejections.put(result)
+                self._rejections.put(result, on_durable)
         except BufferClosed:
             self._refused()
 
-    async def asubmit(self, payload: bytes, topic: str) -> None:
-        """Take one raw message on the pipeline's event loop (asyncio runtime)."""
+    def request_flush(self) -> None:
+        """Flush both buffers now rather than at their next trigger; returns without waiting. Thread-safe.
+
+        For a source whose broker sends nothing more until it acknowledges (its window of unacknowledged
+        messages is full) and that acknowledges only once messages are durable: without it, the window would
+        wait for the timeout trigger every time. Served as a ``size`` trigger.
+        """
+        if self._loop is not None:
+            loop = self._loop
+            for abuf in (self._readings, self._rejections):
+                if isinstance(abuf, AsyncFlushingBuffer) and loop.is_running():
+                    asyncio.run_coroutine_threadsafe(abuf.request_flush(), loop)
+            return
+        for buf in (self._readings, self._rejections):
+            if isinstance(buf, FlushingBuffer):
+                buf.request_flush()
+
+    async def asubmit(self, payload: bytes, topic: str, on_durable: OnDurable | None = None) -> None:
+        """Take one raw message on the pipeline's event loop (asyncio runtime); ``on_durable`` as in
+        :meth:`submit`, called on the loop."""
         # Only decode + validate are timed here: an awaited put may run other tasks on this thread meanwhile.
         sampled = self.hot_path_cpu.due()
         began = self.hot_path_cpu.now_ns() if sampled else 0
@@ -217,10 +248,10 @@ class Pipeline:
         try:
             if isinstance(result, Reading):
                 assert isinstance(self._readings, AsyncFlushingBuffer)
-                await self._readings.put(result)
+                await self._readings.put(result, on_durable)
             else:
                 assert isinstance(self._rejections, AsyncFlushingBuffer)
-                await self._rejections.put(result)
+                await self._rejections.put(result, on_durable)
         except BufferClosed:
             self._refused()
 

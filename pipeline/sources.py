@@ -3,6 +3,10 @@
 ``python -m pipeline`` (from its config file) and the bench (from a scenario's transport) both build their
 source here, so a new source kind is added once: a factory in :data:`SOURCES` and a settings model in
 :mod:`pipeline.config`. A source calls ``on_payload(payload, topic)`` for every message, from its own thread.
+
+A source that acknowledges only what is durable (MQTT ``ack: durable``) calls ``on_payload(payload, topic,
+on_durable)`` instead (:class:`Submit`, the shape of :meth:`pipeline.runtime.Pipeline.submit`), and may call
+``request_flush()`` when its broker will send nothing more until it acknowledges.
 """
 
 from __future__ import annotations
@@ -13,9 +17,17 @@ from typing import Any, Protocol
 
 from pipeline.clock import Clock
 from pipeline.config import MqttSourceSettings, OpcUaSourceSettings, resolve_env
+from pipeline.model import OnDurable
 
 OnPayload = Callable[[bytes, str], None]
+RequestFlush = Callable[[], None]
 SourceSettings = MqttSourceSettings | OpcUaSourceSettings
+
+
+class Submit(Protocol):
+    """``on_payload`` of a source that acknowledges durably: ``on_durable`` travels with the message."""
+
+    def __call__(self, payload: bytes, topic: str, on_durable: OnDurable | None = None, /) -> None: ...
 
 
 class Source(Protocol):
@@ -28,7 +40,14 @@ class Source(Protocol):
 
 class SourceFactory(Protocol):
     def __call__(
-        self, settings: Any, on_payload: OnPayload, *, output: Path, clock: Clock | None, **options: Any
+        self,
+        settings: Any,
+        on_payload: OnPayload,
+        *,
+        output: Path,
+        clock: Clock | None,
+        request_flush: RequestFlush | None,
+        **options: Any,
     ) -> Source: ...
 
 
@@ -40,7 +59,13 @@ def _credentials(settings: SourceSettings, section: str) -> tuple[str | None, st
 
 
 def _mqtt(
-    settings: MqttSourceSettings, on_payload: OnPayload, *, output: Path, clock: Clock | None, **options: Any
+    settings: MqttSourceSettings,
+    on_payload: OnPayload,
+    *,
+    output: Path,
+    clock: Clock | None,
+    request_flush: RequestFlush | None,
+    **options: Any,
 ) -> Source:
     from pipeline.mqtt_source import MqttSource
 
@@ -53,13 +78,23 @@ def _mqtt(
         client_id=settings.client_id,
         username=username,
         password=password,
+        session=settings.session,
+        ack=settings.ack,
+        request_flush=request_flush,
         **options,
     )
 
 
 def _opcua(
-    settings: OpcUaSourceSettings, on_payload: OnPayload, *, output: Path, clock: Clock | None, **options: Any
+    settings: OpcUaSourceSettings,
+    on_payload: OnPayload,
+    *,
+    output: Path,
+    clock: Clock | None,
+    request_flush: RequestFlush | None,
+    **options: Any,
 ) -> Source:
+    # OPC UA has no acknowledgement window to fill: request_flush is not needed.
     # asyncua is half of a new process's import time: imported only by OPC UA sources.
     from pipeline.opcua_source import OpcUaNames, OpcUaSource
 
@@ -91,11 +126,24 @@ def source_kind(settings: SourceSettings) -> str:
 
 
 def make_source(
-    settings: SourceSettings, on_payload: OnPayload, *, output: Path, clock: Clock | None = None, **options: Any
+    settings: SourceSettings,
+    on_payload: OnPayload,
+    *,
+    output: Path,
+    clock: Clock | None = None,
+    request_flush: RequestFlush | None = None,
+    **options: Any,
 ) -> Source:
     """The source ``settings`` describe, not started. ``options`` go to its constructor as they are
-    (e.g. ``reconnect_max_delay_s``, ``protocol``); ``section`` names the settings in credential errors."""
-    return SOURCES[source_kind(settings)](settings, on_payload, output=output, clock=clock, **options)
+    (e.g. ``reconnect_max_delay_s``, ``protocol``); ``section`` names the settings in credential errors.
+
+    With MQTT ``ack: durable``, ``on_payload`` must take ``on_durable`` (:class:`Submit`:
+    ``Pipeline.submit`` does) and ``request_flush`` should be ``Pipeline.request_flush``: the broker's window
+    of unacknowledged messages is small (Mosquitto: 20 over MQTT 3.1.1), and without it each window waits
+    for the buffer's timeout trigger."""
+    return SOURCES[source_kind(settings)](
+        settings, on_payload, output=output, clock=clock, request_flush=request_flush, **options
+    )
 
 
 def describe(settings: SourceSettings) -> str:
