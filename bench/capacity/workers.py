@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from bench.errors import ServiceError
 from bench.harness.ledger import ReadBack, durable_rows, read_back
-from bench.harness.sut import NO_SINK_FAULT, Output, SinkFault, SourceSpec
+from bench.harness.sut import NO_SINK_FAULT, Output, SinkFault, SourceSpec, log_tail
 from pipeline.config import MqttSourceSettings, PipelineSettings
 from pipeline.model import FlushStat
 
@@ -70,11 +70,7 @@ class Child:
             raise ServiceError(f"{role} failed: {why}; log: {self.log_path}\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def send(self, line: str) -> None:
         stdin: IO[bytes] | None = self.proc.stdin

@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from bench.errors import ServiceError
 from bench.harness.ledger import read_back
-from bench.harness.sut import Output, SourceSpec
+from bench.harness.sut import Output, SourceSpec, log_tail
 from pipeline.config import PipelineSettings
 
 READY_TIMEOUT_S = 30.0
@@ -155,11 +155,7 @@ class ProcessPipeline:
             self.exit_codes.append(proc.returncode)
 
     def _log_tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def close_log(self) -> None:
         if self._log is not None:

@@ -22,6 +22,15 @@ from pipeline.runtime import Pipeline
 from pipeline.sources import Source, SourceSettings, make_source
 
 
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a child process's log, for an error that says why it failed ('' when unreadable)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """One subscription the system under test makes: its settings, and constructor options of the source."""
