@@ -13,12 +13,20 @@ Crash-safe MQTT ingestion (docs/durability.md)::
     source: {url: "mqtt://127.0.0.1:1883", qos: 1, client_id: plant-ingest-1, session: persistent, ack: durable}
     pipeline: {durability: crash_safe}
 
-Counters go to stdout; log lines (disconnects, reconnects, failed flushes) to stderr.
+Counters go to stdout; log lines (disconnects, reconnects, failed flushes) to stderr. With
+``durability: crash_safe`` a sink that fails (a full disk, a database down) stalls the pipeline instead of losing
+rows; while it does, the counter line says so (``status_line``)::
+
+    pipeline: received=9000 accepted=9000 rejected=0 stalled=12.3s held=4000 error="cannot append to ...: No space..."
+
+Stopped while a sink still fails, it retries for at most 10 s, then exits 1 with what it left unwritten (never
+acknowledged: a persistent MQTT session delivers it again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -29,7 +37,7 @@ from types import FrameType
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import MqttSourceSettings, OpcUaSourceSettings, StandaloneConfig, load_standalone, redact_urls_in
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.runtime import Pipeline
+from pipeline.runtime import Pipeline, PipelineStatistics
 from pipeline.sources import describe, make_source
 
 
@@ -68,6 +76,21 @@ def _warn_about_durability(config: StandaloneConfig) -> None:
         )
 
 
+STATUS_ERROR_CHARS = 300
+"""Longest error the status line quotes (a driver's message can run long)."""
+
+
+def status_line(s: PipelineStatistics) -> str:
+    """The periodic counter line. Its prefix is parsed by the bench (``received=(\\d+) accepted=(\\d+)
+    rejected=(\\d+)``) and must not change; while a sink fails (crash_safe) it goes on with how long, how many
+    rows are held, and the last error, JSON-quoted so the line stays one line and parseable."""
+    line = f"pipeline: received={s.received} accepted={s.accepted} rejected={s.rejected}"
+    if s.stalled_s > 0:
+        error = redact_urls_in(s.sink_error or "")[:STATUS_ERROR_CHARS]
+        line += f" stalled={s.stalled_s:.1f}s held={s.held_rows} error={json.dumps(error, ensure_ascii=False)}"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, type=Path, help="YAML config file")
@@ -100,23 +123,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pipeline: error: {redact_urls_in(str(exc))}", file=sys.stderr)
         return 2
     print(f"pipeline: subscribed to {where}; writing to {output}/", flush=True)
+    close_error: PipelineError | None = None
     try:
         while not stop.wait(args.report_every if args.report_every > 0 else None):
-            s = pipeline.statistics()
-            print(f"pipeline: received={s.received} accepted={s.accepted} rejected={s.rejected}", flush=True)
+            print(status_line(pipeline.statistics()), flush=True)
     finally:
         # The source first: with ack durable it waits (bounded) until what the pipeline holds is flushed and
         # acknowledged, while it is still connected; then the pipeline flushes whatever else is left.
         source.close()
-        pipeline.close()
+        try:
+            pipeline.close()
+        except PipelineError as exc:
+            # A file that cannot be finalised (the disk is still full): its journal stays for the next start.
+            close_error = exc
     s = pipeline.statistics()
     print(
         f"pipeline: stopped; received={s.received} accepted={s.accepted} rejected={s.rejected} "
         f"files={len(pipeline.parquet.files_written)}",
         flush=True,
     )
-    if pipeline.errors:
-        print(f"pipeline: error: {redact_urls_in(str(pipeline.errors[0]))}", file=sys.stderr)
+    errors = [*pipeline.errors, *([close_error] if close_error is not None else [])]
+    if errors:
+        for error in errors:
+            print(f"pipeline: error: {redact_urls_in(str(error))}", file=sys.stderr)
         return 1
     return 0
 

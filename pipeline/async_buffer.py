@@ -12,7 +12,10 @@ Lock strategies, chosen by name from :data:`~pipeline.buffer_core.LOCK_STRATEGIE
     loop-lag probe (:class:`LoopLagProbe`) shows exactly that.
 
 Decisions come from the shared sans-IO :class:`~pipeline.buffer_core.BufferCore`;
-writing (with retries) from :func:`~pipeline.buffer.write_to_sinks`. Callbacks that come with rows
+writing (with retries) from :func:`~pipeline.buffer.write_to_sinks`, or, with ``crash_safe``, from
+:func:`~pipeline.buffer.write_until_written`, which keeps a failing sink's batch and retries it until it is
+written, as in :mod:`pipeline.buffer` (with ``coarse`` those retries, and their pauses, block the loop: the
+baseline's cost, as every write of it does). Callbacks that come with rows
 (``put(row, on_durable)``) are called as in :mod:`pipeline.buffer`: on the loop, by the flusher task, after
 the batch was written, in row order; never for a batch whose write failed.
 """
@@ -26,8 +29,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Generic, TypeVar
 
-from pipeline.buffer import BufferClosed, LockProbes, settle, settle_batch, write_to_sinks
+from pipeline.buffer import (
+    BufferClosed,
+    LockProbes,
+    SinkStall,
+    close_sinks,
+    settle,
+    settle_batch,
+    write_to_sinks,
+    write_until_written,
+)
 from pipeline.buffer_core import (
+    NOT_STALLED,
     BufferBook,
     BufferCore,
     BufferStatistics,
@@ -60,7 +73,9 @@ class AsyncFlushingBuffer(Generic[T]):
         overflow: Overflow = "block",
         on_drop: Callable[[T, str], None] | None = None,
         probes: bool = True,
+        crash_safe: bool = False,
     ) -> None:
+        """``crash_safe``: keep a batch a sink fails to write and retry it until it is written (see the module)."""
         make_lock = lock_strategy(lock)
         self._sinks = list(sinks)
         self._core: BufferCore[T] = BufferCore(
@@ -79,6 +94,8 @@ class AsyncFlushingBuffer(Generic[T]):
         self._book: BufferBook[T] = BufferBook(on_drop)
         self.error: BaseException | None = None
         self._task: asyncio.Task[None] | None = None
+        name = "+".join(s.name for s in self._sinks)
+        self._stall = SinkStall(name, self._core.__len__) if crash_safe else None
 
     @property
     def lock_kind(self) -> LockKind:
@@ -133,19 +150,30 @@ class AsyncFlushingBuffer(Generic[T]):
             self._core.request_flush()
             self._cond.notify_all()
 
+    def begin_close(self) -> None:
+        """crash_safe: start the close deadline of a failing sink's retries now. Thread-safe, and callable while
+        the loop is blocked (a coarse write retries on it): :meth:`pipeline.runtime.Pipeline.close` calls it
+        from its own thread before it asks the loop to close."""
+        if self._stall is not None:
+            self._stall.begin_close()
+
     async def close(self) -> None:
+        """Flush what is left, then close the sinks (every one; the first error is raised). crash_safe: as
+        :meth:`pipeline.buffer.FlushingBuffer.close`."""
+        self.begin_close()
         async with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._task is not None:
             await self._task
-        for sink in self._sinks:
-            await asyncio.to_thread(sink.close)
+        if self._stall is not None:
+            self._stall.report_unwritten()
+        await asyncio.to_thread(close_sinks, self._sinks)
 
     def statistics(self) -> BufferStatistics:
         # Read from other threads for progress displays: a snapshot of ints,
         # each read atomically; exactness is not needed there.
-        return self._book.snapshot(len(self._core))
+        return self._book.snapshot(len(self._core), self._stall.figures() if self._stall is not None else NOT_STALLED)
 
     async def _run(self) -> None:
         while True:
@@ -158,7 +186,7 @@ class AsyncFlushingBuffer(Generic[T]):
                 if swapped is None:
                     continue
             batch, batch_id = swapped
-            stats, error = await asyncio.to_thread(write_to_sinks, self._sinks, batch, batch_id, trigger, self._clock)
+            stats, error = await asyncio.to_thread(self._write, batch, batch_id, trigger)
             async with self._cond:
                 self._book.flushing = False
                 coalesced = self._book.take_coalesced()
@@ -185,10 +213,18 @@ class AsyncFlushingBuffer(Generic[T]):
         batch = self._core.take()
         settlers = self._core.take_settlers()
         batch_id = self._book.next_batch()
-        stats, error = write_to_sinks(self._sinks, batch, batch_id, trigger, self._clock)
+        stats, error = self._write(batch, batch_id, trigger)
         self._account(batch, stats, error, 0)
         self._cond.notify_all()
         settle_batch(settlers, stats is not None, batch_id)
+
+    def _write(
+        self, batch: list[T], batch_id: int, trigger: TriggerKind
+    ) -> tuple[list[FlushStat] | None, BaseException | None]:
+        """Blocking: in a worker thread (swap) or on the loop (coarse)."""
+        if self._stall is None:
+            return write_to_sinks(self._sinks, batch, batch_id, trigger, self._clock)
+        return write_until_written(self._sinks, batch, batch_id, trigger, self._clock, stall=self._stall)
 
     def _account(
         self, batch: list[T], stats: list[FlushStat] | None, error: BaseException | None, coalesced: int

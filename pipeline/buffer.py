@@ -20,6 +20,13 @@ producer stall (whole ``put``), each an HdrHistogram recorded under the lock.
 A row may come with an :data:`~pipeline.model.OnDurable` callback (``put(row, on_durable)``): the flusher
 thread calls the callbacks of a batch, in row order, after every sink wrote it, and never when the write
 failed; a row an overflow policy drops has its callback called by the producer that caused the drop.
+
+A failing sink (``crash_safe=False``, ``pipeline.durability: naive``): the batch is retried
+:data:`WRITE_RETRIES` times, then given up: its rows count as failed, its callbacks are never called.
+``crash_safe=True``: the batch is kept and retried with capped exponential backoff until it is written
+(:func:`write_until_written`, :class:`SinkStall`); meanwhile the buffer keeps filling up to its capacity, where
+the overflow policy applies (``block``: backpressure). Only :meth:`FlushingBuffer.close` bounds the retries
+(:data:`CLOSE_RETRY_S`); what is still unwritten then is given up, unacknowledged, and logged as an error.
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ from typing import Generic, TypeVar
 
 from pipeline.buffer_core import (
     LOCK_STRATEGIES,
+    NOT_STALLED,
     BufferBook,
     BufferCore,
     BufferStatistics,
     LockKind,
     LockStrategy,
     Overflow,
+    StallFigures,
     due_trigger,
     lock_strategy,
 )
@@ -46,23 +55,38 @@ from pipeline.clock import Clock
 from pipeline.errors import PipelineError
 from pipeline.model import FlushStat, OnDurable, TriggerKind
 from pipeline.probes import Recorder
-from pipeline.sinks import Sink
+from pipeline.sinks import Sink, SinkTiming
 
 __all__ = [
     "LOCK_STRATEGIES",
     "BufferClosed",
     "BufferStatistics",
     "FlushingBuffer",
+    "SinkStall",
+    "close_sinks",
     "due_trigger",
     "settle",
     "settle_batch",
     "write_to_sinks",
+    "write_until_written",
 ]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 WRITE_RETRIES = (0.1, 0.5, 2.0)
+"""naive: the waits between the attempts at writing a batch; after the last one it is given up."""
+
+RETRY_FIRST_S = 0.1
+"""crash_safe: the wait after a sink's first failed attempt at a batch; it doubles with each failure..."""
+RETRY_CAP_S = 2.0
+"""...up to this: a sink that comes back is written to within 2 s, and a dead one costs one attempt per 2 s."""
+STALL_WARNING_EVERY_S = 10.0
+"""crash_safe: while a sink keeps failing, a WARNING at most this often (the ERROR comes with the first failure)."""
+CLOSE_RETRY_S = 10.0
+"""crash_safe: how long :meth:`FlushingBuffer.close` keeps retrying a failing sink before it gives up what is
+unwritten (never acknowledged: the broker keeps it for the next session). Bounded so that a stop finishes
+before a supervisor's kill; the same for every buffer of a pipeline (:meth:`Pipeline.close` starts them all)."""
 
 
 class BufferClosed(PipelineError):
@@ -98,7 +122,9 @@ class FlushingBuffer(Generic[T]):
         overflow: Overflow = "block",
         on_drop: Callable[[T, str], None] | None = None,
         probes: bool = True,
+        crash_safe: bool = False,
     ) -> None:
+        """``crash_safe``: keep a batch a sink fails to write and retry it until it is written (see the module)."""
         make_lock = lock_strategy(lock)
         self._sinks: list[Sink[T]] = [sink] if not isinstance(sink, Sequence) else list(sink)
         if not self._sinks:
@@ -119,6 +145,8 @@ class FlushingBuffer(Generic[T]):
         self._book: BufferBook[T] = BufferBook(on_drop)
         self.error: BaseException | None = None
         name = "+".join(s.name for s in self._sinks)
+        # len() of the deque, read without the lock by the stall's log lines: exact enough for a log line.
+        self._stall = SinkStall(name, self._core.__len__) if crash_safe else None
         self._thread = threading.Thread(target=self._run, name=f"flush-{name}", daemon=True)
 
     @property
@@ -189,19 +217,39 @@ class FlushingBuffer(Generic[T]):
                 self._book.pending_coalesced += 1
             self._cond.notify_all()
 
+    def begin_close(self) -> None:
+        """crash_safe: start the :data:`CLOSE_RETRY_S` deadline of a failing sink's retries now. Thread-safe and
+        lock-free: a coarse flush retries with the lock held, and close() needs the lock after this."""
+        if self._stall is not None:
+            self._stall.begin_close()
+
     def close(self, timeout_s: float = 60.0) -> None:
-        """Flush what is left (trigger ``shutdown``), then close the sinks."""
+        """Flush what is left (trigger ``shutdown``), then close the sinks (every one; the first error is raised).
+
+        crash_safe: a failing sink is retried for at most :data:`CLOSE_RETRY_S` from here (or from
+        :meth:`begin_close`); what stays unwritten is given up, unacknowledged, and logged as one error.
+        """
+        self.begin_close()
         with self._cond:
             self._closing = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
-        for sink in self._sinks:
-            sink.close()
+        if self._stall is not None:
+            self._stall.report_unwritten()
+        close_sinks(self._sinks)
 
     def statistics(self) -> BufferStatistics:
-        with self._cond:
-            return self._book.snapshot(len(self._core))
+        # A coarse flush holds the lock for as long as it writes, and crash_safe retries a failing sink under it:
+        # a status display must not hang on that. Past a short wait the counters are read without the lock
+        # (each an int read atomically: a snapshot a little less exact, never a stuck one).
+        locked = self._cond.acquire(timeout=0.05)
+        try:
+            stall = self._stall.figures() if self._stall is not None else NOT_STALLED
+            return self._book.snapshot(len(self._core), stall)
+        finally:
+            if locked:
+                self._cond.release()
 
     # -- the flusher thread -------------------------------------------------
 
@@ -266,10 +314,28 @@ class FlushingBuffer(Generic[T]):
                 self._on_flush(replace(stat, coalesced=coalesced))
 
     def _write(self, batch: list[T], batch_id: int, trigger: TriggerKind) -> list[FlushStat] | None:
-        stats, error = write_to_sinks(self._sinks, batch, batch_id, trigger, self._clock)
+        if self._stall is None:
+            stats, error = write_to_sinks(self._sinks, batch, batch_id, trigger, self._clock)
+        else:
+            stats, error = write_until_written(self._sinks, batch, batch_id, trigger, self._clock, stall=self._stall)
         if error is not None:
             self.error = error
         return stats
+
+
+def close_sinks(sinks: Sequence[Sink[T]]) -> None:
+    """Close every sink, even after one fails (each holds files or connections of its own); raise the first error."""
+    first: BaseException | None = None
+    for sink in sinks:
+        try:
+            sink.close()
+        except Exception as exc:
+            if first is None:
+                first = exc
+            else:
+                log.error("sink %s: close failed: %s", sink.name, exc)
+    if first is not None:
+        raise first
 
 
 def settle(callbacks: Sequence[OnDurable]) -> None:
@@ -316,20 +382,238 @@ def write_to_sinks(
                 time.sleep(backoff)
                 continue
             out.append(
-                FlushStat(
-                    sink=sink.name,
-                    batch_id=batch_id,
-                    trigger=trigger,
-                    rows=len(batch),
-                    started_ns=started,
-                    build_ns=timing.build_ns,
-                    write_ns=timing.write_ns,
-                    commit_ns=timing.commit_ns,
-                    durable_ns=clock.now_ns(),
-                    bytes_before=timing.bytes_before,
-                    rows_before=timing.rows_before,
-                    cpu_ns=time.thread_time_ns() - cpu_started,
+                _flush_stat(
+                    sink.name,
+                    batch_id,
+                    trigger,
+                    len(batch),
+                    started=started,
+                    timing=timing,
+                    clock=clock,
+                    cpu_started=cpu_started,
                 )
             )
             break
     return out, None
+
+
+def write_until_written(
+    sinks: Sequence[Sink[T]],
+    batch: list[T],
+    batch_id: int,
+    trigger: TriggerKind,
+    clock: Clock,
+    *,
+    stall: SinkStall,
+) -> tuple[list[FlushStat] | None, BaseException | None]:
+    """crash_safe: write one batch to every sink in turn, retrying a failing sink until it writes.
+
+    Backoff: :data:`RETRY_FIRST_S` doubling to :data:`RETRY_CAP_S`, for as long as it takes; ``stall`` counts
+    and logs it. A sink that wrote the batch is not written again when the next one fails (the batch id
+    stays the same, so a sink that wrote part of it skips that part). Only once the buffer closes are the
+    retries bounded (:meth:`SinkStall.begin_close`): then, as :func:`write_to_sinks` does, ``None`` and the
+    last error: the batch counts as failed rows, its callbacks are never called.
+    """
+    out = []
+    for sink in sinks:
+        started = clock.now_ns()
+        cpu_started = time.thread_time_ns()
+        backoff = RETRY_FIRST_S
+        while True:
+            try:
+                timing = sink.write_batch(batch, batch_id)
+            except Exception as exc:  # a sink failure must not kill the flusher
+                stall.failed(sink.name, exc, len(batch))
+                if not stall.may_retry():
+                    stall.gave_up(len(batch), exc)
+                    return None, exc
+                stall.pause(backoff)
+                backoff = min(2 * backoff, RETRY_CAP_S)
+                continue
+            stall.written(sink.name, len(batch))
+            out.append(
+                _flush_stat(
+                    sink.name,
+                    batch_id,
+                    trigger,
+                    len(batch),
+                    started=started,
+                    timing=timing,
+                    clock=clock,
+                    cpu_started=cpu_started,
+                )
+            )
+            break
+    return out, None
+
+
+def _flush_stat(
+    sink: str,
+    batch_id: int,
+    trigger: TriggerKind,
+    rows: int,
+    *,
+    started: int,
+    timing: SinkTiming,
+    clock: Clock,
+    cpu_started: int,
+) -> FlushStat:
+    return FlushStat(
+        sink=sink,
+        batch_id=batch_id,
+        trigger=trigger,
+        rows=rows,
+        started_ns=started,
+        build_ns=timing.build_ns,
+        write_ns=timing.write_ns,
+        commit_ns=timing.commit_ns,
+        durable_ns=clock.now_ns(),
+        bytes_before=timing.bytes_before,
+        rows_before=timing.rows_before,
+        cpu_ns=time.thread_time_ns() - cpu_started,
+    )
+
+
+class SinkStall:
+    """crash_safe: one buffer's failing sink, retried until it writes: the backoff's pauses, the bound once the
+    buffer closes, the figures its statistics show and the log lines (logger ``pipeline.buffer``):
+
+    - ERROR, when a sink starts failing: ``sink parquet failing: <error>; holding 500 rows (...)``;
+    - WARNING, at most every :data:`STALL_WARNING_EVERY_S` while it keeps failing: rows held, seconds, last error;
+    - WARNING, when it writes again: ``sink parquet recovered after 12.3 s; 500 rows written (...)``;
+    - ERROR, at close, if rows were given up: how many, which sink, why.
+
+    Written only by whoever writes the buffer's batches (one flusher at a time: both lock strategies serialise
+    flushes); :meth:`figures` is read from any thread without a lock: each field is one attribute, read
+    atomically, and a status display needs no more exactness than that. "Rows held" in the log lines counts
+    the batch being retried and the rows buffered behind it: what a kill would leave to the source to deliver
+    again.
+    """
+
+    def __init__(self, name: str, buffered: Callable[[], int]) -> None:
+        self.name = name
+        self._buffered = buffered
+        self._closing = threading.Event()
+        self._deadline: float | None = None
+        self.failures = 0
+        """Failed attempts since the start."""
+        self._since: float | None = None  # time.monotonic() of the first failure of the current stall
+        self._sink: str | None = None
+        self._error: str | None = None
+        self._held = 0
+        self._attempts = 0  # failed attempts of the current stall
+        self._warned_at = 0.0
+        self.unwritten = 0
+        """Rows given up at close."""
+        self._gave_up: tuple[str, str] | None = None  # (sink, error) of the last batch given up
+
+    # Real time, not the buffer's clock: the pauses are real sleeps, and a test's fake clock does not move.
+
+    def failed(self, sink: str, exc: BaseException, rows: int) -> None:
+        now = time.monotonic()
+        self.failures += 1
+        self._error = _one_line(exc)
+        self._attempts += 1
+        if self._since is None or self._sink != sink:
+            self._since, self._sink, self._held, self._attempts, self._warned_at = now, sink, rows, 1, now
+            if not self.may_retry():
+                return  # closing, past its deadline: given up at once, and reported once by report_unwritten()
+            log.error(
+                "sink %s failing: %s; holding %d rows and retrying until it writes them (durability crash_safe: "
+                "none of them counts as durable meanwhile)",
+                sink,
+                self._error,
+                rows + self._buffered(),
+            )
+        elif now - self._warned_at >= STALL_WARNING_EVERY_S:
+            self._warned_at = now
+            log.warning(
+                "sink %s still failing after %.0f s: %d rows held; %d attempts; last error: %s",
+                sink,
+                now - self._since,
+                rows + self._buffered(),
+                self._attempts,
+                self._error,
+            )
+
+    def written(self, sink: str, rows: int) -> None:
+        if self._since is None:
+            return
+        log.warning(
+            "sink %s recovered after %.1f s; %d rows written (%d failed attempts, %d rows buffered behind them)",
+            sink,
+            time.monotonic() - self._since,
+            rows,
+            self._attempts,
+            self._buffered(),
+        )
+        self._end()
+
+    def may_retry(self) -> bool:
+        """False once the close deadline has passed: from then on a failed attempt gives its batch up."""
+        return self._deadline is None or time.monotonic() < self._deadline
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before the next attempt. A close cuts the wait short (one more attempt at once), and
+        from then on no wait goes past its deadline."""
+        deadline = self._deadline
+        if deadline is None:
+            self._closing.wait(seconds)
+            return
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            time.sleep(min(seconds, remaining))
+
+    def gave_up(self, rows: int, exc: BaseException) -> None:
+        self.unwritten += rows
+        self._gave_up = (self._sink or "?", _one_line(exc))
+        self._end()
+
+    def _end(self) -> None:
+        self._since = self._sink = self._error = None
+        self._held = self._attempts = 0
+
+    def begin_close(self) -> None:
+        """Bound the retries from now on; idempotent and thread-safe (the first call sets the deadline)."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + CLOSE_RETRY_S
+            if self._since is not None:
+                # Says why a stop takes this long.
+                log.warning(
+                    "closing while sink %s fails: retrying it for at most %g s, then what is unwritten is given up",
+                    self._sink,
+                    CLOSE_RETRY_S,
+                )
+        self._closing.set()
+
+    def report_unwritten(self) -> None:
+        """At close, once the last flush is over: one ERROR if rows were given up."""
+        if not self.unwritten or self._gave_up is None:
+            return
+        sink, error = self._gave_up
+        log.error(
+            "closing with %d rows unwritten (flush-%s): sink %s still failed after %g s of retries at close: %s; "
+            "never reported durable: a source that acknowledges only durable messages (MQTT ack durable, persistent "
+            "session) has them delivered again, any other loses them",
+            self.unwritten,
+            self.name,
+            sink,
+            CLOSE_RETRY_S,
+            error,
+        )
+
+    def figures(self) -> StallFigures:
+        since = self._since
+        return StallFigures(
+            stalled_s=0.0 if since is None else max(0.0, time.monotonic() - since),
+            held_rows=self._held,
+            sink_failures=self.failures,
+            failing_sink=self._sink,
+            last_error=self._error,
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as log lines and the status line show it: its message, else its class; one line."""
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())

@@ -160,6 +160,31 @@ class BufferStatistics:
     failed_rows: int
     dropped: int
     producer_wait_ns: int
+    stalled_s: float = 0.0
+    """crash_safe: for how long a sink has been failing the write of a batch the buffer keeps retrying (0: not
+    stalled)."""
+    held_rows: int = 0
+    """crash_safe: rows of the batch kept for a retry while a sink fails (not counted in ``buffered``)."""
+    sink_failures: int = 0
+    """crash_safe: failed write attempts since the start, each retried."""
+    failing_sink: str | None = None
+    """crash_safe: the sink that fails while stalled."""
+    last_error: str | None = None
+    """crash_safe: that sink's last error while stalled."""
+
+
+@dataclass(frozen=True, slots=True)
+class StallFigures:
+    """What a crash_safe buffer's retry of a failing sink adds to its :class:`BufferStatistics`."""
+
+    stalled_s: float = 0.0
+    held_rows: int = 0
+    sink_failures: int = 0
+    failing_sink: str | None = None
+    last_error: str | None = None
+
+
+NOT_STALLED = StallFigures()
 
 
 class BufferBook(Generic[T]):
@@ -205,7 +230,7 @@ class BufferBook(Generic[T]):
         else:
             self.failed_rows += rows
 
-    def snapshot(self, buffered: int) -> BufferStatistics:
+    def snapshot(self, buffered: int, stall: StallFigures = NOT_STALLED) -> BufferStatistics:
         return BufferStatistics(
             buffered=buffered,
             accepted=self.accepted,
@@ -215,6 +240,11 @@ class BufferBook(Generic[T]):
             failed_rows=self.failed_rows,
             dropped=self.dropped,
             producer_wait_ns=self.producer_wait_ns,
+            stalled_s=stall.stalled_s,
+            held_rows=stall.held_rows,
+            sink_failures=stall.sink_failures,
+            failing_sink=stall.failing_sink,
+            last_error=stall.last_error,
         )
 
 

@@ -607,8 +607,34 @@ class PipelineSettings(Frozen):
         description="threads: thread locks and flusher threads. asyncio: the pipeline runs on an event loop "
         "(as OPC UA clients do); the loop-lag probe shows how long the loop stalls.",
     )
+    fault_injection: str | None = Field(
+        None,
+        description="For the bench's sink_error fault: a JSON control file (relative to the output folder, "
+        'inside it) such as {"sink_error": 0.3, "seed": 16}; while it says so, each sink write fails with that '
+        "probability (an injected EIO, before the real sink is touched). Unset (the default): nothing is wrapped.",
+    )
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @field_validator("fault_injection")
+    @classmethod
+    def _control_file_inside(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_fault_injection_path(value)
+        return value
+
+
+def check_fault_injection_path(value: str) -> None:
+    """Raise ValueError unless the fault injection control file ``value`` is a path inside the output folder.
+
+    The same check as every output path (:func:`output_path_problem`), with no opt-out: the file only ever
+    comes from the bench, which writes it in the run's output folder.
+    """
+    if "\x00" in value or not value.strip():
+        raise ValueError("fault_injection: expected a file name inside the output folder")
+    problem = output_path_problem(value)
+    if problem is not None:
+        raise ValueError(f"fault_injection: expected a path inside the output folder, got {value!r}, which {problem}")
 
 
 class MqttSourceSettings(Frozen):

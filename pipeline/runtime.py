@@ -12,6 +12,10 @@ Two runtimes, chosen by ``settings.runtime``:
 ``asyncio``  the pipeline lives on an event loop in its own thread, as an
              OPC UA client pipeline does; validation and buffering run on the
              loop, and a loop-lag probe measures how long the loop stalls.
+
+With ``durability: crash_safe`` a batch a sink fails to write is kept and retried until it is written (the
+buffers' ``crash_safe``); :class:`PipelineStatistics` shows such a stall (``stalled_s``, ``held_rows``,
+``sink_error``). ``fault_injection`` wraps every sink to fail on purpose (:mod:`pipeline.inject`).
 """
 
 from __future__ import annotations
@@ -28,16 +32,19 @@ from pipeline.async_buffer import AsyncFlushingBuffer, LoopLagProbe
 from pipeline.buffer import BufferClosed, FlushingBuffer, LockProbes
 from pipeline.buffer_core import BufferStatistics
 from pipeline.clock import Clock
-from pipeline.config import PipelineSettings, check_output_path
+from pipeline.config import PipelineSettings, check_fault_injection_path, check_output_path
 from pipeline.drops import DropLog
 from pipeline.errors import ConfigError
 from pipeline.model import FlushStat, OnDurable, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 from pipeline.probes import CpuSampler, Recorder
+from pipeline.recent import recent_seqs
 from pipeline.sinks import Sink, SlowSink
 from pipeline.validate import Validator
 
 if TYPE_CHECKING:
+    from pipeline.inject import InjectedFaultSink
+
     # SQLAlchemy is imported only by a pipeline with a SQL sink: a third of a new process's import time.
     from pipeline.sql_sink import SqlSink
 
@@ -53,6 +60,29 @@ class PipelineStatistics:
     refused_after_close: int = 0
     readings: BufferStatistics | None = None
     rejections: BufferStatistics | None = None
+    injected_errors: int = 0
+    """Sink writes failed on purpose (``fault_injection``, the bench's sink_error fault)."""
+
+    @property
+    def _stalled(self) -> list[BufferStatistics]:
+        return [b for b in (self.readings, self.rejections) if b is not None and b.stalled_s > 0]
+
+    @property
+    def stalled_s(self) -> float:
+        """crash_safe: for how long the longest-failing sink has been failing (0: every sink writes)."""
+        return max((b.stalled_s for b in self._stalled), default=0.0)
+
+    @property
+    def held_rows(self) -> int:
+        """crash_safe: rows not yet written behind failing sinks: each stalled buffer's batch being retried and
+        the rows buffered behind it (what a kill would leave the source to deliver again)."""
+        return sum(b.held_rows + b.buffered for b in self._stalled)
+
+    @property
+    def sink_error(self) -> str | None:
+        """crash_safe: the last error of the longest-failing sink, while one fails."""
+        stalled = self._stalled
+        return max(stalled, key=lambda b: b.stalled_s).last_error if stalled else None
 
 
 class Pipeline:
@@ -86,6 +116,11 @@ class Pipeline:
                 )
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
+        if settings.fault_injection is not None:
+            try:
+                check_fault_injection_path(settings.fault_injection)
+            except ValueError as exc:
+                raise ConfigError(f"pipeline.{exc}") from None
         self.parquet = ParquetSink(
             output / pq.path,
             rotate_s=pq.rotate,
@@ -112,7 +147,21 @@ class Pipeline:
             from pipeline.sql_sink import SqlSink
 
             self.sql = SqlSink(settings.sql, output)
-            self._readings_sinks.append(self.sql)
+            if settings.durability == "crash_safe":
+                # The database first: a kill between the two writes leaves a row in SQL but not in the Parquet
+                # data, so its redelivery is not a duplicate of the files (below) and is written again, which
+                # an idempotent strategy (upsert, copy) absorbs. The other order would lose it from SQL.
+                self._readings_sinks.insert(0, self.sql)
+            else:
+                self._readings_sinks.append(self.sql)
+        if settings.durability == "crash_safe" and settings.validate_.rules.duplicate == "reject":
+            # After the sinks: the data sink has recovered a killed process's journals into the files read here.
+            # A message durable but not yet acknowledged at a kill comes again after it: still a duplicate.
+            self._validator.seed_recent(recent_seqs(output / pq.path, settings.validate_.dedup_window).seqs)
+        self._rejections_sinks: list[Sink[Rejection]] = [self.quarantine]
+        self._injected: list[InjectedFaultSink[Any]] = []
+        if settings.fault_injection is not None:
+            self._inject_faults(output / settings.fault_injection)
         self._lock = threading.Lock()
         self._received = 0
         self._reasons: Counter[str] = Counter()
@@ -123,6 +172,18 @@ class Pipeline:
         self._loop_thread: threading.Thread | None = None
         self.loop_lag: LoopLagProbe | None = None
         self.hot_path_cpu = CpuSampler()
+
+    def _inject_faults(self, control_file: Path) -> None:
+        """Wrap every sink to fail as the bench's control file says (only when the setting is on: no cost
+        otherwise). ``self.parquet``, ``self.quarantine`` and ``self.sql`` stay the real sinks."""
+        from pipeline.inject import FaultControl, InjectedFaultSink
+
+        control = FaultControl(control_file)
+        readings: list[InjectedFaultSink[Reading]] = [InjectedFaultSink(s, control) for s in self._readings_sinks]
+        rejections: list[InjectedFaultSink[Rejection]] = [InjectedFaultSink(s, control) for s in self._rejections_sinks]
+        self._injected = [*readings, *rejections]
+        self._readings_sinks = list(readings)
+        self._rejections_sinks = list(rejections)
 
     def _buffer_kwargs(self) -> dict[str, Any]:
         buf = self.settings.buffer
@@ -136,12 +197,13 @@ class Pipeline:
             "overflow": buf.overflow,
             "on_drop": self.drops.record,
             "probes": self.settings.probes,
+            "crash_safe": self.settings.durability == "crash_safe",
         }
 
     def start(self) -> None:
         if self.settings.runtime == "threads":
             readings: FlushingBuffer[Reading] = FlushingBuffer(self._readings_sinks, **self._buffer_kwargs())
-            rejections: FlushingBuffer[Rejection] = FlushingBuffer([self.quarantine], **self._buffer_kwargs())
+            rejections: FlushingBuffer[Rejection] = FlushingBuffer(self._rejections_sinks, **self._buffer_kwargs())
             readings.start()
             rejections.start()
             self._readings, self._rejections = readings, rejections
@@ -157,7 +219,7 @@ class Pipeline:
                     self._readings_sinks, **self._buffer_kwargs()
                 )
                 arejections: AsyncFlushingBuffer[Rejection] = AsyncFlushingBuffer(
-                    [self.quarantine], **self._buffer_kwargs()
+                    self._rejections_sinks, **self._buffer_kwargs()
                 )
                 areadings.start()
                 arejections.start()
@@ -256,14 +318,29 @@ class Pipeline:
             self._refused()
 
     def close(self) -> None:
-        """Flush everything buffered and finalise every file."""
+        """Flush everything buffered and finalise every file.
+
+        Every buffer and the drop log are closed even when one fails (the first error is raised afterwards), so
+        a readings sink that cannot finalise does not cost the rejections their flush. crash_safe: a failing
+        sink is retried for at most :data:`pipeline.buffer.CLOSE_RETRY_S` from here, for both buffers together;
+        what is still unwritten then is given up unacknowledged, logged, and in :attr:`errors`.
+        """
+        for buf in (self._readings, self._rejections):
+            if buf is not None:
+                # From this thread, before the loop is asked for anything: a coarse asyncio write retrying on the
+                # loop blocks it until the deadline this starts.
+                buf.begin_close()
+        errors: list[BaseException] = []
         if self._loop is not None and self._loop_thread is not None:
             loop = self._loop
 
             async def aclose() -> None:
                 for buf in (self._readings, self._rejections):
                     if isinstance(buf, AsyncFlushingBuffer):
-                        await buf.close()
+                        try:
+                            await buf.close()
+                        except Exception as exc:  # closing the rest matters more; raised below
+                            errors.append(exc)
                 if self.loop_lag is not None:
                     await self.loop_lag.stop()
 
@@ -273,8 +350,16 @@ class Pipeline:
         else:
             for tbuf in (self._readings, self._rejections):
                 if isinstance(tbuf, FlushingBuffer):
-                    tbuf.close()
-        self.drops.close()
+                    try:
+                        tbuf.close()
+                    except Exception as exc:  # closing the rest matters more; raised below
+                        errors.append(exc)
+        try:
+            self.drops.close()
+        except Exception as exc:  # closing the rest matters more; raised below
+            errors.append(exc)
+        if errors:
+            raise errors[0]
 
     @property
     def lock_probes(self) -> LockProbes | None:
@@ -303,4 +388,5 @@ class Pipeline:
             refused_after_close=refused,
             readings=self._readings.statistics() if self._readings is not None else None,
             rejections=self._rejections.statistics() if self._rejections is not None else None,
+            injected_errors=sum(sink.injected for sink in self._injected),
         )

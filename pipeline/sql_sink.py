@@ -10,6 +10,20 @@ Strategies, chosen by name (:data:`SQL_STRATEGIES`):
 
 ``row`` and ``bulk`` are plain INSERTs: a second write of the same key fails on
 the primary key, which is what they do in real pipelines too.
+
+Every strategy is safe to retry: the buffer writes a failed batch again with the same batch id (naive: a few
+times; crash_safe: until it is written), and the sink must then neither write a row twice nor lose one.
+
+- The rows of a batch are built once: a retry reuses them, so an aggregated batch is folded into the
+  :class:`~pipeline.aggregate.MinuteAggregator` once (folding it again would count its readings twice).
+- ``row`` resumes after the last row whose commit returned, instead of inserting the batch again from its first
+  row (which failed on the primary key with the rows it had committed itself, and gave the batch up: 2,714 of
+  10,000 rows lost with PostgreSQL backends killed every 0.6 s).
+- A commit interrupted by a lost connection may have gone through. Before writing again after such an error
+  (anything but an integrity error, which is a definite refusal), ``row`` checks whether that one row is stored
+  exactly as sent, and ``bulk`` whether its whole batch is (a transaction is all or nothing); if so it is not
+  written again. A different row under the same key still fails on the primary key, as before.
+- ``upsert`` and ``copy`` write the same values again: idempotent as they are.
 """
 
 from __future__ import annotations
@@ -33,10 +47,11 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    tuple_,
 )
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from pipeline.aggregate import MinuteAggregator, MinuteRow
 from pipeline.config import ALLOW_OUTSIDE, SqlSettings, redact_url, resolve_env, scrub, sqlite_path_problem
@@ -46,6 +61,24 @@ from pipeline.sinks import SinkTiming
 
 SqlStrategy = Literal["row", "bulk", "upsert", "copy"]
 Rows = list[dict[str, Any]]
+
+STORED_CHECK_CHUNK = 500
+"""Keys per SELECT when checking whether an interrupted commit went through (bounded statement size)."""
+
+
+@dataclass
+class SqlBatch:
+    """One batch's rows, as built once, and how far writing them got; kept by the sink until it is written, so
+    that a retry of the same batch id resumes instead of starting over."""
+
+    batch_id: int
+    rows: Rows
+    committed: int = 0
+    """``row``: how many rows, from the first, have been committed (a commit that returned)."""
+    maybe_committed: bool = False
+    """The last attempt failed in a way that may have committed what it was committing (a lost connection, not
+    a refusal): the next attempt checks before writing it again."""
+
 
 # Microsecond timestamps: MySQL/MariaDB DATETIME would otherwise drop the
 # fraction and make distinct readings collide on the primary key.
@@ -158,6 +191,10 @@ class SqlSink:
             raise SinkError(f"cannot open SQL sink {self._safe_url()}: {self._scrubbed(exc)}") from None
         self.rows_written = 0
         self._dbapi_error: type[Exception] = getattr(self.engine.dialect.loaded_dbapi, "Error", SQLAlchemyError)
+        self._dbapi_integrity_error: type[Exception] = getattr(
+            self.engine.dialect.loaded_dbapi, "IntegrityError", IntegrityError
+        )
+        self._unwritten: SqlBatch | None = None
 
     def _safe_url(self) -> str:
         # Not render_as_string(hide_password=True): that hides user:password@ only, not ?password=.
@@ -212,17 +249,36 @@ class SqlSink:
 
     def write_batch(self, items: Sequence[Reading], batch_id: int) -> SinkTiming:
         start = time.perf_counter_ns()
-        rows = self._rows(items)
+        batch = self._unwritten
+        if batch is None or batch.batch_id != batch_id:
+            # A new batch (a batch the buffer gave up is replaced here, as the buffer moved on).
+            batch = SqlBatch(batch_id, self._rows(items))
         build_ns = time.perf_counter_ns() - start
-        if not rows:
+        if not batch.rows:
             return SinkTiming(build_ns, 0, 0)
+        self._unwritten = batch
         try:
-            write_ns, commit_ns = self._write(self, rows)
+            write_ns, commit_ns = self._write(self, batch)
         except (SQLAlchemyError, self._dbapi_error) as exc:
+            # An integrity error is the server's definite refusal; anything else (a lost connection above all)
+            # may have struck after a commit went through.
+            batch.maybe_committed = not isinstance(exc, (IntegrityError, self._dbapi_integrity_error))
             # The copy path talks to the driver directly, so driver errors arrive unwrapped.
             raise SinkError(f"SQL {self.strategy} into {self.table.name} failed: {self._scrubbed(exc)}") from None
-        self.rows_written += len(rows)
+        self._unwritten = None
+        self.rows_written += len(batch.rows)
         return SinkTiming(build_ns, write_ns, commit_ns)
+
+    def stored(self, conn: Connection, rows: Rows) -> bool:
+        """Whether every row of ``rows`` is in the table exactly as given (same key, same values)."""
+        c = self.table.c
+        found: dict[tuple[Any, Any], dict[str, Any]] = {}
+        for at in range(0, len(rows), STORED_CHECK_CHUNK):
+            keys = [(r["machine"], r["ts"]) for r in rows[at : at + STORED_CHECK_CHUNK]]
+            query = select(self.table).where(tuple_(c.machine, c.ts).in_(keys))
+            for record in conn.execute(query).mappings():
+                found[(record["machine"], record["ts"])] = dict(record)
+        return all(found.get((r["machine"], r["ts"])) == r for r in rows)
 
     def read_back(self) -> dict[str, Any]:
         """Row count, and for aggregates the sum of counts: what the table holds now."""
@@ -253,31 +309,44 @@ def _in_one_transaction(sink: SqlSink, work: Callable[[Connection], object]) -> 
         return write_ns, time.perf_counter_ns() - start
 
 
-def _write_row(sink: SqlSink, rows: Rows) -> tuple[int, int]:
-    """One INSERT and one commit per row: the naive baseline."""
+def _write_row(sink: SqlSink, batch: SqlBatch) -> tuple[int, int]:
+    """One INSERT and one commit per row: the naive baseline. A retry resumes after the last committed row."""
     write_ns = commit_ns = 0
     stmt = insert(sink.table)
     with sink.engine.connect() as conn:
-        for row in rows:
+        if batch.maybe_committed and batch.committed < len(batch.rows):
+            # The row being committed when the connection went may be in: if it is, exactly as sent, it was ours.
+            if sink.stored(conn, [batch.rows[batch.committed]]):
+                batch.committed += 1
+            conn.rollback()  # end the check's transaction: each row below is one of its own
+            batch.maybe_committed = False
+        for row in batch.rows[batch.committed :]:
             start = time.perf_counter_ns()
             conn.execute(stmt, row)
             mid = time.perf_counter_ns()
             conn.commit()
+            batch.committed += 1
             write_ns += mid - start
             commit_ns += time.perf_counter_ns() - mid
     return write_ns, commit_ns
 
 
-def _write_bulk(sink: SqlSink, rows: Rows) -> tuple[int, int]:
-    return _in_one_transaction(sink, lambda conn: conn.execute(insert(sink.table), rows))
+def _write_bulk(sink: SqlSink, batch: SqlBatch) -> tuple[int, int]:
+    def work(conn: Connection) -> None:
+        # All or nothing: an interrupted commit either stored the whole batch, or none of it.
+        if batch.maybe_committed and sink.stored(conn, batch.rows):
+            return
+        conn.execute(insert(sink.table), batch.rows)
+
+    return _in_one_transaction(sink, work)
 
 
-def _write_upsert(sink: SqlSink, rows: Rows) -> tuple[int, int]:
-    return _in_one_transaction(sink, lambda conn: conn.execute(sink._upsert(), rows))
+def _write_upsert(sink: SqlSink, batch: SqlBatch) -> tuple[int, int]:
+    return _in_one_transaction(sink, lambda conn: conn.execute(sink._upsert(), batch.rows))
 
 
-def _write_copy(sink: SqlSink, rows: Rows) -> tuple[int, int]:
-    return _in_one_transaction(sink, lambda conn: _copy(conn, sink.table, rows))
+def _write_copy(sink: SqlSink, batch: SqlBatch) -> tuple[int, int]:
+    return _in_one_transaction(sink, lambda conn: _copy(conn, sink.table, batch.rows))
 
 
 def _copy(conn: Connection, table: Table, rows: Rows) -> None:
@@ -306,9 +375,11 @@ def _copy(conn: Connection, table: Table, rows: Rows) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SqlWriteStrategy:
-    """How a batch of rows reaches the table: ``write(sink, rows)`` returns (write_ns, commit_ns)."""
+    """How a batch of rows reaches the table: ``write(sink, batch)`` returns (write_ns, commit_ns).
 
-    write: Callable[[SqlSink, Rows], tuple[int, int]]
+    Called again with the same :class:`SqlBatch` when the buffer retries it: it must resume, not repeat."""
+
+    write: Callable[[SqlSink, SqlBatch], tuple[int, int]]
     needs_postgresql: bool = False
 
 

@@ -14,6 +14,9 @@ several source threads may validate at once, and is kept for the
 ``machines_tracked`` most recently seen machines only (least recently seen
 evicted first): ids are input, and a stream of new ones must not grow memory
 without end. A machine seen again after its eviction starts afresh.
+A new process starts with no history; :meth:`Validator.seed_recent` gives it
+back the recent seqs a crash-safe output holds (pipeline/recent.py), so that
+what the broker delivers again after a restart is still a ``duplicate``.
 
 >>> v = Validator()
 >>> now = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
@@ -30,6 +33,7 @@ import math
 import re
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -217,6 +221,51 @@ class Validator:
             received_ns=received_ns,
             repairs=tuple(repairs),
         )
+
+    def seed_recent(self, per_machine: Mapping[str, Sequence[int]]) -> int:
+        """Remember seqs accepted before this process started, for the ``duplicate`` rule.
+
+        Returns how many seqs the seeded machines remember now.
+
+        ``per_machine``: each machine's seqs, oldest first, machines least recently seen first (what
+        :func:`pipeline.recent.recent_seqs` returns). Each keeps its last ``dedup_window`` seqs, and at most
+        ``machines_tracked`` machines are kept, the most recently seen ones. Seeded machines count as seen
+        before any machine this validator has already checked: those stay, and are evicted last.
+
+        Only the seq window is seeded, never the newest timestamp or mileage behind the ``late`` and
+        ``mileage_backwards`` rules: a restarted validator judges those as after an eviction, from the next
+        reading on. Read back from files they would not be what the dead process held (it also knew the rows
+        it accepted but never flushed; its watermark was capped by its clock at acceptance, which the files
+        do not record; settings may have changed), and a wrong bar quarantines valid readings, whereas a
+        missing one only lets through what the first process would have refused. Redelivered copies need
+        only the seq window to be caught.
+        """
+        window = self.settings.dedup_window
+        with self._lock:
+            states = self._state
+            seeded: OrderedDict[str, _MachineState] = OrderedDict()
+            for machine, seqs in per_machine.items():
+                state = states.get(machine)
+                if state is None:
+                    state = seeded[machine] = _MachineState()
+                # Seeded seqs are older than any this validator accepted itself: they go first, and a seq is
+                # remembered once (a file may hold a copy stored twice before this fix).
+                recent: deque[int] = deque()
+                remembered: set[int] = set()
+                for seq in (*seqs[-window:], *state.recent):
+                    if seq not in remembered:
+                        recent.append(seq)
+                        remembered.add(seq)
+                while len(recent) > window:
+                    remembered.discard(recent.popleft())
+                state.recent, state.recent_set = recent, remembered
+            # Least recently seen first: the seeded machines, then the ones checked already, in their order.
+            seeded.update(states)
+            while len(seeded) > self._machines_tracked:
+                seeded.popitem(last=False)
+            states.clear()
+            states.update(seeded)
+            return sum(len(states[m].recent) for m in per_machine if m in states)
 
     # -- one rule each -----------------------------------------------------------
 

@@ -6,8 +6,9 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,20 @@ def run_module(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess
     return subprocess.run(
         [sys.executable, "-m", *args], check=False, capture_output=True, text=True, cwd=ROOT, timeout=timeout_s
     )
+
+
+@pytest.fixture
+def make_db(tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    """A SQL sink test database per backend name (tests.test_sql_sink.Db), closed after the test."""
+    from tests.test_sql_sink import Db
+
+    made: list[Db] = []
+
+    def make(backend: str) -> Db:
+        db = Db(backend, tmp_path)
+        made.append(db)
+        return db
+
+    yield make
+    for db in made:
+        db.close()

@@ -11,7 +11,7 @@ about; test_double_precision_values_round_trip checks the columns are 8-byte dou
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -97,20 +97,6 @@ class Db:
                 for name in self.extra_tables:
                     conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
             sink.close()
-
-
-@pytest.fixture
-def make_db(tmp_path: Path) -> Iterator[Callable[[str], Db]]:
-    made: list[Db] = []
-
-    def make(backend: str) -> Db:
-        db = Db(backend, tmp_path)
-        made.append(db)
-        return db
-
-    yield make
-    for db in made:
-        db.close()
 
 
 def reading(i: int, machine: str = "m-1", *, ts_ns: int | None = None, bump: float = 0.0) -> Reading:
