@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from bench.harness.ledger import MISSING_SAMPLE, ReadBack, payload_key, read_back, reconcile
+from bench.harness.ledger import ERROR_CHARS, MISSING_SAMPLE, ReadBack, payload_key, read_back, reconcile
 from pipeline.model import Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 
@@ -19,6 +20,7 @@ def back(
     rejected: list[int | None] | None = None,
     reasons: list[str] | None = None,
     unfinalised: list[str] | None = None,
+    unreadable: list[str] | None = None,
 ) -> ReadBack:
     rejected = rejected or []
     return ReadBack(
@@ -28,6 +30,7 @@ def back(
         rejected_reasons=reasons if reasons is not None else ["wrong_type"] * len(rejected),
         files=1,
         unfinalised=unfinalised or [],
+        unreadable=unreadable or [],
     )
 
 
@@ -166,6 +169,18 @@ def test_unfinalised_files_not_reconciled() -> None:
     assert ledger.problems() == ["files left unfinalised: /out/readings-x-000.parquet.tmp"]
 
 
+def test_unreadable_files_not_reconciled_even_when_the_sum_adds_up() -> None:
+    """The rows of an unreadable file are unknown: a ledger that adds up without them is no proof."""
+    broken = "/out/data/readings-x-001.parquet: Parquet magic bytes not found in footer"
+    ledger = reconcile(range(3), back([0, 1, 2], unreadable=[broken]))
+    assert (ledger.lost, ledger.unreadable_files) == (0, [broken])
+    assert not ledger.reconciled
+    assert ledger.problems() == [f"Parquet files that could not be read (skipped): {broken}"]
+    data = ledger.to_json()
+    assert data["reconciled"] is False
+    assert "unreadable_files" not in data, "results.json keeps them on the variant, beside the ledger"
+
+
 # --- read_back on real files -------------------------------------------------
 
 
@@ -227,3 +242,77 @@ def test_read_back_missing_folders(tmp_path: Path) -> None:
     got = read_back(tmp_path / "nope", tmp_path / "nothing")
     assert (got.persisted_seqs, got.rejected_seqs, got.files, got.unfinalised) == ([], [], 0, [])
     assert reconcile([], got).reconciled
+
+
+def only_file(folder: Path) -> Path:
+    (path,) = sorted(folder.rglob("*.parquet"))
+    return path
+
+
+def test_read_back_skips_and_names_a_truncated_and_a_random_bytes_file(tmp_path: Path) -> None:
+    """A torn Parquet file (cut in half: no footer) and a file of random bytes named .parquet, beside good ones:
+    read_back reads what it can and names the rest instead of raising (which ended the run without results)."""
+    data, quarantine = tmp_path / "data", tmp_path / "quarantine"
+    write_run(data, quarantine, close=True)
+    whole = only_file(data).read_bytes()
+    truncated = data / "readings-torn.parquet"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    (quarantine / "nested").mkdir()
+    noise = quarantine / "nested" / "rejections-noise.parquet"
+    noise.write_bytes(random.Random(7).randbytes(4096))
+
+    got = read_back(data, quarantine)
+    assert sorted(got.persisted_seqs) == list(range(15)), "the good files are still read"
+    assert got.rejected_seqs == [15, None]
+    assert got.files == 2, "only files that were read count"
+    assert [u.split(": ", 1)[0] for u in got.unreadable] == [str(truncated), str(noise)]
+    for entry in got.unreadable:
+        error = entry.split(": ", 1)[1]
+        assert "magic bytes" in error and len(error) <= ERROR_CHARS
+        assert "Could not open Parquet input source" not in error, "the path is given once, beside the error"
+
+    ledger = reconcile(range(17), got)
+    assert (ledger.persisted, ledger.rejected, ledger.lost) == (15, 2, 0)
+    assert ledger.unreadable_files == got.unreadable
+    assert not ledger.reconciled
+    (problem,) = ledger.problems()
+    assert str(truncated) in problem and str(noise) in problem
+    json.dumps(ledger.to_json())
+
+
+def test_the_rows_of_an_unreadable_file_are_lost_and_the_file_says_why(tmp_path: Path) -> None:
+    data, quarantine = tmp_path / "data", tmp_path / "quarantine"
+    write_run(data, quarantine, close=True)
+    path = only_file(data)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-100])  # the footer torn off, as a crash in the middle of writing it leaves
+    got = read_back(data, quarantine, tmp_path / "dropped")
+    assert got.persisted_seqs == [] and len(got.unreadable) == 1
+    ledger = reconcile(range(17), got)
+    assert ledger.lost == 15
+    problems = ledger.problems()
+    assert problems[0].startswith("15 message(s) lost") and str(path) in problems[1]
+
+
+def test_an_unreadable_quarantine_file_takes_its_anonymous_payloads_with_it(tmp_path: Path) -> None:
+    """Payloads of rows without a seq pair with the null seqs in order: a file counts wholly or not at all."""
+    data, quarantine = tmp_path / "data", tmp_path / "quarantine"
+    write_run(data, quarantine, close=True)
+    good = only_file(quarantine)
+    broken = quarantine / "rejections-zz-broken.parquet"
+    broken.write_bytes(good.read_bytes()[:50])
+    got = read_back(data, quarantine)
+    assert got.rejected_seqs == [15, None] and got.anonymous_payloads == [b"{}"]
+    assert got.unreadable == [f"{broken}: {got.unreadable[0].split(': ', 1)[1]}"]
+    ledger = reconcile(range(17), got, sent_payloads={payload_key(b"{}"): 16})
+    assert (ledger.rejected, ledger.lost, ledger.missing_seq_sample) == (2, 0, [])
+
+
+def test_an_unreadable_drop_log_is_named_too(tmp_path: Path) -> None:
+    dropped = tmp_path / "dropped"
+    dropped.mkdir()
+    (dropped / "dropped.parquet").write_bytes(b"PAR1 not really")
+    got = read_back(tmp_path / "data", tmp_path / "quarantine", dropped)
+    assert got.dropped_seqs == [] and [u.split(": ", 1)[0] for u in got.unreadable] == [
+        str(dropped / "dropped.parquet")
+    ]

@@ -17,13 +17,16 @@ from PIL import Image
 
 from bench.errors import UsageError
 from bench.harness import runner
-from bench.report.render import PLOT_IDS, TABLE_IDS, ReportPaths, write_report
+from bench.report.render import FAULT_COLUMNS, FAULT_TABLE_PREFIX, PLOT_IDS, TABLE_IDS, ReportPaths, write_report
+from bench.results import SCHEMA_VERSION
 from bench.results.metrics import METRIC_ROWS
 from bench.results.model import read_results
 from bench.scenario import load_scenario
 from tests.conftest import SCENARIOS
 
-OLD_RESULTS = sorted((Path(__file__).parent / "data" / "results").glob("v*.json"))
+RESULTS_DATA = Path(__file__).parent / "data" / "results"
+# One passing run of each older version and kind; v9-faults.json (a failed fault run) has a test of its own.
+OLD_RESULTS = sorted(p for p in RESULTS_DATA.glob("v*.json") if re.fullmatch(r"v\d+-(run|capacity|load)\.json", p.name))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CAPACITY_PLOTS = ("plot-capacity", "plot-capacity-latency", "plot-usl")
 RUN_PLOTS = tuple(p for p in PLOT_IDS if p not in CAPACITY_PLOTS)
@@ -276,10 +279,17 @@ def test_real_run_report_has_every_plot_and_table_that_applies(lock_run: Path, l
     html, _ = read(lock_report)
     assert_plots(html, RUN_PLOTS, {})
     # A plain run has no capacity sweep and no injected anomalies: those sections do not apply, and are not there.
-    not_applicable = (*CAPACITY_PLOTS, "table-capacity", "table-capacity-summary", "table-recommendations")
+    not_applicable = (
+        *CAPACITY_PLOTS,
+        "table-capacity",
+        "table-capacity-summary",
+        "table-recommendations",
+        "table-failures",
+    )
     for section_id in (*not_applicable, "table-validation"):
         assert f'id="{section_id}"' not in html, section_id
     assert 'id="not-in-this-report"' not in html, "nothing that applies is missing"
+    assert 'id="faults"' not in html and FAULT_TABLE_PREFIX not in html, "no faults struck: no Faults section"
     for table_id in TABLE_IDS:
         if table_id not in (*not_applicable, "table-validation"):
             table(html, table_id)
@@ -462,6 +472,224 @@ def test_the_report_renders_results_of_every_older_version(fixture: Path, tmp_pa
     assert 'class="missing"' not in html
 
 
+def test_a_version_9_fault_run_shows_its_faults_and_what_its_ledger_settles(tmp_path: Path) -> None:
+    """The real v9 fault run (naive beside crash_safe, ten kill -9 and a restart): a table per variant, counts
+    where version 9's ledger settles them and a dash where it cannot say which kill named what."""
+    folder = tmp_path / "v9-faults"
+    folder.mkdir()
+    shutil.copy(RESULTS_DATA / "v9-faults.json", folder / "results.json")
+    html, markdown = read(write_report([folder]))
+    assert "<strong>FAILED</strong>" in html, "naive left an unfinalised file: its run failed"
+    assert "naive: 1 unfinalised file(s), 3,600 sent" in html
+    assert "naive: 3,600 loss(es) named by 11 fault(s) the configuration was not expected to survive" in html
+    naive, crash_safe = table(html, FAULT_TABLE_PREFIX + "naive"), table(html, FAULT_TABLE_PREFIX + "crash_safe")
+    assert naive.count('<tr><th scope="row"') == 11 and crash_safe.count('<tr><th scope="row"') == 10
+    first = fault_row(naive, "1. process_kill")
+    assert first[:8] == ["2.36", "-", "1.39", "yes", "-", "0", "0", "-"]
+    assert fault_row(naive, "11. process_restart")[3:7] == ["yes", "0", "0", "0"]
+    assert fault_row(crash_safe, "10. process_kill")[:7] == ["38.34", "-", "1.44", "no", "0", "0", "0"]
+    assert "A dash in named, lost or duplicated: not counted" in sections(html)["faults-naive"]
+    assert "In all: 0 named, 0 lost, 0 duplicated." in sections(html)["faults-crash_safe"]
+    assert "### Faults in naive" in markdown and "| 1. process_kill | 2.36 | - | 1.39 | yes | - | 0 | 0 |" in markdown
+
+
+def fault_row(table_html: str, label: str) -> list[str]:
+    """The cells of a faults table's row, as text."""
+    found = re.search(rf'<tr><th scope="row">{re.escape(label)}</th>(.*?)</tr>', table_html, re.S)
+    assert found, label
+    return [re.sub(r"<[^>]+>", "", cell).strip() for cell in re.findall(r"<td[^>]*>(.*?)</td>", found.group(1), re.S)]
+
+
+# ----------------------------------------------------------------------------- faults, failures (schema 10)
+
+
+UNREADABLE = (
+    "/runs/faults/crash_safe/data/readings-20261206T113200Z-003.parquet: Parquet magic bytes not found in footer"
+)
+
+
+def fault_results() -> dict[str, Any]:
+    """A schema-10 run as the bench writes one when faults struck and a variant could not start: two variants of
+    the real v9 steady run's 200 messages, with what each fault cost, an unreadable file, a failed variant."""
+    base: dict[str, Any] = json.loads((RESULTS_DATA / "v9-run.json").read_text(encoding="utf-8"))
+    base["schema_version"] = SCHEMA_VERSION
+    (template,) = base["variants"]
+    naive, crash_safe = json.loads(json.dumps(template)), json.loads(json.dumps(template))
+    naive["name"], crash_safe["name"] = "naive", "crash_safe"
+    naive["ledger"].update(
+        persisted=39, dropped=161, dropped_by_reason={"process_kill": 41, "broker_partition": 120}, reconciled=True
+    )
+    naive["fault_events"] = [
+        {
+            "kind": "process_kill",
+            "at_s": 4.2,
+            "recovered_s": 1.46,
+            "error": None,
+            "duration_s": 1.4,
+            "expected_loss": True,
+            "named": 41,
+            "lost": 0,
+            "duplicated": 0,
+            "latency_ms": {"p50": 912.0, "p99": 1830.5, "max": 2210.0},
+            "latency_kind": "receive",
+            "detail": None,
+        },
+        {
+            "kind": "broker_partition",
+            "at_s": 12.0,
+            "recovered_s": 6.25,
+            "error": None,
+            "duration_s": 5.0,
+            "expected_loss": True,
+            "named": 120,
+            "lost": 0,
+            "duplicated": 17,
+            "latency_ms": {"p50": 2400.0, "p99": 5120.5, "max": 5230.0},
+            "latency_kind": "receive",
+            "detail": "mode drop",
+        },
+    ]
+    crash_safe["ledger"].update(
+        persisted=193, lost=7, redelivered=3, missing_seq_sample=[20, 21, 22, 23, 24, 25, 26], reconciled=False
+    )
+    crash_safe["fault_events"] = [
+        {
+            "kind": "process_kill",
+            "at_s": 4.2,
+            "recovered_s": 1.52,
+            "error": None,
+            "duration_s": 1.45,
+            "expected_loss": False,
+            "named": 0,
+            "lost": 7,
+            "duplicated": 3,
+            "latency_ms": {"p50": 1020.0, "p99": 2400.2, "max": 2600.9},
+            "latency_kind": "end_to_end",
+            "detail": None,
+        },
+        {
+            "kind": "disk_full",
+            "at_s": 20.0,
+            "recovered_s": None,
+            "error": "not back within 60 s after the fault ended",
+            "duration_s": 3.0,
+            "expected_loss": False,
+            "named": 0,
+            "lost": 0,
+            "duplicated": 0,
+            "latency_ms": None,
+            "latency_kind": None,
+            "detail": "fill 2 MB tmpfs",
+        },
+    ]
+    crash_safe["unreadable_files"] = [UNREADABLE]
+    base["variants"] = [naive, crash_safe]
+    base["failures"] = [{"variant": "sql", "error": "ServiceError: the sql sink could not start: connection refused"}]
+    return base
+
+
+@pytest.fixture(scope="module")
+def fault_report(tmp_path_factory: pytest.TempPathFactory) -> ReportPaths:
+    folder = tmp_path_factory.mktemp("runs") / "faults"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(fault_results(), indent=2), encoding="utf-8")
+    assert read_results(folder).schema_version == SCHEMA_VERSION, "a current file, read strictly"
+    return write_report([folder])
+
+
+def test_the_faults_section_shows_what_each_fault_cost(fault_report: ReportPaths) -> None:
+    html, _ = read(fault_report)
+    found = sections(html)
+    assert 'id="faults"' in html and '<a href="#faults">Faults</a>' in html
+    assert html.index('id="ledger"') < html.index('id="faults"') < html.index('id="strategies"')
+    naive = table(html, FAULT_TABLE_PREFIX + "naive")
+    header = re.findall(r'<th scope="col"[^>]*>([^<]*)</th>', naive)
+    assert header == list(FAULT_COLUMNS)
+    assert header[:8] == ["fault", "at s", "duration s", "back after s", "loss expected", "named", "lost", "duplicated"]
+    assert header[8:] == ["p99 ms", "max ms", "latency", "detail"]
+    assert fault_row(naive, "1. process_kill") == [
+        "4.20", "1.40", "1.46", "yes", "41", "0", "0", "1,830.5", "2,210.0", "to receipt", "-",
+    ]  # fmt: skip
+    assert fault_row(naive, "2. broker_partition") == [
+        "12.00", "5.00", "6.25", "yes", "120", "0", "17", "5,120.5", "5,230.0", "to receipt", "mode drop",
+    ]  # fmt: skip
+    assert "In all: 161 named, 0 lost, 17 duplicated." in found["faults-naive"]
+
+    crash_safe = table(html, FAULT_TABLE_PREFIX + "crash_safe")
+    assert fault_row(crash_safe, "1. process_kill") == [
+        "4.20", "1.45", "1.52", "no", "0", "7", "3", "2,400.2", "2,600.9", "end to end", "-",
+    ]  # fmt: skip
+    assert '<td class="bad">7</td>' in crash_safe, "a loss in a fault is highlighted"
+    assert naive.count('class="bad"') == 0, "named losses and zeros are not"
+    disk = fault_row(crash_safe, "2. disk_full")
+    assert disk[:7] == ["20.00", "3.00", "never", "no", "0", "0", "0"]
+    assert disk[-1] == "fill 2 MB tmpfs; not back: not back within 60 s after the fault ended"
+    assert '<td class="bad">never</td>' in crash_safe and '<td class="text bad">fill 2 MB tmpfs;' in crash_safe
+    assert "Loss expected: the configuration did not promise to survive this fault" in html
+
+
+def test_failed_variants_and_unreadable_files_are_shown_first(fault_report: ReportPaths) -> None:
+    html, markdown = read(fault_report)
+    (line,) = re.findall(r'<p class="verdict [^"]*"[^>]*>(.*?)</p>', html, re.S)
+    assert line.startswith("<strong>FAILED</strong> sql: did not run: ServiceError: the sql sink could not start")
+    assert "crash_safe: 7 lost of 200 sent" in line
+    assert f"crash_safe: Parquet file(s) could not be read, their rows are missing: {UNREADABLE}" in line
+    assert "crash_safe: 7 message(s) lost unexplained during faults: 7 in process_kill at 4.2 s (faults the " in line
+    assert "naive: 161 loss(es) named by 2 fault(s) the configuration was not expected to survive" in line
+    assert "crash_safe: disk_full at 20.0 s: not back: not back within 60 s after the fault ended" in line
+
+    failures = sections(html)["failures"]
+    assert html.index('id="failures"') < html.index('id="runs"'), "before everything but the verdict"
+    assert 'class="alarm"' in html and '<a href="#failures">Failures</a>' in html
+    assert fault_row(failures, "sql") == [
+        "did not run",
+        "ServiceError: the sql sink could not start: connection refused",
+    ]
+    assert fault_row(failures, "crash_safe") == ["unreadable file", UNREADABLE]
+    ledger = table(html, "table-ledger")
+    assert '<th scope="col">sql</th>' not in ledger
+    assert "Not in this table, because they did not run (see Failures): sql." in sections(html)["ledger"]
+    assert re.search(r'<th scope="row">unreadable files</th><td>0</td><td class="bad">1</td>', ledger)
+
+    assert markdown.index("### Failures") < markdown.index("### Ledger") < markdown.index("### Faults in naive")
+    assert "| sql | **did not run** | ServiceError: the sql sink could not start: connection refused |" in markdown
+    assert (
+        "| 1. process_kill | 4.20 | 1.45 | 1.52 | no | 0 | **7** | 3 | 2,400.2 | 2,600.9 | end to end | - |" in markdown
+    )
+    for block in re.findall(r"(?:^\|.*\|\n)+", markdown, re.M):
+        counts = {line.count("|") - line.count("\\|") for line in block.splitlines()}
+        assert len(counts) == 1, block
+
+
+def test_several_runs_get_a_faults_group_each(tmp_path: Path) -> None:
+    folders = []
+    for name in ("base", "head"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps(fault_results()), encoding="utf-8")
+        folders.append(folder)
+    html, markdown = read(write_report(folders, tmp_path / "out"))
+    for name in ("base", "head"):
+        assert f'<div class="group" id="faults-{name}">' in html and f"<h2>Faults: {name}</h2>" in html
+        for variant in ("naive", "crash_safe"):
+            table(html, f"{FAULT_TABLE_PREFIX}{name}-{variant}")
+            assert f"### Faults in {name}/{variant}" in markdown
+        assert fault_row(sections(html)["failures"], f"{name}/sql")[0] == "did not run"
+    assert len(re.findall(r'id="([^"]+)"', html)) == len(set(re.findall(r'id="([^"]+)"', html))), "ids are unique"
+
+
+def test_a_run_whose_every_variant_failed_still_has_a_report(tmp_path: Path) -> None:
+    results = fault_results()
+    results["variants"] = []
+    results["failures"] = [{"variant": "naive", "error": "ServiceError: broker refused"}]
+    (tmp_path / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    html, markdown = read(write_report([tmp_path]))
+    assert "<strong>FAILED</strong> naive: did not run: ServiceError: broker refused." in html
+    assert fault_row(sections(html)["failures"], "naive")[0] == "did not run"
+    assert "no variant ran to its ledger (see Failures)" in sections(html)["not-in-this-report"]
+    assert markdown.splitlines()[2] == "**FAILED**: naive: did not run: ServiceError: broker refused."
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -537,6 +765,19 @@ def test_chromium_decodes_every_image(chromium: str, capacity_report: ReportPath
     assert images.group(1) == images.group(2) == str(len(PLOT_IDS)), images.group(0)
     errors = re.search(r'data-errors="([^"]*)"', dom)
     assert errors is None, errors.group(1)
+
+
+def test_chromium_shows_the_faults_tables(chromium: str, fault_report: ReportPaths, tmp_path: Path) -> None:
+    """The faults and failures sections as a browser lays them out: every table, and a page that is not blank."""
+    dom = run_chromium(chromium, tmp_path, "--dump-dom", fault_report.html.as_uri()).stdout
+    for table_id in ("table-failures", FAULT_TABLE_PREFIX + "naive", FAULT_TABLE_PREFIX + "crash_safe"):
+        assert f'id="{table_id}"' in dom, table_id
+    shot = tmp_path / "faults.png"
+    run_chromium(chromium, tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", fault_report.html.as_uri())
+    with Image.open(shot) as image:
+        histogram = image.convert("L").histogram()
+    dark = sum(histogram[:128])
+    assert dark > 0.005 * sum(histogram), "text on the page"
 
 
 def test_chromium_screenshot_of_the_report(chromium: str, lock_report: ReportPaths, tmp_path: Path) -> None:

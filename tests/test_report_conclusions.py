@@ -121,6 +121,40 @@ def _error(results: dict[str, Any]) -> None:
     results["variants"][0]["pipeline"]["errors"] = ["parquet sink: disk full"]
 
 
+def _fault(kind: str, at_s: float, **cost: Any) -> dict[str, Any]:
+    """A fault event as schema 10 writes it; ``cost`` overrides its counts."""
+    event = {"kind": kind, "at_s": at_s, "recovered_s": 1.5, "error": None, "duration_s": 1.4}
+    return {**event, "expected_loss": False, "named": 0, "lost": 0, "duplicated": 0, **cost}
+
+
+def _lost_in_a_fault(results: dict[str, Any]) -> None:
+    """swap, crash-safe, lost 7 messages intended while it was down: the loss is placed in its fault, in words."""
+    _lose(results)
+    results["variants"][1]["fault_events"] = [_fault("process_kill", 3.3, lost=7), _fault("process_kill", 9.1)]
+
+
+def _lost_in_many_faults(results: dict[str, Any]) -> None:
+    _lose(results)
+    results["variants"][1]["fault_events"] = [_fault("broker_partition", 2.0 + i, lost=1 + i) for i in range(5)]
+    results["variants"][1]["ledger"].update(lost=15)
+
+
+def _named_in_a_fault(results: dict[str, Any]) -> None:
+    """coarse at QoS 0 through a partition: 120 losses named by it, the run passes and says so."""
+    ledger = results["variants"][0]["ledger"]
+    ledger.update(persisted=ledger["persisted"] - 120, dropped=120, dropped_by_reason={"broker_partition": 120})
+    partition = _fault("broker_partition", 5.0, expected_loss=True, named=120, detail="mode drop")
+    results["variants"][0]["fault_events"] = [partition]
+
+
+def _not_back(results: dict[str, Any]) -> None:
+    results["variants"][0]["fault_events"] = [_fault("disk_full", 4.0, recovered_s=None, error="not back within 60 s")]
+
+
+def _failed_variant(results: dict[str, Any]) -> None:
+    results["failures"] = [{"variant": "sql", "error": "ServiceError: the sql sink could not start"}]
+
+
 def _sweep(sustainable: float | None) -> Callable[[dict[str, Any]], None]:
     def change(results: dict[str, Any]) -> None:
         steps = [
@@ -148,8 +182,46 @@ def _sweep(sustainable: float | None) -> Callable[[dict[str, Any]], None]:
         (_error, "FAILED", ["coarse: pipeline error: parquet sink: disk full"]),
         (_sweep(1500.0), "PASSED", ["1 worker: sustainable 1,500 msg/s, knee at 2,000 msg/s (p99 812 ms)"]),
         (_sweep(None), "FAILED", ["1 worker: no sustainable step, knee at 2,000 msg/s (p99 812 ms)"]),
+        (
+            _lost_in_a_fault,
+            "FAILED",
+            [
+                f"swap: 7 lost of {LOCK_MESSAGES:,} sent",
+                "swap: 7 message(s) lost unexplained during faults: 7 in process_kill at 3.3 s (faults the "
+                "configuration promised to survive)",
+            ],
+        ),
+        (
+            _lost_in_many_faults,
+            "FAILED",
+            [
+                "swap: 15 message(s) lost unexplained during faults: 1 in broker_partition at 2.0 s, 2 in "
+                "broker_partition at 3.0 s, 3 in broker_partition at 4.0 s and 9 in 2 more fault(s)",
+            ],
+        ),
+        (
+            _named_in_a_fault,
+            "PASSED",
+            [
+                "ledger reconciled",
+                "coarse: 120 loss(es) named by 1 fault(s) the configuration was not expected to survive "
+                "(broker_partition 120)",
+            ],
+        ),
+        (_not_back, "FAILED", ["coarse: disk_full at 4.0 s: not back: not back within 60 s"]),
+        (_failed_variant, "FAILED", ["sql: did not run: ServiceError: the sql sink could not start"]),
     ],
-    ids=["lost", "pipeline-error", "capacity", "no-sustainable-step"],
+    ids=[
+        "lost",
+        "pipeline-error",
+        "capacity",
+        "no-sustainable-step",
+        "lost-in-a-fault",
+        "lost-in-many-faults",
+        "named-in-a-fault",
+        "fault-not-back",
+        "variant-did-not-run",
+    ],
 )
 def test_the_verdict_is_derived_from_the_results(
     lock_run: Path, tmp_path: Path, change: Callable[[dict[str, Any]], None], status: str, expected: list[str]

@@ -7,6 +7,7 @@ README there); they are kept as written.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -35,7 +36,10 @@ from bench.scenario import load_scenario
 from tests.conftest import ROOT, SCENARIOS
 
 DATA = Path(__file__).parent / "data" / "results"
-FIXTURES = sorted(DATA.glob("v*.json"))
+FIXTURE_NAME = re.compile(r"v(\d+)-(run|capacity|load)\.json")
+# One file of each version and kind; v9-faults.json (a failed fault run, see the README there) has tests of its own.
+FIXTURES = sorted(p for p in DATA.glob("v*.json") if FIXTURE_NAME.fullmatch(p.name))
+V9_FAULTS = DATA / "v9-faults.json"
 DOC = ROOT / "docs" / "results.md"
 REFERENCE_START = "<!-- field reference: generated from bench/results/model.py, do not edit by hand -->"
 REFERENCE_END = "<!-- end of the field reference -->"
@@ -43,7 +47,7 @@ UPDATE_DOCS = "BENCH_UPDATE_DOCS"
 
 
 def _version_and_kind(path: Path) -> tuple[int, str]:
-    found = re.fullmatch(r"v(\d+)-(run|capacity|load)\.json", path.name)
+    found = FIXTURE_NAME.fullmatch(path.name)
     assert found, f"fixture names are v<version>-<run|capacity|load>.json: {path.name}"
     return int(found.group(1)), found.group(2)
 
@@ -143,6 +147,116 @@ def test_older_files_are_migrated_in_the_model() -> None:
     step = v5.capacity.series[0].steps[0]
     assert "bench_cpu_pct" in _raw(DATA / "v5-capacity.json")["capacity"]["series"][0]["steps"][0]
     assert "bench_cpu_pct" not in step.model_dump() and step.cpu_pct is not None
+
+
+def test_every_file_in_the_fixture_folder_is_known() -> None:
+    assert sorted(DATA.glob("v*.json")) == sorted([*FIXTURES, V9_FAULTS])
+
+
+# ----------------------------------------------------------------------------- version 9's fault events
+
+
+def test_version_9_fault_events_get_what_their_ledger_settles_and_no_more() -> None:
+    """A real v9 fault run (ten kill -9 and a restart, naive beside crash_safe): expected_loss by the rule the v9
+    bench applied, a count only where the ledger settles it per fault, null (not 0) where it does not."""
+    raw = _raw(V9_FAULTS)
+    results = read_results(V9_FAULTS)
+    naive, crash_safe = results.variants
+    assert naive.ledger.dropped_by_reason == {"process_kill": 3600} and naive.ledger.lost == 0
+    assert naive.fault_events is not None and crash_safe.fault_events is not None
+    kills = [e for e in naive.fault_events if e.kind == "process_kill"]
+    (restart,) = [e for e in naive.fault_events if e.kind == "process_restart"]
+    assert len(kills) == 10
+    for e in naive.fault_events:
+        assert e.expected_loss is True, "naive durability: a crash is expected to lose"
+        assert (e.lost, e.duplicated) == (0, 0), "the ledger lost nothing and nothing arrived twice"
+        assert e.duration_s is None and e.latency_ms is None and e.latency_kind is None and e.detail is None
+    assert all(e.named is None and not e.counted for e in kills), "3,600 named by ten kills: which one is unknown"
+    assert restart.named == 0 and restart.counted, "the only restart, and the ledger named nothing by it"
+    for e in crash_safe.fault_events:
+        assert e.expected_loss is False, "crash-safe at QoS 1 promised to survive a crash"
+        assert (e.named, e.lost, e.duplicated) == (0, 0, 0) and e.counted
+
+    diffs = _differences(_as_json(results), raw)
+    filled = ("expected_loss", "named", "lost", "duplicated")
+    assert diffs and all(re.search(rf"fault_events\[\d+\]\.({'|'.join(filled)}): only in", d) for d in diffs), diffs
+    assert results.failures == [] and all(v.unreadable_files == [] for v in results.variants)
+    jsonschema.validate(_as_json(results), results_json_schema())
+
+
+def _v9_with(events: list[dict[str, Any]], **ledger: Any) -> dict[str, Any]:
+    data = _raw(DATA / "v9-run.json")
+    variant = data["variants"][0]
+    variant["ledger"].update(ledger)
+    variant["fault_events"] = events
+    return data
+
+
+@pytest.mark.parametrize(
+    ("durability", "qos", "expected"),
+    [("naive", 1, True), ("crash_safe", 1, False), ("crash_safe", 0, True)],
+)
+def test_version_9_expected_loss_is_the_rule_of_its_bench(durability: str, qos: int, expected: bool) -> None:
+    data = _v9_with([{"kind": "process_kill", "at_s": 2.0, "recovered_s": 1.4, "error": None}])
+    data["variants"][0]["config"]["pipeline"]["durability"] = durability
+    data["variants"][0]["config"]["transport"]["qos"] = qos
+    (event,) = Results.model_validate(data).variants[0].fault_events or []
+    assert event.expected_loss is expected
+
+
+def test_version_9_counts_stay_unknown_where_the_ledger_cannot_tell() -> None:
+    kill = {"kind": "process_kill", "at_s": 2.0, "recovered_s": 1.4, "error": None}
+    outage = {"kind": "server_restart", "at_s": 5.0, "recovered_s": 3.0, "error": None}
+    data = _v9_with(
+        [kill, outage, {**kill, "at_s": 9.0}],
+        lost=4,
+        persisted=186,
+        duplicates=1,
+        dropped_by_reason={"server_outage": 10},
+    )
+    first, server, second = Results.model_validate(data).variants[0].fault_events or []
+    assert (first.named, second.named) == (0, 0), "no loss named by process_kill at all"
+    assert server.named == 10 and server.expected_loss is True, "the only outage: all of server_outage is its"
+    assert all(e.lost is None and e.duplicated is None for e in (first, server, second)), "lost somewhere: unknown"
+
+
+def test_a_current_file_with_fault_costs_failures_and_unreadable_files_validates_strictly() -> None:
+    data = _raw(DATA / "v9-run.json")
+    data["schema_version"] = SCHEMA_VERSION
+    variant = data["variants"][0]
+    variant["fault_events"] = [
+        {
+            "kind": "broker_partition",
+            "at_s": 4.0,
+            "recovered_s": 6.2,
+            "error": None,
+            "duration_s": 5.0,
+            "expected_loss": True,
+            "named": 120,
+            "lost": 0,
+            "duplicated": 3,
+            "latency_ms": {"p50": 812.0, "p99": 5120.5, "max": 5230.0},
+            "latency_kind": "receive",
+            "detail": "mode drop",
+        }
+    ]
+    variant["unreadable_files"] = ["/out/data/readings-x.parquet: Parquet magic bytes not found in footer"]
+    data["failures"] = [{"variant": "sql", "error": "ServiceError: the database refused the connection"}]
+    results = Results.model_validate(data)
+    assert not _differences(_as_json(results), data), "the model holds every key, as written"
+    (event,) = results.variants[0].fault_events or []
+    assert event.counted and event.latency_ms is not None and event.latency_ms.p99 == 5120.5
+    assert results.failures[0].variant == "sql"
+    jsonschema.validate(data, results_json_schema())
+
+    bad = copy.deepcopy(data)
+    bad["variants"][0]["fault_events"][0]["latency_kind"] = "e2e"
+    with pytest.raises(ValidationError, match="latency_kind"):
+        Results.model_validate(bad)
+    bad = copy.deepcopy(data)
+    bad["failures"][0]["reason"] = bad["failures"][0].pop("error")
+    with pytest.raises(ValidationError, match=r"failures\.0\.reason"):
+        Results.model_validate(bad)
 
 
 def test_a_step_without_a_verdict_gets_it_from_sustainable() -> None:

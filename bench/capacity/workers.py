@@ -207,6 +207,7 @@ class WorkerPipelines:
             rejected_reasons=[s for b in backs for s in b.rejected_reasons],
             files=sum(b.files for b in backs),
             unfinalised=[s for b in backs for s in b.unfinalised],
+            unreadable=[u for b in backs for u in b.unreadable],
             dropped_seqs=[s for b in backs for s in b.dropped_seqs],
             dropped_reasons=[s for b in backs for s in b.dropped_reasons],
         )

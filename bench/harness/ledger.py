@@ -21,6 +21,10 @@ import pyarrow.parquet as pq
 MISSING_SAMPLE = 20
 UNFINALISED = ("*.tmp", "*.arrows.partial")
 """Files a writer had not finished: a naive writer's footer-less Parquet, a crash-safe sink's journal."""
+ERROR_CHARS = 160
+"""An unreadable file's error, cut to this: enough to tell a torn footer from a missing column."""
+# pyarrow's own prefix of an open error; the path is given beside the error already.
+_OPEN_PREFIX = "Could not open Parquet input source"
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,9 @@ class ReadBack:
     anonymous_payloads: list[bytes] = field(default_factory=list)
     """Payloads of quarantined rows without a readable seq (malformed JSON, invalid UTF-8, oversize, a seq
     named twice: duplicate_key)."""
+    unreadable: list[str] = field(default_factory=list)
+    """``path: error`` of each Parquet file pyarrow could not read (a torn footer, not Parquet at all): skipped,
+    so its rows are missing, and named so the ledger says why."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,9 @@ class Ledger:
     """Extra copies the transport delivered (QoS 1) that the validator quarantined as duplicates."""
     quarantine_rows: int = 0
     """Rows in the quarantine files: rejected + redelivered + unexpected ones there."""
+    unreadable_files: list[str] = field(default_factory=list)
+    """``path: error`` of Parquet files that could not be read. Whatever they held is missing from the counts,
+    so the ledger cannot reconcile while there is one, even when the sum happens to add up."""
 
     @property
     def reconciled(self) -> bool:
@@ -65,6 +75,7 @@ class Ledger:
             and self.duplicates == 0
             and self.unexpected == 0
             and not self.unfinalised_files
+            and not self.unreadable_files
             and self.sent == self.persisted + self.rejected + self.dropped + self.lost
         )
 
@@ -79,10 +90,16 @@ class Ledger:
             out.append(f"{self.unexpected} persisted row(s) with a seq id that was never sent")
         if self.unfinalised_files:
             out.append(f"files left unfinalised: {', '.join(self.unfinalised_files)}")
+        if self.unreadable_files:
+            out.append(f"Parquet files that could not be read (skipped): {'; '.join(self.unreadable_files)}")
         return out
 
     def to_json(self) -> dict[str, Any]:
+        """results.json's ``ledger``. The unreadable files are left out: results.json keeps them on the variant
+        (``unreadable_files``), beside the ledger, since they are about the output rather than the accounting;
+        ``reconciled`` still counts them."""
         data = asdict(self)
+        del data["unreadable_files"]
         data["reconciled"] = self.reconciled
         return data
 
@@ -93,45 +110,73 @@ def payload_key(payload: bytes) -> bytes:
     return hashlib.blake2b(payload[:4096], digest_size=12).digest()
 
 
-def _read_column(folder: Path, columns: Sequence[str]) -> tuple[dict[str, list[Any]], int, list[str]]:
-    values: dict[str, list[Any]] = {c: [] for c in columns}
-    files = 0
-    # rglob: the dataset strategy nests files in machine=/date= folders.
+@dataclass
+class _Files:
+    """What one folder's Parquet files hold, and the files that could not be read."""
+
+    values: dict[str, list[Any]]
+    files: int = 0
+    unfinalised: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    anonymous_payloads: list[bytes] = field(default_factory=list)
+
+
+def _short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if text.startswith(_OPEN_PREFIX):
+        text = text.partition("': ")[2] or text
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 3] + "..."
+
+
+def _read_files(folder: Path, columns: Sequence[str], *, anonymous_payloads: bool = False) -> _Files:
+    """Read ``columns`` of every Parquet file under ``folder``; a file pyarrow cannot read is skipped and named.
+
+    With ``anonymous_payloads``, a file's quarantined rows without a seq also give their payloads, read with
+    its columns so that a file counts wholly or not at all (the payloads pair with the null seqs in order).
+    """
+    out = _Files({c: [] for c in columns})
+    if not folder.exists():
+        return out
     # A crash-safe sink's journal left by a pipeline that never restarted holds durable rows not yet in a
     # Parquet file: unfinalised, not lost.
-    unfinalised = sorted(str(p) for pattern in UNFINALISED for p in folder.rglob(pattern)) if folder.exists() else []
-    for path in sorted(folder.rglob("*.parquet")) if folder.exists() else []:
-        table: pa.Table = pq.read_table(path, columns=list(columns))
+    out.unfinalised = sorted(str(p) for pattern in UNFINALISED for p in folder.rglob(pattern))
+    # rglob: the dataset strategy nests files in machine=/date= folders.
+    for path in sorted(folder.rglob("*.parquet")):
+        try:
+            table: pa.Table = pq.read_table(path, columns=list(columns))
+            payloads: list[bytes] = []
+            if anonymous_payloads and table.column("seq").null_count:
+                quarantined = pq.read_table(path, columns=["seq", "payload"])
+                payloads = quarantined.filter(pc.is_null(quarantined.column("seq"))).column("payload").to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            # A torn or foreign file must not end the run without results: what it held counts as missing,
+            # and the ledger names the file so the loss is not a mystery.
+            out.unreadable.append(f"{path}: {_short_error(exc)}")
+            continue
         for c in columns:
-            values[c].extend(table.column(c).to_pylist())
-        files += 1
-    return values, files, unfinalised
-
-
-def _anonymous_payloads(folder: Path) -> list[bytes]:
-    out: list[bytes] = []
-    for path in sorted(folder.rglob("*.parquet")) if folder.exists() else []:
-        table = pq.read_table(path, columns=["seq", "payload"])
-        out.extend(table.filter(pc.is_null(table.column("seq"))).column("payload").to_pylist())
+            out.values[c].extend(table.column(c).to_pylist())
+        out.anonymous_payloads.extend(payloads)
+        out.files += 1
     return out
 
 
 def read_back(data_dir: Path, quarantine_dir: Path, dropped_dir: Path | None = None) -> ReadBack:
-    data, data_files, data_tmp = _read_column(data_dir, ["seq", "batch_id"])
-    rej, rej_files, rej_tmp = _read_column(quarantine_dir, ["seq", "reason"])
-    drops: dict[str, list[Any]] = {"seq": [], "reason": []}
+    data = _read_files(data_dir, ["seq", "batch_id"])
+    rej = _read_files(quarantine_dir, ["seq", "reason"], anonymous_payloads=True)
+    drops = _Files({"seq": [], "reason": []})
     if dropped_dir is not None:
-        drops, _, _ = _read_column(dropped_dir, ["seq", "reason"])
+        drops = _read_files(dropped_dir, ["seq", "reason"])
     return ReadBack(
-        dropped_seqs=drops["seq"],
-        dropped_reasons=drops["reason"],
-        persisted_seqs=data["seq"],
-        persisted_batches=data["batch_id"],
-        rejected_seqs=rej["seq"],
-        rejected_reasons=rej["reason"],
-        files=data_files + rej_files,
-        unfinalised=data_tmp + rej_tmp,
-        anonymous_payloads=_anonymous_payloads(quarantine_dir) if None in rej["seq"] else [],
+        dropped_seqs=drops.values["seq"],
+        dropped_reasons=drops.values["reason"],
+        persisted_seqs=data.values["seq"],
+        persisted_batches=data.values["batch_id"],
+        rejected_seqs=rej.values["seq"],
+        rejected_reasons=rej.values["reason"],
+        files=data.files + rej.files,
+        unfinalised=data.unfinalised + rej.unfinalised,
+        anonymous_payloads=rej.anonymous_payloads,
+        unreadable=data.unreadable + rej.unreadable + drops.unreadable,
     )
 
 
@@ -222,6 +267,7 @@ def reconcile(
         unfinalised_files=back.unfinalised,
         redelivered=redelivered,
         quarantine_rows=len(back.rejected_seqs),
+        unreadable_files=back.unreadable,
     )
 
 

@@ -303,7 +303,12 @@ def read_outcomes(
     tolerance_us = int(future_tolerance_s * 1e6)
     offset_us = replay_offset_ns // 1000
     for path in sorted(data_dir.rglob("*.parquet")) if data_dir.exists() else []:
-        table = pq.read_table(path, columns=["seq", "ts", "machine", "repairs", "load_rate", "mileage", "received_at"])
+        try:
+            table = pq.read_table(
+                path, columns=["seq", "ts", "machine", "repairs", "load_rate", "mileage", "received_at"]
+            )
+        except (OSError, pa.ArrowException):
+            continue  # an unreadable file: the ledger names it (unreadable_files); nothing in it can be scored
         ts_type = table.schema.field("ts").type
         if not (isinstance(ts_type, pa.TimestampType) and ts_type.tz in ("UTC", "+00:00")):
             out.naive_ts_files += 1

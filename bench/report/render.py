@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +51,7 @@ from bench.results.model import (
     Capacity,
     CapacitySeries,
     CapacityStep,
+    FaultEvent,
     FlushStats,
     FlushTrigger,
     LatencySummary,
@@ -60,7 +62,17 @@ from bench.results.model import (
     read_results,
 )
 
-__all__ = ["PLOT_IDS", "TABLE_IDS", "ReportPaths", "Verdict", "default_out_dir", "verdict", "write_report"]
+__all__ = [
+    "FAULT_TABLE_PREFIX",
+    "PLOT_IDS",
+    "TABLE_IDS",
+    "FaultGroup",
+    "ReportPaths",
+    "Verdict",
+    "default_out_dir",
+    "verdict",
+    "write_report",
+]
 
 HTML_NAME = "report.html"
 MARKDOWN_NAME = "summary.md"
@@ -78,6 +90,7 @@ PLOT_IDS = (
     "plot-usl",
 )
 TABLE_IDS = (
+    "table-failures",
     "table-runs",
     "table-ledger",
     "table-validation",
@@ -87,6 +100,8 @@ TABLE_IDS = (
     "table-capacity",
     "table-recommendations",
 )
+FAULT_TABLE_PREFIX = "table-faults-"
+"""The faults table of a variant (one per variant with fault events): this and the variant's label as a slug."""
 FLUSH_SINK = "parquet"
 # The shutdown flush is one per run and flushes whatever is left: it says little about the distribution.
 FLUSH_TRIGGERS: tuple[FlushTrigger, ...] = ("size", "timeout")
@@ -200,6 +215,16 @@ class Verdict:
     status: str
     tone: str  # "good", "bad" or "warn"
     parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class FaultGroup:
+    """One run's faults: a table per variant that had any."""
+
+    id: str  # the section id: "faults", or "faults-<run>" when the report has several runs
+    title: str
+    tables: tuple[Table, ...]
+    caption: str = ""  # how to read the tables, once for all of them
 
 
 @dataclass(frozen=True)
@@ -325,8 +350,9 @@ def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
         _usl_plot(runs),
     ]
     tables = {
+        "failures": _failures_table(runs, series),
         "runs": _runs_table(runs),
-        "ledger": _ledger_table(series),
+        "ledger": _ledger_table(runs, series),
         "validation": _validation_table(series),
         "strategies": _strategies_table(series),
         "environment": _environment_table(runs),
@@ -352,6 +378,7 @@ def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
         "plots": [p for p in plots if not p.missing],
         "plot_by_id": shown,
         "tables": {key: t for key, t in tables.items() if not t.missing},
+        "fault_groups": _fault_groups(runs, series),
         "absent": _absent([*plots, *tables.values()]),
         "schema_note": schema_note,
         "bench_version": _bench_version(),
@@ -387,11 +414,14 @@ def verdict(results: Results | Mapping[str, Any], folder: Path) -> Verdict:
 
 def _verdict(run: _Run, several: bool) -> Verdict:
     """What the run's own command would have concluded (its exit status), and the figures it rests on."""
-    parts: list[tuple[str, bool]] = []  # (text, failed)
+    # A variant that did not run comes first: the rest of the line is about a smaller matrix than was asked for.
+    parts: list[tuple[str, bool]] = [(f"{f.variant}: did not run: {f.error}", True) for f in run.results.failures]
     variants = run.results.variants
     ledger = _ledger_verdict(variants)
     if ledger is not None:
         parts.append(ledger)
+    parts += _unreadable_verdict(variants)
+    parts += _fault_verdict(variants)
     parts += _validation_verdict(variants)
     parts += _error_verdict(variants)
     if run.results.capacity is not None:
@@ -418,11 +448,22 @@ def _ledger_verdict(variants: list[Variant]) -> tuple[str, bool] | None:
     several = len(ledgers) > 1
     if bad:
         texts = []
+        unreadable = {v.name: len(v.unreadable_files) for v in variants}
         for name, lg in bad:
             counts = (("lost", lg.lost), ("duplicates", lg.duplicates), ("unexpected", lg.unexpected))
-            faults = [f"{_fmt(n)} {k}" for k, n in counts if n]
+            files = (
+                ("unfinalised file(s)", len(lg.unfinalised_files or [])),
+                ("unreadable file(s)", unreadable.get(name, 0)),
+            )
+            messages = ", ".join(f"{_fmt(n)} {k}" for k, n in counts if n)
+            left = ", ".join(f"{_fmt(n)} {k}" for k, n in files if n)
             count = _fmt(lg.sent)
-            what = f"{', '.join(faults)} of {count} sent" if faults else f"does not add up ({count} sent)"
+            if messages:
+                what = f"{messages} of {count} sent" + (f", {left}" if left else "")
+            elif left:
+                what = f"{left}, {count} sent"
+            else:
+                what = f"does not add up ({count} sent)"
             texts.append(f"{name + ': ' if several else ''}{what}")
         return "ledger NOT reconciled (" + "; ".join(texts) + ")", True
     # Capacity variants count only the steps the verdict rests on: say so, or the sum reads as the whole sweep.
@@ -440,6 +481,76 @@ def _ledger_verdict(variants: list[Variant]) -> tuple[str, bool] | None:
     else:
         detail = ", ".join(f"{name} {_fmt(lg.sent)} sent" for name, lg in ledgers) + ", 0 lost"
     return f"ledger reconciled{scope}: {detail}", False
+
+
+def _unreadable_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
+    """Files the read-back skipped: whatever they held is missing from the ledger, and the run fails for it."""
+    out = []
+    for v in variants:
+        if v.unreadable_files:
+            first = v.unreadable_files[0]
+            more = f" (and {len(v.unreadable_files) - 1} more)" if len(v.unreadable_files) > 1 else ""
+            out.append((f"{v.name}: Parquet file(s) could not be read, their rows are missing: {first}{more}", True))
+    return out
+
+
+FAULTS_NAMED_IN_WORDS = 3
+"""Faults listed by name in a verdict's words; the rest are counted (the faults table lists every one)."""
+
+
+def _fault_at(e: FaultEvent) -> str:
+    return f"{e.kind} at {e.at_s:,.1f} s"
+
+
+def _fault_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
+    """In words, per variant: unexplained losses in faults (they fail the run, like any loss), what the faults
+    the configuration was not expected to survive named, and a fault the system never came back from."""
+    out: list[tuple[str, bool]] = []
+    several = len(variants) > 1
+    for v in variants:
+        events = v.fault_events or []
+        if not events:
+            continue
+        prefix = f"{v.name}: " if several else ""
+        losing = [e for e in events if e.lost]
+        if losing:
+            lost = sum(e.lost or 0 for e in losing)
+            listed = ", ".join(f"{_fmt(e.lost)} in {_fault_at(e)}" for e in losing[:FAULTS_NAMED_IN_WORDS])
+            rest = len(losing) - FAULTS_NAMED_IN_WORDS
+            more = (
+                f" and {_fmt(sum(e.lost or 0 for e in losing[FAULTS_NAMED_IN_WORDS:]))} in {rest} more fault(s)"
+                if rest > 0
+                else ""
+            )
+            promised = all(not e.expected_loss for e in losing)
+            why = " (faults the configuration promised to survive)" if promised else ""
+            out.append((f"{prefix}{_fmt(lost)} message(s) lost unexplained during faults: {listed}{more}{why}", True))
+        named = _named_by_kind(v, [e for e in events if e.expected_loss])
+        if sum(named.values()):
+            kinds = ", ".join(f"{kind} {_fmt(n)}" for kind, n in named.items() if n)
+            count = sum(1 for e in events if e.expected_loss)
+            out.append(
+                (
+                    f"{prefix}{_fmt(sum(named.values()))} loss(es) named by {count} fault(s) the configuration was "
+                    f"not expected to survive ({kinds})",
+                    False,
+                )
+            )
+        out += [(f"{prefix}{_fault_at(e)}: not back: {e.error}", True) for e in events if e.error]
+    return out
+
+
+def _named_by_kind(v: Variant, events: list[FaultEvent]) -> dict[str, int]:
+    """Per kind, what its faults named: their own counts, or the ledger's where one of them was not counted (an
+    older file whose ledger named a kind's losses without saying which of its faults did)."""
+    out: dict[str, int] = {}
+    for kind in dict.fromkeys(e.kind for e in events):
+        of_kind = [e for e in events if e.kind == kind]
+        if all(e.named is not None for e in of_kind):
+            out[kind] = sum(e.named or 0 for e in of_kind)
+        else:
+            out[kind] = (v.ledger.dropped_by_reason or {}).get(kind, 0)
+    return out
 
 
 def _validation_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
@@ -1272,10 +1383,13 @@ def _runs_table(runs: list[_Run]) -> Table:
     return Table("table-runs", "Runs", ("", *(r.label for r in runs)), tuple(rows), numeric=False)
 
 
-def _ledger_table(series: list[_Series]) -> Table:
+def _ledger_table(runs: list[_Run], series: list[_Series]) -> Table:
     title = "Ledger: where every sent message went"
     if not series:
-        return Table("table-ledger", title, (), (), missing="no variants in these runs (nothing was sent)")
+        missing = "no variants in these runs (nothing was sent)"
+        if any(r.results.failures for r in runs):
+            missing = "no variant ran to its ledger (see Failures)"
+        return Table("table-ledger", title, (), (), missing=missing)
     ledgers = [s.variant.ledger for s in series]
     rows = [Row("reconciled", tuple(_reconciled_cell(lg) for lg in ledgers))]
     for key, bad_if_nonzero in (
@@ -1300,17 +1414,145 @@ def _ledger_table(series: list[_Series]) -> Table:
         for reason in sorted({r for counts in by_reason for r in counts}):
             by = [counts.get(reason) or 0 for counts in by_reason]
             rows.append(Row(f"{name}: {reason}", tuple(_count_cell(v) for v in by), indent=True))
+    for label, counts in (
+        ("unfinalised files", [len(lg.unfinalised_files or []) for lg in ledgers]),
+        ("unreadable files", [len(s.variant.unreadable_files) for s in series]),
+    ):
+        if any(counts):
+            rows.append(Row(label, tuple(_count_cell(n, bad_if_nonzero=True) for n in counts)))
     if any(lg.missing_seq_sample for lg in ledgers):
         samples = [", ".join(map(str, lg.missing_seq_sample or [])) or "-" for lg in ledgers]
         rows.append(Row("missing seq (sample)", tuple(Cell(text, tone="bad") for text in samples)))
-    return Table(
-        "table-ledger",
-        title,
-        ("", *(s.label for s in series)),
-        tuple(rows),
-        caption="sent = persisted + rejected + dropped + lost, counted by reading the sinks back; lost, duplicates "
-        "and unexpected must be 0.",
+    caption = (
+        "sent = persisted + rejected + dropped + lost, counted by reading the sinks back; lost, duplicates "
+        "and unexpected must be 0."
     )
+    not_run = [label for label, _ in _failed(runs)]
+    if not_run:
+        # A variant that did not run has no column: say so here too, or the table reads as the whole matrix.
+        caption += f" Not in this table, because they did not run (see Failures): {', '.join(not_run)}."
+    return Table("table-ledger", title, ("", *(s.label for s in series)), tuple(rows), caption=caption)
+
+
+def _failed(runs: list[_Run]) -> list[tuple[str, str]]:
+    """(label, error) of each variant that did not run; labelled ``run/variant`` like the series of several runs."""
+    several = len(runs) > 1
+    return [(f"{r.label}/{f.variant}" if several else f.variant, f.error) for r in runs for f in r.results.failures]
+
+
+def _failures_table(runs: list[_Run], series: list[_Series]) -> Table:
+    """What kept a run from its full result: variants that did not run, files the read-back could not read."""
+    rows = [Row(label, (Cell("did not run", tone="bad"), Cell(error, tone="text"))) for label, error in _failed(runs)]
+    for s in series:
+        for file in s.variant.unreadable_files:
+            rows.append(Row(s.label, (Cell("unreadable file", tone="bad"), Cell(file, tone="text"))))
+    return Table(
+        "table-failures",
+        "Failures",
+        ("variant", "what", "detail"),
+        tuple(rows),
+        caption="A variant that did not run has no column in the tables below and no line in the plots; the run "
+        "failed for it. An unreadable file (path: error) was skipped by the read-back: the rows it held count as "
+        "lost or are missing from the ledger, which is therefore not reconciled.",
+        missing="" if rows else "no failures",
+        numeric=False,
+        applies=False,  # nothing failed: no section, and nothing to name at the end of the page
+    )
+
+
+FAULT_COLUMNS = (
+    "fault",
+    "at s",
+    "duration s",
+    "back after s",
+    "loss expected",
+    "named",
+    "lost",
+    "duplicated",
+    "p99 ms",
+    "max ms",
+    "latency",
+    "detail",
+)
+LATENCY_KINDS = {"end_to_end": "end to end", "receive": "to receipt"}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "-", text.lower()).strip("-") or "variant"
+
+
+def _fault_groups(runs: list[_Run], series: list[_Series]) -> list[FaultGroup]:
+    """Per run whose variants had faults, a table per such variant: a row per fault that struck."""
+    groups = []
+    used: set[str] = set()
+    for run in runs:
+        tables = []
+        for s in series:
+            if s.run is not run or not s.variant.fault_events:
+                continue
+            base = table_id = FAULT_TABLE_PREFIX + _slug(s.label)
+            n = 1
+            while table_id in used:  # two labels with one slug ("a/b", "a-b"): keep ids unique
+                n += 1
+                table_id = f"{base}-{n}"
+            used.add(table_id)
+            tables.append(_fault_table(table_id, s.label, s.variant.fault_events))
+        if tables:
+            several = len(runs) > 1
+            groups.append(
+                FaultGroup(
+                    f"faults-{_slug(run.label)}" if several else "faults",
+                    f"Faults: {run.label}" if several else "Faults",
+                    tuple(tables),
+                    FAULTS_CAPTION,
+                )
+            )
+    return groups
+
+
+def _fault_table(table_id: str, label: str, events: list[FaultEvent]) -> Table:
+    rows = []
+    for i, e in enumerate(events, 1):
+        back = Cell(_fmt(e.recovered_s, "{:,.2f}"))
+        if e.recovered_s is None and e.error:
+            back = Cell("never", tone="bad")
+        latency = e.latency_ms
+        detail = "; ".join(t for t in (e.detail, f"not back: {e.error}" if e.error else None) if t)
+        cells = (
+            Cell(_fmt(e.at_s, "{:,.2f}")),
+            Cell(_fmt(e.duration_s, "{:,.2f}")),
+            back,
+            Cell(_fmt(e.expected_loss), tone="dim" if e.expected_loss else ""),
+            _count_cell(e.named),
+            _count_cell(e.lost, bad_if_nonzero=True),
+            _count_cell(e.duplicated),
+            Cell(_fmt(latency.p99 if latency else None, "{:,.1f}")),
+            Cell(_fmt(latency.max if latency else None, "{:,.1f}")),
+            Cell(LATENCY_KINDS.get(e.latency_kind or "", _fmt(e.latency_kind, "{}")), tone="text dim"),
+            Cell(detail or "-", tone="text bad" if e.error else "text"),
+        )
+        rows.append(Row(f"{i}. {e.kind}", cells))
+    if all(e.counted for e in events):
+        named, lost = sum(e.named or 0 for e in events), sum(e.lost or 0 for e in events)
+        duplicated = sum(e.duplicated or 0 for e in events)
+        note = f"In all: {named:,} named, {lost:,} lost, {duplicated:,} duplicated."
+    else:
+        note = (
+            "A dash in named, lost or duplicated: not counted. Results written before schema version 10 say when "
+            "a fault struck, and what it cost only where the ledger settles it."
+        )
+    return Table(table_id, f"Faults in {label}", FAULT_COLUMNS, tuple(rows), caption=note)
+
+
+FAULTS_CAPTION = (
+    "One row per fault that struck, at seconds after the first send. Its window runs from a little before it "
+    "struck (what a naive writer held dies with it) to a little after the system was back (back after: from the "
+    "strike until it received again); the counts and the latency are of the messages intended within it. Loss "
+    "expected: the configuration did not promise to survive this fault, so its losses are named by it (dropped "
+    "in the ledger). Lost: what nothing explains; it fails the run. Duplicated: arrived or stored more than once. "
+    "Latency end to end: to the durable flush; to receipt: to the row's received_at, all that is known of a "
+    "pipeline in another process."
+)
 
 
 def _comparable(s: _Series) -> tuple[str, str]:

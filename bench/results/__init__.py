@@ -34,6 +34,13 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
    own; fault_events (kind, at_s, recovered_s, error); ledger dropped reasons
    process_kill and process_restart (losses a configuration that is not
    crash-safe does not promise to avoid).
+10. fault_events gain what each fault cost: duration_s, expected_loss, named,
+    lost, duplicated, latency_ms (p50, p99, max of the messages intended in its
+    window) with latency_kind, detail; variants gain unreadable_files (Parquet
+    files the read-back could not open, skipped and named instead of ending the
+    run); failures at the top level (variants that could not run to their
+    ledger, beside those that did). Version 9's fault events get expected_loss
+    and the counts its ledger settles when read (model._account_v9_fault_events).
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from pipeline.probes import Recorder
 if TYPE_CHECKING:
     from bench.results.model import Results
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 PACKAGES = (
     "iiot-bench",
     "asyncua",

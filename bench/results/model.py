@@ -54,6 +54,8 @@ __all__ = [
     "CapacityStep",
     "CpuProbe",
     "Environment",
+    "FaultEvent",
+    "FaultLatency",
     "FlushStats",
     "FlushTrigger",
     "Knee",
@@ -97,6 +99,7 @@ __all__ = [
     "ValidationClass",
     "Variant",
     "VariantConfig",
+    "VariantFailure",
     "field_reference",
     "read_results",
     "results_json_schema",
@@ -658,16 +661,59 @@ class Load(ResultsModel):
     """locust's CSV, HTML and logs in the run folder."""
 
 
+class FaultLatency(ResultsModel):
+    """The latency of the messages intended within a fault's window, ms: the spike the fault caused (version 10
+    on)."""
+
+    p50: float
+    p99: float
+    max: float
+
+
+FaultLatencyKind = Literal["end_to_end", "receive"]
+
+
 class FaultEvent(ResultsModel):
-    """One occurrence of a timed fault (version 9 on)."""
+    """One occurrence of a timed fault (version 9 on), with what it cost (version 10 on).
+
+    Its window runs from a little before it struck (what a naive writer held in its buffer and open file dies
+    with it) to a little after the system was back; the counts are of messages intended within it."""
 
     kind: str
     at_s: float
     """Seconds after the first send when it struck."""
     recovered_s: float | None = None
-    """Seconds until the system was back (a restarted process subscribed again); null when it was not."""
+    """Seconds from when it struck until the system was back (a restarted process subscribed again, a healed
+    connection carrying messages again); null when it was not."""
     error: str | None = None
     """Why it did not recover, when it did not."""
+    duration_s: float | None = None
+    """How long the fault was in effect: a partition's or a full disk's length; for a kill, the time the process
+    was down (version 10 on)."""
+    expected_loss: bool = False
+    """The configuration did not promise to survive this fault (QoS 0 in a partition, a naive pipeline killed):
+    its losses are named by it, not lost (version 10 on; for older files from the rule their bench applied)."""
+    named: int | None = None
+    """Messages whose loss the ledger names by this fault (in ``dropped_by_reason`` under its kind). Null: not
+    counted (an older file whose ledger cannot tell which of several faults of a kind named them)."""
+    lost: int | None = None
+    """Unexplained losses of messages intended within this fault's window. Fails the run. Null: not counted (an
+    older file whose ledger lost messages somewhere)."""
+    duplicated: int | None = None
+    """Messages intended within the window that arrived or were stored more than once (redelivered copies
+    quarantined, and rows stored twice). Null: not counted (an older file with duplicates somewhere)."""
+    latency_ms: FaultLatency | None = None
+    """The latency of messages intended within the window (null when none of them has a known time)."""
+    latency_kind: FaultLatencyKind | None = None
+    """What ``latency_ms`` measures: ``end_to_end`` (to the durable flush, known for the in-process pipeline) or
+    ``receive`` (to the row's ``received_at``: all that is known of a pipeline in another process)."""
+    detail: str | None = None
+    """How the fault was made (``mode drop``, ``fill 2 MB tmpfs``...)."""
+
+    @property
+    def counted(self) -> bool:
+        """Whether the file says what this fault cost (named, lost and duplicated all known)."""
+        return self.named is not None and self.lost is not None and self.duplicated is not None
 
 
 class SystemPart(ResultsModel):
@@ -710,6 +756,9 @@ class Variant(ResultsModel):
     system: SystemPart | None = None
     fault_events: list[FaultEvent] | None = None
     """The timed faults that happened, in order."""
+    unreadable_files: list[str] = []
+    """Parquet files in the output that could not be read, each as ``path: error``; their rows are missing from
+    the ledger, which is then not reconciled. Fails the run (version 10 on)."""
 
 
 # ----------------------------------------------------------------------------- capacity
@@ -897,6 +946,15 @@ class Environment(ResultsModel):
     """The commit of the checkout the bench ran from; null outside a git checkout (version 8 on)."""
 
 
+class VariantFailure(ResultsModel):
+    """A matrix variant that could not run to its ledger (a sink that could not start, a broker that refused it):
+    named here so a run that broke half way is not mistaken for a smaller matrix (version 10 on)."""
+
+    variant: str
+    error: str
+    """What stopped it, in one line."""
+
+
 class Results(ResultsModel):
     """One results.json: a run (``bench run``, ``bench load``) or a capacity sweep."""
 
@@ -909,7 +967,10 @@ class Results(ResultsModel):
     scenario: ScenarioRef
     environment: Environment
     variants: list[Variant]
-    """One per matrix variant, or one per worker count of a sweep."""
+    """One per matrix variant that ran to its ledger, or one per worker count of a sweep."""
+    failures: list[VariantFailure] = []
+    """Variants that could not run to their ledger: the file holds the variants that finished and these. Any
+    failure fails the run (version 10 on)."""
     capacity: Capacity | None = None
 
     @model_validator(mode="wrap")
@@ -956,11 +1017,55 @@ def _drop_wall_s(data: dict[str, Any]) -> None:
             throughput.pop("wall_s", None)  # replaced by throughput.sink_rows_per_s
 
 
+# The faults of version 9 whose window a ledger named its losses in: a crash; an OPC UA server outage (always).
+_V9_CRASHES = frozenset({"process_kill", "process_restart"})
+_V9_NAMED_AS = {"process_kill": "process_kill", "process_restart": "process_restart", "server_restart": "server_outage"}
+
+
+def _account_v9_fault_events(data: dict[str, Any]) -> None:
+    """Version 9's fault events say when, not what they cost: fill in what its ledger proves and no more.
+
+    ``expected_loss`` is the rule version 9's bench applied: a crash is expected to lose unless the pipeline was
+    crash-safe and fed at QoS 1 or 2; an OPC UA server outage always is. A count is filled only where the ledger
+    settles it per fault: 0 lost when the ledger lost nothing, 0 duplicated when nothing arrived twice, and named
+    when this is the only fault of its kind (or the ledger named nothing by that kind). Otherwise it stays null
+    (not counted) rather than 0, which would claim a fault cost nothing. Durations and latencies were not
+    recorded: they stay null.
+    """
+    for variant in _dicts(data.get("variants")):
+        events = list(_dicts(variant.get("fault_events")))
+        if not events:
+            continue
+        ledger, config = _dict(variant.get("ledger")), _dict(variant.get("config"))
+        qos = _dict(config.get("transport")).get("qos")
+        promised = _dict(config.get("pipeline")).get("durability") == "crash_safe" and _is_int(qos) and qos > 0
+        named_by = _dict(ledger.get("dropped_by_reason"))
+        of_kind = {kind: sum(1 for e in events if e.get("kind") == kind) for kind in {e.get("kind") for e in events}}
+        for event in events:
+            kind = event.get("kind")
+            if not isinstance(kind, str) or kind not in _V9_NAMED_AS:
+                continue  # no kind of version 9: nothing is known of its cost
+            expected = not promised if kind in _V9_CRASHES else True
+            event.setdefault("expected_loss", expected)
+            named = named_by.get(_V9_NAMED_AS[kind], 0)
+            if _is_int(named) and (named == 0 or of_kind[kind] == 1):
+                event.setdefault("named", named)
+            if ledger.get("lost") == 0:
+                event.setdefault("lost", 0)
+            if ledger.get("duplicates") == 0 and ledger.get("redelivered", 0) == 0:
+                event.setdefault("duplicated", 0)
+
+
 # A file older than the key is changed by the function before it is validated, oldest first. Additions need
-# nothing (their fields are optional); this is for what was removed or renamed.
+# nothing (their fields are optional); this is for what was removed, renamed, or means something else now.
 _MIGRATIONS = {
     2: _drop_wall_s,
+    10: _account_v9_fault_events,
 }
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _dicts(value: Any) -> Iterator[dict[str, Any]]:
