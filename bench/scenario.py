@@ -406,11 +406,11 @@ class ServerRestartFault(Frozen):
     down_for: Duration = Field(gt=0, description="How long the server stays off the network.")
 
 
-class _ProcessFault(Frozen):
+class _Repeated(Frozen):
+    """A fault that strikes at ``at``, optionally ``times`` times ``every`` seconds, each at a seeded random
+    moment up to ``jitter`` later."""
+
     at: Duration = Field(ge=0, description="Seconds after the first send.")
-    restart_after: Duration = Field(
-        1.0, ge=0, description="Seconds the system under test stays down before the bench starts it again."
-    )
     times: int = Field(1, ge=1, le=100, description="How many times the fault happens.")
     every: Duration | None = Field(
         None, gt=0, description="Seconds between one occurrence and the next (needed when times > 1)."
@@ -419,17 +419,21 @@ class _ProcessFault(Frozen):
         0.0,
         ge=0,
         description="Each occurrence strikes at a random moment up to this many seconds later (seeded by the "
-        "scenario's seed), so a crash does not always land at the same point of a flush cycle.",
+        "scenario's seed), so a fault does not always land at the same point of a flush cycle.",
     )
 
+    def _lasts(self) -> float:
+        """How long one occurrence keeps the system from normal (the next may not start before it ends)."""
+        return 0.0
+
     @model_validator(mode="after")
-    def _repeat(self) -> _ProcessFault:
+    def _repeat(self) -> _Repeated:
         if self.times > 1 and self.every is None:
             raise ValueError("times > 1 needs every (seconds between occurrences)")
-        if self.every is not None and self.every <= self.restart_after + self.jitter:
+        if self.every is not None and self.every <= self._lasts() + self.jitter:
+            what = "restart_after" if isinstance(self, _ProcessFault) else "duration"
             raise ValueError(
-                f"every ({self.every:g} s) must be longer than restart_after + jitter "
-                f"({self.restart_after + self.jitter:g} s)"
+                f"every ({self.every:g} s) must be longer than {what} + jitter ({self._lasts() + self.jitter:g} s)"
             )
         return self
 
@@ -437,6 +441,15 @@ class _ProcessFault(Frozen):
         """Seconds after the first send at which the fault strikes (the same for the same seed)."""
         rng = random.Random(f"{seed}-{type(self).__name__}-{self.at}")
         return [self.at + i * (self.every or 0.0) + rng.uniform(0.0, self.jitter) for i in range(self.times)]
+
+
+class _ProcessFault(_Repeated):
+    restart_after: Duration = Field(
+        1.0, ge=0, description="Seconds the system under test stays down before the bench starts it again."
+    )
+
+    def _lasts(self) -> float:
+        return self.restart_after
 
 
 class ProcessKillFault(_ProcessFault):
@@ -451,10 +464,83 @@ class ProcessRestartFault(_ProcessFault):
     kind: Literal["process_restart"]
 
 
+class _WindowFault(_Repeated):
+    duration: Duration = Field(gt=0, description="How long each occurrence lasts.")
+
+    def _lasts(self) -> float:
+        return self.duration
+
+
+class BrokerRestartFault(_WindowFault):
+    """The bench's own broker (embedded amqtt or a bench-managed Mosquitto) stops for ``duration`` and starts
+    again on the same port; publishers and the system under test must reconnect."""
+
+    kind: Literal["broker_restart"]
+    persistence: bool = Field(
+        True,
+        description="Mosquitto: keep sessions and queued messages across the restart (its persistence file); "
+        "false deletes that file while the broker is down, as a broker without persistence would lose them. "
+        "The embedded amqtt broker keeps nothing across a restart whatever this says.",
+    )
+
+
+class BrokerPartitionFault(_WindowFault):
+    """The network between the system under test and its broker fails for ``duration``: the bench puts a TCP
+    proxy between them (publishers still reach the broker directly)."""
+
+    kind: Literal["broker_partition"]
+    mode: Literal["drop", "half_open", "delay", "throttle"] = Field(
+        "drop",
+        description="drop: connections cut and refused. half_open: connections stay open but nothing passes "
+        "(only keepalive notices). delay: every byte arrives `delay` late. throttle: at most `rate` bytes/s.",
+    )
+    delay: Duration = Field(0.5, gt=0, description="mode delay: the added latency.")
+    rate: int = Field(20_000, gt=0, description="mode throttle: bytes per second each way.")
+
+
+class DbOutageFault(_WindowFault):
+    """The SQL database is unreachable for ``duration``: the bench puts a TCP proxy between the pipeline and
+    the database (the machine's own server is never stopped)."""
+
+    kind: Literal["db_outage"]
+    mode: Literal["down", "flap"] = Field(
+        "down",
+        description="down: every connection cut, new ones refused. flap: every connection cut every "
+        "`reset_every` seconds, new ones accepted (backends killed under a running writer).",
+    )
+    reset_every: Duration = Field(0.6, gt=0, description="mode flap: seconds between connection cuts.")
+
+
+class DiskFullFault(_WindowFault):
+    """The data folder runs out of space for ``duration``: the bench mounts a tmpfs of ``volume`` MB over it for
+    the run (root only) and fills it; then frees the space again."""
+
+    kind: Literal["disk_full"]
+    volume_mb: float = Field(256.0, gt=1, le=65536, description="Size of the tmpfs mounted over the data folder.")
+
+
+class SinkErrorFault(_WindowFault):
+    """A fraction of the pipeline's sink writes fail (an I/O error before anything is written) for
+    ``duration``; needs the pipeline's cooperation (pipeline.fault_injection, set by the bench)."""
+
+    kind: Literal["sink_error"]
+    fraction: float = Field(0.5, gt=0, le=1, description="Share of writes that fail while the fault lasts.")
+
+
 Fault = Annotated[
-    SlowSinkFault | ServerRestartFault | ProcessKillFault | ProcessRestartFault, Field(discriminator="kind")
+    SlowSinkFault
+    | ServerRestartFault
+    | ProcessKillFault
+    | ProcessRestartFault
+    | BrokerRestartFault
+    | BrokerPartitionFault
+    | DbOutageFault
+    | DiskFullFault
+    | SinkErrorFault,
+    Field(discriminator="kind"),
 ]
 PROCESS_FAULTS = (ProcessKillFault, ProcessRestartFault)
+WINDOW_FAULTS = (BrokerRestartFault, BrokerPartitionFault, DbOutageFault, DiskFullFault, SinkErrorFault)
 
 
 class SystemSettings(Frozen):
@@ -628,6 +714,24 @@ class Scenario(Frozen):
                 raise ValueError(
                     f"faults[{i}]: {fault.kind} stops the pipeline's process; expected system.kind: process, "
                     f"got {self.system.kind}"
+                )
+            if isinstance(fault, BrokerRestartFault | BrokerPartitionFault) and self.transport.kind != "mqtt":
+                raise ValueError(
+                    f"faults[{i}]: {fault.kind} acts on the MQTT broker; expected transport.kind mqtt, "
+                    f"got {self.transport.kind}"
+                )
+            if isinstance(fault, BrokerRestartFault) and self.transport.mqtt.broker not in MANAGED_BROKERS:
+                raise ValueError(
+                    f"faults[{i}]: broker_restart restarts a broker the bench started; expected "
+                    "transport.mqtt.broker embedded or mosquitto, got a URL"
+                )
+            if isinstance(fault, DbOutageFault) and (
+                self.pipeline.sql is None or self.pipeline.sql.url.startswith("sqlite")
+            ):
+                raise ValueError(
+                    f"faults[{i}]: db_outage cuts the pipeline off its SQL database; expected pipeline.sql with "
+                    "a server URL (PostgreSQL or MySQL), got "
+                    + ("no pipeline.sql" if self.pipeline.sql is None else "SQLite (a file: it has no outage)")
                 )
         if self.system.kind == "process" and self.transport.kind != "mqtt":
             raise ValueError(

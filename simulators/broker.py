@@ -75,6 +75,7 @@ class EmbeddedBroker:
         self._timeout = start_timeout_s
         self._proc: subprocess.Popen[str] | None = None
         self.port = 0
+        """0 until the first start picks a free port; a restart binds the same one (clients reconnect there)."""
 
     @property
     def url(self) -> str:
@@ -86,10 +87,11 @@ class EmbeddedBroker:
         return self._proc.pid if self._proc is not None else None
 
     def start(self) -> EmbeddedBroker:
-        log = open(self._log_path, "w") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
+        # Appended on a restart: the log of every start of the broker is kept.
+        log = open(self._log_path, "a") if self._log_path else subprocess.DEVNULL  # noqa: SIM115
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "simulators.broker", "--host", self.host, "--port", "0"],
+            [sys.executable, "-m", "simulators.broker", "--host", self.host, "--port", str(self.port)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log,
@@ -122,6 +124,17 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+    def halt(self, *, persistence: bool = True) -> None:
+        """Stop the broker for a restart; :meth:`resume` starts it on the same port (a broker restart fault).
+
+        amqtt keeps sessions in memory only: whatever ``persistence`` says, a restart forgets every session and
+        every queued message."""
+        del persistence
+        self.close()
+
+    def resume(self) -> None:
+        self.start()
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

@@ -88,6 +88,17 @@ class ManagedMosquitto:
         self.close()
         raise BrokerStartError(f"mosquitto did not listen on {self.host}:{self.port} within {START_TIMEOUT_S:g} s")
 
+    def halt(self, *, persistence: bool = True) -> None:
+        """Stop the broker for a restart (SIGTERM: it saves its persistence file); :meth:`resume` starts it on
+        the same port. Without ``persistence`` the file is deleted while it is down: sessions and queued
+        messages are forgotten, as by a broker configured without persistence."""
+        self.close()
+        if not persistence:
+            (self.folder / "mosquitto.db").unlink(missing_ok=True)
+
+    def resume(self) -> None:
+        self.start()
+
     def close(self) -> None:
         if self.proc is None:
             return

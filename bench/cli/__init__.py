@@ -254,7 +254,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         if scored is not None:
             out.print(scored)
         out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
-    overhead = outcome.results.variants[0].probes.overhead
+    overhead = outcome.results.variants[0].probes.overhead if outcome.results.variants else None
     if overhead is not None and not args.json:
         out.print(
             f"probe overhead: {overhead.ns_per_put_on - overhead.ns_per_put_off:,.0f} ns per put, "

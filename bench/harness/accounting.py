@@ -202,6 +202,7 @@ def variant_parts(
         "pipeline": pipeline,
         "faults": [f.model_dump(mode="json") for f in sc.faults],
         "files": files,
+        "unreadable_files": ledger.unreadable_files,
     }
 
 

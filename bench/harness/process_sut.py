@@ -20,6 +20,7 @@ from bench.errors import ServiceError
 from bench.harness.ledger import read_back
 from bench.harness.sut import Output, SourceSpec, log_tail
 from pipeline.config import PipelineSettings
+from pipeline.errors import PipelineError
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 60.0
@@ -34,6 +35,8 @@ class _Generation:
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
         self.ready = threading.Event()
         self.received = 0
+        self.stalled = False
+        """Its last status line said a sink is failing and it holds rows (``stalled=``)."""
         self.lines: list[bytes] = []
         self._reader = threading.Thread(target=self._read, name="pipeline-process-reader", daemon=True)
         self._reader.start()
@@ -46,6 +49,7 @@ class _Generation:
                 self.ready.set()
             elif match := _COUNTERS.search(line):
                 self.received = int(match.group(1))
+                self.stalled = b" stalled=" in line
         self.ready.set()  # ended: whoever waits for readiness must not wait forever
 
     def join(self) -> None:
@@ -87,6 +91,12 @@ class ProcessPipeline:
     def received(self) -> int:
         return sum(g.received for g in self.generations)
 
+    def stalled(self) -> bool | None:
+        """Whether it says a sink is failing (its status line); None while it is not running."""
+        if not self.alive:
+            return None
+        return self.generations[-1].stalled
+
     def stop(self) -> None:
         """SIGTERM: the pipeline flushes, finalises its files and exits; killed if it does not within a minute."""
         self._end(signal.SIGTERM, STOP_TIMEOUT_S)
@@ -97,6 +107,12 @@ class ProcessPipeline:
 
     def restart(self) -> None:
         """Start again on the same config and output folder, as a supervisor restarts a service."""
+        if self.settings.sql is not None and self.settings.sql.reset:
+            # sql.reset drops the table at start-up: right for the run's first start, a loss of everything the
+            # earlier starts wrote on a restart (a service's config would not reset on every restart either).
+            config = json.loads(self.config_path.read_text(encoding="utf-8"))
+            config["pipeline"]["sql"]["reset"] = False
+            self.config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         self._spawn()
 
     def read_back(self) -> Output:
@@ -105,7 +121,31 @@ class ProcessPipeline:
         return Output(back, durable=[])
 
     def extras(self) -> dict[str, Any]:
-        return {"starts": len(self.generations), "exit_codes": list(self.exit_codes)}
+        return {
+            "starts": len(self.generations),
+            "exit_codes": list(self.exit_codes),
+            "sql_back": self._sql_back(),
+        }
+
+    def _sql_back(self) -> dict[str, Any] | None:
+        """What its SQL table holds, read by the bench after it stopped (checked against the Parquet data)."""
+        sql = self.settings.sql
+        if sql is None or self.alive:
+            return None
+        from pipeline.sql_sink import SqlSink
+
+        try:
+            # Never reset: reading back must not drop what the pipeline wrote.
+            sink = SqlSink(sql.model_copy(update={"reset": False}), self.out_dir)
+        except PipelineError as exc:
+            raise ServiceError(f"reading back the pipeline's SQL table: {exc}") from None
+        try:
+            back = sink.read_back()
+        finally:
+            sink.close()
+        # The table is the run's own only if the pipeline dropped and re-created it at its first start.
+        back["created_by_run"] = sql.reset
+        return back
 
     # -- process handling -----------------------------------------------------------------------------------
 

@@ -15,23 +15,23 @@ import resource
 import shutil
 import threading
 import time
+import traceback
 import uuid
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
-from bench.errors import RunFailed, ScenarioError, ServiceError, UsageError
+from bench.errors import BenchError, RunFailed, ScenarioError, ServiceError, UsageError
 from bench.harness.accounting import (
     Accounting,
     CommandOptions,
-    CrashWindow,
     Outage,
     RunRecord,
     Sends,
@@ -39,6 +39,14 @@ from bench.harness.accounting import (
     pipeline_part,
     variant_parts,
     write_run_results,
+)
+from bench.harness.fault_ledger import (
+    STORAGE_FAULTS,
+    FaultWindow,
+    crash_windows,
+    fault_windows,
+    per_fault,
+    received_latencies,
 )
 from bench.harness.faults import FaultContext, FaultEvent, fault_events_json, schedule
 from bench.harness.ledger import (
@@ -54,9 +62,11 @@ from bench.harness.probes import (
 )
 from bench.harness.process_sut import ProcessPipeline
 from bench.harness.progress import Progress
+from bench.harness.rig import FaultRig
 from bench.harness.scoring import Decision, expect, read_outcomes, score
 from bench.harness.session import (
     QUIET_S,
+    BrokerSet,
     Credentials,
     Endpoints,
     Session,
@@ -71,6 +81,7 @@ from bench.results import SCHEMA_VERSION, environment
 from bench.scenario import MANAGED_BROKERS, LoadedScenario, Scenario, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings, SqlSettings, format_validation_error
+from pipeline.errors import PipelineError
 from pipeline.probes import Recorder
 from simulators.anomalies import OPCUA_KINDS, inject
 from simulators.publisher import DirectPublisher, PacedPublisher
@@ -105,6 +116,8 @@ class RunOptions(CommandOptions):
 class RunOutcome(RunRecord):
     ledgers: dict[str, Ledger]
     errors: dict[str, list[str]]
+    failures: dict[str, str] = field(default_factory=dict)
+    """Variants that could not run to their ledger -> why (their results.json entry is in ``failures``)."""
 
     @property
     def ledger(self) -> Ledger:
@@ -113,10 +126,14 @@ class RunOutcome(RunRecord):
 
     @property
     def ok(self) -> bool:
-        return all(ledger.reconciled for ledger in self.ledgers.values()) and not any(self.errors.values())
+        return (
+            all(ledger.reconciled for ledger in self.ledgers.values())
+            and not any(self.errors.values())
+            and not self.failures
+        )
 
     def problems(self) -> list[str]:
-        out = []
+        out = [f"{name}: could not run: {why}" for name, why in self.failures.items()]
         for name, ledger in self.ledgers.items():
             prefix = f"{name}: " if len(self.ledgers) > 1 else ""
             out += [prefix + p for p in ledger.problems()]
@@ -247,21 +264,32 @@ def _run_in(
     variants: list[dict[str, Any]] = []
     ledgers: dict[str, Ledger] = {}
     errors: dict[str, list[str]] = {}
+    failures: dict[str, str] = {}
+    first_failure: Exception | None = None
     with managed_brokers(managed, run_dir) as brokers:
         single = len(loaded.variants) == 1
         for index, (name, variant_sc) in enumerate(loaded.variants):
-            variant = _VariantRun(
-                loaded,
-                name,
-                variant_sc,
-                spec,
-                run_dir if single else run_dir / name,
-                run_id=f"{run_id}-{index}",
-                options=options,
-                on_progress=on_progress,
-                position=(index, len(loaded.variants)),
-            )
-            result, ledger, errs = variant.execute(brokers, progress_every_s)
+            try:
+                variant = _VariantRun(
+                    loaded,
+                    name,
+                    variant_sc,
+                    spec,
+                    run_dir if single else run_dir / name,
+                    run_id=f"{run_id}-{index}",
+                    options=options,
+                    on_progress=on_progress,
+                    position=(index, len(loaded.variants)),
+                )
+                result, ledger, errs = variant.execute(brokers, progress_every_s)
+            except (ScenarioError, UsageError, KeyboardInterrupt):
+                raise  # the user's to fix (no results), or the user's wish
+            except Exception as exc:
+                # A variant that breaks (a sink that cannot start, a full disk at start-up) must not take the
+                # variants that finished with it: the run goes on and its results.json says what failed.
+                failures[name] = _failure(exc, run_dir / f"{name}-failure.txt")
+                first_failure = first_failure or exc
+                continue
             if overhead is not None:
                 result["probes"]["overhead"] = overhead
             variants.append(result)
@@ -275,8 +303,22 @@ def _run_in(
         "scenario": scenario_ref(loaded),
         "environment": {**env_before, "host_load_after": environment()["host_load"]},
         "variants": variants,
+        "failures": [{"variant": name, "error": why} for name, why in failures.items()],
     }
-    return RunOutcome(run_dir, write_run_results(run_dir, results), ledgers, errors)
+    written = write_run_results(run_dir, results)
+    if first_failure is not None and not variants:
+        # Nothing ran: the results.json says why, and the command fails with the error itself, as it always has.
+        raise first_failure
+    return RunOutcome(run_dir, written, ledgers, errors, failures)
+
+
+def _failure(exc: BaseException, trace: Path) -> str:
+    """Why a variant could not run, in one line for results.json and the terminal; anything but a known error
+    (a bug) keeps its type, and its traceback goes to ``trace`` for whoever fixes it."""
+    if isinstance(exc, BenchError | PipelineError):
+        return str(exc)
+    trace.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+    return f"{type(exc).__name__}: {exc} (traceback in {trace})"
 
 
 def scenario_ref(loaded: LoadedScenario) -> dict[str, Any]:
@@ -300,6 +342,8 @@ class _Sending:
     def __init__(self, run: _VariantRun, publishers: list[_Publisher], shares: list[Iterable[Message]]) -> None:
         self.run = run
         self.stop = threading.Event()
+        self.done = threading.Event()
+        """Set once every message was sent (faults' recovery watch: nothing left to receive is back)."""
         self.failures: list[BaseException] = []
         self.samples: list[tuple[float, int, int]] = []
         self.timeline: list[tuple[float, int, int]] = []  # (elapsed s, sent, durable): throughput over time
@@ -369,6 +413,7 @@ class _Sending:
             for t in self.threads:
                 t.join(10)
             raise
+        self.done.set()
         if self.failures:
             raise ServiceError(f"publisher failed: {self.failures[0]}")
 
@@ -425,13 +470,21 @@ class _VariantRun:
         self.mqtt_publisher: PacedPublisher | None = None
         out_dir.mkdir(parents=True, exist_ok=True)
         self.credentials = Credentials.of(self.sc, loaded.path)
+        # Before the system under test exists: a proxied database URL, a full-able volume, injected errors.
+        self.rig = FaultRig(self.sc, self.settings, out_dir)
+        self.settings = self.rig.settings
         self.sut: InProcessPipeline | ProcessPipeline
-        if self.sc.system.kind == "process":
-            self.sut = ProcessPipeline(self.settings, out_dir)
-        else:
-            with service_errors():
-                self.sut = InProcessPipeline(self.settings, out_dir, self.clock, SinkFault.of(self.sc))
+        try:
+            if self.sc.system.kind == "process":
+                self.sut = ProcessPipeline(self.settings, out_dir)
+            else:
+                with service_errors():
+                    self.sut = InProcessPipeline(self.settings, out_dir, self.clock, SinkFault.of(self.sc))
+        except BaseException:
+            self.rig.close()  # a mounted volume, a proxy: never left behind
+            raise
         self.fault_events: list[FaultEvent] = []
+        self.fault_costs: list[dict[str, Any]] = []
 
     def counters(self) -> tuple[int, int, int, int, int]:
         """(received, persisted, rejected, buffered, durable) for the progress display; a pipeline in another
@@ -447,6 +500,7 @@ class _VariantRun:
 
     def session_config(self, brokers: dict[str, str]) -> SessionConfig:
         setting = self.options.broker or self.sc.transport.mqtt.broker
+        servers = brokers.servers if isinstance(brokers, BrokerSet) else {}
         return SessionConfig(
             scenario=self.sc,
             scenario_path=self.loaded.path,
@@ -456,6 +510,8 @@ class _VariantRun:
             opcua_machines=self.opcua_machines,
             credentials=self.credentials,
             clock=self.clock,
+            broker=servers.get(setting),
+            partition=self.rig.partition,
         )
 
     def publishers(self, session: Session, endpoints: Endpoints) -> list[_Publisher]:
@@ -506,11 +562,29 @@ class _VariantRun:
         return [messages] if self.producers == 1 else list(_split(messages, self.producers, spec.machines))
 
     def execute(self, brokers: dict[str, str], every_s: float) -> tuple[dict[str, Any], Ledger, list[str]]:
+        try:
+            return self._execute(brokers, every_s)
+        finally:
+            self.rig.close()
+
+    def _execute(self, brokers: dict[str, str], every_s: float) -> tuple[dict[str, Any], Ledger, list[str]]:
         with Session(self.session_config(brokers), self.sut) as session:
             endpoints = session.start()
             sending = _Sending(self, self.publishers(session, endpoints), self.messages())
             context = FaultContext(
-                endpoints, self.sut, self.epoch_ns, self.clock, sending.stop, self.fault_events, self.sc.seed
+                endpoints,
+                self.sut,
+                self.epoch_ns,
+                self.clock,
+                sending.stop,
+                self.fault_events,
+                self.sc.seed,
+                broker=endpoints.broker,
+                mqtt_proxy=endpoints.mqtt_proxy,
+                db_proxy=self.rig.db_proxy,
+                volume=self.rig.volume,
+                injection_file=self.rig.injection_file,
+                sending_done=sending.done.is_set,
             )
             faults = schedule(self.sc.faults, context)
             sending.run_until_sent(every_s)
@@ -540,6 +614,7 @@ class _VariantRun:
             extras = self.sut.extras()
             publisher = self.publisher_part(endpoints, acked)
             writer = endpoints.plant
+        self.rig.release_storage()
         if opcua is not None and self.options.calibrate and writer is not None:
             opcua["reference"] = self.opcua_reference()
         return self.account(extras, opcua, publisher, sending, writer)
@@ -617,17 +692,28 @@ class _VariantRun:
             if plant is not None and opcua is not None
             else None
         )
+        windows = self.fault_windows()
         accounting = account(
             sends,
             output,
             self.spec,
             opcua_machines=self.opcua_machines,
             outage=outage,
-            crashes=self.crash_windows(),
+            crashes=crash_windows(windows),
         )
         ledger = accounting.ledger
+        if windows:
+            if output.durable:
+                latencies = {seq: at - sends.intended_ns[seq] for seq, at in output.durable if sends.sent(seq)}
+                kind = "end_to_end"
+            else:
+                latencies = received_latencies(self.out_dir / self.settings.parquet.path, sends)
+                kind = "receive"
+            self.fault_costs = per_fault(windows, sends, output.back, latencies, kind)
         errors = list(extras.get("errors", []))
-        errors += [f"{e.kind}: the restart failed: {e.error}" for e in self.fault_events if e.error]
+        errors += [
+            f"{e.kind} at {(e.struck_ns - self.epoch_ns) / 1e9:.1f} s: {e.error}" for e in self.fault_events if e.error
+        ]
         if self.mqtt_publisher is not None and (unsent := self.mqtt_publisher.not_sent_problem()):
             # Offered but never handed to the broker: the run must say so, not only the counters.
             errors.append(unsent)
@@ -636,7 +722,13 @@ class _VariantRun:
             problem = _check_sql(
                 sql_back, ledger.persisted, self.settings.sql.aggregate if self.settings.sql else "raw"
             )
-            if problem:
+            named = sorted({w.event.kind for w in windows if w.expected and w.event.kind in STORAGE_FAULTS})
+            named += sorted({w.event.kind for w in windows if w.expected and w.event.kind in PROCESS_KINDS})
+            if problem and named:
+                # Two sinks of a pipeline that never promised to survive these faults differ: a finding the
+                # results show (sql.check), not an unexplained loss.
+                sql_back["check"] = f"MISMATCH, named by {', '.join(named)} (not promised)"
+            elif problem:
                 errors.append(problem)
         validation = self.validation(output, sends, anomalous, ledger, errors) if self.sc.anomalies else None
         send_lag = Recorder()
@@ -645,25 +737,18 @@ class _VariantRun:
         measured = _Measured(extras, opcua, publisher, sending, output, accounting, send_lag, validation, errors)
         return self.result(measured), ledger, errors
 
-    def crash_windows(self) -> list[CrashWindow]:
-        """Where a process fault may have cost messages the configuration never promised to keep.
-
-        A pipeline that is not crash-safe, or messages sent at QoS 0, lose what was buffered when the process
-        died and what was sent while it was down: those losses are named by their fault. A crash-safe pipeline
-        fed at QoS 1 or 2 promised to lose nothing, so nothing is attributed and any loss stays unexplained.
-        """
-        promised = self.settings.durability == "crash_safe" and self.sc.transport.mqtt.qos > 0
-        if promised:
-            return []
-        # Not only the buffer: a naive writer's open file (a time window of parquet.rotate) dies with it.
-        s = self.settings
-        before_ns = int((max(s.buffer.flush_interval, s.parquet.rotate) + 1.0) * 1e9)
-        windows = []
-        for e in self.fault_events:
-            if e.kind in ("process_kill", "process_restart"):
-                end = e.recovered_ns if e.recovered_ns is not None else self.clock.now_ns()
-                windows.append(CrashWindow(e.kind, e.struck_ns - before_ns, end + int(QUIET_S * 1e9)))
-        return windows
+    def fault_windows(self) -> list[FaultWindow]:
+        """Each fault that happened, with whether this configuration promised to survive it (see
+        :mod:`bench.harness.fault_ledger`): losses in a window it never promised to survive are named by it."""
+        mq = self.sc.transport.mqtt
+        return fault_windows(
+            self.fault_events,
+            self.sc.faults,
+            self.settings,
+            qos=mq.qos,
+            broker=self.options.broker or mq.broker,
+            now_ns=self.clock.now_ns(),
+        )
 
     def validation(
         self, output: Output, sends: Sends, anomalous: dict[int, list[Message]], ledger: Ledger, errors: list[str]
@@ -730,9 +815,9 @@ class _VariantRun:
         result["opcua"] = m.opcua
         result["sql"] = extras.get("sql_back")
         if isinstance(self.sut, ProcessPipeline):
-            result["system"] = {"kind": "process", **extras}
+            result["system"] = {"kind": "process", **{k: v for k, v in extras.items() if k != "sql_back"}}
         if self.fault_events:
-            result["fault_events"] = fault_events_json(self.fault_events, self.epoch_ns)
+            result["fault_events"] = fault_events_json(self.fault_events, self.epoch_ns, self.fault_costs)
         # Bytes of the finished Parquet data files: for the same stream and code, the same every run (a gate counter).
         data = self.out_dir / self.settings.parquet.path
         result["data_bytes"] = sum(f.stat().st_size for f in data.rglob("*.parquet"))
@@ -825,6 +910,9 @@ def _resolve_sql(sc: Scenario, variant: str, url: str | None) -> Scenario:
     except ValidationError as exc:
         raise UsageError(format_validation_error("--sql-url", exc)) from None
     return sc.model_copy(update={"pipeline": sc.pipeline.model_copy(update={"sql": new_sql})})
+
+
+PROCESS_KINDS = ("process_kill", "process_restart")
 
 
 def _check_sql(back: dict[str, Any], persisted: int, aggregate: str) -> str | None:

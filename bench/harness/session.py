@@ -13,6 +13,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlsplit
 
 from bench.errors import ScenarioError, ServiceError
 from bench.harness.sut import SourceSpec, SystemUnderTest
@@ -24,6 +25,8 @@ from simulators.errors import SimulatorError
 from simulators.mosquitto import ManagedMosquitto
 
 if TYPE_CHECKING:
+    from bench.harness.proxy import FaultProxy
+
     # OPC UA (asyncua) is imported only by sessions that use it: it is half of a new process's import time,
     # and every gate replicate is a new process.
     from simulators.opcua_server import PlantServer
@@ -64,6 +67,10 @@ class Endpoints:
     opcua_url: str | None = None
     plant: PlantServer | None = None
     remote_plant: RemotePlant | None = None
+    broker: EmbeddedBroker | ManagedMosquitto | None = None
+    """The broker the bench started for this session's MQTT transport (a broker_restart fault restarts it)."""
+    mqtt_proxy: FaultProxy | None = None
+    """Between the system under test and the broker, when a broker_partition fault needs one."""
 
     @property
     def writer(self) -> PlantServer | RemotePlant | None:
@@ -84,6 +91,9 @@ class SessionConfig:
     opcua_machines: Sequence[str]
     credentials: Credentials
     clock: Any
+    broker: EmbeddedBroker | ManagedMosquitto | None = None
+    partition: bool = False
+    """Put a fault proxy between the system under test and the broker (publishers keep the direct route)."""
 
 
 class Transport(Protocol):
@@ -98,8 +108,18 @@ def _mqtt(config: SessionConfig, stack: ExitStack, endpoints: Endpoints) -> None
     # A crash-safe pipeline keeps its broker session across restarts and acknowledges only durable messages;
     # the client id is the run's, so a restarted process finds the session it left.
     crash_safe = config.scenario.pipeline.durability == "crash_safe"
+    endpoints.broker = config.broker
+    source_url = config.broker_url
+    if config.partition:
+        from bench.harness.proxy import FaultProxy
+
+        where = urlsplit(config.broker_url)
+        proxy = FaultProxy(where.hostname or "127.0.0.1", where.port or 1883).start()
+        stack.callback(proxy.close)
+        endpoints.mqtt_proxy = proxy
+        source_url = f"{where.scheme}://127.0.0.1:{proxy.port}"
     settings = MqttSourceSettings.model_construct(
-        url=config.broker_url,
+        url=source_url,
         topic=mq.subscription(config.run_id),
         qos=mq.qos,
         client_id=f"{config.run_id}-pipeline",
@@ -181,20 +201,30 @@ def service_errors() -> Iterator[None]:
         raise ServiceError(str(exc)) from None
 
 
+class BrokerSet(dict[str, str]):
+    """kind -> URL of the brokers the bench started, and the brokers themselves (a fault restarts them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.servers: dict[str, EmbeddedBroker | ManagedMosquitto] = {}
+
+
 @contextmanager
-def managed_brokers(kinds: set[str], folder: Path) -> Iterator[dict[str, str]]:
+def managed_brokers(kinds: set[str], folder: Path) -> Iterator[BrokerSet]:
     """The brokers the bench starts itself (``embedded``, ``mosquitto``) while the block runs: kind -> URL."""
     with ExitStack() as stack:
-        urls: dict[str, str] = {}
+        urls = BrokerSet()
         if "embedded" in kinds:
             broker = stack.enter_context(embedded_broker(True, folder / "broker.log"))
             assert broker is not None
             urls["embedded"] = broker.url
+            urls.servers["embedded"] = broker
         if "mosquitto" in kinds:
             with service_errors():
                 mosquitto = ManagedMosquitto(folder / "mosquitto").start()
             stack.callback(mosquitto.close)
             urls["mosquitto"] = mosquitto.url
+            urls.servers["mosquitto"] = mosquitto
         yield urls
 
 

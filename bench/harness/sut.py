@@ -134,6 +134,10 @@ class InProcessPipeline:
     def received(self) -> int:
         return self.pipeline.statistics().received
 
+    def stalled(self) -> bool:
+        """Whether a sink is failing and the pipeline holds rows it cannot write (a fault's recovery watch)."""
+        return self.pipeline.statistics().stalled_s > 0
+
     def close_sources(self) -> None:
         while self.sources:
             source = self.sources.pop(0)

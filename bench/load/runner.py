@@ -53,7 +53,7 @@ from bench.harness.progress import LoadProgress
 from bench.harness.runner import make_run_dir, scenario_ref
 from bench.harness.sut import InProcessPipeline, SinkFault
 from bench.results import SCHEMA_VERSION, environment
-from bench.scenario import MANAGED_BROKERS, LoadedScenario, Scenario, ServerRestartFault, apply_overrides
+from bench.scenario import MANAGED_BROKERS, LoadedScenario, Scenario, SlowSinkFault, apply_overrides
 from pipeline.clock import MonotonicWallClock
 from pipeline.model import FlushStat
 from pipeline.probes import Recorder
@@ -340,8 +340,10 @@ def _check_supported(loaded: LoadedScenario, sc: Scenario, broker: str | None) -
             f"{loaded.path}: transport.opcua.security: the locust OPC UA user writes without security; "
             "use bench run for Sign/SignAndEncrypt"
         )
-    if any(isinstance(f, ServerRestartFault) for f in sc.faults):
-        raise UsageError(f"{loaded.path}: faults: server_restart is not supported by bench load; use bench run")
+    timed = sorted({f.kind for f in sc.faults if not isinstance(f, SlowSinkFault)})
+    if timed:
+        # Timed faults are bench run's: its ledger names their losses per fault; a load run would ignore them.
+        raise UsageError(f"{loaded.path}: faults: {', '.join(timed)} not supported by bench load; use bench run")
     if broker is not None and not broker.startswith(("mqtt://", "tcp://")):
         raise UsageError(f"--broker: expected a URL like mqtt://127.0.0.1:1883, got {broker!r}")
     if broker is not None and kind != "mqtt":
