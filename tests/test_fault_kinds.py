@@ -73,6 +73,8 @@ def test_the_embedded_broker_forgets_sessions_so_its_restart_losses_are_named(
     """amqtt keeps no session across a restart: what it held for the pipeline is gone, and the ledger names it
     broker_restart (expected) instead of calling it lost."""
     text = BROKER_FAULTS.replace("BROKER", "embedded").split("  - {kind: broker_partition")[0]
+    # Losses are expected here: a short drain timeout keeps the run from waiting for what will never come.
+    text += "run: {drain_timeout: 3}\n"
     outcome = _run(write_scenario, tmp_path, text)
     led = outcome.ledger
     assert led.lost == 0, led.problems()

@@ -29,6 +29,8 @@ pipeline:
   buffer: {size: 500, flush_interval: 0.5}
 faults:
   - {kind: FAULT, at: 2, restart_after: 0.5}
+# A naive pipeline loses what was sent while it was down: the drain would wait its whole timeout for it.
+run: {drain_timeout: 4}
 """
 
 

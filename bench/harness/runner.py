@@ -21,7 +21,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -485,6 +485,7 @@ class _VariantRun:
             raise
         self.fault_events: list[FaultEvent] = []
         self.fault_costs: list[dict[str, Any]] = []
+        self.named_damage: list[str] = []
 
     def counters(self) -> tuple[int, int, int, int, int]:
         """(received, persisted, rejected, buffered, durable) for the progress display; a pipeline in another
@@ -702,6 +703,14 @@ class _VariantRun:
             crashes=crash_windows(windows),
         )
         ledger = accounting.ledger
+        damaged = [*ledger.unreadable_files, *(f"{f} (unfinalised)" for f in ledger.unfinalised_files)]
+        breakers = sorted({w.event.kind for w in windows if w.expected and w.event.kind in FILE_BREAKERS})
+        if damaged and breakers:
+            # Files broken by faults this configuration never promised to survive (a naive writer killed, or
+            # failing on a full disk): named damage, shown with its cause, not an unexplained failure.
+            ledger = replace(ledger, unreadable_files=[], unfinalised_files=[])
+            accounting = Accounting(ledger, accounting.e2e)
+            self.named_damage = [f"{f}: named by {', '.join(breakers)} (not promised)" for f in damaged]
         if windows:
             if output.durable:
                 latencies = {seq: at - sends.intended_ns[seq] for seq, at in output.durable if sends.sent(seq)}
@@ -808,6 +817,8 @@ class _VariantRun:
             pipeline=pipeline,
             files=output.back.files,
         )
+        if self.named_damage:
+            result["unreadable_files"] = self.named_damage
         result["probes"]["loop_lag_ms"] = extras.get("loop_lag")
         result["probes"]["cpu"] = cpu_summary(output.flushes, extras.get("hot_path_cpu"))
         result["publisher"] = m.publisher
@@ -913,6 +924,8 @@ def _resolve_sql(sc: Scenario, variant: str, url: str | None) -> Scenario:
 
 
 PROCESS_KINDS = ("process_kill", "process_restart")
+FILE_BREAKERS = (*PROCESS_KINDS, "disk_full", "sink_error")
+"""Faults that can leave a naive writer's file unfinalised or unreadable."""
 
 
 def _check_sql(back: dict[str, Any], persisted: int, aggregate: str) -> str | None:
