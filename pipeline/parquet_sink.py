@@ -999,7 +999,10 @@ class ParquetSink:
         start = time.perf_counter_ns()
         table = readings_table(items, batch_id)
         build_ns = time.perf_counter_ns() - start
-        result = self._out.write(table, [r.ts_ns for r in items], batch_id)
+        # The window of each row of the table as built: sorted by (machine, ts), no longer in ``items``' order
+        # (keys in items' order put a batch spanning two windows' rows into the wrong files).
+        keys = table.column("ts").cast(pa.int64()).to_numpy() * 1000
+        result = self._out.write(table, keys.tolist(), batch_id)
         return SinkTiming(build_ns, result.write_ns, result.commit_ns, result.bytes_before, result.rows_before)
 
     def close(self) -> None:

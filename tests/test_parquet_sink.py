@@ -203,3 +203,25 @@ def test_sub_second_rotation_is_refused(tmp_path: Path) -> None:
         sink(tmp_path, rotate_s=0.5)
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         ParquetSettings(rotate="500ms")
+
+
+@pytest.mark.parametrize("strategy", ["writer", "rewrite"])
+def test_a_batch_spanning_two_windows_puts_each_row_in_its_own_window(tmp_path: Path, strategy: str) -> None:
+    """The table is sorted by (machine, ts) before writing: each row's window must follow it (keys taken in the
+    batch's arrival order put m-2's second-minute reading into the first minute's file, and m-1's the other way)."""
+    minute = 60_000_000_000
+    t0 = 1_800_000_000 * 1_000_000_000 // minute * minute
+    items = [
+        Reading("m-2", t0 + minute + 5_000_000_000, 1.0, 1.0, 1, t0),
+        Reading("m-1", t0 + 5_000_000_000, 2.0, 2.0, 2, t0),
+    ]
+    sink = ParquetSink(tmp_path, rotate_s=60, compression="snappy", fsync=False, strategy=strategy)
+    sink.write_batch(items, 0)
+    sink.close()
+    files = sorted(tmp_path.rglob("*.parquet"))
+    assert len(files) == 2
+    for path in files:
+        # readings-<window start, YYYYmmddTHHMMSSZ>-...: the window the file was opened for.
+        window = datetime.strptime(path.name.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        for ts in pq.read_table(path, columns=["ts"]).column("ts").to_pylist():
+            assert ts.replace(second=0, microsecond=0) == window, f"{path.name} holds a row of {ts:%H:%M}"
