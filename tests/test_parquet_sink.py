@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from pipeline.config import ParquetSettings
 from pipeline.model import Reading, Rejection
-from pipeline.parquet_sink import ParquetSink, QuarantineSink
+from pipeline.parquet_sink import ParquetSink, ParquetStrategy, QuarantineSink
 
 MINUTE_NS = 60 * 10**9
 BASE_NS = 1_699_999_980 * 10**9  # 2023-11-14T22:13:00Z, the start of a 60 s window
@@ -206,7 +206,9 @@ def test_sub_second_rotation_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["writer", "rewrite"])
-def test_a_batch_spanning_two_windows_puts_each_row_in_its_own_window(tmp_path: Path, strategy: str) -> None:
+def test_a_batch_spanning_two_windows_puts_each_row_in_its_own_window(
+    tmp_path: Path, strategy: ParquetStrategy
+) -> None:
     """The table is sorted by (machine, ts) before writing: each row's window must follow it (keys taken in the
     batch's arrival order put m-2's second-minute reading into the first minute's file, and m-1's the other way)."""
     minute = 60_000_000_000

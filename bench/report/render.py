@@ -1418,12 +1418,16 @@ def _ledger_table(runs: list[_Run], series: list[_Series]) -> Table:
         for reason in sorted({r for counts in by_reason for r in counts}):
             by = [counts.get(reason) or 0 for counts in by_reason]
             rows.append(Row(f"{name}: {reason}", tuple(_count_cell(v) for v in by), indent=True))
+    # Unreadable files beside a reconciled ledger were named by faults the configuration never promised to survive.
+    broken = [(len(s.variant.unreadable_files), bool(s.variant.ledger.reconciled)) for s in series]
     for label, counts in (
         ("unfinalised files", [len(lg.unfinalised_files or []) for lg in ledgers]),
-        ("unreadable files", [len(s.variant.unreadable_files) for s in series]),
+        ("unreadable files", [0 if named else n for n, named in broken]),
+        ("files broken by named faults", [n if named else 0 for n, named in broken]),
     ):
         if any(counts):
-            rows.append(Row(label, tuple(_count_cell(n, bad_if_nonzero=True) for n in counts)))
+            bad = label != "files broken by named faults"
+            rows.append(Row(label, tuple(_count_cell(n, bad_if_nonzero=bad) for n in counts)))
     if any(lg.missing_seq_sample for lg in ledgers):
         samples = [", ".join(map(str, lg.missing_seq_sample or [])) or "-" for lg in ledgers]
         rows.append(Row("missing seq (sample)", tuple(Cell(text, tone="bad") for text in samples)))
@@ -1448,8 +1452,12 @@ def _failures_table(runs: list[_Run], series: list[_Series]) -> Table:
     """What kept a run from its full result: variants that did not run, files the read-back could not read."""
     rows = [Row(label, (Cell("did not run", tone="bad"), Cell(error, tone="text"))) for label, error in _failed(runs)]
     for s in series:
+        # A reconciled ledger beside unreadable files: the runner named them by faults the configuration never
+        # promised to survive (each entry says which); a finding, not a failure of the run.
+        named = bool(s.variant.ledger.reconciled)
+        what = Cell("broken by a fault (named)") if named else Cell("unreadable file", tone="bad")
         for file in s.variant.unreadable_files:
-            rows.append(Row(s.label, (Cell("unreadable file", tone="bad"), Cell(file, tone="text"))))
+            rows.append(Row(s.label, (what, Cell(file, tone="text"))))
     return Table(
         "table-failures",
         "Failures",
@@ -1457,7 +1465,9 @@ def _failures_table(runs: list[_Run], series: list[_Series]) -> Table:
         tuple(rows),
         caption="A variant that did not run has no column in the tables below and no line in the plots; the run "
         "failed for it. An unreadable file (path: error) was skipped by the read-back: the rows it held count as "
-        "lost or are missing from the ledger, which is therefore not reconciled.",
+        "lost or are missing from the ledger, which is therefore not reconciled, unless faults the "
+        "configuration never promised to survive broke it: then its rows are named by those faults, and the "
+        "entry says which.",
         missing="" if rows else "no failures",
         numeric=False,
         applies=False,  # nothing failed: no section, and nothing to name at the end of the page
