@@ -11,6 +11,7 @@ import copy
 import hashlib
 import random
 import re
+import shlex
 import string
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -543,15 +544,150 @@ PROCESS_FAULTS = (ProcessKillFault, ProcessRestartFault)
 WINDOW_FAULTS = (BrokerRestartFault, BrokerPartitionFault, DbOutageFault, DiskFullFault, SinkErrorFault)
 
 
-class SystemSettings(Frozen):
-    """What the bench measures: the built-in pipeline in the bench's own process, or as a process of its own."""
+PLACEHOLDERS = ("broker_url", "host", "port", "topic", "opcua_url", "out_dir", "sql_url")
+"""What the bench fills into an external system's command, environment and output paths."""
 
-    kind: Literal["in_process", "process"] = Field(
+
+def _check_placeholders(value: str, where: str) -> str:
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc} (write {{{{ and }}}} for literal braces)") from None
+    unknown = sorted(names - set(PLACEHOLDERS))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown placeholder {{{unknown[0]}}}; expected one of "
+            + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
+        )
+    return value
+
+
+class ReadySettings(Frozen):
+    """How the bench knows an external system is ready to receive."""
+
+    log: str | None = Field(None, description="A regular expression its stdout or stderr prints once ready.")
+    port: int | None = Field(None, ge=1, le=65535, description="A TCP port on 127.0.0.1 that opens once ready.")
+    file: str | None = Field(None, description="A file that appears once ready (placeholders allowed).")
+    timeout: Duration = Field(30.0, gt=0, description="How long to wait before giving up with its last output.")
+
+    @model_validator(mode="after")
+    def _one_signal(self) -> ReadySettings:
+        given = [k for k in ("log", "port", "file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"expected exactly one of log, port or file, got {', '.join(given) or 'none'}")
+        if self.log is not None:
+            try:
+                re.compile(self.log)
+            except re.error as exc:
+                raise ValueError(f"log: not a regular expression: {exc}") from None
+        if self.file is not None:
+            _check_placeholders(self.file, "file")
+        return self
+
+
+class ColumnMap(Frozen):
+    """Which field of the system's output holds what the ledger needs."""
+
+    seq: str = Field("seq", description="The sequence id the bench sent (in the payload).")
+    machine: str | None = Field("machine", description="The machine id (optional).")
+    ts: str | None = Field("ts", description="The reading's time (optional).")
+    durable_at: str | None = Field(
+        None,
+        description="A time the row became durable (ISO 8601 or epoch seconds/ms/us/ns); when given, end-to-end "
+        "latency is measured from it instead of by watching the output.",
+    )
+
+
+class OutputSettings(Frozen):
+    """Where an external system's accepted rows land, and how to read them back."""
+
+    format: Literal["parquet", "jsonl", "csv", "sql"] = Field(description="How the output is read back.")
+    path: str | None = Field(
+        None, description="parquet/jsonl/csv: a glob (placeholders allowed), e.g. '{out_dir}/data/*.jsonl'."
+    )
+    url: str | None = Field(None, description="sql: a SQLAlchemy URL (placeholders allowed; ${ENV} for secrets).")
+    table: str | None = Field(None, description="sql: the table to read (or give query).")
+    query: str | None = Field(None, description="sql: a SELECT returning the mapped columns.")
+    columns: ColumnMap = ColumnMap()
+
+    @model_validator(mode="after")
+    def _where(self) -> OutputSettings:
+        if self.format == "sql":
+            if self.url is None or (self.table is None) == (self.query is None):
+                raise ValueError("format sql needs url and exactly one of table or query")
+            _check_placeholders(self.url, "url")
+        else:
+            if self.path is None:
+                raise ValueError(f"format {self.format} needs path (a glob of its files)")
+            _check_placeholders(self.path, "path")
+        return self
+
+
+class RejectsSettings(OutputSettings):
+    """Where the system keeps what it refused, if it does: the same kinds of output, plus the reason field."""
+
+    reason: str | None = Field(None, description="The field holding why a message was refused.")
+
+
+class ExternalSystem(Frozen):
+    """A pipeline the user brings: a command the bench starts (or one already running), read back from its output."""
+
+    command: tuple[str, ...] | str | None = Field(
+        None,
+        description="What to run: a list of arguments, or one string split like a shell would (no shell runs). "
+        "Placeholders: " + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS) + ".",
+    )
+    cwd: str | None = Field(None, description="Working directory, relative to the scenario file.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment variables; a value may be ${ENV_VAR} (secrets)."
+    )
+    attach: bool = Field(False, description="It is already running: the bench neither starts nor stops it.")
+    ready: ReadySettings | None = Field(None, description="How the bench knows it is ready (needed to start it).")
+    output: OutputSettings
+    rejects: RejectsSettings | None = Field(
+        None, description="Where it keeps refused messages; absent: it drops them without a trace."
+    )
+
+    @model_validator(mode="after")
+    def _startable(self) -> ExternalSystem:
+        if self.attach and self.command is not None:
+            raise ValueError("attach: true means the bench does not start it; remove command")
+        if not self.attach:
+            if not self.command:
+                raise ValueError("expected command (what to run), or attach: true for one already running")
+            if self.ready is None:
+                raise ValueError("expected ready (log, port or file): how the bench knows it has subscribed")
+            args = [self.command] if isinstance(self.command, str) else list(self.command)
+            for i, arg in enumerate(args):
+                _check_placeholders(arg, f"command[{i}]" if not isinstance(self.command, str) else "command")
+            for key, value in self.env.items():
+                if not value.startswith("${"):
+                    _check_placeholders(value, f"env.{key}")
+        return self
+
+    def argv(self) -> list[str]:
+        return shlex.split(self.command) if isinstance(self.command, str) else list(self.command or ())
+
+
+class SystemSettings(Frozen):
+    """What the bench measures: the built-in pipeline (in the bench's process or its own), or the user's."""
+
+    kind: Literal["in_process", "process", "external"] = Field(
         "in_process",
         description="in_process: threads of the bench's process (lock, flush and CPU probes available). "
         "process: `python -m pipeline` as a child process, which process faults can kill and restart; "
-        "the ledger comes from its files alone.",
+        "the ledger comes from its files alone. external: the user's pipeline (system.external), any language, "
+        "started by command and read back from its own output.",
     )
+    external: ExternalSystem | None = Field(None, description="kind external: what to run and where to look.")
+
+    @model_validator(mode="after")
+    def _external_given(self) -> SystemSettings:
+        if self.kind == "external" and self.external is None:
+            raise ValueError("kind external needs external: {command, ready, output}")
+        if self.kind != "external" and self.external is not None:
+            raise ValueError(f"external is for kind external, got kind {self.kind}")
+        return self
 
 
 class RateRamp(Frozen):
@@ -710,10 +846,19 @@ class Scenario(Frozen):
                     f"opcua or both with transport.opcua.server: embedded, got {self.transport.kind}"
                     + (f" with {self.transport.opcua.server}" if self.transport.kind in ("opcua", "both") else "")
                 )
-            if isinstance(fault, PROCESS_FAULTS) and self.system.kind != "process":
+            ext = self.system.external
+            if isinstance(fault, PROCESS_FAULTS) and (
+                self.system.kind not in ("process", "external") or (ext is not None and ext.attach)
+            ):
                 raise ValueError(
                     f"faults[{i}]: {fault.kind} stops the pipeline's process; expected system.kind: process, "
-                    f"got {self.system.kind}"
+                    "or external with a command the bench starts, got "
+                    + ("external with attach: true" if ext is not None and ext.attach else self.system.kind)
+                )
+            if self.system.kind == "external" and isinstance(fault, DbOutageFault | DiskFullFault | SinkErrorFault):
+                raise ValueError(
+                    f"faults[{i}]: {fault.kind} acts on the built-in pipeline's storage (pipeline.sql, "
+                    "pipeline.parquet, pipeline.fault_injection); not available for system.kind external"
                 )
             if isinstance(fault, BrokerRestartFault | BrokerPartitionFault) and self.transport.kind != "mqtt":
                 raise ValueError(
@@ -733,9 +878,10 @@ class Scenario(Frozen):
                     "a server URL (PostgreSQL or MySQL), got "
                     + ("no pipeline.sql" if self.pipeline.sql is None else "SQLite (a file: it has no outage)")
                 )
-        if self.system.kind == "process" and self.transport.kind != "mqtt":
+        if self.system.kind in ("process", "external") and self.transport.kind != "mqtt":
             raise ValueError(
-                f"system.kind: process subscribes over MQTT; expected transport.kind mqtt, got {self.transport.kind}"
+                f"system.kind: {self.system.kind} subscribes over MQTT; expected transport.kind mqtt, "
+                f"got {self.transport.kind}"
             )
         return self
 

@@ -67,6 +67,7 @@ def fault_windows(
     qos: int,
     broker: str | None,
     now_ns: int,
+    promises_all: bool = False,
 ) -> list[FaultWindow]:
     # A crash or a failing sink costs a naive pipeline not only its buffer but its open file (a time window of
     # parquet.rotate); a broker fault costs what was in flight, about a flush interval's worth at most.
@@ -76,7 +77,7 @@ def fault_windows(
     out = []
     for e in sorted(events, key=lambda e: e.struck_ns):
         fault = e.fault if e.fault is not None else by_kind.get(e.kind)
-        expected = not promised(e.kind, fault, settings, qos=qos, broker=broker)
+        expected = not promises_all and not promised(e.kind, fault, settings, qos=qos, broker=broker)
         end = e.recovered_ns or e.healed_ns or now_ns
         if expected and e.kind in STORAGE_FAULTS and e.healed_ns is not None:
             # A naive writer that failed keeps its broken file open until the file's time window ends: what

@@ -40,6 +40,7 @@ from bench.harness.accounting import (
     variant_parts,
     write_run_results,
 )
+from bench.harness.external_sut import ExternalPipeline
 from bench.harness.fault_ledger import (
     STORAGE_FAULTS,
     FaultWindow,
@@ -473,9 +474,11 @@ class _VariantRun:
         # Before the system under test exists: a proxied database URL, a full-able volume, injected errors.
         self.rig = FaultRig(self.sc, self.settings, out_dir)
         self.settings = self.rig.settings
-        self.sut: InProcessPipeline | ProcessPipeline
+        self.sut: InProcessPipeline | ProcessPipeline | ExternalPipeline
         try:
-            if self.sc.system.kind == "process":
+            if self.sc.system.external is not None:
+                self.sut = ExternalPipeline(self.sc.system.external, loaded.path.parent, out_dir, self.clock)
+            elif self.sc.system.kind == "process":
                 self.sut = ProcessPipeline(self.settings, out_dir)
             else:
                 with service_errors():
@@ -493,6 +496,9 @@ class _VariantRun:
         if isinstance(self.sut, ProcessPipeline):
             received = self.sut.received()
             return received, 0, 0, 0, received
+        if isinstance(self.sut, ExternalPipeline):
+            seen = self.sut.received()  # rows its output shows: received, persisted and durable at once
+            return seen, seen, 0, 0, seen
         stats = self.sut.pipeline.statistics()
         durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
         persisted = stats.readings.flushed_rows if stats.readings else 0
@@ -739,7 +745,9 @@ class _VariantRun:
                 sql_back["check"] = f"MISMATCH, named by {', '.join(named)} (not promised)"
             elif problem:
                 errors.append(problem)
-        validation = self.validation(output, sends, anomalous, ledger, errors) if self.sc.anomalies else None
+        # Scoring reads the built-in pipeline's columns; an external system's truth labels are not scored yet.
+        scored = self.sc.anomalies and not isinstance(self.sut, ExternalPipeline)
+        validation = self.validation(output, sends, anomalous, ledger, errors) if scored else None
         send_lag = Recorder()
         for log in self.logs:
             send_lag.merge(log.lag)
@@ -757,6 +765,8 @@ class _VariantRun:
             qos=mq.qos,
             broker=self.options.broker or mq.broker,
             now_ns=self.clock.now_ns(),
+            # The bench cannot know what a user's pipeline promised: every loss in a fault is reported as lost.
+            promises_all=isinstance(self.sut, ExternalPipeline),
         )
 
     def validation(
@@ -827,11 +837,13 @@ class _VariantRun:
         result["sql"] = extras.get("sql_back")
         if isinstance(self.sut, ProcessPipeline):
             result["system"] = {"kind": "process", **{k: v for k, v in extras.items() if k != "sql_back"}}
+        elif isinstance(self.sut, ExternalPipeline):
+            result["system"] = {"kind": "external", **extras}
         if self.fault_events:
             result["fault_events"] = fault_events_json(self.fault_events, self.epoch_ns, self.fault_costs)
         # Bytes of the finished Parquet data files: for the same stream and code, the same every run (a gate counter).
         data = self.out_dir / self.settings.parquet.path
-        result["data_bytes"] = sum(f.stat().st_size for f in data.rglob("*.parquet"))
+        result["data_bytes"] = sum(f.stat().st_size for f in data.rglob("*.parquet")) if data.is_dir() else 0
         # This process, pipeline included (the embedded broker is a child of its own): what a service level on
         # memory would bound. Peak since the process started, so a later variant inherits an earlier's peak.
         result["resources"] = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

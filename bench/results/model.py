@@ -720,11 +720,15 @@ class SystemPart(ResultsModel):
     """The system under test when it ran as a process of its own (version 9 on)."""
 
     kind: str
-    """``process``: ``python -m pipeline`` as a child of the bench."""
+    """``process``: ``python -m pipeline`` as a child of the bench; ``external``: the user's own (version 10 on)."""
     starts: int
-    """How many times it was started (1 + restarts)."""
+    """How many times it was started (1 + restarts; 0 when the bench attached to one already running)."""
     exit_codes: list[int | None]
     """Each start's exit code (-9: killed by SIGKILL)."""
+    durable_from: Literal["column", "watching"] | None = None
+    """external: end-to-end latency from its own durable-time column, or from watching its output."""
+    durable_resolution_ms: float | None = None
+    """external, watching: how often the output was polled, the resolution of its end-to-end latency."""
 
 
 class Variant(ResultsModel):

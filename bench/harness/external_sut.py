@@ -1,0 +1,432 @@
+"""A pipeline the user brings (``system.kind: external``): any program, started by command (or already running),
+fed through the scenario's transport, and read back from its own output alone.
+
+The bench knows nothing of its insides: it is ready when it says so (a log line, a port, a file), it has
+received what its output shows, a row is durable when the output shows it (watched at a stated resolution) or
+when its own durable-time column says so, and it is stopped with SIGTERM, killed with SIGKILL and restarted
+like any service.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from glob import glob
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from bench.errors import ScenarioError, ServiceError
+from bench.harness.ledger import ReadBack
+from bench.harness.sut import Output, SourceSpec, log_tail
+from bench.scenario import ExternalSystem, OutputSettings
+from pipeline.clock import Clock
+from pipeline.config import resolve_env
+from pipeline.errors import ConfigError
+
+STOP_TIMEOUT_S = 30.0
+WATCH_EVERY_S = 0.05
+"""How often the output is polled for new rows: the resolution of end-to-end latency measured by watching."""
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def placeholders(sources: Sequence[SourceSpec], out_dir: Path) -> dict[str, str]:
+    """What the bench fills into the command, environment and output paths."""
+    values = {"broker_url": "", "host": "", "port": "", "topic": "", "opcua_url": "", "out_dir": str(out_dir)}
+    values["sql_url"] = ""
+    for spec in sources:
+        url = str(getattr(spec.settings, "url", ""))
+        if url.startswith(("mqtt://", "tcp://")):
+            where = urlsplit(url)
+            values.update(
+                broker_url=url,
+                host=where.hostname or "",
+                port=str(where.port or 1883),
+                topic=str(getattr(spec.settings, "topic", "")),
+            )
+        elif url.startswith("opc.tcp://"):
+            values["opcua_url"] = url
+    return values
+
+
+@dataclass
+class _Rows:
+    """What the output held when last read: seq -> first time seen (ns on the run's clock), and problems."""
+
+    seen: dict[int, int] = field(default_factory=dict)
+    seqs: list[int] = field(default_factory=list)
+    files: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    missing_column: str | None = None
+
+
+def _number(value: Any) -> int | None:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number
+
+
+def _durable_ns(value: Any) -> int | None:
+    """A durable-time value as ns since the epoch: ISO 8601, or epoch s / ms / us / ns told apart by size."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1e9)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        try:
+            return int(datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() * 1e9)
+        except ValueError:
+            return None
+    for scale in (1e9, 1e6, 1e3, 1.0):  # seconds, ms, us, ns: whichever lands in a plausible epoch
+        ns = number * scale
+        if 1e18 <= ns < 1e19:
+            return int(ns)
+    return None
+
+
+def _records(out: OutputSettings, path: Path, offset: int) -> tuple[Iterator[dict[str, Any]], int, str | None]:
+    """Records of one file from byte ``offset`` on (JSON lines, CSV) or whole (Parquet); the new offset, and a
+    problem with the file if it has one (a torn last line is only a problem once the system has stopped)."""
+    if out.format == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            return iter(()), offset, f"{path}: {str(exc)[:160]}"
+        return iter(table.to_pylist()), path.stat().st_size, None
+    with path.open("rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # complete lines only; the rest may still be being written
+    text = data[:end].decode("utf-8", errors="replace")
+    if out.format == "csv":
+        if offset == 0:
+            return iter(csv.DictReader(text.splitlines())), offset + end, None
+        # Appended rows: the header is the file's first line.
+        with path.open(encoding="utf-8", errors="replace") as f:
+            header = f.readline()
+        return iter(csv.DictReader([header, *text.splitlines()])), offset + end, None
+    records: list[dict[str, Any]] = []
+    problem = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            problem = problem or f"{path}: a line that is not JSON ({line[:60]!r})"
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        del number
+    torn = data[end:].strip()
+    if torn:
+        problem = problem or f"{path}: its last line is incomplete ({torn[:60]!r})"
+    return iter(records), offset + end, problem
+
+
+class _Watcher:
+    """Polls the system's output for rows it has not seen, recording when each seq first appeared."""
+
+    def __init__(self, out: OutputSettings, pattern: str, clock: Clock, every_s: float = WATCH_EVERY_S) -> None:
+        self.out, self.pattern, self.clock, self.every_s = out, pattern, clock, every_s
+        self.rows = _Rows()
+        self.durable: dict[int, int] = {}
+        """seq -> the time the row said it became durable (columns.durable_at), when it has that column."""
+        self._offsets: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="external-output-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.rows.seen)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.poll(final=False)
+
+    def poll(self, *, final: bool) -> None:
+        cols = self.out.columns
+        for name in sorted(glob(self.pattern, recursive=True)):
+            path = Path(name)
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if size == self._sizes.get(name) and not final:
+                continue
+            self._sizes[name] = size
+            offset = 0 if self.out.format == "parquet" else self._offsets.get(name, 0)
+            if self.out.format == "parquet" and name in self._offsets and not final:
+                continue  # a Parquet file is read once it exists whole; files are immutable once written
+            records, self._offsets[name], problem = _records(self.out, path, offset)
+            now = self.clock.now_ns()
+            with self._lock:
+                for record in records:
+                    if cols.seq not in record:
+                        self.rows.missing_column = self.rows.missing_column or f"{path}: no field {cols.seq!r}"
+                        continue
+                    seq = _number(record[cols.seq])
+                    if seq is None:
+                        continue
+                    self.rows.seqs.append(seq)
+                    self.rows.seen.setdefault(seq, now)
+                    if cols.durable_at is not None and (at := _durable_ns(record.get(cols.durable_at))) is not None:
+                        self.durable.setdefault(seq, at)
+                if final and problem is not None:
+                    self.rows.unreadable.append(problem)
+        with self._lock:
+            self.rows.files = len(self._sizes)
+
+
+class _Process:
+    """One start of the command: its output (stdout and stderr together) to a log and a ring of last lines."""
+
+    def __init__(self, argv: list[str], cwd: Path, env: dict[str, str], log: IO[bytes], ready: re.Pattern[str] | None):
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        self.ready = threading.Event()
+        self.lines: list[str] = []
+        self._log, self._pattern = log, ready
+        self._reader = threading.Thread(target=self._read, name="external-output", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self._log.write(raw)
+            self._log.flush()
+            line = raw.decode(errors="replace").rstrip()
+            self.lines = [*self.lines[-19:], line]
+            if self._pattern is not None and self._pattern.search(line):
+                self.ready.set()
+
+    def tail(self) -> str:
+        return "\n".join(f"    {line}" for line in self.lines[-15:]) or "    (no output)"
+
+    def join(self) -> None:
+        self._reader.join(5)
+
+
+class ExternalPipeline:
+    """The user's pipeline as a system under test (see the module's doc)."""
+
+    def __init__(self, spec: ExternalSystem, scenario_dir: Path, out_dir: Path, clock: Clock) -> None:
+        self.spec, self.out_dir, self.clock = spec, out_dir, clock
+        self.cwd = (scenario_dir / spec.cwd).resolve() if spec.cwd else scenario_dir.resolve()
+        self.log_path = out_dir / "system.log"
+        self.values: dict[str, str] = {}
+        self.starts: list[_Process] = []
+        self.exit_codes: list[int | None] = []
+        self._log: IO[bytes] | None = None
+        self.watcher: _Watcher | None = None
+        self.rejects: _Watcher | None = None
+
+    # -- the protocol ---------------------------------------------------------------------------------------
+
+    def start(self, sources: Sequence[SourceSpec]) -> None:
+        self.values = placeholders(sources, self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        out = self.spec.output
+        self.watcher = _Watcher(out, self._fill(out.path or "", "output.path"), self.clock)
+        if self.spec.rejects is not None:
+            r = self.spec.rejects
+            self.rejects = _Watcher(r, self._fill(r.path or "", "rejects.path"), self.clock)
+        if not self.spec.attach:
+            self._spawn()
+        self.watcher.start()
+
+    def received(self) -> int:
+        """Rows its output shows so far (accepted, and refused where it keeps them): what the drain waits on."""
+        seen = self.watcher.count() if self.watcher is not None else 0
+        return seen + (self.rejects.count() if self.rejects is not None else 0)
+
+    def stop(self) -> None:
+        if not self.spec.attach:
+            self._end(signal.SIGTERM, STOP_TIMEOUT_S)
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        self._end(signal.SIGKILL, 10.0)
+
+    def restart(self) -> None:
+        self._spawn()
+
+    def read_back(self) -> Output:
+        watcher = self.watcher
+        if watcher is None:
+            raise ServiceError("the external system never started: nothing to read back")
+        watcher.poll(final=True)
+        rows = watcher.rows
+        if not rows.files:
+            raise ServiceError(
+                f"system.external.output.path: no file matches {watcher.pattern!r} after the run; "
+                f"check the path and the system's log {self.log_path}"
+            )
+        if rows.missing_column is not None and not rows.seqs:
+            raise ServiceError(
+                f"system.external.output.columns.seq: {rows.missing_column}; map the field that holds the seq "
+                "the bench sent (e.g. columns: {seq: sequence_id})"
+            )
+        rejected_seqs: list[int | None] = []
+        reasons: list[str] = []
+        if self.rejects is not None:
+            self.rejects.poll(final=True)
+            r = self.spec.rejects
+            assert r is not None
+            for seq in self.rejects.rows.seqs:
+                rejected_seqs.append(seq)
+                reasons.append("rejected")
+            del r
+        back = ReadBack(
+            persisted_seqs=list(rows.seqs),
+            persisted_batches=[0] * len(rows.seqs),
+            rejected_seqs=rejected_seqs,
+            rejected_reasons=reasons,
+            files=rows.files,
+            unfinalised=[],
+            unreadable=list(rows.unreadable),
+        )
+        if self.spec.output.columns.durable_at is not None:
+            durable = sorted(watcher.durable.items())
+        else:
+            durable = sorted(rows.seen.items())
+        return Output(back, durable=durable)
+
+    def extras(self) -> dict[str, Any]:
+        durable_from = "column" if self.spec.output.columns.durable_at is not None else "watching"
+        return {
+            "starts": len(self.starts),
+            "exit_codes": list(self.exit_codes),
+            "durable_from": durable_from,
+            "durable_resolution_ms": None if durable_from == "column" else WATCH_EVERY_S * 1000,
+        }
+
+    # -- process handling -----------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.starts) and self.starts[-1].proc.poll() is None
+
+    def _fill(self, text: str, where: str) -> str:
+        try:
+            return text.format(**self.values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ScenarioError(f"system.external.{where}: {exc}") from None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for key, value in self.spec.env.items():
+            if _ENV_REF.match(value):
+                try:
+                    resolved = resolve_env(value, f"system.external.env.{key}")
+                except ConfigError as exc:
+                    raise ScenarioError(str(exc)) from None
+                env[key] = resolved or ""
+            else:
+                env[key] = self._fill(value, f"env.{key}")
+        return env
+
+    def _argv(self) -> list[str]:
+        argv = [self._fill(arg, "command") for arg in self.spec.argv()]
+        program = argv[0]
+        # Not resolved: a venv's python is a symlink, and resolving it would leave the venv.
+        found = (
+            os.path.abspath(self.cwd / program) if "/" in program and (self.cwd / program).exists() else None
+        ) or shutil.which(program)
+        if found is None:
+            raise ScenarioError(
+                f"system.external.command: {program!r} not found (on PATH, or relative to {self.cwd}); "
+                "expected an installed program or a path to one"
+            )
+        return [found, *argv[1:]]
+
+    def _spawn(self) -> None:
+        if not self.cwd.is_dir():
+            raise ScenarioError(f"system.external.cwd: {self.cwd} is not a folder")
+        if self._log is None:
+            self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()
+        ready = self.spec.ready
+        assert ready is not None  # the scenario refuses a command without ready
+        pattern = re.compile(ready.log) if ready.log is not None else None
+        process = _Process(self._argv(), self.cwd, self._env(), self._log, pattern)
+        self.starts.append(process)
+        problem = self._wait_ready(process, ready.timeout)
+        if problem is not None:
+            self._end(signal.SIGKILL, 5.0)
+            raise ServiceError(f"the external system {problem}; its last output ({self.log_path}):\n{process.tail()}")
+
+    def _wait_ready(self, process: _Process, timeout_s: float) -> str | None:
+        ready = self.spec.ready
+        assert ready is not None
+        checks: dict[str, Callable[[], bool]] = {
+            "log": process.ready.is_set,
+            "port": lambda: _port_open(ready.port or 0),
+            "file": lambda: Path(self._fill(ready.file or "", "ready.file")).exists(),
+        }
+        what = next(k for k in ("log", "port", "file") if getattr(ready, k) is not None)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if checks[what]():
+                return None
+            if process.proc.poll() is not None:
+                return f"exited with code {process.proc.returncode} before it was ready"
+            time.sleep(0.05)  # polling another process's signs of life
+        return f"was not ready within {timeout_s:g} s (ready: {what} {getattr(ready, what)!r})"
+
+    def _end(self, how: signal.Signals, timeout_s: float) -> None:
+        if not self.starts:
+            return
+        process = self.starts[-1]
+        proc = process.proc
+        if proc.poll() is None:
+            proc.send_signal(how)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        process.join()
+        if len(self.exit_codes) < len(self.starts):
+            self.exit_codes.append(proc.returncode)
+
+    def log_tail(self) -> str:
+        return log_tail(self.log_path, 15)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,160 @@
+"""A pipeline the user brings (system.kind external): started by command, read back from its own output, killed
+and restarted like any service; and the one-line error for each thing a user can get wrong."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from bench.errors import ScenarioError, ServiceError
+from bench.harness import runner
+from bench.scenario import load_scenario
+
+# A minimal external pipeline: subscribes, writes each reading's seq and a durable time as a JSON line.
+MINI = """
+import json, signal, sys, time
+from urllib.parse import urlsplit
+import paho.mqtt.client as mqtt
+
+url, topic, out = sys.argv[1], sys.argv[2], sys.argv[3]
+where = urlsplit(url)
+f = open(out, "a", buffering=1)
+
+def on_message(client, userdata, msg):
+    d = json.loads(msg.payload)
+    f.write(json.dumps({"seq": d["seq"], "machine": d["machine"], "at": time.time()}) + "\\n")
+
+def on_subscribe(client, userdata, mid, codes, props):
+    print("mini: subscribed", flush=True)
+
+c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+c.on_message, c.on_subscribe = on_message, on_subscribe
+c.on_connect = lambda client, userdata, flags, rc, props: client.subscribe(topic, qos=1)
+c.connect(where.hostname, where.port)
+signal.signal(signal.SIGTERM, lambda *a: (c.disconnect(), f.close(), sys.exit(0)))
+c.loop_forever()
+"""
+
+SCENARIO = """
+name: external
+seed: 1
+machines: {count: 4}
+transport: {kind: mqtt, mqtt: {qos: 1}}
+system:
+  kind: external
+  external:
+    command: [PYTHON, mini.py, "{broker_url}", "{topic}", "{out_dir}/out.jsonl"]
+    ready: {log: "subscribed", timeout: 20s}
+    output: {format: jsonl, path: "{out_dir}/out.jsonl", columns: {durable_at: at}}
+phases:
+  - {kind: steady, rate: 200, duration: 2s}
+run: {drain_timeout: 3s}
+"""
+
+
+def _scenario(tmp_path: Path, write_scenario: Callable[[str], Path], text: str = SCENARIO, script: str = MINI) -> Path:
+    (tmp_path / "mini.py").write_text(script, encoding="utf-8")
+    return write_scenario(text.replace("PYTHON", sys.executable))
+
+
+def _run(path: Path, tmp_path: Path) -> runner.RunOutcome:
+    return runner.run(load_scenario(path), runner.RunOptions(out=tmp_path / "run", calibrate=False))
+
+
+def test_an_external_pipeline_is_measured_from_its_own_output(
+    tmp_path: Path, write_scenario: Callable[[str], Path]
+) -> None:
+    outcome = _run(_scenario(tmp_path, write_scenario), tmp_path)
+    assert outcome.ok, outcome.problems()
+    v = outcome.results.variants[0]
+    assert v.ledger.persisted == v.ledger.sent == 400
+    assert v.system is not None and v.system.kind == "external" and v.system.starts == 1
+    assert v.system.exit_codes == [0], "SIGTERM: it stopped cleanly"
+    assert v.system.durable_from == "column"
+    e2e = v.latency_ms.end_to_end
+    assert e2e.count == 400 and e2e.p50 is not None and e2e.p50 >= 0
+
+
+def test_a_killed_external_pipeline_shows_its_losses_per_restart(
+    tmp_path: Path, write_scenario: Callable[[str], Path]
+) -> None:
+    """Clean session: what is sent while it is down is gone. The bench cannot know what a user's pipeline
+    promised, so every such loss is lost (unexplained), counted against the kill."""
+    text = SCENARIO.replace("run:", "faults:\n  - {kind: process_kill, at: 1s, restart_after: 0.5s}\nrun:")
+    outcome = _run(_scenario(tmp_path, write_scenario, text), tmp_path)
+    v = outcome.results.variants[0]
+    assert v.system is not None and v.system.starts == 2 and v.system.exit_codes[0] == -9
+    (event,) = v.fault_events or []
+    assert event.kind == "process_kill" and event.expected_loss is False
+    assert event.lost is not None and event.lost > 0 and event.lost == v.ledger.lost
+    assert not outcome.ok
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (lambda t: t.replace("PYTHON, mini.py", "no-such-program-xyz, mini.py"), ScenarioError, "not found"),
+        (lambda t: t.replace("mini.py", "missing.py"), ServiceError, "exited with code"),
+        (lambda t: t.replace("subscribed", "never printed", 1).replace("20s", "1s"), ServiceError, "not ready within"),
+        (
+            lambda t: t.replace('path: "{out_dir}/out.jsonl"', 'path: "{out_dir}/elsewhere/*.jsonl"'),
+            ServiceError,
+            "no file matches",
+        ),
+        (
+            lambda t: t.replace("columns: {durable_at: at}", "columns: {seq: sequence}"),
+            ServiceError,
+            "no field 'sequence'",
+        ),
+    ],
+    ids=["command-not-found", "exits-early", "never-ready", "output-empty", "column-missing"],
+)
+def test_user_mistakes_get_a_one_line_error(
+    tmp_path: Path,
+    write_scenario: Callable[[str], Path],
+    edit: Callable[[str], str],
+    error: type[Exception],
+    message: str,
+) -> None:
+    path = _scenario(tmp_path, write_scenario, edit(SCENARIO))
+    with pytest.raises(error, match=message) as caught:
+        _run(path, tmp_path)
+    first = str(caught.value).splitlines()[0]
+    assert message in first, "the reason is on the first line; the system's output follows"
+
+
+def test_exits_early_shows_its_last_output(tmp_path: Path, write_scenario: Callable[[str], Path]) -> None:
+    path = _scenario(tmp_path, write_scenario, script="import sys\nprint('boom: no broker given')\nsys.exit(3)\n")
+    with pytest.raises(ServiceError, match="exited with code 3") as caught:
+        _run(path, tmp_path)
+    assert "boom: no broker given" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("system", "message"),
+    [
+        ("{kind: external}", "kind external needs external"),
+        (
+            "{kind: external, external: {command: x, output: {format: jsonl, path: a}}}",
+            "expected ready",
+        ),
+        (
+            "{kind: external, external: {attach: true, command: x, output: {format: jsonl, path: a}}}",
+            "remove command",
+        ),
+        (
+            "{kind: external, external: {command: 'x {nope}', ready: {log: x}, output: {format: jsonl, path: a}}}",
+            "unknown placeholder {nope}",
+        ),
+        ("{kind: external, external: {attach: true, output: {format: sql, url: 'sqlite:///x.db'}}}", "table or query"),
+    ],
+)
+def test_external_settings_are_checked_before_anything_runs(
+    write_scenario: Callable[[str], Path], system: str, message: str
+) -> None:
+    text = f"name: x\nphases: [{{kind: steady, rate: 10, duration: 1}}]\nsystem: {system}\n"
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(write_scenario(text))
