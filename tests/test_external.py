@@ -75,7 +75,9 @@ def test_an_external_pipeline_is_measured_from_its_own_output(
     assert v.system.exit_codes == [0], "SIGTERM: it stopped cleanly"
     assert v.system.durable_from == "column"
     e2e = v.latency_ms.end_to_end
-    assert e2e.count == 400 and e2e.p50 is not None and e2e.p50 >= 0
+    assert e2e is not None and e2e.count == 400 and e2e.p50 is not None and e2e.p50 >= 0
+    assert v.system.cpu_s is not None and v.system.cpu_s > 0, "its process tree's CPU, from psutil"
+    assert v.system.peak_rss_mb is not None and v.system.peak_rss_mb > 5
 
 
 def test_a_killed_external_pipeline_shows_its_losses_per_restart(
@@ -158,3 +160,47 @@ def test_external_settings_are_checked_before_anything_runs(
     text = f"name: x\nphases: [{{kind: steady, rate: 10, duration: 1}}]\nsystem: {system}\n"
     with pytest.raises(ScenarioError, match=message):
         load_scenario(write_scenario(text))
+
+
+SQLITE_MINI = """
+import json, signal, sqlite3, sys, time
+from urllib.parse import urlsplit
+import paho.mqtt.client as mqtt
+
+url, topic, db = sys.argv[1], sys.argv[2], sys.argv[3]
+where = urlsplit(url)
+con = sqlite3.connect(db, check_same_thread=False)
+con.execute("CREATE TABLE IF NOT EXISTS readings (sequence_id INTEGER, machine TEXT, stored_at REAL)")
+con.commit()
+
+def on_message(client, userdata, msg):
+    d = json.loads(msg.payload)
+    con.execute("INSERT INTO readings VALUES (?, ?, ?)", (d["seq"], d["machine"], time.time()))
+    con.commit()
+
+def on_subscribe(client, userdata, mid, codes, props):
+    print("sqlite-mini: subscribed", flush=True)
+
+c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2)
+c.on_message, c.on_subscribe = on_message, on_subscribe
+c.on_connect = lambda client, userdata, flags, rc, props: client.subscribe(topic, qos=1)
+c.connect(where.hostname, where.port)
+signal.signal(signal.SIGTERM, lambda *a: (c.disconnect(), con.close(), sys.exit(0)))
+c.loop_forever()
+"""
+
+
+def test_an_external_pipeline_writing_sql_is_read_back_by_seq(
+    tmp_path: Path, write_scenario: Callable[[str], Path]
+) -> None:
+    """Its own table, its own column names: the mapping says which holds the seq and the durable time."""
+    text = SCENARIO.replace('"{out_dir}/out.jsonl"]', '"{out_dir}/own.db"]').replace(
+        'output: {format: jsonl, path: "{out_dir}/out.jsonl", columns: {durable_at: at}}',
+        'output: {format: sql, url: "sqlite:///{out_dir}/own.db", table: readings, '
+        "columns: {seq: sequence_id, durable_at: stored_at}}",
+    )
+    outcome = _run(_scenario(tmp_path, write_scenario, text, SQLITE_MINI), tmp_path)
+    assert outcome.ok, outcome.problems()
+    v = outcome.results.variants[0]
+    assert v.ledger.persisted == v.ledger.sent == 400
+    assert v.system is not None and v.system.durable_from == "column"

@@ -38,6 +38,7 @@ from pipeline.errors import ConfigError
 STOP_TIMEOUT_S = 30.0
 WATCH_EVERY_S = 0.05
 """How often the output is polled for new rows: the resolution of end-to-end latency measured by watching."""
+SQL_WATCH_EVERY_S = 0.5
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
@@ -151,6 +152,7 @@ class _Watcher:
         """seq -> the time the row said it became durable (columns.durable_at), when it has that column."""
         self._offsets: dict[str, int] = {}
         self._sizes: dict[str, int] = {}
+        self._engine: Any = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="external-output-watcher", daemon=True)
@@ -167,10 +169,32 @@ class _Watcher:
             return len(self.rows.seen)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
+        # A database is polled less often than a folder: each poll reads every seq of the table.
+        every = max(self.every_s, SQL_WATCH_EVERY_S) if self.out.format == "sql" else self.every_s
+        while not self._stop.wait(every):
             self.poll(final=False)
 
+    def _sql_rows(self) -> list[dict[str, Any]]:
+        """Every row of the mapped table (or query), the mapped columns only. Whole each time: rows may arrive
+        in any order, and a poll of a few hundred thousand seqs is cheap next to the interval."""
+        import sqlalchemy as sa
+
+        if self._engine is None:
+            self._engine = sa.create_engine(self.pattern)
+        cols = self.out.columns
+        names = [c for c in (cols.seq, cols.durable_at) if c is not None]
+        if self.out.query is not None:
+            stmt: Any = sa.text(self.out.query)
+        else:
+            assert self.out.table is not None
+            stmt = sa.select(*(sa.column(n) for n in names)).select_from(sa.table(self.out.table))
+        with self._engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(stmt)]
+
     def poll(self, *, final: bool) -> None:
+        if self.out.format == "sql":
+            self._poll_sql(final=final)
+            return
         cols = self.out.columns
         for name in sorted(glob(self.pattern, recursive=True)):
             path = Path(name)
@@ -203,6 +227,33 @@ class _Watcher:
         with self._lock:
             self.rows.files = len(self._sizes)
 
+    def _poll_sql(self, *, final: bool) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
+        cols = self.out.columns
+        try:
+            records = self._sql_rows()
+        except SQLAlchemyError as exc:
+            # Not there yet (the system creates its table after it starts) or a wrong mapping: only the final
+            # read-back reports it.
+            if final:
+                self.rows.missing_column = f"{self.out.table or 'query'}: {str(exc).splitlines()[0][:200]}"
+            return
+        now = self.clock.now_ns()
+        seqs = []
+        with self._lock:
+            for record in records:
+                seq = _number(record.get(cols.seq))
+                if seq is None:
+                    continue
+                seqs.append(seq)
+                self.rows.seen.setdefault(seq, now)
+                if cols.durable_at is not None and (at := _durable_ns(record.get(cols.durable_at))) is not None:
+                    self.durable.setdefault(seq, at)
+            self.rows.files = 1
+            if final:
+                self.rows.seqs = seqs
+
 
 class _Process:
     """One start of the command: its output (stdout and stderr together) to a log and a ring of last lines."""
@@ -234,6 +285,54 @@ class _Process:
         self._reader.join(5)
 
 
+class _Resources:
+    """CPU seconds and peak RSS of a process tree (the command and its children), sampled with psutil.
+
+    CPU time of a process that exited between samples is kept from its last sample; RSS is the tree's sum at
+    each sample, so a peak between samples can be missed (the sampling interval is reported with it)."""
+
+    EVERY_S = 0.2
+
+    def __init__(self) -> None:
+        self.cpu_s: dict[int, float] = {}
+        self.peak_rss = 0
+        self._roots: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="external-resources", daemon=True)
+        self._thread.start()
+
+    def watch(self, pid: int) -> None:
+        self._roots.append(pid)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.EVERY_S):
+            self.sample()
+
+    def sample(self) -> None:
+        import psutil
+
+        rss = 0
+        for root in list(self._roots):
+            try:
+                proc = psutil.Process(root)
+                tree = [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for p in tree:
+                try:
+                    times = p.cpu_times()
+                    self.cpu_s[p.pid] = times.user + times.system
+                    rss += p.memory_info().rss
+                except psutil.Error:
+                    continue
+        self.peak_rss = max(self.peak_rss, rss)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(2)
+        return {"cpu_s": round(sum(self.cpu_s.values()), 3), "peak_rss_mb": round(self.peak_rss / 2**20, 1)}
+
+
 class ExternalPipeline:
     """The user's pipeline as a system under test (see the module's doc)."""
 
@@ -247,17 +346,17 @@ class ExternalPipeline:
         self._log: IO[bytes] | None = None
         self.watcher: _Watcher | None = None
         self.rejects: _Watcher | None = None
+        self.resources = _Resources()
+        self._usage: dict[str, float] | None = None
 
     # -- the protocol ---------------------------------------------------------------------------------------
 
     def start(self, sources: Sequence[SourceSpec]) -> None:
         self.values = placeholders(sources, self.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        out = self.spec.output
-        self.watcher = _Watcher(out, self._fill(out.path or "", "output.path"), self.clock)
+        self.watcher = self._watcher(self.spec.output, "output")
         if self.spec.rejects is not None:
-            r = self.spec.rejects
-            self.rejects = _Watcher(r, self._fill(r.path or "", "rejects.path"), self.clock)
+            self.rejects = self._watcher(self.spec.rejects, "rejects")
         if not self.spec.attach:
             self._spawn()
         self.watcher.start()
@@ -268,8 +367,11 @@ class ExternalPipeline:
         return seen + (self.rejects.count() if self.rejects is not None else 0)
 
     def stop(self) -> None:
+        self.resources.sample()  # the last figures before it exits
         if not self.spec.attach:
             self._end(signal.SIGTERM, STOP_TIMEOUT_S)
+        if self._usage is None:
+            self._usage = self.resources.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self._log is not None:
@@ -277,6 +379,7 @@ class ExternalPipeline:
             self._log = None
 
     def kill(self) -> None:
+        self.resources.sample()  # what it used until the kill counts too
         self._end(signal.SIGKILL, 10.0)
 
     def restart(self) -> None:
@@ -288,6 +391,10 @@ class ExternalPipeline:
             raise ServiceError("the external system never started: nothing to read back")
         watcher.poll(final=True)
         rows = watcher.rows
+        if self.spec.output.format == "sql" and rows.missing_column is not None:
+            raise ServiceError(
+                f"system.external.output: cannot read {rows.missing_column}; check table, query and columns"
+            )
         if not rows.files:
             raise ServiceError(
                 f"system.external.output.path: no file matches {watcher.pattern!r} after the run; "
@@ -325,11 +432,16 @@ class ExternalPipeline:
 
     def extras(self) -> dict[str, Any]:
         durable_from = "column" if self.spec.output.columns.durable_at is not None else "watching"
+        usage = self._usage or self.resources.stop()
         return {
             "starts": len(self.starts),
             "exit_codes": list(self.exit_codes),
             "durable_from": durable_from,
             "durable_resolution_ms": None if durable_from == "column" else WATCH_EVERY_S * 1000,
+            # An attached system is not the bench's child: its usage is unknown, not zero.
+            "cpu_s": None if self.spec.attach else usage["cpu_s"],
+            "peak_rss_mb": None if self.spec.attach else usage["peak_rss_mb"],
+            "resources_every_s": _Resources.EVERY_S,
         }
 
     # -- process handling -----------------------------------------------------------------------------------
@@ -337,6 +449,17 @@ class ExternalPipeline:
     @property
     def alive(self) -> bool:
         return bool(self.starts) and self.starts[-1].proc.poll() is None
+
+    def _watcher(self, out: OutputSettings, where: str) -> _Watcher:
+        if out.format != "sql":
+            return _Watcher(out, self._fill(out.path or "", f"{where}.path"), self.clock)
+        url = out.url or ""
+        if _ENV_REF.match(url):
+            try:
+                url = resolve_env(url, f"system.external.{where}.url") or ""
+            except ConfigError as exc:
+                raise ScenarioError(str(exc)) from None
+        return _Watcher(out, self._fill(url, f"{where}.url"), self.clock)
 
     def _fill(self, text: str, where: str) -> str:
         try:
@@ -381,6 +504,7 @@ class ExternalPipeline:
         pattern = re.compile(ready.log) if ready.log is not None else None
         process = _Process(self._argv(), self.cwd, self._env(), self._log, pattern)
         self.starts.append(process)
+        self.resources.watch(process.proc.pid)
         problem = self._wait_ready(process, ready.timeout)
         if problem is not None:
             self._end(signal.SIGKILL, 5.0)

@@ -838,7 +838,9 @@ class _VariantRun:
         if isinstance(self.sut, ProcessPipeline):
             result["system"] = {"kind": "process", **{k: v for k, v in extras.items() if k != "sql_back"}}
         elif isinstance(self.sut, ExternalPipeline):
-            result["system"] = {"kind": "external", **extras}
+            cpu_s, sent = extras.get("cpu_s"), accounting.ledger.sent
+            per_1k = None if cpu_s is None or not sent else round(cpu_s / sent * 1000, 4)
+            result["system"] = {"kind": "external", **extras, "cpu_s_per_1k": per_1k}
         if self.fault_events:
             result["fault_events"] = fault_events_json(self.fault_events, self.epoch_ns, self.fault_costs)
         # Bytes of the finished Parquet data files: for the same stream and code, the same every run (a gate counter).

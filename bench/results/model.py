@@ -729,6 +729,14 @@ class SystemPart(ResultsModel):
     """external: end-to-end latency from its own durable-time column, or from watching its output."""
     durable_resolution_ms: float | None = None
     """external, watching: how often the output was polled, the resolution of its end-to-end latency."""
+    cpu_s: float | None = None
+    """external: CPU seconds (user + system) of its process tree over every start (psutil)."""
+    cpu_s_per_1k: float | None = None
+    """external: cpu_s per thousand messages sent."""
+    peak_rss_mb: float | None = None
+    """external: the highest sum of its process tree's resident memory seen (psutil)."""
+    resources_every_s: float | None = None
+    """external: how often cpu_s and peak_rss_mb were sampled (a short peak between samples can be missed)."""
 
 
 class Variant(ResultsModel):
