@@ -544,7 +544,7 @@ PROCESS_FAULTS = (ProcessKillFault, ProcessRestartFault)
 WINDOW_FAULTS = (BrokerRestartFault, BrokerPartitionFault, DbOutageFault, DiskFullFault, SinkErrorFault)
 
 
-PLACEHOLDERS = ("broker_url", "host", "port", "topic", "opcua_url", "out_dir", "sql_url")
+PLACEHOLDERS = ("broker_url", "host", "port", "topic", "opcua_url", "out_dir", "sql_url", "python")
 """What the bench fills into an external system's command, environment and output paths."""
 
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,7 +46,8 @@ _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 def placeholders(sources: Sequence[SourceSpec], out_dir: Path) -> dict[str, str]:
     """What the bench fills into the command, environment and output paths."""
     values = {"broker_url": "", "host": "", "port": "", "topic": "", "opcua_url": "", "out_dir": str(out_dir)}
-    values["sql_url"] = ""
+    # The bench's own interpreter: a Python pipeline runs with what the bench's environment has installed.
+    values.update(sql_url="", python=sys.executable)
     for spec in sources:
         url = str(getattr(spec.settings, "url", ""))
         if url.startswith(("mqtt://", "tcp://")):
@@ -437,12 +439,15 @@ class ExternalPipeline:
             "starts": len(self.starts),
             "exit_codes": list(self.exit_codes),
             "durable_from": durable_from,
-            "durable_resolution_ms": None if durable_from == "column" else WATCH_EVERY_S * 1000,
+            "durable_resolution_ms": None if durable_from == "column" else self._watch_every_s() * 1000,
             # An attached system is not the bench's child: its usage is unknown, not zero.
             "cpu_s": None if self.spec.attach else usage["cpu_s"],
             "peak_rss_mb": None if self.spec.attach else usage["peak_rss_mb"],
             "resources_every_s": _Resources.EVERY_S,
         }
+
+    def _watch_every_s(self) -> float:
+        return SQL_WATCH_EVERY_S if self.spec.output.format == "sql" else WATCH_EVERY_S
 
     # -- process handling -----------------------------------------------------------------------------------
 

@@ -138,6 +138,15 @@ _parquet_sink_cpu = _via(_cpu, lambda cpu: cpu.sink_us_per_row.get("parquet"))
 # ----------------------------------------------------------------------------- the side-by-side table
 
 
+def _durable_from(v: Variant) -> str | None:
+    system = v.system
+    if system is None or system.durable_from is None:
+        return None
+    if system.durable_from == "column":
+        return "its durable-time column"
+    return f"watching its output every {system.durable_resolution_ms:,.0f} ms"
+
+
 @dataclass(frozen=True)
 class MetricRow:
     """One row of the side-by-side table: a figure of each variant."""
@@ -167,6 +176,10 @@ METRIC_ROWS: list[MetricRow] = [
     MetricRow("end-to-end p50 ms", _via(_e2e, _p50), "{:,.1f}", True),
     MetricRow("end-to-end p99 ms", _via(_e2e, _p99), "{:,.1f}", True, summary=_e2e),
     MetricRow("end-to-end max ms", _via(_e2e, _max), "{:,.1f}", True),
+    # An external system's durable time is observed: the resolution stands beside the figures it bounds.
+    MetricRow("end-to-end measured by", _durable_from, "{}", False),
+    MetricRow("system CPU s / 1k msgs", _via(lambda v: v.system, lambda s: s.cpu_s_per_1k), "{:,.3f}", True),
+    MetricRow("system peak RSS MB", _via(lambda v: v.system, lambda s: s.peak_rss_mb), "{:,.0f}", True),
     MetricRow("send lag p99 ms", _via(_send_lag, _p99), "{:,.1f}", True, summary=_send_lag),
     MetricRow("hot path CPU us/msg", _hot_path_cpu, "{:,.2f}", True),
     MetricRow("parquet sink CPU us/row", _parquet_sink_cpu, "{:,.2f}", True),
