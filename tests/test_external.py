@@ -3,6 +3,8 @@ and restarted like any service; and the one-line error for each thing a user can
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -204,3 +206,21 @@ def test_an_external_pipeline_writing_sql_is_read_back_by_seq(
     v = outcome.results.variants[0]
     assert v.ledger.persisted == v.ledger.sent == 400
     assert v.system is not None and v.system.durable_from == "column"
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("example", ["python-takehome", "node-jsonl"])
+def test_the_shipped_examples_reconcile(example: str, tmp_path: Path) -> None:
+    """The examples the README points at, from their own scenario files (shortened): the Node.js one installs
+    its npm packages on first use (run.sh)."""
+    if example == "node-jsonl" and (shutil.which("node") is None or shutil.which("npm") is None):
+        reason = "node and npm are not installed (examples/node-jsonl needs them)"
+        if os.environ.get("BENCH_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{reason}; BENCH_REQUIRE_SERVICES=1 requires them", pytrace=False)
+        pytest.skip(reason)
+    loaded = load_scenario(EXAMPLES / example / "scenario.yaml")
+    outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run", messages=1500, calibrate=False))
+    assert outcome.ok, outcome.problems()
+    assert outcome.ledger.persisted == outcome.ledger.sent == 1500
