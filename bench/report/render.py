@@ -527,7 +527,15 @@ def _fault_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
                 else ""
             )
             promised = all(not e.expected_loss for e in losing)
-            why = " (faults the configuration promised to survive)" if promised else ""
+            external = v.system is not None and v.system.kind == "external"
+            # What a user's own pipeline promised is unknown to the bench: all its losses count.
+            why = (
+                " (a pipeline of your own: every loss in a fault counts)"
+                if external
+                else " (faults the configuration promised to survive)"
+                if promised
+                else ""
+            )
             out.append((f"{prefix}{_fmt(lost)} message(s) lost unexplained during faults: {listed}{more}{why}", True))
         named = _named_by_kind(v, [e for e in events if e.expected_loss])
         if sum(named.values()):
