@@ -224,3 +224,17 @@ def test_the_shipped_examples_reconcile(example: str, tmp_path: Path) -> None:
     outcome = runner.run(loaded, runner.RunOptions(out=tmp_path / "run", messages=1500, calibrate=False))
     assert outcome.ok, outcome.problems()
     assert outcome.ledger.persisted == outcome.ledger.sent == 1500
+
+
+def test_two_commands_side_by_side_in_one_run(tmp_path: Path, write_scenario: Callable[[str], Path]) -> None:
+    """A matrix of commands (the user's main against their branch): each variant starts its own."""
+    text = SCENARIO + (
+        "matrix:\n"
+        "  - {name: main}\n"
+        "  - {name: branch, system.external.command: [PYTHON, mini.py, '{broker_url}', '{topic}', "
+        "'{out_dir}/b.jsonl'], system.external.output.path: '{out_dir}/b.jsonl'}\n"
+    )
+    outcome = _run(_scenario(tmp_path, write_scenario, text), tmp_path)
+    assert outcome.ok, outcome.problems()
+    assert [v.name for v in outcome.results.variants] == ["main", "branch"]
+    assert (tmp_path / "run" / "main" / "out.jsonl").exists() and (tmp_path / "run" / "branch" / "b.jsonl").exists()
