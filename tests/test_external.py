@@ -238,3 +238,24 @@ def test_two_commands_side_by_side_in_one_run(tmp_path: Path, write_scenario: Ca
     assert outcome.ok, outcome.problems()
     assert [v.name for v in outcome.results.variants] == ["main", "branch"]
     assert (tmp_path / "run" / "main" / "out.jsonl").exists() and (tmp_path / "run" / "branch" / "b.jsonl").exists()
+
+
+def test_its_rejects_are_read_with_their_reasons_and_a_torn_last_line_is_named(tmp_path: Path) -> None:
+    """Watching a JSON lines output: whole lines only while it runs; at the end, a torn last line is a problem
+    the results name (a crash mid-write), and each reject keeps the reason the system gave."""
+    from bench.harness.external_sut import _Watcher
+    from bench.scenario import RejectsSettings
+    from pipeline.clock import FakeClock
+
+    out = RejectsSettings(format="jsonl", path=str(tmp_path / "rejected.jsonl"), reason="why")
+    (tmp_path / "rejected.jsonl").write_text(
+        '{"seq": 4, "why": "bad_value"}\n{"seq": 9}\n{"seq": 11, "why": "fut', encoding="utf-8"
+    )
+    watcher = _Watcher(out, out.path or "", FakeClock())
+    watcher.poll(final=False)
+    assert watcher.rows.seqs == [4, 9] and watcher.rows.unreadable == []
+    watcher.poll(final=True)
+    assert watcher.rows.seqs == [4, 9], "the torn line is not a row"
+    assert watcher.rows.reasons == ["bad_value", "rejected"]
+    (problem,) = watcher.rows.unreadable
+    assert "last line is incomplete" in problem

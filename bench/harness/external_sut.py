@@ -69,6 +69,8 @@ class _Rows:
 
     seen: dict[int, int] = field(default_factory=dict)
     seqs: list[int] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    """Rejects with a reason field: the reason of each row of ``seqs``, in order."""
     files: int = 0
     unreadable: list[str] = field(default_factory=list)
     missing_column: str | None = None
@@ -149,6 +151,7 @@ class _Watcher:
 
     def __init__(self, out: OutputSettings, pattern: str, clock: Clock, every_s: float = WATCH_EVERY_S) -> None:
         self.out, self.pattern, self.clock, self.every_s = out, pattern, clock, every_s
+        self.reason: str | None = getattr(out, "reason", None)
         self.rows = _Rows()
         self.durable: dict[int, int] = {}
         """seq -> the time the row said it became durable (columns.durable_at), when it has that column."""
@@ -184,7 +187,7 @@ class _Watcher:
         if self._engine is None:
             self._engine = sa.create_engine(self.pattern)
         cols = self.out.columns
-        names = [c for c in (cols.seq, cols.durable_at) if c is not None]
+        names = [c for c in (cols.seq, cols.durable_at, self.reason) if c is not None]
         if self.out.query is not None:
             stmt: Any = sa.text(self.out.query)
         else:
@@ -222,6 +225,8 @@ class _Watcher:
                         continue
                     self.rows.seqs.append(seq)
                     self.rows.seen.setdefault(seq, now)
+                    if self.reason is not None:
+                        self.rows.reasons.append(str(record.get(self.reason) or "rejected"))
                     if cols.durable_at is not None and (at := _durable_ns(record.get(cols.durable_at))) is not None:
                         self.durable.setdefault(seq, at)
                 if final and problem is not None:
@@ -242,19 +247,21 @@ class _Watcher:
                 self.rows.missing_column = f"{self.out.table or 'query'}: {str(exc).splitlines()[0][:200]}"
             return
         now = self.clock.now_ns()
-        seqs = []
+        seqs, reasons = [], []
         with self._lock:
             for record in records:
                 seq = _number(record.get(cols.seq))
                 if seq is None:
                     continue
                 seqs.append(seq)
+                if self.reason is not None:
+                    reasons.append(str(record.get(self.reason) or "rejected"))
                 self.rows.seen.setdefault(seq, now)
                 if cols.durable_at is not None and (at := _durable_ns(record.get(cols.durable_at))) is not None:
                     self.durable.setdefault(seq, at)
             self.rows.files = 1
             if final:
-                self.rows.seqs = seqs
+                self.rows.seqs, self.rows.reasons = seqs, reasons
 
 
 class _Process:
@@ -411,12 +418,10 @@ class ExternalPipeline:
         reasons: list[str] = []
         if self.rejects is not None:
             self.rejects.poll(final=True)
-            r = self.spec.rejects
-            assert r is not None
-            for seq in self.rejects.rows.seqs:
-                rejected_seqs.append(seq)
-                reasons.append("rejected")
-            del r
+            kept = self.rejects.rows
+            rejected_seqs.extend(kept.seqs)
+            # Its own reason names where it gave one; "rejected" where it keeps no reason field.
+            reasons.extend(kept.reasons if len(kept.reasons) == len(kept.seqs) else ["rejected"] * len(kept.seqs))
         back = ReadBack(
             persisted_seqs=list(rows.seqs),
             persisted_batches=[0] * len(rows.seqs),
