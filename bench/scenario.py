@@ -260,7 +260,8 @@ class MqttTransport(Frozen):
         "plant/{machine}/telemetry",
         # MQTT allows 65,535 bytes; 1,024 characters leave room for the machine id and the run id.
         max_length=1024,
-        description="Topic per message; {machine} is the machine id, {run} the run id.",
+        description="Topic per message; {machine} is the machine id, {run} the run id, {seq} (optional, a whole "
+        "level) the message's sequence id, for pipelines that keep the topic but drop unknown payload fields.",
     )
     qos: Literal[0, 1, 2] = 1
     username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
@@ -280,10 +281,14 @@ class MqttTransport(Frozen):
     @classmethod
     def _check_topic(cls, value: str) -> str:
         names = [name for _, name, _, _ in string.Formatter().parse(value) if name is not None]
-        if names.count("machine") != 1 or set(names) - {"machine", "run"}:
+        if names.count("machine") != 1 or names.count("seq") > 1 or set(names) - {"machine", "run", "seq"}:
             raise ValueError(
-                "expected a topic with {machine} once (and optionally {run}), e.g. 'plant/{machine}/telemetry'"
+                "expected a topic with {machine} once (and optionally {run}, and {seq} as a whole level), "
+                "e.g. 'plant/{machine}/telemetry'"
             )
+        if "seq" in names and "{seq}" not in value.split("/"):
+            # The subscription replaces it with the wildcard +, which must be a whole level.
+            raise ValueError("{seq} must be a whole topic level, e.g. 'plant/{machine}/telemetry/{seq}'")
         if "+" in value or "#" in value:
             raise ValueError("a publish topic cannot contain the wildcards + or #")
         return value
@@ -300,7 +305,7 @@ class MqttTransport(Frozen):
         return self.topic.replace("{run}", run_id)
 
     def subscription(self, run_id: str) -> str:
-        return self.topic_for_run(run_id).replace("{machine}", "+")
+        return self.topic_for_run(run_id).replace("{machine}", "+").replace("{seq}", "+")
 
 
 class MemoryTransport(Frozen):
@@ -588,7 +593,25 @@ class ReadySettings(Frozen):
 class ColumnMap(Frozen):
     """Which field of the system's output holds what the ledger needs."""
 
-    seq: str = Field("seq", description="The sequence id the bench sent (in the payload).")
+    seq: str = Field("seq", description="The field holding the sequence id the bench sent.")
+    seq_pattern: str | None = Field(
+        None,
+        description="A regular expression with one group that finds the seq inside that field's text, e.g. "
+        "'/(\\d+)$' when the field is the topic and the scenario's topic ends in /{seq}.",
+    )
+
+    @field_validator("seq_pattern")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                groups = re.compile(value).groups
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+            if groups != 1:
+                raise ValueError(f"expected exactly one group (the seq), got {groups}")
+        return value
+
     machine: str | None = Field("machine", description="The machine id (optional).")
     ts: str | None = Field("ts", description="The reading's time (optional).")
     durable_at: str | None = Field(

@@ -173,7 +173,9 @@ class DirectPublisher:
         on_sent: Callable[[Message, int], None] | None = None,
     ) -> int:
         def send(message: Message) -> bool:
-            self._deliver(message.payload, self.topic_pattern.format(machine=topic_segment(message.machine)))
+            self._deliver(
+                message.payload, self.topic_pattern.format(machine=topic_segment(message.machine), seq=message.seq)
+            )
             return True
 
         return pace(messages, clock, send, stop=stop, on_sent=on_sent)
@@ -285,7 +287,7 @@ class PacedPublisher:
         windowed = self.qos > 0
 
         def send(message: Message) -> bool:
-            topic = self.topic_pattern.format(machine=topic_segment(message.machine))
+            topic = self.topic_pattern.format(machine=topic_segment(message.machine), seq=message.seq)
             if windowed and not self._take_slot(stop):
                 return False
             try:

@@ -259,3 +259,20 @@ def test_its_rejects_are_read_with_their_reasons_and_a_torn_last_line_is_named(t
     assert watcher.rows.reasons == ["bad_value", "rejected"]
     (problem,) = watcher.rows.unreadable
     assert "last line is incomplete" in problem
+
+
+# A pipeline that drops every payload field it does not know (seq among them) but keeps the topic.
+TOPIC_MINI = MINI.replace(
+    '{"seq": d["seq"], "machine": d["machine"], "at": time.time()}',
+    '{"topic": msg.topic, "machine": d["machine"], "at": time.time()}',
+)
+
+
+def test_the_seq_can_travel_in_the_topic(tmp_path: Path, write_scenario: Callable[[str], Path]) -> None:
+    text = SCENARIO.replace(
+        "transport: {kind: mqtt, mqtt: {qos: 1}}",
+        "transport: {kind: mqtt, mqtt: {qos: 1, topic: 'plant/{machine}/telemetry/{seq}'}}",
+    ).replace("columns: {durable_at: at}", "columns: {seq: topic, seq_pattern: '/(\\d+)$', durable_at: at}")
+    outcome = _run(_scenario(tmp_path, write_scenario, text, TOPIC_MINI), tmp_path)
+    assert outcome.ok, outcome.problems()
+    assert outcome.ledger.persisted == outcome.ledger.sent == 400

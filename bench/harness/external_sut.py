@@ -152,6 +152,8 @@ class _Watcher:
     def __init__(self, out: OutputSettings, pattern: str, clock: Clock, every_s: float = WATCH_EVERY_S) -> None:
         self.out, self.pattern, self.clock, self.every_s = out, pattern, clock, every_s
         self.reason: str | None = getattr(out, "reason", None)
+        seq_pattern = out.columns.seq_pattern
+        self._seq_pattern = re.compile(seq_pattern) if seq_pattern is not None else None
         self.rows = _Rows()
         self.durable: dict[int, int] = {}
         """seq -> the time the row said it became durable (columns.durable_at), when it has that column."""
@@ -161,6 +163,13 @@ class _Watcher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="external-output-watcher", daemon=True)
+
+    def _seq(self, value: Any) -> int | None:
+        """The seq a field holds, or finds with columns.seq_pattern in its text (the topic, say)."""
+        if self._seq_pattern is not None:
+            match = self._seq_pattern.search(str(value))
+            return _number(match.group(1)) if match else None
+        return _number(value)
 
     def start(self) -> None:
         self._thread.start()
@@ -220,7 +229,7 @@ class _Watcher:
                     if cols.seq not in record:
                         self.rows.missing_column = self.rows.missing_column or f"{path}: no field {cols.seq!r}"
                         continue
-                    seq = _number(record[cols.seq])
+                    seq = self._seq(record[cols.seq])
                     if seq is None:
                         continue
                     self.rows.seqs.append(seq)
@@ -250,7 +259,7 @@ class _Watcher:
         seqs, reasons = [], []
         with self._lock:
             for record in records:
-                seq = _number(record.get(cols.seq))
+                seq = self._seq(record.get(cols.seq))
                 if seq is None:
                     continue
                 seqs.append(seq)

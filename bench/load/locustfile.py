@@ -740,7 +740,7 @@ class MqttUser(_ReplayUser):
 
     def _send(self, message: Message) -> None:
         assert self._client is not None
-        topic = self._topic.format(machine=topic_segment(message.machine))
+        topic = self._topic.format(machine=topic_segment(message.machine), seq=message.seq)
         size = len(message.payload)
         if self._qos > 0 and (self._gave_up or not self._wait_for_room()):
             self._gave_up = True
