@@ -147,6 +147,12 @@ def _check_capacity(loaded: LoadedScenario, cap: CapacitySettings, options: Capa
         raise ScenarioError(
             f"{loaded.path}: transport.kind: bench capacity drives MQTT; expected mqtt, got {sc.transport.kind}"
         )
+    if sc.system.kind != "in_process":
+        # Its workers are the built-in pipeline: sweeping them would measure that, not the scenario's system.
+        raise ScenarioError(
+            f"{loaded.path}: system.kind: bench capacity sweeps the built-in pipeline's workers; "
+            f"{sc.system.kind} is not supported yet (use bench run)"
+        )
     if sc.anomalies:
         raise ScenarioError(
             f"{loaded.path}: anomalies: a capacity sweep sends clean data only; remove them (bench run scores them)"

@@ -340,6 +340,12 @@ def _check_supported(loaded: LoadedScenario, sc: Scenario, broker: str | None) -
             f"{loaded.path}: transport.opcua.security: the locust OPC UA user writes without security; "
             "use bench run for Sign/SignAndEncrypt"
         )
+    if sc.system.kind != "in_process":
+        # Its subscribers are the built-in pipeline: a load run would measure that, not the scenario's system.
+        raise UsageError(
+            f"{loaded.path}: system.kind: bench load drives the built-in pipeline; {sc.system.kind} is not "
+            "supported yet (use bench run)"
+        )
     timed = sorted({f.kind for f in sc.faults if not isinstance(f, SlowSinkFault)})
     if timed:
         # Timed faults are bench run's: its ledger names their losses per fault; a load run would ignore them.
