@@ -283,7 +283,7 @@ def test_load_and_capacity_refuse_an_external_system_instead_of_measuring_the_bu
 ) -> None:
     from bench.cli import main
 
-    path = _scenario(tmp_path, write_scenario, SCENARIO + "capacity: {rates: [100], step: 2s}\n")
+    path = _scenario(tmp_path, write_scenario, SCENARIO + "capacity: {rates: [100], step: 5s}\n")
     for command in ("capacity", "load"):
         assert main([command, str(path), "--out", str(tmp_path / command)]) == 2
         err = capsys.readouterr().err
