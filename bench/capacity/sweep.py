@@ -33,10 +33,11 @@ from numpy.typing import NDArray
 
 from bench.capacity import model
 from bench.capacity.publish_worker import spec_to_json
-from bench.capacity.workers import READY_TIMEOUT_S, Child, WorkerPipelines
+from bench.capacity.workers import READY_TIMEOUT_S, Child, ExternalWorker, WorkerPipelines
 from bench.errors import ScenarioError, UsageError
 from bench.harness import session as harness
 from bench.harness.accounting import CommandOptions, RunRecord, write_run_results
+from bench.harness.external_sut import ExternalPipeline
 from bench.harness.ledger import reconcile
 from bench.harness.probes import append_cost, flush_summary, lock_summary
 from bench.harness.progress import StepProgress
@@ -147,11 +148,17 @@ def _check_capacity(loaded: LoadedScenario, cap: CapacitySettings, options: Capa
         raise ScenarioError(
             f"{loaded.path}: transport.kind: bench capacity drives MQTT; expected mqtt, got {sc.transport.kind}"
         )
-    if sc.system.kind != "in_process":
-        # Its workers are the built-in pipeline: sweeping them would measure that, not the scenario's system.
+    if sc.system.kind == "process":
+        # The sweep's workers already are the built-in pipeline in processes of their own.
         raise ScenarioError(
-            f"{loaded.path}: system.kind: bench capacity sweeps the built-in pipeline's workers; "
-            f"{sc.system.kind} is not supported yet (use bench run)"
+            f"{loaded.path}: system.kind: bench capacity runs the built-in pipeline as worker processes already; "
+            "expected in_process (or external for your own pipeline), got process"
+        )
+    if sc.system.kind == "external" and tuple(cap.workers) != (1,):
+        # The bench starts one instance of the user's command; scaling it out is the user's own deployment.
+        raise ScenarioError(
+            f"{loaded.path}: capacity.workers: an external system is measured as the one instance its command "
+            f"starts; expected [1], got {list(cap.workers)}"
         )
     if sc.anomalies:
         raise ScenarioError(
@@ -213,7 +220,8 @@ class _Sweep:
                 failed += 1
                 if failed >= cap.stop_after:
                     break
-        sr = _series(workers, steps, rates)
+        external = self.loaded.scenario.system.external is not None
+        sr = _series(workers, steps, rates, "external system" if external else "pipeline worker")
         variant = _variant(
             self.loaded.scenario,
             workers=workers,
@@ -222,6 +230,7 @@ class _Sweep:
             step_steady=[r.steady for r in measured],
             step_locks=[r.locks for r in measured],
             sr=sr,
+            step_systems=[r.system for r in measured],
         )
         return sr, variant
 
@@ -233,6 +242,8 @@ class _StepRecords:
     flushes: list[FlushStat]
     steady: list[FlushStat]
     locks: LockProbes
+    system: dict[str, Any] | None = None
+    """An external system's part of the results (starts, how durability was seen, CPU and memory)."""
 
 
 class _Step:
@@ -249,6 +260,12 @@ class _Step:
         self.machine_cpu: list[tuple[int, float, float]] = []
         self.pubs: list[Child] = []
         step_dir.mkdir(parents=True, exist_ok=True)
+        self.sut: WorkerPipelines | ExternalWorker
+        if sc.system.external is not None:
+            # A fresh start per step, on the step's folder: each step is read back from its own output alone.
+            system = ExternalPipeline(sc.system.external, sweep.loaded.path.parent, step_dir, self.clock)
+            self.sut = ExternalWorker(system)
+            return
         # On a real broker every worker count goes through the shared-subscription path, one worker included,
         # so 1 and N workers are measured the same way.
         self.sut = WorkerPipelines(
@@ -367,7 +384,13 @@ class _Step:
             else None
         )
         steady = [f for f in flushes if start <= f.started_ns <= end]
-        return step, _StepRecords(flushes, steady, locks)
+        system = None
+        if isinstance(self.sut, ExternalWorker):
+            extras = self.sut.extras()
+            cpu_s, sent = extras.get("cpu_s"), step["sent"]
+            per_1k = None if cpu_s is None or not sent else round(cpu_s / sent * 1000, 4)
+            system = {"kind": "external", **extras, "cpu_s_per_1k": per_1k}
+        return step, _StepRecords(flushes, steady, locks, system)
 
 
 def _cpu_pct(samples: list[tuple[int, float]], start: float, end: float) -> float | None:
@@ -470,10 +493,14 @@ def _publisher_records(
     return sent, lag, pub_cpu, errors
 
 
-def _worker_records(finals: list[dict[str, Any]], start: int, end: int) -> tuple[LockProbes, float, float, list[str]]:
-    """The pipeline workers' own reports: lock probes, CPU % and peak memory in the window, errors."""
+def _worker_records(
+    finals: list[dict[str, Any]], start: int, end: int
+) -> tuple[LockProbes, float | None, float | None, list[str]]:
+    """The pipeline workers' own reports: lock probes, CPU % and peak memory in the window (None: no samples,
+    e.g. an external system the bench attached to), errors."""
     locks = LockProbes.new()
     cpu_pct = rss = 0.0
+    sampled = False
     errors: list[str] = []
     for final in finals:
         errors.extend(final["errors"])
@@ -482,9 +509,10 @@ def _worker_records(finals: list[dict[str, Any]], start: int, end: int) -> tuple
                 getattr(locks, name).merge(Recorder.from_json(final["lock"][name]))
         window = [s for s in final["samples"] if start <= s[0] <= end] or final["samples"]
         if len(window) >= 2:
+            sampled = True
             cpu_pct += (window[-1][1] - window[0][1]) / ((window[-1][0] - window[0][0]) / 1e9) * 100
         rss += max((s[2] for s in window), default=0) / 1e6
-    return locks, cpu_pct, rss, errors
+    return locks, cpu_pct if sampled else None, rss if sampled else None, errors
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -539,16 +567,18 @@ def _analyse(step: _Step, output: Output) -> tuple[dict[str, Any], list[FlushSta
     for f in output.flushes:
         if f.sink == "parquet" and start <= f.started_ns <= end:
             flush_rec.record_ns(f.total_ns)
+    # An external system has no flush or lock probes: absent, not zero.
+    external = isinstance(step.sut, ExternalWorker)
     metrics.update(
         {
             "workers": workers,
             "ledger": ledger.to_json(),
-            "flush_ms": flush_rec.summary(ladder=True),
+            "flush_ms": None if external else flush_rec.summary(ladder=True),
             "flush_raw": flush_rec.to_json(),
-            "lock_wait_ms": locks.wait.summary(ladder=True),
-            "cpu_pct": round(cpu_pct, 1),
-            "cpu_pct_per_worker": round(cpu_pct / workers, 1),
-            "rss_mb": round(rss, 1),
+            "lock_wait_ms": None if external else locks.wait.summary(ladder=True),
+            "cpu_pct": None if cpu_pct is None else round(cpu_pct, 1),
+            "cpu_pct_per_worker": None if cpu_pct is None else round(cpu_pct / workers, 1),
+            "rss_mb": None if rss is None else round(rss, 1),
             "publisher_cpu_pct": round(pub_cpu * 100, 1),
             "errors": errors,
         }
@@ -556,7 +586,7 @@ def _analyse(step: _Step, output: Output) -> tuple[dict[str, Any], list[FlushSta
     return metrics, output.flushes, locks
 
 
-def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...]) -> dict[str, Any]:
+def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...], role: str) -> dict[str, Any]:
     ok = [s for s in steps if s["sustainable"]]
     judged = [s for s in steps if s["verdict"] != "publisher-limited"]
     last = steps[-1] if steps else None
@@ -572,7 +602,7 @@ def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...])
         stopped = f"all {len(rates)} steps sustainable: raise capacity.rates to find the limit"
     return {
         "workers": workers,
-        "limit": _limit(steps),
+        "limit": _limit(steps, role),
         "steps": steps,
         "sustainable_per_s": max((s["offered_per_s"] for s in ok), default=None),
         "sustainable_step": max((i for i, s in enumerate(steps) if s["sustainable"]), default=None),
@@ -587,21 +617,25 @@ def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...])
 BUSY_PCT = 85.0
 
 
-def _limit(steps: list[dict[str, Any]]) -> str | None:
-    """Who was busiest at the first step the pipeline could not take: the evidence for 'what to scale'."""
+def _limit(steps: list[dict[str, Any]], role: str = "pipeline worker") -> str | None:
+    """Who was busiest at the first step the pipeline could not take: the evidence for 'what to scale'.
+    ``role``: what the system under test is called ("pipeline worker", or "external system")."""
     bad = next((s for s in steps if s["verdict"] != "sustainable"), None)
     if bad is None:
         return None
     if bad["verdict"] == "publisher-limited":
         return f"publishers (send lag p99 {bad['send_lag_p99_ms']:,.0f} ms at {bad['offered_per_s']:g} msg/s)"
     per_worker = bad["cpu_pct_per_worker"]
-    roles = [f"pipeline worker {per_worker:.0f}% of a core", f"publishers {bad['publisher_cpu_pct']:.0f}%"]
+    roles = [
+        f"{role} " + ("CPU unknown" if per_worker is None else f"{per_worker:.0f}% of a core"),
+        f"publishers {bad['publisher_cpu_pct']:.0f}%",
+    ]
     if bad.get("broker_cpu_pct") is not None:
         roles.append(f"embedded broker {bad['broker_cpu_pct']:.0f}%")
     if bad.get("machine_cpu_pct") is not None:
         roles.append(f"machine {bad['machine_cpu_pct']:.0f}% of all {os.cpu_count()} cores")
     busy = ", ".join(roles)
-    if per_worker >= BUSY_PCT:
+    if per_worker is not None and per_worker >= BUSY_PCT:
         return f"the pipeline's CPU ({busy})"
     if (bad.get("broker_cpu_pct") or 0) >= BUSY_PCT:
         return f"the embedded broker, not the pipeline ({busy}); measure against Mosquitto with --broker"
@@ -619,6 +653,7 @@ def _variant(
     step_steady: list[list[FlushStat]],
     step_locks: list[LockProbes],
     sr: dict[str, Any],
+    step_systems: list[dict[str, Any] | None] | None = None,
 ) -> dict[str, Any]:
     """One run-shaped variant per worker count, so a report draws flush, lock and append plots for it too.
 
@@ -653,6 +688,8 @@ def _variant(
         else {"strategy": sc.pipeline.buffer.lock, "enabled": False}
     )
     timeline = best.get("timeline", {})
+    best_index = sr["sustainable_step"] if sr["sustainable_step"] is not None else 0
+    system = step_systems[best_index] if step_systems and best_index < len(step_systems) else None
     return {
         "name": f"workers-{workers}",
         "config": {"pipeline": sc.validation().model_dump(mode="json", by_alias=True), "workers": workers},
@@ -676,4 +713,6 @@ def _variant(
             "append_cost": append_cost(longest),
         },
         "capacity_step": best.get("dir"),
+        # An external system: the highest sustainable step's process figures and how its latency was seen.
+        **({"system": system} if system is not None else {}),
     }

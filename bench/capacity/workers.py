@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from bench.errors import ServiceError
+from bench.harness.external_sut import ExternalPipeline
 from bench.harness.ledger import ReadBack, durable_rows, read_back
 from bench.harness.sut import NO_SINK_FAULT, Output, SinkFault, SourceSpec, log_tail
 from pipeline.config import MqttSourceSettings, PipelineSettings
@@ -216,3 +217,52 @@ class WorkerPipelines:
     def extras(self) -> dict[str, Any]:
         """Each worker's final report (errors, lock probes, CPU and memory samples); after :meth:`read_back`."""
         return {"finals": self.finals}
+
+
+class ExternalWorker:
+    """The user's pipeline (``system.kind: external``) as a capacity step's system under test: one instance,
+    started for the step on the step's folder, fed on the scenario's topic, read back from its own output.
+
+    It offers what :class:`WorkerPipelines` offers the sweep: received and durable counts for the progress and
+    the drain (both are the rows its output shows), a liveness check, and a ``final`` report shaped like a
+    worker's, so the step's CPU % and memory come from its process tree over the step's window (psutil).
+    """
+
+    def __init__(self, system: ExternalPipeline) -> None:
+        self.system = system
+        self.workers = 1
+        self.finals: list[dict[str, Any]] = []
+
+    def start(self, sources: Sequence[SourceSpec]) -> None:
+        self.system.start(sources)
+
+    def received(self) -> int:
+        return self.system.received()
+
+    def durable(self) -> int:
+        return self.system.received()
+
+    def check_alive(self) -> None:
+        if self.system.spec.attach or self.system.alive:
+            return
+        codes = self.system.exit_codes or [s.proc.poll() for s in self.system.starts[-1:]]
+        raise ServiceError(
+            f"the external system exited early (exit code {codes[-1] if codes else None}); "
+            f"its last output ({self.system.log_path}):\n{self.system.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        self.system.stop()
+
+    def kill(self) -> None:
+        self.system.kill()
+
+    def read_back(self) -> Output:
+        output = self.system.read_back()
+        samples = self.system.resources.samples
+        # An attached system is not the bench's child: no samples, so its CPU and memory stay unknown.
+        self.finals = [{"errors": [], "lock": None, "samples": [list(x) for x in samples]}]
+        return output
+
+    def extras(self) -> dict[str, Any]:
+        return self.system.extras()

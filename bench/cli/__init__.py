@@ -540,10 +540,22 @@ def _p99(summary: LatencySummary | None) -> float:
 def capacity_tables(results: Results) -> list[Table]:
     """One table per worker count: the steps side by side with the evidence behind each verdict."""
     tables = []
+    systems = {v.config.workers: v.system for v in results.variants}
     for sr in results.capacity.series if results.capacity is not None else []:
-        table = Table(title=f"capacity, {sr.workers} pipeline worker(s): {sr.stopped}")
-        if sr.limit:
-            table.caption = f"limit: {sr.limit}"
+        system = systems.get(sr.workers)
+        external = system is not None and system.kind == "external"
+        who = "the external system" if external else f"{sr.workers} pipeline worker(s)"
+        table = Table(title=f"capacity, {who}: {sr.stopped}")
+        notes = [f"limit: {sr.limit}"] if sr.limit else []
+        if external and system is not None:
+            # A watched latency is no finer than the polling: say so beside the figures.
+            notes.append(
+                "end-to-end to its durable-time column"
+                if system.durable_from == "column"
+                else f"end-to-end by watching its output every {system.durable_resolution_ms or 0:g} ms"
+            )
+        if notes:
+            table.caption = "; ".join(notes)
         cols = [
             "offered/s",
             "sent/s",
@@ -576,8 +588,8 @@ def capacity_tables(results: Results) -> list[Table]:
                 _num(s.backlog_end, "{:,}"),
                 f"{_p50(e2e):,.1f}",
                 f"{_p99(e2e):,.1f}",
-                f"{_p99(s.flush_ms):,.1f}",
-                f"{_p99(s.lock_wait_ms):,.3f}",
+                "-" if s.flush_ms is None else f"{_p99(s.flush_ms):,.1f}",
+                "-" if s.lock_wait_ms is None else f"{_p99(s.lock_wait_ms):,.3f}",
                 _num(s.cpu_pct, "{:,.0f}"),
                 _num(s.rss_mb, "{:,.0f}"),
                 _num(s.lost, "{:,}"),

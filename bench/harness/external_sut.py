@@ -311,9 +311,13 @@ class _Resources:
 
     EVERY_S = 0.2
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock | None = None) -> None:
         self.cpu_s: dict[int, float] = {}
         self.peak_rss = 0
+        self.clock = clock
+        self.samples: list[tuple[int, float, int]] = []
+        """(ns on the run's clock, the tree's CPU s so far, its RSS bytes) per sample, with a clock: a capacity
+        step's CPU % is taken over its measurement window, not over the whole life of the process."""
         self._roots: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="external-resources", daemon=True)
@@ -344,6 +348,8 @@ class _Resources:
                 except psutil.Error:
                     continue
         self.peak_rss = max(self.peak_rss, rss)
+        if self.clock is not None:
+            self.samples.append((self.clock.now_ns(), sum(self.cpu_s.values()), rss))
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
@@ -364,7 +370,7 @@ class ExternalPipeline:
         self._log: IO[bytes] | None = None
         self.watcher: _Watcher | None = None
         self.rejects: _Watcher | None = None
-        self.resources = _Resources()
+        self.resources = _Resources(clock)
         self._usage: dict[str, float] | None = None
 
     # -- the protocol ---------------------------------------------------------------------------------------
