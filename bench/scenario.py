@@ -29,6 +29,7 @@ from pipeline.config import (
     check_zone,
     format_validation_error,
     load_yaml_mapping,
+    url_credential_problem,
 )
 from simulators.anomalies import OPCUA_KINDS, AnomalyKind, AnomalySpec
 from simulators.stream import (
@@ -249,6 +250,12 @@ MANAGED_BROKERS = ("embedded", "mosquitto")
 """Broker settings naming a broker the bench starts itself (any other value is a URL)."""
 
 
+SEQ_PROPERTY_NEEDS_MQTT5 = (
+    "seq_property: the embedded broker (amqtt) speaks MQTT 3.1.1 only, which has no user properties; "
+    "use broker: mosquitto or a broker URL such as mqtt://127.0.0.1:1883"
+)
+
+
 class MqttTransport(Frozen):
     broker: str = Field(
         "embedded",
@@ -264,8 +271,24 @@ class MqttTransport(Frozen):
         "level) the message's sequence id, for pipelines that keep the topic but drop unknown payload fields.",
     )
     qos: Literal[0, 1, 2] = 1
+    seq_property: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Also send the seq as an MQTT 5 user property of this name (e.g. 'seq'), for pipelines that "
+        "keep message properties but not unknown payload fields; the publishers then speak MQTT 5 (not with "
+        "the embedded broker: it speaks MQTT 3.1.1 only). The payload keeps its seq field.",
+    )
     username: str | None = Field(None, description="Literal or ${ENV_VAR}.")
     password: str | None = Field(None, description="Must be ${ENV_VAR}: secrets never live in a scenario.")
+
+    @model_validator(mode="after")
+    def _properties_need_mqtt5(self) -> MqttTransport:
+        # Only when named here: a default broker may still be replaced by --broker URL (the session checks then).
+        if self.seq_property is not None and self.broker == "embedded" and "broker" in self.model_fields_set:
+            raise ValueError(SEQ_PROPERTY_NEEDS_MQTT5)
+        return self
 
     @field_validator("broker")
     @classmethod
@@ -549,8 +572,28 @@ PROCESS_FAULTS = (ProcessKillFault, ProcessRestartFault)
 WINDOW_FAULTS = (BrokerRestartFault, BrokerPartitionFault, DbOutageFault, DiskFullFault, SinkErrorFault)
 
 
-PLACEHOLDERS = ("broker_url", "host", "port", "topic", "opcua_url", "out_dir", "sql_url", "python")
+PLACEHOLDERS = (
+    "broker_url",
+    "host",
+    "port",
+    "topic",
+    "opcua_url",
+    "out_dir",
+    "sql_url",
+    "sql_host",
+    "sql_port",
+    "python",
+)
 """What the bench fills into an external system's command, environment and output paths."""
+SQL_PLACEHOLDERS = frozenset({"sql_url", "sql_host", "sql_port"})
+"""The database's address (system.external.database): through the bench's proxy during a db_outage."""
+
+
+def _placeholders_in(value: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+    except ValueError:
+        return set()  # _check_placeholders reports a malformed one
 
 
 def _check_placeholders(value: str, where: str) -> str:
@@ -567,19 +610,29 @@ def _check_placeholders(value: str, where: str) -> str:
     return value
 
 
+READY_SIGNALS = ("log", "port", "file", "subscribed")
+"""The ways an external system shows it is ready; a ready setting names exactly one."""
+
+
 class ReadySettings(Frozen):
     """How the bench knows an external system is ready to receive."""
 
     log: str | None = Field(None, description="A regular expression its stdout or stderr prints once ready.")
     port: int | None = Field(None, ge=1, le=65535, description="A TCP port on 127.0.0.1 that opens once ready.")
     file: str | None = Field(None, description="A file that appears once ready (placeholders allowed).")
+    subscribed: Literal[True] | None = Field(
+        None,
+        description="true: ready once the broker shows a new subscription covering the scenario's topic filter "
+        "(the bench's own brokers and a Mosquitto with 'log_dest topic' and 'log_type subscribe' report each "
+        "SUBSCRIBE at once; another Mosquitto only a rise of $SYS/broker/subscriptions/count, every sys_interval).",
+    )
     timeout: Duration = Field(30.0, gt=0, description="How long to wait before giving up with its last output.")
 
     @model_validator(mode="after")
     def _one_signal(self) -> ReadySettings:
-        given = [k for k in ("log", "port", "file") if getattr(self, k) is not None]
+        given = [k for k in READY_SIGNALS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"expected exactly one of log, port or file, got {', '.join(given) or 'none'}")
+            raise ValueError(f"expected exactly one of log, port, file or subscribed, got {', '.join(given) or 'none'}")
         if self.log is not None:
             try:
                 re.compile(self.log)
@@ -665,10 +718,23 @@ class ExternalSystem(Frozen):
         default_factory=dict, description="Extra environment variables; a value may be ${ENV_VAR} (secrets)."
     )
     attach: bool = Field(False, description="It is already running: the bench neither starts nor stops it.")
+    database: str | None = Field(
+        None,
+        description="The SQL database it writes to, a SQLAlchemy URL (the whole URL as ${ENV_VAR} when it holds "
+        "a password). The bench gives it as {sql_url}, {sql_host} and {sql_port}; with a db_outage fault these "
+        "point at the bench's proxy in front of the database, while the bench reads back from the database itself.",
+    )
     ready: ReadySettings | None = Field(None, description="How the bench knows it is ready (needed to start it).")
     output: OutputSettings
     rejects: RejectsSettings | None = Field(
         None, description="Where it keeps refused messages; absent: it drops them without a trace."
+    )
+    expect_rejected: tuple[AnomalyKind, ...] | None = Field(
+        None,
+        description="Anomaly kinds (truth labels) it is expected not to store: a message of one of them missing "
+        "from the output is 'not persisted, expected by its truth label', not lost. Default: the kinds the "
+        "built-in validator rejects by default (every kind but offset_timestamp, epoch_seconds, epoch_millis, "
+        "out_of_order and extra_fields). An anomaly's own expect: decides for its kind.",
     )
 
     @model_validator(mode="after")
@@ -679,7 +745,7 @@ class ExternalSystem(Frozen):
             if not self.command:
                 raise ValueError("expected command (what to run), or attach: true for one already running")
             if self.ready is None:
-                raise ValueError("expected ready (log, port or file): how the bench knows it has subscribed")
+                raise ValueError("expected ready (log, port, file or subscribed): how the bench knows it is ready")
             args = [self.command] if isinstance(self.command, str) else list(self.command)
             for i, arg in enumerate(args):
                 _check_placeholders(arg, f"command[{i}]" if not isinstance(self.command, str) else "command")
@@ -687,6 +753,44 @@ class ExternalSystem(Frozen):
                 if not value.startswith("${"):
                     _check_placeholders(value, f"env.{key}")
         return self
+
+    @field_validator("database")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if value is None or value.startswith("${"):
+            return value
+        if "://" not in value:
+            raise ValueError("expected a SQLAlchemy URL such as postgresql+psycopg://user@127.0.0.1:5432/db")
+        problem = url_credential_problem(value)
+        if problem is not None:
+            raise ValueError(
+                f"expected no password in the URL ({problem}); put the whole URL in an environment variable "
+                "and write ${DB_URL}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _database_given(self) -> ExternalSystem:
+        used = sorted(set().union(*(_placeholders_in(text) for text in self.texts())) & SQL_PLACEHOLDERS)
+        if used and self.database is None:
+            raise ValueError(
+                f"{{{used[0]}}} stands for database, which is not set; expected database: the SQLAlchemy URL of "
+                "the database the system writes to"
+            )
+        return self
+
+    def texts(self, *, given_to_it: bool = False) -> list[str]:
+        """Its settings that take placeholders; ``given_to_it``: only what the system itself sees (command, env)."""
+        command = [self.command] if isinstance(self.command, str) else list(self.command or ())
+        out = [*command, *(v for v in self.env.values() if not v.startswith("${"))]
+        if given_to_it:
+            return out
+        for where in (self.output, self.rejects):
+            if where is not None:
+                out += [t for t in (where.url, where.path) if t is not None]
+        if self.ready is not None and self.ready.file is not None:
+            out.append(self.ready.file)
+        return out
 
     def argv(self) -> list[str]:
         return shlex.split(self.command) if isinstance(self.command, str) else list(self.command or ())
@@ -878,11 +982,29 @@ class Scenario(Frozen):
                     "or external with a command the bench starts, got "
                     + ("external with attach: true" if ext is not None and ext.attach else self.system.kind)
                 )
-            if self.system.kind == "external" and isinstance(fault, DbOutageFault | DiskFullFault | SinkErrorFault):
+            if self.system.kind == "external" and isinstance(fault, DiskFullFault | SinkErrorFault):
                 raise ValueError(
-                    f"faults[{i}]: {fault.kind} acts on the built-in pipeline's storage (pipeline.sql, "
-                    "pipeline.parquet, pipeline.fault_injection); not available for system.kind external"
+                    f"faults[{i}]: {fault.kind} acts on the built-in pipeline's storage (pipeline.parquet, "
+                    "pipeline.fault_injection); not available for system.kind external"
                 )
+            if isinstance(fault, DbOutageFault) and ext is not None:
+                given = set().union(*(_placeholders_in(t) for t in ext.texts(given_to_it=True)))
+                problem = None
+                if ext.attach:
+                    problem = "attach: true (the bench must start it to point it at its proxy)"
+                elif ext.database is None:
+                    problem = "no database"
+                elif ext.database.startswith("sqlite"):
+                    problem = "SQLite (a file: it has no outage)"
+                elif not given & SQL_PLACEHOLDERS:
+                    # A system that finds its database by itself would never go through the proxy.
+                    problem = "a command and env without {sql_url}, {sql_host} or {sql_port}"
+                if problem is not None:
+                    raise ValueError(
+                        f"faults[{i}]: db_outage cuts the system off its database through the bench's proxy; "
+                        "expected system.external.database with a server URL (PostgreSQL or MySQL), given to a "
+                        f"command the bench starts as {{sql_url}} (or {{sql_host}} and {{sql_port}}), got {problem}"
+                    )
             if isinstance(fault, BrokerRestartFault | BrokerPartitionFault) and self.transport.kind != "mqtt":
                 raise ValueError(
                     f"faults[{i}]: {fault.kind} acts on the MQTT broker; expected transport.kind mqtt, "
@@ -893,8 +1015,10 @@ class Scenario(Frozen):
                     f"faults[{i}]: broker_restart restarts a broker the bench started; expected "
                     "transport.mqtt.broker embedded or mosquitto, got a URL"
                 )
-            if isinstance(fault, DbOutageFault) and (
-                self.pipeline.sql is None or self.pipeline.sql.url.startswith("sqlite")
+            if (
+                isinstance(fault, DbOutageFault)
+                and ext is None
+                and (self.pipeline.sql is None or self.pipeline.sql.url.startswith("sqlite"))
             ):
                 raise ValueError(
                     f"faults[{i}]: db_outage cuts the pipeline off its SQL database; expected pipeline.sql with "

@@ -24,15 +24,22 @@ from types import TracebackType
 
 from simulators.errors import BrokerStartError
 
+SUBSCRIBE_LOG_TOPIC = "$SYS/broker/log/M/subscribe"
+"""Where a broker reports each SUBSCRIBE as it happens: Mosquitto's topic with ``log_dest topic`` and
+``log_type subscribe`` (payload ``<epoch s>: <client id> <qos> <filter>``), and the embedded broker's too."""
+
 
 async def _serve(host: str, port: int) -> None:
     from amqtt.broker import Broker
 
     config = {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        # Only anonymous auth: the default plugin set also publishes $SYS topics
-        # and logs every packet, which costs throughput and tells us nothing.
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        # Anonymous auth and the subscribe log: amqtt's default plugin set also publishes $SYS statistics and
+        # logs every packet, which costs throughput and tells us nothing.
+        "plugins": {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+            "simulators.broker_plugins.SubscribeLog": {},
+        },
     }
     broker = Broker(config)
     await broker.start()

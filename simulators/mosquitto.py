@@ -63,6 +63,10 @@ class ManagedMosquitto:
             "persistence true\n"
             f"persistence_location {self.folder}/\n"
             f"log_dest file {self.folder / 'mosquitto.log'}\n"
+            # Each SUBSCRIBE also on $SYS/broker/log/M/subscribe, as it happens: how the bench sees a system
+            # under test subscribe (ready: subscribed). Naming one log_type replaces the defaults: all listed.
+            "log_dest topic\n"
+            "log_type error\nlog_type warning\nlog_type notice\nlog_type information\nlog_type subscribe\n"
             # What a pipeline that is down must find waiting when it comes back: no silent drops.
             f"max_queued_messages {self.max_queued}\n"
             "max_queued_bytes 0\n",

@@ -17,6 +17,7 @@ counted by its reason in :attr:`PacedPublisher.not_sent`, never dropped silently
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from urllib.parse import quote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.properties import Properties
 
 from pipeline.clock import Clock
 from simulators.errors import SimulatorError
@@ -80,6 +82,47 @@ def describe_not_sent(not_sent: dict[str, int], *, window: int, stall_timeout_s:
         for reason, n in sorted(not_sent.items(), key=lambda kv: -kv[1])
     ]
     return f"MQTT publisher did not send {total:,} messages: " + ", ".join(parts)
+
+
+class UserProperty(Properties):
+    """The PUBLISH properties ``name: value`` (one MQTT 5 user property), packed once, here.
+
+    paho only calls ``pack()`` on a publish's properties. Its own :class:`Properties` builds two dictionaries
+    per object and packs by scanning every property name: about 64 us a message against 3 us for this (measured
+    on the bench's 2-core machine), which a publisher sending 10,000 msg/s cannot spare.
+    """
+
+    __slots__ = ("_packed",)
+
+    def __init__(self, name: str, value: str) -> None:  # no super().__init__: nothing of it is used
+        body = _USER_PROPERTY + _utf8(name) + _utf8(value)
+        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+
+    def pack(self) -> bytes:
+        packed: bytes = object.__getattribute__(self, "_packed")
+        return packed
+
+    def __repr__(self) -> str:
+        return f"UserProperty({self.pack()!r})"
+
+
+_USER_PROPERTY = b"\x26"
+"""MQTT 5 property identifier 38: User Property, a UTF-8 string pair."""
+
+
+def _utf8(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("!H", len(data)) + data
+
+
+def _varint(n: int) -> bytes:
+    """MQTT's variable byte integer (the properties' length)."""
+    out = bytearray()
+    while True:
+        n, digit = n >> 7, n & 0x7F
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def topic_segment(machine: str) -> str:
@@ -195,7 +238,9 @@ class PacedPublisher:
         client_id: str | None = None,
         window: int = DEFAULT_WINDOW,
         stall_timeout_s: float = STALL_TIMEOUT_S,
+        seq_property: str | None = None,
     ) -> None:
+        """``seq_property``: connect with MQTT 5 and send each message's seq as a user property of that name."""
         parts = urlsplit(url)
         if not parts.hostname:
             raise SimulatorError(f"expected a broker URL like mqtt://127.0.0.1:1883, got {url!r}")
@@ -222,8 +267,11 @@ class PacedPublisher:
         self._waits = 0
         self._wait_ns = 0
         self._wait_max_ns = 0
+        self.seq_property = seq_property
         self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id or f"iiot-bench-pub-{uuid.uuid4().hex[:8]}"
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"iiot-bench-pub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5 if seq_property is not None else mqtt.MQTTv311,
         )
         if username is not None:
             self._client.username_pw_set(username, password)
@@ -268,6 +316,11 @@ class PacedPublisher:
         self._client.loop_start()
         if not self._connected.wait(timeout_s) or self._refused:
             self._client.loop_stop()
+            if self.seq_property is not None and self._refused is not None and "protocol" in self._refused.lower():
+                raise SimulatorError(
+                    f"MQTT broker {self.host}:{self.port} does not speak MQTT 5 ({self._refused}): "
+                    "transport.mqtt.seq_property needs it; use a broker such as Mosquitto"
+                )
             raise SimulatorError(
                 f"MQTT broker {self.host}:{self.port} did not accept the publisher: {self._refused or 'no CONNACK'}"
             )
@@ -285,13 +338,15 @@ class PacedPublisher:
         The others are counted in :attr:`not_sent` by reason (except those left when ``stop`` is set).
         """
         windowed = self.qos > 0
+        name = self.seq_property
 
         def send(message: Message) -> bool:
             topic = self.topic_pattern.format(machine=topic_segment(message.machine), seq=message.seq)
             if windowed and not self._take_slot(stop):
                 return False
+            props = UserProperty(name, str(message.seq)) if name is not None else None
             try:
-                info = self._client.publish(topic, message.payload, qos=self.qos)
+                info = self._client.publish(topic, message.payload, qos=self.qos, properties=props)
             except BaseException:
                 if windowed:
                     self._release_slot(acked=False)

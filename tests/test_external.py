@@ -276,15 +276,3 @@ def test_the_seq_can_travel_in_the_topic(tmp_path: Path, write_scenario: Callabl
     outcome = _run(_scenario(tmp_path, write_scenario, text, TOPIC_MINI), tmp_path)
     assert outcome.ok, outcome.problems()
     assert outcome.ledger.persisted == outcome.ledger.sent == 400
-
-
-def test_load_and_capacity_refuse_an_external_system_instead_of_measuring_the_built_in_one(
-    tmp_path: Path, write_scenario: Callable[[str], Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    from bench.cli import main
-
-    path = _scenario(tmp_path, write_scenario, SCENARIO + "capacity: {rates: [100], step: 5s}\n")
-    for command in ("capacity", "load"):
-        assert main([command, str(path), "--out", str(tmp_path / command)]) == 2
-        err = capsys.readouterr().err
-        assert "system.kind" in err and "not supported yet" in err and "Traceback" not in err, err

@@ -14,6 +14,7 @@ stdout, one JSON object per line: ``{"ready": true}`` once connected; then it
 reads the run's epoch (ns) as one line on stdin and starts; ``{"sent": n}`` every
 ``sample_every_s``; ``{"done": true}`` after the final record is written to
 ``final_path`` (``seq, intended_ns, sent_ns`` triples, int64, in ``final_path + ".sent"``).
+With ``seq_property`` in the config, it speaks MQTT 5 and sends each seq as a user property of that name too.
 The final record counts messages of the share that were not sent, by reason
 (``not_sent``; also one line on stderr), and the publish window's statistics
 (``window``: at QoS > 0 a send waits for room in it, which is part of its send lag).
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         config["qos"],
         client_id=config["client_id"],
         window=int(config.get("window", DEFAULT_WINDOW)),
+        # transport.mqtt.seq_property: MQTT 5, the seq as a user property of this name (absent: MQTT 3.1.1).
+        seq_property=config.get("seq_property"),
     )
     try:
         publisher.connect()

@@ -300,6 +300,7 @@ class _Step:
                 "topic": mq.topic_for_run(self.run_id),
                 "qos": mq.qos,
                 "client_id": f"{self.run_id}-publisher-{p}",
+                "seq_property": mq.seq_property,
                 "share": p,
                 "shares": cap.publishers,
                 "final_path": str(self.step_dir / f"publisher-{p}.json"),

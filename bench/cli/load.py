@@ -19,7 +19,7 @@ from bench.cli.args import broker_url, count, positive_int
 if TYPE_CHECKING:
     from bench.harness.progress import LoadProgress
     from bench.load.runner import LoadOptions, LoadOutcome
-    from bench.results.model import Results
+    from bench.results.model import Results, SystemPart
     from bench.scenario import LoadedScenario
 
 
@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "load",
         help="run a scenario with locust (master + N worker processes) as the load engine",
         description="Replay a scenario's stream with locust (a local master and N worker processes) into the "
-        "pipeline under test, then read back and reconcile the ledger. Locust's response time is the publish "
+        "pipeline under test (the built-in one, or the scenario's system.kind external), then read back and "
+        "reconcile the ledger. Locust's response time is the publish "
         "acknowledgement; end-to-end latency comes from the read-back. See docs/load.md.",
     )
     p.add_argument("scenario", type=Path, help="scenario YAML file (transport mqtt or opcua)")
@@ -137,9 +138,11 @@ def command(args: argparse.Namespace) -> int:
 
 def _info(p: LoadProgress) -> str:
     when = f"{p.elapsed_s:6.1f}s" if p.elapsed_s >= 0 else "   -  "
+    # An external system's buffer is out of the bench's sight (backlog -1): its output is all there is.
+    backlog = f"  not yet durable {p.backlog:,}" if p.backlog >= 0 else ""
     return (
         f"{when} {p.stage:<26} locust requests {p.locust_requests:,}  received {p.received:,}/{p.planned:,}  "
-        f"persisted {p.persisted:,}  rejected {p.rejected:,}  not yet durable {p.backlog:,}"
+        f"persisted {p.persisted:,}  rejected {p.rejected:,}{backlog}"
     )
 
 
@@ -204,8 +207,12 @@ def summary_table(results: Results) -> Any:
         ),
         ("offered msg/s", f"{v.throughput.offered_per_s:,.1f}"),
         ("sent msg/s", f"{v.throughput.sent_per_s:,.1f}"),
-        ("persisted msg/s", f"{v.throughput.persisted_per_s:,.1f}"),
-        ("end-to-end p50 / p99 / max ms", " / ".join(ms(x) for x in (e2e.p50, e2e.p99, e2e.max))),
+        ("persisted msg/s", ms(v.throughput.persisted_per_s)),
+        (
+            "end-to-end p50 / p99 / max ms",
+            " / ".join(ms(x) for x in (e2e.p50, e2e.p99, e2e.max)) + _resolution(v.system),
+        ),
+        *_system_rows(v.system),
         ("send lag p50 / p99 ms", " / ".join(ms(x) for x in (lag.p50, lag.p99))),
         (f"locust {load.locust.sends or 'requests'} (failures)", f"{loc.requests:,} ({loc.failures:,})"),
         ("  locust requests/s (over the whole test)", ms(loc.requests_per_s)),
@@ -218,3 +225,30 @@ def summary_table(results: Results) -> Any:
         table.add_row(label, value)
     table.caption = "locust response time = publish acknowledgement (PUBACK / Write response), not end-to-end"
     return table
+
+
+def _resolution(system: SystemPart | None) -> str:
+    """How an external system's durable times were known: beside the latency, so a watched figure is not read as
+    finer than its polling interval."""
+    if system is None or system.durable_from is None:
+        return ""
+    if system.durable_from == "column":
+        return " (its durable_at column)"
+    return f" (watched every {system.durable_resolution_ms or 0:,.0f} ms)"
+
+
+def _system_rows(system: SystemPart | None) -> list[tuple[str, str]]:
+    """An external system's process tree: starts, CPU and memory (null for one the bench attached to)."""
+    if system is None or system.kind != "external":
+        return []
+    codes = ", ".join("-" if c is None else str(c) for c in system.exit_codes) or "-"
+    every = f" (sampled every {system.resources_every_s:g} s)" if system.resources_every_s else ""
+    return [
+        ("external system starts (exit codes)", f"{system.starts} ({codes})"),
+        ("  CPU s / 1k msgs (CPU s)", f"{_fmt(system.cpu_s_per_1k, '{:,.3f}')} ({_fmt(system.cpu_s, '{:,.2f}')})"),
+        ("  peak RSS MB", _fmt(system.peak_rss_mb, "{:,.0f}") + every),
+    ]
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)

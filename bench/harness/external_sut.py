@@ -30,11 +30,13 @@ from urllib.parse import urlsplit
 
 from bench.errors import ScenarioError, ServiceError
 from bench.harness.ledger import ReadBack
+from bench.harness.rig import external_database, sql_placeholders
 from bench.harness.sut import Output, SourceSpec, log_tail
-from bench.scenario import ExternalSystem, OutputSettings
+from bench.scenario import READY_SIGNALS, ExternalSystem, OutputSettings
 from pipeline.clock import Clock
 from pipeline.config import resolve_env
 from pipeline.errors import ConfigError
+from simulators.subscriptions import Mark, SubscriptionWatch
 
 STOP_TIMEOUT_S = 30.0
 WATCH_EVERY_S = 0.05
@@ -43,11 +45,12 @@ SQL_WATCH_EVERY_S = 0.5
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 
 
-def placeholders(sources: Sequence[SourceSpec], out_dir: Path) -> dict[str, str]:
-    """What the bench fills into the command, environment and output paths."""
+def placeholders(sources: Sequence[SourceSpec], out_dir: Path, sql_url: str | None = None) -> dict[str, str]:
+    """What the bench fills into the command, environment and output paths; ``sql_url``: its database's URL
+    (system.external.database, or the bench's proxy in front of it), split into host and port too."""
     values = {"broker_url": "", "host": "", "port": "", "topic": "", "opcua_url": "", "out_dir": str(out_dir)}
     # The bench's own interpreter: a Python pipeline runs with what the bench's environment has installed.
-    values.update(sql_url="", python=sys.executable)
+    values.update(sql_placeholders(sql_url), python=sys.executable)
     for spec in sources:
         url = str(getattr(spec.settings, "url", ""))
         if url.startswith(("mqtt://", "tcp://")):
@@ -360,11 +363,17 @@ class _Resources:
 class ExternalPipeline:
     """The user's pipeline as a system under test (see the module's doc)."""
 
-    def __init__(self, spec: ExternalSystem, scenario_dir: Path, out_dir: Path, clock: Clock) -> None:
-        self.spec, self.out_dir, self.clock = spec, out_dir, clock
+    def __init__(
+        self, spec: ExternalSystem, scenario_dir: Path, out_dir: Path, clock: Clock, *, sql_url: str | None = None
+    ) -> None:
+        """``sql_url``: what it is given as {sql_url} instead of its database's own URL (the bench's proxy in
+        front of the database during a db_outage); the bench itself reads back from the database directly."""
+        self.spec, self.out_dir, self.clock, self.given_sql_url = spec, out_dir, clock, sql_url
         self.cwd = (scenario_dir / spec.cwd).resolve() if spec.cwd else scenario_dir.resolve()
         self.log_path = out_dir / "system.log"
         self.values: dict[str, str] = {}
+        self.direct_values: dict[str, str] = {}
+        """The placeholders as the bench fills them for itself (the read-back): the database's own address."""
         self.starts: list[_Process] = []
         self.exit_codes: list[int | None] = []
         self._log: IO[bytes] | None = None
@@ -372,15 +381,22 @@ class ExternalPipeline:
         self.rejects: _Watcher | None = None
         self.resources = _Resources(clock)
         self._usage: dict[str, float] | None = None
+        self._subscriptions: SubscriptionWatch | None = None
+        """ready: subscribed: the broker's view of new subscriptions, and where it stood at the last start."""
+        self._subscriptions_mark: Mark | None = None
 
     # -- the protocol ---------------------------------------------------------------------------------------
 
     def start(self, sources: Sequence[SourceSpec]) -> None:
-        self.values = placeholders(sources, self.out_dir)
+        database = external_database(self.spec)
+        self.values = placeholders(sources, self.out_dir, self.given_sql_url or database)
+        self.direct_values = {**self.values, **sql_placeholders(database)}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.watcher = self._watcher(self.spec.output, "output")
         if self.spec.rejects is not None:
             self.rejects = self._watcher(self.spec.rejects, "rejects")
+        if not self.spec.attach and self.spec.ready is not None and self.spec.ready.subscribed:
+            self._subscriptions = self._watch_subscriptions(sources, self.spec.ready.timeout)
         if not self.spec.attach:
             self._spawn()
         self.watcher.start()
@@ -398,6 +414,9 @@ class ExternalPipeline:
             self._usage = self.resources.stop()
         if self.watcher is not None:
             self.watcher.stop()
+        if self._subscriptions is not None:
+            self._subscriptions.close()
+            self._subscriptions = None
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -476,19 +495,21 @@ class ExternalPipeline:
         return bool(self.starts) and self.starts[-1].proc.poll() is None
 
     def _watcher(self, out: OutputSettings, where: str) -> _Watcher:
+        # Filled with the database's own address, not the proxy's: the read-back must not suffer a db_outage.
+        direct = self.direct_values
         if out.format != "sql":
-            return _Watcher(out, self._fill(out.path or "", f"{where}.path"), self.clock)
+            return _Watcher(out, self._fill(out.path or "", f"{where}.path", direct), self.clock)
         url = out.url or ""
         if _ENV_REF.match(url):
             try:
                 url = resolve_env(url, f"system.external.{where}.url") or ""
             except ConfigError as exc:
                 raise ScenarioError(str(exc)) from None
-        return _Watcher(out, self._fill(url, f"{where}.url"), self.clock)
+        return _Watcher(out, self._fill(url, f"{where}.url", direct), self.clock)
 
-    def _fill(self, text: str, where: str) -> str:
+    def _fill(self, text: str, where: str, values: dict[str, str] | None = None) -> str:
         try:
-            return text.format(**self.values)
+            return text.format(**(self.values if values is None else values))
         except (KeyError, IndexError, ValueError) as exc:
             raise ScenarioError(f"system.external.{where}: {exc}") from None
 
@@ -527,6 +548,8 @@ class ExternalPipeline:
         ready = self.spec.ready
         assert ready is not None  # the scenario refuses a command without ready
         pattern = re.compile(ready.log) if ready.log is not None else None
+        if self._subscriptions is not None:
+            self._subscriptions_mark = self._subscriptions.mark()  # only a subscription after this start counts
         process = _Process(self._argv(), self.cwd, self._env(), self._log, pattern)
         self.starts.append(process)
         self.resources.watch(process.proc.pid)
@@ -542,8 +565,9 @@ class ExternalPipeline:
             "log": process.ready.is_set,
             "port": lambda: _port_open(ready.port or 0),
             "file": lambda: Path(self._fill(ready.file or "", "ready.file")).exists(),
+            "subscribed": self._subscribed,
         }
-        what = next(k for k in ("log", "port", "file") if getattr(ready, k) is not None)
+        what = next(k for k in READY_SIGNALS if getattr(ready, k) is not None)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if checks[what]():
@@ -551,7 +575,33 @@ class ExternalPipeline:
             if process.proc.poll() is not None:
                 return f"exited with code {process.proc.returncode} before it was ready"
             time.sleep(0.05)  # polling another process's signs of life
+        if self._subscriptions is not None:
+            seen = self._subscriptions.explain(self._subscriptions_mark)
+            return f"was not ready within {timeout_s:g} s (system.external.ready.subscribed: {seen})"
         return f"was not ready within {timeout_s:g} s (ready: {what} {getattr(ready, what)!r})"
+
+    def _subscribed(self) -> bool:
+        watch, mark = self._subscriptions, self._subscriptions_mark
+        return watch is not None and mark is not None and watch.seen_since(mark)
+
+    def _watch_subscriptions(self, sources: Sequence[SourceSpec], timeout_s: float) -> SubscriptionWatch:
+        """Watch the broker the system subscribes at, once it has shown how it reports subscriptions."""
+        where = "system.external.ready.subscribed"
+        url = self.values["broker_url"]
+        mqtt = next((s.settings for s in sources if str(getattr(s.settings, "url", "")) == url), None)
+        if mqtt is None or not url:
+            raise ScenarioError(f"{where}: needs an MQTT transport (a broker to watch); use ready: log, port or file")
+        try:
+            username = resolve_env(getattr(mqtt, "username", None), "transport.mqtt.username")
+            password = resolve_env(getattr(mqtt, "password", None), "transport.mqtt.password")
+        except ConfigError as exc:
+            raise ScenarioError(str(exc)) from None
+        watch = SubscriptionWatch(url, self.values["topic"], username=username, password=password)
+        watch.start()
+        if not watch.settle(timeout_s):
+            watch.close()
+            raise ServiceError(f"{where}: within {timeout_s:g} s, {watch.explain()}")
+        return watch
 
     def _end(self, how: signal.Signals, timeout_s: float) -> None:
         if not self.starts:

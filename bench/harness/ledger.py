@@ -1,5 +1,9 @@
 """The ledger: every message sent is persisted, rejected with a reason, dropped by a named policy, or lost.
 
+An external system that keeps no trace of what it refuses adds one more place a message can be: not persisted,
+as its truth label says it should not be (:func:`set_aside_expected`); only a message that should have been
+stored and is found nowhere is lost.
+
 ``persisted`` and ``rejected`` are read back from the files the sinks wrote,
 never taken from the pipeline's counters: a counter can say 1,000 while a
 file holds 999.
@@ -10,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +71,10 @@ class Ledger:
     unreadable_files: list[str] = field(default_factory=list)
     """``path: error`` of Parquet files that could not be read. Whatever they held is missing from the counts,
     so the ledger cannot reconcile while there is one, even when the sum happens to add up."""
+    not_persisted_expected: int | None = None
+    """External systems: sends found nowhere whose truth label says they should not be stored (bad input a
+    pipeline may drop without a trace); None for the built-in pipeline, whose decisions are scored instead."""
+    not_persisted_by_truth: dict[str, int] | None = None
 
     @property
     def reconciled(self) -> bool:
@@ -76,7 +84,8 @@ class Ledger:
             and self.unexpected == 0
             and not self.unfinalised_files
             and not self.unreadable_files
-            and self.sent == self.persisted + self.rejected + self.dropped + self.lost
+            and self.sent
+            == self.persisted + self.rejected + self.dropped + self.lost + (self.not_persisted_expected or 0)
         )
 
     def problems(self) -> list[str]:
@@ -100,8 +109,27 @@ class Ledger:
         ``reconciled`` still counts them."""
         data = asdict(self)
         del data["unreadable_files"]
+        if self.not_persisted_expected is None:  # the built-in pipeline: nothing set aside, nothing to say
+            del data["not_persisted_expected"], data["not_persisted_by_truth"]
         data["reconciled"] = self.reconciled
         return data
+
+
+def set_aside_expected(ledger: Ledger, by_truth: dict[str, int], still_missing: Iterable[int]) -> Ledger:
+    """``ledger`` with the sends ``by_truth`` counts (found nowhere, their truth label saying they should not be
+    stored) moved from lost to ``not_persisted_expected``; ``still_missing`` are the seqs left lost.
+
+    Never more than was lost: the two counts come from the same read-back, and a disagreement must leave a loss
+    showing rather than hide one.
+    """
+    moved = min(sum(by_truth.values()), ledger.lost)
+    return replace(
+        ledger,
+        lost=ledger.lost - moved,
+        not_persisted_expected=moved,
+        not_persisted_by_truth={t: n for t, n in sorted(by_truth.items()) if n},
+        missing_seq_sample=sorted(still_missing)[:MISSING_SAMPLE],
+    )
 
 
 def payload_key(payload: bytes) -> bytes:

@@ -64,7 +64,7 @@ from bench.harness.probes import (
 from bench.harness.process_sut import ProcessPipeline
 from bench.harness.progress import Progress
 from bench.harness.rig import FaultRig
-from bench.harness.scoring import Decision, expect, read_outcomes, score
+from bench.harness.scoring import Decision, expect, judge_external, read_outcomes, score
 from bench.harness.session import (
     QUIET_S,
     BrokerSet,
@@ -477,7 +477,13 @@ class _VariantRun:
         self.sut: InProcessPipeline | ProcessPipeline | ExternalPipeline
         try:
             if self.sc.system.external is not None:
-                self.sut = ExternalPipeline(self.sc.system.external, loaded.path.parent, out_dir, self.clock)
+                self.sut = ExternalPipeline(
+                    self.sc.system.external,
+                    loaded.path.parent,
+                    out_dir,
+                    self.clock,
+                    sql_url=self.rig.external_sql_url,  # the proxy in front of its database, for a db_outage
+                )
             elif self.sc.system.kind == "process":
                 self.sut = ProcessPipeline(self.settings, out_dir)
             else:
@@ -536,6 +542,7 @@ class _VariantRun:
                     client_id=f"{self.run_id}-publisher",
                     username=creds.mqtt_username,
                     password=creds.mqtt_password,
+                    seq_property=mq.seq_property,
                 )
                 session.on_close(publisher.close)
                 publisher.connect()
@@ -745,14 +752,30 @@ class _VariantRun:
                 sql_back["check"] = f"MISMATCH, named by {', '.join(named)} (not promised)"
             elif problem:
                 errors.append(problem)
-        # Scoring reads the built-in pipeline's columns; an external system's truth labels are not scored yet.
+        # Scoring reads the built-in pipeline's columns. An external system is judged by truth label alone: a
+        # message missing from its output is lost only when its truth says it should have been stored.
         scored = self.sc.anomalies and not isinstance(self.sut, ExternalPipeline)
         validation = self.validation(output, sends, anomalous, ledger, errors) if scored else None
+        truth = None
+        if self.sc.system.external is not None:
+            ledger, truth = judge_external(
+                ledger,
+                output.back,
+                sends.seqs,
+                anomalous,
+                expect_rejected=self.sc.system.external.expect_rejected,
+                anomaly_expect={a.kind: a.expect for a in self.sc.anomalies if a.expect is not None},
+                rejects_kept=self.sc.system.external.rejects is not None,
+            )
+            accounting = Accounting(ledger, accounting.e2e)
         send_lag = Recorder()
         for log in self.logs:
             send_lag.merge(log.lag)
         measured = _Measured(extras, opcua, publisher, sending, output, accounting, send_lag, validation, errors)
-        return self.result(measured), ledger, errors
+        result = self.result(measured)
+        if truth is not None:
+            result["truth"] = truth
+        return result, ledger, errors
 
     def fault_windows(self) -> list[FaultWindow]:
         """Each fault that happened, with whether this configuration promised to survive it (see

@@ -16,7 +16,7 @@ import json
 import math
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bench.harness.ledger import Ledger, ReadBack, set_aside_expected
 from pipeline.config import ValidateSettings
 from simulators.stream import Message
 
@@ -411,3 +412,208 @@ def score(
                 if len(result.sample) < MISMATCH_SAMPLE:
                     result.sample.append({"seq": seq, "truth": message.truth, "problem": problem})
     return result
+
+
+# ----------------------------------------------------------------------------- an external system
+
+EXPECTED_NOT_PERSISTED: frozenset[str] = frozenset(
+    {
+        # Nothing storable: every policy rejects these (_ALWAYS_REJECTED).
+        *_ALWAYS_REJECTED,
+        # Rejected by the built-in validator's default policies (docs/validation.md), for reasons any careful
+        # validator shares: too large, ambiguous, impossible, from a stranger, or a copy of what was stored.
+        "oversize",
+        "duplicate_key",
+        "number_as_string",
+        "out_of_range",
+        "mileage_backwards",
+        "future_timestamp",
+        "far_past",
+        "naive_timestamp",
+        "dst_ambiguous",
+        "dst_nonexistent",
+        "duplicate",
+        "late",
+        "unknown_machine",
+        "hostile_id",
+        "status_uncertain",
+        "status_bad",
+    }
+)
+"""Truth labels whose message an external system may leave out of its output without that being a loss: the
+classes the built-in validator rejects under its default policies. The rest (``valid``, ``offset_timestamp``,
+``epoch_seconds``, ``epoch_millis``, ``out_of_order``, ``extra_fields``) name a reading that should be stored,
+repaired if need be: missing from the output, it is lost. A scenario replaces the set with
+``system.external.expect_rejected``, and an anomaly's own ``expect:`` decides for its class."""
+
+TRUTH_FINDINGS_SHOWN = 5
+"""Classes named per finding line: the rest are in results.json's ``truth.classes``."""
+
+
+def expected_not_persisted(
+    override: Iterable[str] | None, anomaly_expect: dict[str, Decision] | None = None
+) -> frozenset[str]:
+    """The truth labels counted as expected not to be persisted: the scenario's list or the default, then each
+    anomaly's own ``expect:`` (rejected: expected not persisted; accepted or repaired: expected stored)."""
+    labels = set(EXPECTED_NOT_PERSISTED if override is None else override)
+    for truth, decision in (anomaly_expect or {}).items():
+        if decision == "rejected":
+            labels.add(truth)
+        else:
+            labels.discard(truth)
+    labels.discard("valid")  # a clean reading is always expected to be stored
+    return frozenset(labels)
+
+
+def sent_truths(seqs: Iterable[int], anomalous: dict[int, list[Message]]) -> Iterator[tuple[int, list[str]]]:
+    """The truth label of every send of each seq: a clean seq once ``valid``; a seq sent again on purpose (the
+    ``duplicate`` anomaly) ``valid`` and then its copies' labels; an anomalous seq its own label."""
+    for seq in seqs:
+        sent = anomalous.get(seq)
+        if sent is None:
+            yield seq, ["valid"]
+        elif all(m.copy for m in sent):
+            yield seq, ["valid", *(m.truth for m in sent)]
+        else:
+            yield seq, [m.truth for m in sent]
+
+
+@dataclass
+class TruthTally:
+    """Per truth label, what an external system's output shows of the messages carrying it."""
+
+    expected: frozenset[str]
+    rejects_kept: bool
+    classes: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    """truth -> outcome (``sent``, ``persisted``, ``rejected``, ``dropped``, ``not_persisted``, ``lost``) -> n."""
+    reasons: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    """truth -> the system's own reject reason -> n."""
+    missing: list[int] = field(default_factory=list)
+    """Seqs with a send that should have been stored and was found nowhere (lost)."""
+
+    @property
+    def not_persisted(self) -> Counter[str]:
+        return Counter({t: c["not_persisted"] for t, c in self.classes.items() if c["not_persisted"]})
+
+    @property
+    def accepted_bad_input(self) -> dict[str, int]:
+        """Messages the truth says should not be stored as sent, stored anyway."""
+        return {t: c["persisted"] for t, c in sorted(self.classes.items()) if t in self.expected and c["persisted"]}
+
+    @property
+    def refused_good_input(self) -> dict[str, int]:
+        """Messages the truth says should be stored, in the system's rejects instead."""
+        return {t: c["rejected"] for t, c in sorted(self.classes.items()) if t not in self.expected and c["rejected"]}
+
+    def findings(self) -> list[str]:
+        """The figures a reader must see though they fail nothing: the bench cannot know the system's policy."""
+        out = []
+        for what, counts in (
+            ("persisted despite truth label", self.accepted_bad_input),
+            ("refused though the truth label says store", self.refused_good_input),
+        ):
+            if counts:
+                shown = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+                named = ", ".join(f"{t} {n:,}" for t, n in shown[:TRUTH_FINDINGS_SHOWN])
+                more = (
+                    f", {len(shown) - TRUTH_FINDINGS_SHOWN} more class(es)" if len(shown) > TRUTH_FINDINGS_SHOWN else ""
+                )
+                out.append(f"{sum(counts.values()):,} {what}: {named}{more}")
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rejects_kept": self.rejects_kept,
+            "expected_not_persisted": sorted(self.expected),
+            "classes": {
+                truth: {
+                    "expected": "not_persisted" if truth in self.expected else "persisted",
+                    **{k: counts[k] for k in ("sent", "persisted", "rejected", "dropped", "not_persisted", "lost")},
+                    **({"reasons": dict(self.reasons[truth])} if self.reasons.get(truth) else {}),
+                }
+                for truth, counts in sorted(self.classes.items())
+            },
+            "accepted_bad_input": self.accepted_bad_input,
+            "refused_good_input": self.refused_good_input,
+            "findings": self.findings(),
+        }
+
+
+def tally_external(
+    sends: Iterable[tuple[int, list[str]]],
+    persisted_seqs: Iterable[int],
+    rejected: Iterable[tuple[int | None, str]],
+    dropped: dict[int, str],
+    expected: frozenset[str],
+    *,
+    rejects_kept: bool,
+) -> TruthTally:
+    """Pair each send with what the output shows of its seq, counted as the ledger counts (persisted first, then
+    rejected, then dropped, up to the number of sends), each outcome given to the send its truth fits best.
+
+    Within one seq, persisted rows go to sends whose truth says store, rejected rows to sends whose truth says
+    refuse; only then the other way round (a finding). A send found nowhere is ``not_persisted`` when its truth
+    says refuse, else ``lost``.
+    """
+    tally = TruthTally(expected, rejects_kept)
+    persisted_counts = Counter(persisted_seqs)
+    reasons_of: dict[int, list[str]] = defaultdict(list)
+    for seq, reason in rejected:
+        if seq is not None:
+            reasons_of[seq].append(reason)
+    for seq, truths in sends:
+        n = len(truths)
+        p = min(persisted_counts.get(seq, 0), n)
+        reasons = reasons_of.get(seq, [])[: n - p]
+        d = 1 if seq in dropped and p + len(reasons) < n else 0
+        good = [t for t in truths if t not in expected]
+        bad = [t for t in truths if t in expected]
+        good_p = min(p, len(good))
+        bad_p = p - good_p
+        bad_r = min(len(reasons), len(bad) - bad_p)
+        good_r = len(reasons) - bad_r
+        # In order: stored, refused, dropped, then missing; bad sends take the refusals first.
+        bad_outcomes = ["persisted"] * bad_p + ["rejected"] * bad_r
+        good_outcomes = ["persisted"] * good_p + ["rejected"] * good_r
+        bad_reasons, good_reasons = reasons[:bad_r], reasons[bad_r:]
+        if d:
+            (bad_outcomes if len(bad_outcomes) < len(bad) else good_outcomes).append("dropped")
+        bad_outcomes += ["not_persisted"] * (len(bad) - len(bad_outcomes))
+        good_outcomes += ["lost"] * (len(good) - len(good_outcomes))
+        for group, outcomes, kept in ((bad, bad_outcomes, bad_reasons), (good, good_outcomes, good_reasons)):
+            for truth, outcome in zip(group, outcomes, strict=True):
+                counts = tally.classes[truth]
+                counts["sent"] += 1
+                counts[outcome] += 1
+            for truth, reason in zip(
+                [t for t, o in zip(group, outcomes, strict=True) if o == "rejected"], kept, strict=True
+            ):
+                tally.reasons[truth][reason] += 1
+        if "lost" in good_outcomes:
+            tally.missing.append(seq)
+    return tally
+
+
+def judge_external(
+    ledger: Ledger,
+    back: ReadBack,
+    seqs: Iterable[int],
+    anomalous: dict[int, list[Message]],
+    *,
+    expect_rejected: Iterable[str] | None,
+    anomaly_expect: dict[str, Decision] | None,
+    rejects_kept: bool,
+) -> tuple[Ledger, dict[str, Any]]:
+    """An external system's ledger with the bad input it left out set aside from lost, and results.json's
+    ``truth`` (per truth label what its output shows, and the findings)."""
+    expected = expected_not_persisted(expect_rejected, anomaly_expect)
+    dropped = {s: r for s, r in zip(back.dropped_seqs, back.dropped_reasons, strict=True) if s is not None}
+    tally = tally_external(
+        sent_truths(seqs, anomalous),
+        back.persisted_seqs,
+        zip(back.rejected_seqs, back.rejected_reasons, strict=True),
+        dropped,
+        expected,
+        rejects_kept=rejects_kept,
+    )
+    return set_aside_expected(ledger, tally.not_persisted, tally.missing), tally.to_json()

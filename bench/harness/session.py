@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from bench.errors import ScenarioError, ServiceError
 from bench.harness.sut import SourceSpec, SystemUnderTest
-from bench.scenario import Scenario
+from bench.scenario import SEQ_PROPERTY_NEEDS_MQTT5, Scenario
 from pipeline.config import MqttSourceSettings, OpcUaSourceSettings, resolve_env
 from pipeline.errors import ConfigError, PipelineError
 from simulators.broker import EmbeddedBroker
@@ -103,6 +103,9 @@ class Transport(Protocol):
 def _mqtt(config: SessionConfig, stack: ExitStack, endpoints: Endpoints) -> None:
     mq, creds = config.scenario.transport.mqtt, config.credentials
     assert config.broker_url is not None
+    if mq.seq_property is not None and isinstance(config.broker, EmbeddedBroker):
+        # The scenario refuses it with broker: embedded; this catches --broker embedded on the command line.
+        raise ScenarioError(f"{config.scenario_path}: transport.mqtt.{SEQ_PROPERTY_NEEDS_MQTT5}")
     endpoints.mqtt_url = config.broker_url
     endpoints.mqtt_topic = mq.topic_for_run(config.run_id)
     # A crash-safe pipeline keeps its broker session across restarts and acknowledges only durable messages;

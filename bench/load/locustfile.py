@@ -70,7 +70,7 @@ from pipeline.config import resolve_env
 from pipeline.mqtt_source import parse_mqtt_url
 from simulators.anomalies import inject
 from simulators.opcua_server import reading_values
-from simulators.publisher import DEFAULT_WINDOW, REFILL, topic_segment
+from simulators.publisher import DEFAULT_WINDOW, REFILL, UserProperty, topic_segment
 from simulators.stream import Message, stream
 
 logger = logging.getLogger("iiot-bench.locust")
@@ -704,6 +704,7 @@ class MqttUser(_ReplayUser):
         self._last_ack = 0.0
         self._topic = ""
         self._qos = 1
+        self._seq_property: str | None = None
 
     def _connect(self) -> None:
         env, sc = self.environment, _REPLAY.scenario
@@ -716,7 +717,10 @@ class MqttUser(_ReplayUser):
         self._topic = (_option(env, "topic", "") or mq.topic).replace("{run}", _option(env, "run_id", "locust"))
         self._qos = mq.qos
         client_id = f"{_option(env, 'run_id', 'locust')}-{socket.gethostname()}-{os.getpid()}-{self._index}"
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id[:128])
+        # transport.mqtt.seq_property: MQTT 5, each seq also as a user property (the payload keeps it too).
+        self._seq_property = mq.seq_property
+        protocol = mqtt.MQTTv5 if mq.seq_property is not None else mqtt.MQTTv311
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id[:128], protocol=protocol)
         username = resolve_env(mq.username, "transport.mqtt.username")
         if username is not None:
             client.username_pw_set(username, resolve_env(mq.password, "transport.mqtt.password"))
@@ -752,7 +756,8 @@ class MqttUser(_ReplayUser):
         # Taken after any wait for room: that wait is part of the send lag.
         started, sent_ns = time.perf_counter(), _REPLAY.clock.now_ns()
         try:
-            info = self._client.publish(topic, message.payload, qos=self._qos)
+            props = UserProperty(self._seq_property, str(message.seq)) if self._seq_property is not None else None
+            info = self._client.publish(topic, message.payload, qos=self._qos, properties=props)
         except ValueError as exc:
             _REPLAY.log.fail(message)
             self._report("publish", started, size, exc)

@@ -15,6 +15,12 @@ Locust's response time is the publish acknowledgement (PUBACK, or the OPC UA
 Write response), not the end-to-end latency: that one comes from the read-back
 (durable time minus intended send time), under ``latency_ms.end_to_end``.
 
+With ``system.kind: external`` the system under test is the user's own program
+(:class:`~bench.harness.external_sut.ExternalPipeline`), started and stopped
+here as ``bench run`` does, drained by watching its output and reconciled from
+that output alone; what only the built-in pipeline can tell (flushes, lock
+waits, its counters) is then absent from the results, not zero.
+
 Locust monkey-patches the whole process with gevent when imported, so this
 module never imports it (nor the locustfile): locust runs in subprocesses.
 """
@@ -45,17 +51,18 @@ from numpy.typing import NDArray
 from bench.errors import ServiceError, UsageError
 from bench.harness import accounting
 from bench.harness import session as harness
+from bench.harness.external_sut import ExternalPipeline
 from bench.harness.ledger import Ledger
 from bench.harness.probes import (
     lock_summary,
 )
 from bench.harness.progress import LoadProgress
 from bench.harness.runner import make_run_dir, scenario_ref
-from bench.harness.sut import InProcessPipeline, SinkFault
+from bench.harness.sut import InProcessPipeline, Output, SinkFault
 from bench.results import SCHEMA_VERSION, environment
+from bench.results.model import SystemPart
 from bench.scenario import MANAGED_BROKERS, LoadedScenario, Scenario, SlowSinkFault, apply_overrides
 from pipeline.clock import MonotonicWallClock
-from pipeline.model import FlushStat
 from pipeline.probes import Recorder
 from simulators.stream import planned_count, total_duration_s
 
@@ -340,12 +347,25 @@ def _check_supported(loaded: LoadedScenario, sc: Scenario, broker: str | None) -
             f"{loaded.path}: transport.opcua.security: the locust OPC UA user writes without security; "
             "use bench run for Sign/SignAndEncrypt"
         )
-    if sc.system.kind != "in_process":
-        # Its subscribers are the built-in pipeline: a load run would measure that, not the scenario's system.
+    if sc.system.kind == "process":
+        # Its subscribers would be the in-process pipeline: a load run would measure that, not a worker process.
         raise UsageError(
-            f"{loaded.path}: system.kind: bench load drives the built-in pipeline; {sc.system.kind} is not "
-            "supported yet (use bench run)"
+            f"{loaded.path}: system.kind: bench load drives the built-in pipeline in its own process or an "
+            "external system; process is not supported yet (use bench run)"
         )
+    if sc.system.kind == "external":
+        if kind != "mqtt":
+            # An external system subscribes to a broker; the OPC UA users write into a plant server it never reads.
+            raise UsageError(
+                f"{loaded.path}: transport.kind: bench load feeds an external system over mqtt only (MqttUser), "
+                f"got {kind!r}"
+            )
+        slow = [f.kind for f in sc.faults if isinstance(f, SlowSinkFault)]
+        if slow:
+            raise UsageError(
+                f"{loaded.path}: faults: slow_sink slows the built-in pipeline's Parquet sink; not available "
+                "for system.kind external"
+            )
     timed = sorted({f.kind for f in sc.faults if not isinstance(f, SlowSinkFault)})
     if timed:
         # Timed faults are bench run's: its ledger names their losses per fault; a load run would ignore them.
@@ -514,13 +534,18 @@ class _LoadRun:
         self.samples: list[tuple[float, int, int]] = []
         self.epoch_ns: int | None = None
         self.broker_setting = options.broker or self.sc.transport.mqtt.broker
-        with harness.service_errors():
-            self.sut = InProcessPipeline(
-                self.settings,
-                self.run_dir,
-                self.clock,
-                SinkFault.of(self.sc),
-            )
+        self.sut: InProcessPipeline | ExternalPipeline
+        if self.sc.system.external is not None:
+            # The user's program, started by the session like bench run's (placeholders from the MQTT source).
+            self.sut = ExternalPipeline(self.sc.system.external, loaded.path.parent, self.run_dir, self.clock)
+        else:
+            with harness.service_errors():
+                self.sut = InProcessPipeline(
+                    self.settings,
+                    self.run_dir,
+                    self.clock,
+                    SinkFault.of(self.sc),
+                )
 
     def session_config(self, broker_url: str | None) -> harness.SessionConfig:
         on_opcua = self.sc.transport.kind == "opcua"
@@ -581,6 +606,8 @@ class _LoadRun:
         return custom, master
 
     def snapshot(self, stage: str) -> LoadProgress:
+        if isinstance(self.sut, ExternalPipeline):
+            return self.external_snapshot(stage, self.sut)
         stats = self.sut.pipeline.statistics()
         durable = sum(b.flushed_rows + b.dropped for b in (stats.readings, stats.rejections) if b is not None)
         elapsed = (self.clock.now_ns() - self.epoch_ns) / 1e9 if self.epoch_ns is not None else -1.0
@@ -594,6 +621,21 @@ class _LoadRun:
             persisted=stats.readings.flushed_rows if stats.readings else 0,
             rejected=stats.rejected,
             backlog=max(0, stats.received - durable),
+            locust_requests=_locust_requests(self.run_dir),
+        )
+
+    def external_snapshot(self, stage: str, sut: ExternalPipeline) -> LoadProgress:
+        """What an external system's output shows so far; it has no buffer the bench can see (backlog -1)."""
+        elapsed = (self.clock.now_ns() - self.epoch_ns) / 1e9 if self.epoch_ns is not None else -1.0
+        persisted = sut.watcher.count() if sut.watcher is not None else 0
+        return LoadProgress(
+            stage=stage,
+            elapsed_s=elapsed,
+            planned=self.planned,
+            received=sut.received(),
+            persisted=persisted,
+            rejected=sut.received() - persisted,
+            backlog=-1,
             locust_requests=_locust_requests(self.run_dir),
         )
 
@@ -616,7 +658,7 @@ class _LoadRun:
         while locust.master.poll() is None:
             if plan is None and (plan := _read_plan(self.sent_dir / PLAN_FILE)) is not None:
                 self.epoch_ns = int(plan["epoch_ns"])
-                if self.sc.run.start is not None:
+                if self.sc.run.start is not None and isinstance(self.sut, InProcessPipeline):
                     # Replaying another time: the validator's clock reads that time too.
                     self.sut.pipeline.replay_offset_ns = int(self.sc.run.start.timestamp() * 1e9) - self.epoch_ns
             if time.monotonic() > deadline:
@@ -655,15 +697,18 @@ class _LoadRun:
             sent = collect_sent(self.sent_dir)
             self.problems += sent.problems
             # Drain: wait until the pipeline has received every send, or until it makes no progress
-            # for drain_timeout (then the ledger shows the loss).
+            # for drain_timeout (then the ledger shows the loss). An external system's output shows each seq
+            # once, however often it was sent: it is drained when every seq sent shows.
+            expected = len(np.unique(sent.seq)) if isinstance(self.sut, ExternalPipeline) else sent.sends
             harness.wait_received(
                 self.sut.received,
-                sent.sends,
+                expected,
                 self.sc.run.drain_timeout,
                 tick=lambda: on_progress(self.snapshot("draining")) if on_progress else None,
                 every_s=every_s,
             )
-            self.sut.close_sources()
+            if isinstance(self.sut, InProcessPipeline):
+                self.sut.close_sources()
             opcua_stats = self.opcua_stats()
             session.stop()
             if on_progress:
@@ -681,7 +726,7 @@ class _LoadRun:
         return LoadOutcome(self.run_dir, accounting.write_run_results(self.run_dir, results), ledger, self.problems)
 
     def opcua_stats(self) -> dict[str, Any] | None:
-        if self.sc.transport.kind != "opcua":
+        if self.sc.transport.kind != "opcua" or not isinstance(self.sut, InProcessPipeline):
             return None
         from pipeline.opcua_source import OpcUaSource
 
@@ -732,7 +777,8 @@ class _LoadRun:
         books = accounting.account(sends, output, self.spec, opcua_machines=on_opcua)
         coverage = sent.coverage(planned)
         self.coverage_problems(coverage, codes)
-        errors = list(extras["errors"])
+        external = isinstance(self.sut, ExternalPipeline)
+        errors = list(extras.get("errors", []))
         self.problems += [f"pipeline: {e}" for e in errors]
         bad_codes = {k: c for k, c in codes.items() if c not in (0, 1)}  # 1: locust saw failed requests
         if bad_codes:
@@ -761,12 +807,14 @@ class _LoadRun:
             flushes=output.flushes,
             epoch_ns=epoch_ns,
             last_sent_ns=int(sent.sent_ns.max()) if sent.sends else epoch_ns,
-            timeline=_timeline(sent, output.flushes, epoch_ns),
+            timeline=_timeline(sent, _durable_steps(output, external), epoch_ns),
             samples=self.samples,
-            lock=lock_summary(extras["lock_probes"], self.sc.pipeline.buffer.lock),
-            pipeline=accounting.pipeline_part(extras, errors),
+            lock=lock_summary(extras.get("lock_probes"), self.sc.pipeline.buffer.lock),
+            pipeline=None if external else accounting.pipeline_part(extras, errors),
             files=output.back.files,
         )
+        if external:
+            self.external_parts(variant, extras, output, books.ledger.sent, epoch_ns)
         variant["publisher"] = {
             "accepted": sent.sends,
             "acked": int(np.count_nonzero(acked)),
@@ -776,6 +824,32 @@ class _LoadRun:
         variant["opcua"] = opcua_stats
         variant["load"] = self.load_part(sent, coverage, plan=plan, codes=codes, locust_s=locust_s)
         return variant, books.ledger
+
+    @staticmethod
+    def external_parts(
+        variant: dict[str, Any], extras: dict[str, Any], output: Output, sent: int, epoch_ns: int
+    ) -> None:
+        """An external system's figures in a variant, and none of the built-in pipeline's.
+
+        Flush records, lock probes, the buffer's depth and the pipeline's own counters exist only inside the
+        built-in pipeline: absent (null), so no reader takes a zero for a measurement. The persist rate comes
+        from the rows' durable times instead of flush records; its CPU and memory are its process tree's.
+        """
+        variant["probes"] = {"flush": {}, "lock": None, "append_cost": None, "queue_depth": None}
+        variant["throughput"]["sink_rows_per_s"] = None
+        last_durable = max((at for _, at in output.durable), default=None)
+        persisted = variant["ledger"]["persisted"]
+        variant["throughput"]["persisted_per_s"] = (
+            None if last_durable is None else round(persisted / max((last_durable - epoch_ns) / 1e9, 1e-9), 1)
+        )
+        cpu_s = extras.get("cpu_s")
+        # Only the keys results.json defines: what else the external system reports stays out of the file.
+        known = {k: v for k, v in extras.items() if k in SystemPart.model_fields}
+        variant["system"] = {
+            **known,
+            "kind": "external",
+            "cpu_s_per_1k": None if cpu_s is None or not sent else round(cpu_s / sent * 1000, 4),
+        }
 
     def load_part(
         self,
@@ -820,11 +894,19 @@ def run_load(
     return _LoadRun(loaded, options).execute(on_progress, PROGRESS_EVERY_S)
 
 
+def _durable_steps(output: Output, external: bool) -> list[tuple[int, int]]:
+    """(when, rows) that became durable: the built-in pipeline's flushes, or an external system's rows one by one
+    (at their durable_at, or when the bench first saw them)."""
+    if external:
+        return [(at, 1) for _, at in output.durable]
+    return [(f.durable_ns, f.rows) for f in output.flushes if f.sink in ("parquet", "quarantine")]
+
+
 def _timeline(
-    sent: Sent, flushes: list[FlushStat], epoch_ns: int, step_s: float = 0.25
+    sent: Sent, durable_steps: list[tuple[int, int]], epoch_ns: int, step_s: float = 0.25
 ) -> list[tuple[float, int, int]]:
     """Cumulative sends and durable rows against seconds since the epoch, rebuilt from the records."""
-    durable = sorted((f.durable_ns, f.rows) for f in flushes if f.sink in ("parquet", "quarantine"))
+    durable = sorted(durable_steps)
     durable_at = np.array([d for d, _ in durable], dtype=np.int64)
     durable_cum = np.cumsum([r for _, r in durable]) if durable else np.zeros(0, dtype=np.int64)
     sent_at = np.sort(sent.sent_ns)

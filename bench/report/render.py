@@ -354,6 +354,7 @@ def _context(runs: list[_Run], series: list[_Series]) -> dict[str, Any]:
         "runs": _runs_table(runs),
         "ledger": _ledger_table(runs, series),
         "validation": _validation_table(series),
+        "truth": _truth_table(series),
         "strategies": _strategies_table(series),
         "environment": _environment_table(runs),
         "capacity": _capacity_table(capacity),
@@ -423,6 +424,7 @@ def _verdict(run: _Run, several: bool) -> Verdict:
     parts += _unreadable_verdict(variants)
     parts += _fault_verdict(variants)
     parts += _validation_verdict(variants)
+    parts += _truth_verdict(variants)
     parts += _error_verdict(variants)
     if run.results.capacity is not None:
         parts += _capacity_verdict(run.results.capacity)
@@ -589,6 +591,20 @@ def _validation_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
                 )
             )
         out += [(f"{prefix}validation: {problem}", True) for problem in problems]
+    return out
+
+
+def _truth_verdict(variants: list[Variant]) -> list[tuple[str, bool]]:
+    """An external system judged by truth label: bad input left out (not lost), and the findings (bad input
+    stored, good input refused), which fail nothing: the bench cannot know the system's policy."""
+    out = []
+    judged = [v for v in variants if v.truth is not None]
+    for v in judged:
+        prefix = f"{v.name}: " if len(judged) > 1 else ""
+        left_out = v.ledger.not_persisted_expected or 0
+        if left_out:
+            out.append((f"{prefix}{_fmt(left_out)} not persisted as their truth label allows (not lost)", False))
+        out += [(f"{prefix}{finding}", False) for finding in v.truth.findings] if v.truth is not None else []
     return out
 
 
@@ -1419,9 +1435,14 @@ def _ledger_table(runs: list[_Run], series: list[_Series]) -> Table:
         if all(v is None for v in values):
             continue
         rows.append(Row(key.replace("_", " "), tuple(_count_cell(v, bad_if_nonzero) for v in values)))
+    set_aside = [lg.not_persisted_expected for lg in ledgers]
+    if any(n is not None for n in set_aside):
+        # An external system's bad input left out of its output, as its truth label says it may be: not lost.
+        rows.append(Row("not persisted (truth: bad input)", tuple(_count_cell(n) for n in set_aside)))
     for by_reason, name in (
         ([lg.by_reason or {} for lg in ledgers], "rejected"),
         ([lg.dropped_by_reason or {} for lg in ledgers], "dropped"),
+        ([lg.not_persisted_by_truth or {} for lg in ledgers], "not persisted"),
     ):
         for reason in sorted({r for counts in by_reason for r in counts}):
             by = [counts.get(reason) or 0 for counts in by_reason]
@@ -1443,6 +1464,11 @@ def _ledger_table(runs: list[_Run], series: list[_Series]) -> Table:
         "sent = persisted + rejected + dropped + lost, counted by reading the sinks back; lost, duplicates "
         "and unexpected must be 0."
     )
+    if any(n is not None for n in set_aside):
+        caption += (
+            " An external system's sends found nowhere whose truth label says they should not be stored are "
+            "'not persisted (truth: bad input)', added to that sum; only the rest are lost."
+        )
     not_run = [label for label, _ in _failed(runs)]
     if not_run:
         # A variant that did not run has no column: say so here too, or the table reads as the whole matrix.
@@ -1671,6 +1697,48 @@ def _scope_captions(series: list[_Series]) -> list[str]:
         if scope is not None:
             out.append(f"{s.label} (a capacity sweep): {scope[0]}; {scope[1]}.")
     return out
+
+
+TRUTH_TABLE_ID = "table-truth"
+"""An external system's output by truth label (only runs of one have it)."""
+TRUTH_COLUMNS = ("truth label", "expected", "sent", "persisted", "rejected", "not persisted", "lost", "reasons")
+
+
+def _truth_table(series: list[_Series]) -> Table:
+    title = "Truth labels: what the external system did with each kind of message"
+    judged = [(s, s.variant.truth) for s in series if s.variant.truth is not None]
+    if not judged:
+        return Table(TRUTH_TABLE_ID, title, TRUTH_COLUMNS, (), missing="no external system", applies=False)
+    several = len(judged) > 1
+    rows = []
+    captions = []
+    for s, truth in judged:
+        for label, row in truth.classes.items():
+            # Stored against its truth, or refused though it should be stored: a finding (warn), not a failure.
+            wrong_way = row.persisted if row.expected == "not_persisted" else row.rejected
+            reasons = ", ".join(f"{k} {_fmt(n)}" for k, n in sorted((row.reasons or {}).items(), key=lambda kv: -kv[1]))
+            cells = (
+                Cell("not stored" if row.expected == "not_persisted" else "stored", tone="text"),
+                Cell(_fmt(row.sent)),
+                Cell(_fmt(row.persisted), tone="warn" if row.expected == "not_persisted" and wrong_way else ""),
+                Cell(_fmt(row.rejected), tone="warn" if row.expected == "persisted" and wrong_way else ""),
+                Cell(_fmt(row.not_persisted)),
+                _count_cell(row.lost, bad_if_nonzero=True),
+                Cell(reasons or "-", tone="text"),
+            )
+            rows.append(Row(f"{s.label}: {label}" if several else label, cells))
+        prefix = f"{s.label}: " if several else ""
+        kept = "keeps its rejects" if truth.rejects_kept else "keeps no rejects (what it refused is found nowhere)"
+        text = f"{prefix}the system {kept}. " + "".join(f"Finding: {f}. " for f in truth.findings)
+        captions.append(text.strip())
+    caption = (
+        " ".join(captions)
+        + " Expected 'not stored': the truth labels the built-in validator rejects by default, or the scenario's "
+        "system.external.expect_rejected. Such a message missing from the output is not lost; one stored anyway, "
+        "or a message to be stored that was rejected, is shown as a finding: the bench cannot know the system's "
+        "policy. Lost messages fail the run."
+    )
+    return Table(TRUTH_TABLE_ID, title, TRUTH_COLUMNS, tuple(rows), caption=caption)
 
 
 def _validation_table(series: list[_Series]) -> Table:

@@ -41,6 +41,9 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
     run); failures at the top level (variants that could not run to their
     ledger, beside those that did). Version 9's fault events get expected_loss
     and the counts its ledger settles when read (model._account_v9_fault_events).
+11. truth per variant of an external system (what its output shows per truth
+    label, and the findings); ledger.not_persisted_expected and
+    not_persisted_by_truth (bad input it left out, set aside from lost).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from pipeline.probes import Recorder
 if TYPE_CHECKING:
     from bench.results.model import Results
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 PACKAGES = (
     "iiot-bench",
     "asyncua",

@@ -94,6 +94,8 @@ __all__ = [
     "Throughput",
     "Timeline",
     "TransportConfig",
+    "Truth",
+    "TruthClass",
     "UslFit",
     "Validation",
     "ValidationClass",
@@ -167,7 +169,8 @@ class Timeline(ResultsModel):
 
 
 class Ledger(ResultsModel):
-    """Where every sent message went, read back from the sinks: sent = persisted + rejected + dropped + lost."""
+    """Where every sent message went, read back from the sinks: sent = persisted + rejected + dropped + lost
+    (+ not_persisted_expected for an external system)."""
 
     sent: int
     persisted: int
@@ -177,7 +180,7 @@ class Ledger(ResultsModel):
     dropped: int
     """Distinct sent seq ids in the drop log, dropped by a named policy or cause."""
     lost: int
-    """sent - persisted - rejected - dropped: what nothing explains. Fails the run."""
+    """sent - persisted - rejected - dropped (- not_persisted_expected): what nothing explains. Fails the run."""
     duplicates: int
     """Seq ids persisted more than once. Fails the run."""
     unexpected: int | None = None
@@ -202,6 +205,12 @@ class Ledger(ResultsModel):
     """Capacity variants: the offered rates of those steps (version 7 on)."""
     lost_in_overloaded_steps: int | None = None
     """Capacity variants: messages lost in the steps this ledger leaves out (e.g. to the broker's queue limit)."""
+    not_persisted_expected: int | None = None
+    """External systems: sends found in neither its output nor its rejects whose truth label says they should not
+    be stored (see ``truth.expected_not_persisted``): bad input it left out, not lost (version 11 on; null for the
+    built-in pipeline, whose decisions ``validation`` scores)."""
+    not_persisted_by_truth: dict[str, int] | None = None
+    """External systems: ``not_persisted_expected`` by truth label (version 11 on)."""
 
 
 # ----------------------------------------------------------------------------- a variant
@@ -716,6 +725,47 @@ class FaultEvent(ResultsModel):
         return self.named is not None and self.lost is not None and self.duplicated is not None
 
 
+TruthOutcome = Literal["persisted", "not_persisted"]
+
+
+class TruthClass(ResultsModel):
+    """One truth label: how many sends carried it, and what the external system's output shows of them."""
+
+    expected: TruthOutcome
+    """What its truth label calls for: ``persisted`` (stored, repaired if need be) or ``not_persisted``."""
+    sent: int
+    persisted: int
+    """Found in its output."""
+    rejected: int
+    """Found in its rejects (when it keeps them)."""
+    dropped: int
+    not_persisted: int
+    """Found nowhere, as its truth label says it may be: counted in the ledger's ``not_persisted_expected``."""
+    lost: int
+    """Found nowhere though its truth label says store it: counted in the ledger's ``lost``. Fails the run."""
+    reasons: dict[str, int] | None = None
+    """The system's own reasons for the ones it rejected (``rejected`` where its rejects name none)."""
+
+
+class Truth(ResultsModel):
+    """An external system's output judged by the truth labels of what was sent (version 11 on). Its decisions are
+    findings, not failures: the bench cannot know the system's policy; only a lost message fails the run."""
+
+    rejects_kept: bool
+    """Whether the system keeps what it refuses (``system.external.rejects``)."""
+    expected_not_persisted: list[str]
+    """The truth labels counted as expected not to be stored: the scenario's ``system.external.expect_rejected``,
+    or the kinds the built-in validator rejects by default, then each anomaly's own ``expect:``."""
+    classes: dict[str, TruthClass]
+    """Per truth label (``valid`` and every injected kind)."""
+    accepted_bad_input: dict[str, int] = {}
+    """Per truth label expected not to be stored: how many were stored anyway."""
+    refused_good_input: dict[str, int] = {}
+    """Per truth label expected to be stored (``valid`` included): how many it rejected."""
+    findings: list[str] = []
+    """Those two in words, as the summary and the report show them."""
+
+
 class SystemPart(ResultsModel):
     """The system under test when it ran as a process of its own (version 9 on)."""
 
@@ -771,6 +821,8 @@ class Variant(ResultsModel):
     unreadable_files: list[str] = []
     """Parquet files in the output that could not be read, each as ``path: error``; their rows are missing from
     the ledger, which is then not reconciled. Fails the run (version 10 on)."""
+    truth: Truth | None = None
+    """External systems: what its output shows per truth label (version 11 on)."""
 
 
 # ----------------------------------------------------------------------------- capacity

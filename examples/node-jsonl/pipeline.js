@@ -66,9 +66,13 @@ function minuteOf(date) {
   return date.toISOString().slice(0, 16).replace(/[-:]/g, '');
 }
 
-function reject(reason, raw, receivedAt) {
+// msg: the parsed payload, when it parsed. Its seq is kept at the top level of the line, so that whoever reads
+// the rejects back can tell which message each one was; a payload that is not JSON has none to keep.
+function reject(reason, raw, receivedAt, msg) {
   counts.rejected++;
-  streamFor('rejected.jsonl').write(JSON.stringify({ reason, payload: raw, received_at: receivedAt }) + '\n');
+  const line = { reason, payload: raw, received_at: receivedAt };
+  if (msg && Number.isSafeInteger(msg.seq)) line.seq = msg.seq;
+  streamFor('rejected.jsonl').write(JSON.stringify(line) + '\n');
 }
 
 function handle(topic, payload) {
@@ -83,14 +87,14 @@ function handle(topic, payload) {
     return reject('invalid_json', raw, receivedAt);
   }
   if (!msg || !msg.machine || !msg.ts) {
-    return reject('missing_field', raw, receivedAt);
+    return reject('missing_field', raw, receivedAt, msg);
   }
   const ts = new Date(msg.ts);
   if (Number.isNaN(ts.getTime())) {
-    return reject('bad_timestamp', raw, receivedAt);
+    return reject('bad_timestamp', raw, receivedAt, msg);
   }
   if (!Number.isFinite(msg.load_rate)) {
-    return reject('bad_value', raw, receivedAt);
+    return reject('bad_value', raw, receivedAt, msg);
   }
 
   counts.accepted++;
