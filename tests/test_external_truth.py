@@ -198,3 +198,22 @@ def test_an_unknown_kind_in_expect_rejected_is_refused_naming_the_field(
     )
     with pytest.raises(ScenarioError, match=r"system\.external\.expect_rejected\[1\]: .*\(got 'bogus'\)"):
         load_scenario(write_scenario(text))
+
+
+def test_bench_load_judges_by_truth_label_as_bench_run_does(
+    tmp_path: Path, write_scenario: Callable[[str], Path]
+) -> None:
+    """Under locust the users keep no copy of what they sent; the bench rebuilds the anomalous messages from the
+    scenario, seed and epoch, so the same split holds: bad input left out is set aside, nothing is lost."""
+    from bench.load.runner import LoadOptions, run_load
+
+    text = SCENARIO.replace("PIPELINE", str(PIPELINE)).replace(" EXTRA", "").replace("REJECTS", "")
+    outcome = run_load(load_scenario(write_scenario(text)), LoadOptions(out=tmp_path / "load", workers=1))
+    assert outcome.ok, outcome.problems
+    v = outcome.results.variants[0]
+    lg = v.ledger
+    assert lg.lost == 0 and lg.not_persisted_expected is not None and lg.not_persisted_expected > 0
+    assert lg.sent == lg.persisted + lg.rejected + lg.dropped + lg.not_persisted_expected
+    assert lg.not_persisted_by_truth is not None
+    assert set(lg.not_persisted_by_truth) <= set(EXPECTED_NOT_PERSISTED) and "valid" not in lg.not_persisted_by_truth
+    assert v.truth is not None and v.truth.classes["valid"].lost == 0

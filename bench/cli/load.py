@@ -200,6 +200,17 @@ def summary_table(results: Results) -> Any:
         ("  persisted", f"{led.persisted:,}"),
         ("  rejected", f"{led.rejected:,}"),
         ("  dropped", f"{led.dropped:,}"),
+        *(
+            # An external system that drops bad input without a trace: set aside from lost by truth label.
+            [
+                (
+                    "  not persisted, as truth label allows",
+                    _by_truth(led.not_persisted_expected, led.not_persisted_by_truth),
+                )
+            ]
+            if led.not_persisted_expected is not None
+            else []
+        ),
         ("  lost", f"{led.lost:,}"),
         (
             "  not published / failed / twice",
@@ -252,3 +263,9 @@ def _system_rows(system: SystemPart | None) -> list[tuple[str, str]]:
 
 def _fmt(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
+
+
+def _by_truth(total: int, by_truth: dict[str, int] | None) -> str:
+    """'47 (nan 34, malformed_json 13)': a count and its split by truth label, largest first."""
+    parts = sorted((by_truth or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    return f"{total:,}" + (" (" + ", ".join(f"{k} {n:,}" for k, n in parts) + ")" if parts else "")
