@@ -100,7 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         metavar="REF",
         help="self (A/A), a git revision (e.g. main), python:/path/to/python (another install), "
-        "or a folder written by --save-baseline",
+        "or a folder written by --save-baseline; for system.kind external a revision (or git:REV) is one of "
+        "the repository holding system.external.cwd",
+    )
+    p_gate.add_argument(
+        "--baseline-command",
+        metavar="CMD",
+        help="system.kind external: the baseline runs this command instead of system.external.command "
+        "(split like the scenario's command string; with --baseline REV, inside that revision)",
     )
     p_gate.add_argument("--replicates", type=positive_int, metavar="N", help="A/B pairs (default: the scenario's)")
     p_gate.add_argument(
@@ -274,6 +281,8 @@ def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from bench.harness import runner
 
     loaded = load_scenario(args.scenario)
+    if args.baseline is None and args.baseline_command is not None:
+        args.baseline = "self"  # the candidate's pipeline at its own revision, with the other command
     if args.baseline is None:
         if args.save_baseline is None:
             raise UsageError("bench gate: expected --baseline REF (self, a git revision, python:PATH or a folder)")
@@ -284,6 +293,11 @@ def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise UsageError(f"--confidence: expected a level between 0.5 and 1, e.g. 0.9, got {args.confidence}")
     quiet = args.json or args.markdown
     if args.candidate_patch is not None:
+        if loaded.scenario.system.kind == "external":
+            raise UsageError(
+                "--candidate-patch: patches the bench's own repository; for system.kind external gate your "
+                "pipeline's working tree against --baseline REV, or a command against --baseline-command"
+            )
         if args.inject_slowdown is not None or args.save_baseline is not None:
             raise UsageError("--candidate-patch: cannot be combined with --inject-slowdown or --save-baseline")
         folder = args.out or runner.make_run_dir(f"{loaded.scenario.name}-patch-gate", None, Path("reports"))
@@ -307,10 +321,23 @@ def _gate(args: argparse.Namespace, out: Console, err: Console) -> int:
             confidence=args.confidence,
             save_baseline=args.save_baseline,
             seed=args.seed,
+            baseline_command=args.baseline_command,
         )
 
         def progress(rep: gate.Replicate, total: int) -> None:
-            if not quiet:
+            if not quiet and rep.variant.system is not None and rep.variant.system.kind == "external":
+                cpu = GATE_METRICS["system_cpu_s_per_1k"].value(rep.variant)
+                p99 = GATE_METRICS["e2e_p99_ms"].value(rep.variant)
+                err.print(
+                    f"replicate {rep.side}{rep.index + 1:02d} ({rep.seconds:.1f} s): system CPU "
+                    + ("-" if cpu is None else f"{cpu:.3f} s/1k msgs")
+                    + ", e2e p99 "
+                    + ("-" if p99 is None else f"{p99:,.1f} ms")
+                    + ("" if rep.exit_code == 0 else f" [red]exit {rep.exit_code}[/]"),
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            elif not quiet:
                 hot = GATE_METRICS["hot_path_cpu_us"].value(rep.variant)
                 sink = GATE_METRICS["sink_cpu_us_per_row"].value(rep.variant)
                 err.print(
@@ -427,6 +454,8 @@ def gate_table(result: dict[str, Any]) -> Table:
         )
     for c in result["counters"]:
         check = {True: "[green]ok[/]", False: "[red]FAILED[/]", None: "-"}[c["ok"]]
+        if c.get("applicable") is False:
+            check = "not applicable"
         known_a = [v for v in c["a"] if v is not None]
         known_b = [v for v in c["b"] if v is not None]
         table.add_row(

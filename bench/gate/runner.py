@@ -10,6 +10,11 @@ Two designs (docs/gates.md says when each one can be trusted):
   runs now; time metrics are divided by a fixed reference workload timed just before each replicate, so a
   machine that is uniformly slower today is not a regression (Mann-Whitney test, bootstrap interval).
 
+For an external system (``system.kind: external``) both sides run this bench and differ in the user's pipeline:
+a revision of the repository holding its cwd (a worktree), or another command (``--baseline-command``); it is
+judged on its process tree's CPU and memory and on end-to-end latency, and the built-in pipeline's in-process
+metrics are "not applicable" (docs/gates.md).
+
 The gated time metrics form one family: Holm's step-down keeps the chance of any false alarm at
 1 - confidence. Deterministic counters are compared exactly (or with their own tolerance) and any lost
 message fails the gate whatever the timings say; service-level bounds apply to the candidate's worst
@@ -23,6 +28,7 @@ import json
 import math
 import os
 import select
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -30,7 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -44,16 +50,26 @@ from bench.gate import stats as gate_stats
 from bench.gate import worker as gate_worker
 from bench.harness.runner import make_run_dir
 from bench.results import environment
-from bench.results.metrics import COUNTERS, GATE_METRICS, CounterName, MetricName, counter_value
+from bench.results.metrics import (
+    BUILT_IN_COUNTERS,
+    COUNTERS,
+    GATE_METRICS,
+    CounterName,
+    MetricName,
+    counter_value,
+    system_kind,
+)
 from bench.results.model import ScenarioRef, Variant, read_results
-from bench.scenario import GateMetric, GateSettings, LoadedScenario
+from bench.scenario import ExternalSystem, GateMetric, GateSettings, LoadedScenario
 from pipeline.config import format_validation_error
 
 GATE_SCHEMA = 2
 BASELINE_FILE = "baseline.json"
 # Time metrics are divided by the reference workload in the stored-baseline design; these are not wall times.
 # The reference is a wall-time workload; thread CPU time already leaves out the waiting a busy machine adds.
-NOT_TIMES = frozenset({"peak_rss_mb", "hot_path_cpu_us", "sink_cpu_us_per_row"})
+NOT_TIMES = frozenset(
+    {"peak_rss_mb", "hot_path_cpu_us", "sink_cpu_us_per_row", "system_cpu_s_per_1k", "system_peak_rss_mb"}
+)
 REPLICATE_TIMEOUT_S = 600
 WORKER_START_TIMEOUT_S = 120
 
@@ -69,6 +85,8 @@ class GateOptions:
     confidence: float | None = None
     reports_dir: Path = Path("reports")
     seed: int = 0
+    baseline_command: str | None = None
+    """system.kind external: the baseline runs the scenario with system.external.command replaced by this."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,12 @@ class _Side:
     root: Path | None
     """Where bench, pipeline and simulators must be imported from (None: another install, not checked)."""
     pythonpath: Path | None = None
+    pin: bool = True
+    """Pin the worker (and so every process it starts) to one CPU. Not for an external system: the user's
+    pipeline may use several threads or processes, and squeezed onto one CPU it would be measured as it never
+    runs; the pinning helps the built-in pipeline's threads, which take turns on one GIL."""
+    run_args: tuple[str, ...] = ()
+    """More arguments for each replicate's ``bench run`` (only what every revision of that side knows)."""
 
 
 def code_root() -> Path:
@@ -160,7 +184,7 @@ class _Worker:
         if side.pythonpath is not None:
             env["PYTHONPATH"] = str(side.pythonpath)
         cpu = gate_cpu()
-        if cpu is not None:
+        if cpu is not None and side.pin:
             env["BENCH_GATE_CPU"] = str(cpu)
         self.log_path = folder / f"{name}.worker.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in close())
@@ -215,7 +239,7 @@ class _Worker:
 
     def run(self, scenario: Path, out: Path, *, index: int, reference: bool) -> Replicate:
         ref = reference_ms() if reference else None
-        argv = ["run", str(scenario), "--out", str(out), "--quiet"]
+        argv = ["run", str(scenario), "--out", str(out), "--quiet", *self.side.run_args]
         assert self._proc.stdin is not None
         self._proc.stdin.write(json.dumps({"argv": argv, "log": str(out.parent / f"{out.name}.log")}) + "\n")
         self._proc.stdin.flush()
@@ -290,11 +314,32 @@ def reference_ms(rows: int = 20_000, batches: int = 20, trials: int = 3) -> floa
     return statistics.median(times)
 
 
+EXTERNAL_DEFAULT_METRICS: dict[MetricName, GateMetric] = {
+    "system_cpu_s_per_1k": GateMetric(),
+    "system_peak_rss_mb": GateMetric(),
+    "e2e_p99_ms": GateMetric(),
+    "e2e_p50_ms": GateMetric(gate=False),
+}
+"""What a gate judges for an external system when its scenario's gates: section names no metrics: the process
+tree's CPU per thousand messages and peak memory (psutil), and end-to-end latency (with the tolerance widened to
+the output's polling resolution, see :func:`_metric_row`)."""
+
+
 def _settings(loaded: LoadedScenario, options: GateOptions) -> GateSettings:
     sc = loaded.scenario
     gates = sc.gates or GateSettings()
     if sc.matrix:
         raise ScenarioError(f"{loaded.path}: matrix: a gate compares one configuration; remove the matrix")
+    kind = sc.system.kind
+    if kind == "external" and "metrics" not in gates.model_fields_set:
+        # The built-in defaults (flush time) do not exist for a program of the user's.
+        gates = gates.model_copy(update={"metrics": dict(EXTERNAL_DEFAULT_METRICS)})
+    for name in gates.bounds:
+        if kind not in GATE_METRICS[name].systems:
+            raise ScenarioError(
+                f"{loaded.path}: gates.bounds.{name}: not measured for system.kind {kind}; "
+                f"expected one of {', '.join(n for n, f in GATE_METRICS.items() if kind in f.systems)}"
+            )
     if options.replicates is not None:
         gates = gates.model_copy(update={"replicates": options.replicates})
     if options.confidence is not None:
@@ -304,14 +349,29 @@ def _settings(loaded: LoadedScenario, options: GateOptions) -> GateSettings:
     return gates
 
 
-def _replicate_scenario(loaded: LoadedScenario, folder: Path, name: str, slowdown: float | None) -> Path:
+def _replicate_scenario(
+    loaded: LoadedScenario,
+    folder: Path,
+    name: str,
+    slowdown: float | None,
+    external: dict[str, Any] | None = None,
+) -> Path:
     """The scenario each replicate runs: without the gates/capacity sections (an older baseline may not know
-    them), with the injected slow disk for the candidate if asked."""
+    them), with the injected slow disk for the candidate if asked.
+
+    The copy lives in the gate folder, so a path the scenario resolves against its own folder would move with
+    it: an external system's ``cwd`` (the only such path) is written absolute, as ``external`` gives it (the
+    baseline's may point into a worktree of another revision), with its ``command`` if ``external`` replaces it.
+    """
     raw = yaml.safe_load(loaded.path.read_text(encoding="utf-8"))
     raw.pop("gates", None)
     raw.pop("capacity", None)
     if slowdown:
         raw["faults"] = [*raw.get("faults", []), {"kind": "slow_sink", "factor": slowdown}]
+    if loaded.scenario.system.external is not None:
+        section = raw["system"]["external"]
+        section["cwd"] = str(_external_cwd(loaded))
+        section.update(external or {})
     path = folder / f"scenario-{name}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
@@ -321,6 +381,16 @@ def _candidate_side() -> _Side:
     root = code_root()
     # A source checkout goes first on sys.path, ahead of whatever is installed; an installed bench needs none.
     return _Side("B", "candidate", sys.executable, root, root if (root / "pyproject.toml").exists() else None)
+
+
+def _candidate_for(loaded: LoadedScenario) -> _Side:
+    """The candidate's side for this scenario: for an external system not pinned (:class:`_Side` says why), and
+    each replicate prints results.json instead of the verdict line: both sides run this bench, which knows
+    ``--json``, and it spares each replicate importing the report's plotting library (2-3 s)."""
+    candidate = _candidate_side()
+    if loaded.scenario.system.external is None:
+        return candidate
+    return replace(candidate, pin=False, run_args=("--json",))
 
 
 def _repo_of(root: Path) -> Path:
@@ -344,11 +414,207 @@ def _baseline_side(spec: str, gate_dir: Path) -> tuple[_Side, dict[str, Any]]:
             raise UsageError(f"--baseline {spec}: no Python interpreter at {python}")
         return _Side("A", spec, python, None), {"kind": "installed", "python": python}
     repo = _repo_of(code_root())
-    commit = _git(["rev-parse", "--verify", f"{spec}^{{commit}}"], repo, f"--baseline {spec}")
+    rev = spec.removeprefix("git:")  # git:REV, as for an external system: a name that is not a folder or self
+    commit = _git(["rev-parse", "--verify", f"{rev}^{{commit}}"], repo, f"--baseline {spec}")
     tree = gate_dir / "baseline-src"
     _git(["worktree", "add", "--detach", "--force", str(tree), commit], repo, f"--baseline {spec}")
     side = _Side("A", f"{spec} ({commit[:10]})", sys.executable, tree.resolve(), tree.resolve())
     return side, {"kind": "git", "rev": spec, "commit": commit, "worktree": str(tree), "repo": str(repo)}
+
+
+# ----------------------------------------------------------------------------- an external system's baseline
+
+
+@dataclass(frozen=True)
+class _ExternalBaseline:
+    """What the baseline of a gate on an external system runs. Both sides run this bench (the candidate's code);
+    they differ in the user's pipeline: another revision of the repository holding ``system.external.cwd`` (a
+    worktree of it, made in the gate folder), another command, or neither (``--baseline self``: A/A)."""
+
+    info: dict[str, Any]
+    command: list[str] | None = None
+    """The baseline's command (None: the scenario's)."""
+    repo: Path | None = None
+    commit: str | None = None
+    relative_cwd: Path | None = None
+    """``system.external.cwd`` relative to ``repo``: where the baseline runs inside the worktree."""
+
+
+def _external_cwd(loaded: LoadedScenario) -> Path:
+    """The external system's working directory as ``bench run`` resolves it: relative to the scenario's folder."""
+    spec = loaded.scenario.system.external
+    assert spec is not None
+    folder = loaded.path.parent
+    return (folder / spec.cwd).resolve() if spec.cwd else folder.resolve()
+
+
+def _external_plan(loaded: LoadedScenario, options: GateOptions) -> _ExternalBaseline:
+    """Check what the baseline of an external system is to be, before anything runs; a mistake is a one-line
+    :class:`UsageError` naming the option."""
+    spec = loaded.scenario.system.external
+    assert spec is not None
+    baseline = options.baseline
+    if options.inject_slowdown is not None:
+        raise UsageError(
+            "--inject-slowdown: slows the built-in pipeline's storage, which an external system does not use; "
+            "gate a slower command with --baseline-command CMD or a revision with --baseline REV"
+        )
+    if baseline.startswith("python:"):
+        raise UsageError(
+            f"--baseline {baseline}: for system.kind external both sides run this bench; expected "
+            "--baseline REV (a revision of your pipeline's repository), --baseline-command CMD, self or a folder"
+        )
+    _refuse_shared_output(spec, loaded.path)
+    if _is_stored(Path(baseline)):
+        if options.baseline_command is not None:
+            raise UsageError(f"--baseline-command: cannot be combined with the stored baseline {baseline}")
+        return _ExternalBaseline({"kind": "stored"})
+    command = None if options.baseline_command is None else _baseline_command(spec, options.baseline_command)
+    if spec.attach and (command is not None or baseline != "self"):
+        raise UsageError(
+            f"--baseline {baseline}: {loaded.path}: system.external.attach is true: the bench does not start that "
+            "system, so it cannot start a baseline of it; gate a system the bench starts (command)"
+        )
+    same_command = command is None or command == spec.argv()
+    cwd = _external_cwd(loaded)
+    if baseline == "self":
+        if command is None:
+            info: dict[str, Any] = {"kind": "self", "python": sys.executable, "label": "self (A/A)", "cwd": str(cwd)}
+            return _ExternalBaseline(info)
+        if same_command:
+            raise UsageError(
+                f"--baseline-command: the same command as system.external.command of {loaded.path}: both sides "
+                "would run the same pipeline; for an A/A check use --baseline self without --baseline-command"
+            )
+        label = f"command: {' '.join(command)}"
+        info = {"kind": "external-command", "label": label, "command": command, "cwd": str(cwd)}
+        return _ExternalBaseline(info, command=command)
+    rev = baseline.removeprefix("git:")
+    repo = _repo_holding(cwd, baseline)
+    commit = _user_git(["rev-parse", "--verify", f"{rev}^{{commit}}"], repo, f"--baseline {baseline}")
+    if same_command and not _tree_differs(repo, commit):
+        raise UsageError(
+            f"--baseline {baseline}: {repo} has no change against {commit[:10]} (committed, staged, unstaged or "
+            "untracked): both sides would run the same pipeline; for an A/A check use --baseline self"
+        )
+    _refuse_absolute_repo_paths(spec, repo)
+    info = {
+        "kind": "external-git",
+        "rev": rev,
+        "commit": commit,
+        "repo": str(repo),
+        "label": f"{rev} ({commit[:10]}) of {repo}",
+        "command": command or spec.argv(),
+    }
+    return _ExternalBaseline(info, command=command, repo=repo, commit=commit, relative_cwd=cwd.relative_to(repo))
+
+
+def _external_side(plan: _ExternalBaseline, candidate: _Side, gate_dir: Path) -> tuple[_Side, dict[str, Any]]:
+    """The baseline's side (the candidate's code) and what its scenario copy overrides: a worktree of the
+    revision made here (removed by the caller, or here if this fails), and the cwd inside it."""
+    info = dict(plan.info)
+    overrides: dict[str, Any] = {}
+    if plan.command is not None:
+        overrides["command"] = list(plan.command)
+    if plan.repo is not None and plan.commit is not None and plan.relative_cwd is not None:
+        tree = (gate_dir / "baseline-src").resolve()
+        what = f"--baseline {info['rev']}"
+        _user_git(["worktree", "add", "--detach", "--force", str(tree), plan.commit], plan.repo, what)
+        info["worktree"] = str(tree)
+        cwd = tree / plan.relative_cwd
+        if not cwd.is_dir():
+            _user_git(["worktree", "remove", "--force", str(tree)], plan.repo, "cleanup")
+            raise UsageError(f"{what}: {plan.relative_cwd} (system.external.cwd) does not exist at {plan.commit[:10]}")
+        info["cwd"] = str(cwd)
+        overrides["cwd"] = str(cwd)
+    info["overrides"] = overrides
+    return replace(candidate, name="A", label=str(info["label"])), info
+
+
+def _baseline_command(spec: ExternalSystem, text: str) -> list[str]:
+    """``--baseline-command``, split like the scenario's command string (no shell runs), placeholders checked."""
+    try:
+        argv = shlex.split(text)
+    except ValueError as exc:
+        raise UsageError(f"--baseline-command: {exc}") from None
+    if not argv:
+        raise UsageError("--baseline-command: expected a command, e.g. '{python} pipeline.py --fast', got nothing")
+    try:
+        ExternalSystem.model_validate({**spec.model_dump(), "command": argv})
+    except ValidationError as exc:
+        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise UsageError(f"--baseline-command: {message}") from None
+    return argv
+
+
+def _refuse_shared_output(spec: ExternalSystem, scenario: Path) -> None:
+    """Each replicate must read only its own rows: an output file outside ``{out_dir}`` would hold every earlier
+    replicate's rows too (and the other side's), and the ledger would count them."""
+    for where, out in (("output", spec.output), ("rejects", spec.rejects)):
+        if out is not None and out.format != "sql" and "{out_dir}" not in (out.path or ""):
+            raise UsageError(
+                f"{scenario}: system.external.{where}.path: {out.path!r} is outside {{out_dir}}; a gate runs each "
+                f"replicate in a folder of its own, expected e.g. '{{out_dir}}/{Path(out.path or 'out').name}'"
+            )
+
+
+def _repo_holding(cwd: Path, spec: str) -> Path:
+    if not cwd.is_dir():
+        raise UsageError(f"--baseline {spec}: system.external.cwd ({cwd}) is not a folder")
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        )
+    except FileNotFoundError:
+        raise UsageError(
+            f"--baseline {spec}: git is not installed; use --baseline-command or --baseline self"
+        ) from None
+    if done.returncode != 0:
+        raise UsageError(
+            f"--baseline {spec}: system.external.cwd ({cwd}) is not in a git repository; compare two commands with "
+            "--baseline-command CMD, or use --baseline self for an A/A check"
+        )
+    return Path(done.stdout.strip()).resolve()
+
+
+def _user_git(args: list[str], repo: Path, what: str) -> str:
+    """git in the repository of the user's pipeline (not the bench's): its refusal named as such."""
+    done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=120, check=False)
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise UsageError(
+            f"{what}: expected a revision of {repo} (the repository holding system.external.cwd); "
+            f"git {' '.join(args[:2])} said: {said[0] if said else done.returncode}"
+        )
+    return done.stdout.strip()
+
+
+def _tree_differs(repo: Path, commit: str) -> bool:
+    """Whether the working tree differs from ``commit``: a tracked file changed (staged or not) or an untracked,
+    not ignored, file. True when git cannot tell: a gate is not refused on a doubt."""
+    diff = subprocess.run(["git", "diff", "--quiet", commit, "--"], cwd=repo, capture_output=True, check=False)
+    if diff.returncode != 0:
+        return True
+    untracked = subprocess.run(
+        ["git", "ls-files", "--others", "--exclude-standard"], cwd=repo, capture_output=True, text=True, check=False
+    )
+    return untracked.returncode != 0 or bool(untracked.stdout.strip())
+
+
+def _refuse_absolute_repo_paths(spec: ExternalSystem, repo: Path) -> None:
+    """A file of the repository named by its absolute path would be the candidate's copy on both sides: the gate
+    would compare the pipeline with itself and call it a revision."""
+    for i, arg in enumerate(spec.argv()):
+        if not os.path.isabs(arg) or not Path(arg).resolve().is_relative_to(repo):
+            continue
+        tracked = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", str(Path(arg).resolve())], cwd=repo, capture_output=True, check=False
+        )
+        if tracked.returncode == 0:
+            raise UsageError(
+                f"system.external.command[{i}]: {arg} is a file of {repo} named by its absolute path, so the "
+                "baseline revision would run the candidate's copy; write it relative to system.external.cwd"
+            )
 
 
 def _differs_from(repo: Path, commit: str, root: Path) -> bool | None:
@@ -399,8 +665,9 @@ def judge(
     seed: int = 0,
 ) -> dict[str, Any]:
     """The verdict per metric, counter and bound, and whether the gate fails (with its reasons)."""
+    kinds = frozenset(system_kind(r.variant) for r in (*a, *b))
     rows = [
-        _metric_row(name, metric, a, b, gates, paired=paired, normalise=normalise, seed=seed)
+        _metric_row(name, metric, a, b, gates, paired=paired, normalise=normalise, seed=seed, kinds=kinds)
         for name, metric in gates.metrics.items()
     ]
     pvalues = _family(rows)
@@ -408,13 +675,15 @@ def judge(
     # all, this is plain Holm).
     adjusted = gate_stats.holm(pvalues, 1 - gates.confidence) if pvalues else {}
     reasons = _metric_verdicts(rows, adjusted)
-    counters, counter_reasons = _checked([_counter_check(cname, a, b, gates.counters.get(cname)) for cname in COUNTERS])
+    counters, counter_reasons = _checked(
+        [_counter_check(cname, a, b, gates.counters.get(cname), kinds) for cname in COUNTERS]
+    )
     bounds, bound_reasons = _checked([_bound_check(bname, limit, b) for bname, limit in gates.bounds.items()])
     reasons += counter_reasons + bound_reasons
     failed_runs = [f"{r.side}{r.index + 1}" for r in (*a, *b) if r.exit_code != 0]
     if failed_runs:
         reasons.append(f"replicate(s) {', '.join(failed_runs)} failed their own checks (ledger); see their logs")
-    unjudged = _unjudged(rows, gates, paired=paired)
+    unjudged = _unjudged(rows, gates, paired=paired, kinds=kinds)
     failed = bool(reasons)
     return {
         "metrics": rows,
@@ -441,11 +710,17 @@ def _metric_row(
     paired: bool,
     normalise: bool,
     seed: int,
+    kinds: frozenset[str] = frozenset({"in_process"}),
 ) -> dict[str, Any]:
-    """One metric's values on both sides and their change, before Holm's step says whether it is significant."""
-    higher, unit = GATE_METRICS[name].higher_is_better, GATE_METRICS[name].unit
-    av = [_value(r, name, normalise) for r in a]
-    bv = [_value(r, name, normalise) for r in b]
+    """One metric's values on both sides and their change, before Holm's step says whether it is significant.
+
+    A metric the measured kind of system does not report (an in-process probe of an external system) is "not
+    applicable": neither judged nor missing. End-to-end latency of an external system measured by watching its
+    output is known only to the polling interval, so its tolerance is at least one interval (relative to the
+    baseline's median): a smaller change is below what the measurement can tell.
+    """
+    figure = GATE_METRICS[name]
+    higher, unit = figure.higher_is_better, figure.unit
     conf = metric.confidence or gates.confidence
     row: dict[str, Any] = {
         "metric": name,
@@ -454,7 +729,13 @@ def _metric_row(
         "confidence": conf,
         "tolerance": gates.tolerance if metric.tolerance is None else metric.tolerance,
         "gated": metric.gate,
+        "applicable": not kinds - figure.systems,
     }
+    if not row["applicable"]:
+        row.update(verdict="not applicable", note=_not_applicable(kinds))
+        return row
+    av = [_value(r, name, normalise) for r in a]
+    bv = [_value(r, name, normalise) for r in b]
     if any(v is None for v in av + bv):
         row.update(verdict="not measured", note="missing in some replicates", a=av, b=bv)
         return row
@@ -478,7 +759,47 @@ def _metric_row(
         cv=[round(cv_a, 4), round(cv_b, 4)],
         erratic=max(cv_a, cv_b) > gates.erratic_cv,
     )
+    resolution = _watch_resolution_ms(name, (*a, *b))
+    if resolution is not None:
+        row["resolution_ms"] = resolution
+        floor = resolution / row["a_median"] if row["a_median"] > 0 else math.inf
+        if floor > row["tolerance"]:
+            row["tolerance_note"] = (
+                f"widened from {row['tolerance']:.0%}: one polling interval ({resolution:g} ms) of the output "
+                "is the resolution of this latency"
+            )
+            row["tolerance"] = floor
     return row
+
+
+def _not_applicable(kinds: frozenset[str]) -> str:
+    """Why a metric does not apply to these kinds of system, and what to gate instead."""
+    if "external" in kinds:
+        return (
+            "an external system has no in-process probes (thread CPU, flushes, lock) and its memory is not the "
+            f"bench's; {_instead(kinds)}"
+        )
+    return f"measured for system.kind external only; {_instead(kinds)}"
+
+
+def _instead(kinds: frozenset[str]) -> str:
+    if "external" in kinds:
+        return "gate system_cpu_s_per_1k, system_peak_rss_mb (its process tree) and e2e_p99_ms"
+    return "gate hot_path_cpu_us, sink_cpu_us_per_row (thread CPU) and peak_rss_mb"
+
+
+def _watch_resolution_ms(name: MetricName, reps: Sequence[Replicate]) -> float | None:
+    """For end-to-end latency of an external system whose output was watched: the coarsest polling interval."""
+    if not name.startswith("e2e_"):
+        return None
+    found = [
+        float(r.variant.system.durable_resolution_ms)
+        for r in reps
+        if r.variant.system is not None
+        and r.variant.system.durable_from == "watching"
+        and r.variant.system.durable_resolution_ms is not None
+    ]
+    return max(found) if found else None
 
 
 def _robust_cv(values: Sequence[float]) -> float:
@@ -534,10 +855,26 @@ def _checked(checks: Sequence[tuple[dict[str, Any], str | None]]) -> tuple[list[
 
 
 def _counter_check(
-    cname: CounterName, a: Sequence[Replicate], b: Sequence[Replicate], ctol: float | None
+    cname: CounterName,
+    a: Sequence[Replicate],
+    b: Sequence[Replicate],
+    ctol: float | None,
+    kinds: frozenset[str] = frozenset({"in_process"}),
 ) -> tuple[dict[str, Any], str | None]:
     """A deterministic counter: any lost message fails; a gated counter must match the baseline within its
     tolerance. The entry, and why it fails the gate (None if it does not)."""
+    if "external" in kinds and cname in BUILT_IN_COUNTERS:
+        note = "a counter of the built-in pipeline's Parquet sink; an external system writes its own output"
+        return {
+            "counter": cname,
+            "a": [],
+            "b": [],
+            "tolerance": None,
+            "gated": False,
+            "ok": None,
+            "applicable": False,
+            "note": note,
+        }, None
     a_c = [counter_value(r.variant, cname) for r in a]
     b_c = [counter_value(r.variant, cname) for r in b]
     entry: dict[str, Any] = {"counter": cname, "a": a_c, "b": b_c, "tolerance": ctol, "gated": ctol is not None}
@@ -592,10 +929,14 @@ def _bound_check(bname: MetricName, limit: float, b: Sequence[Replicate]) -> tup
     return {"metric": bname, "bound": limit, "worst": worst, "ok": ok}, why
 
 
-def _unjudged(rows: list[dict[str, Any]], gates: GateSettings, *, paired: bool) -> list[str]:
+def _unjudged(
+    rows: list[dict[str, Any]], gates: GateSettings, *, paired: bool, kinds: frozenset[str] = frozenset()
+) -> list[str]:
     """Why some gated metric got no verdict: then the gate is inconclusive, never "passed" on nothing."""
-    gated = [row for row in rows if row["gated"]]
+    gated = [row for row in rows if row["gated"] and row.get("applicable", True)]
     out: list[str] = []
+    if not gated and any(row["gated"] for row in rows):
+        out.append(f"no gated metric applies to system.kind {', '.join(sorted(kinds))}: " + _instead(kinds))
     for row in gated:
         name = row["metric"]
         if "change" not in row:
@@ -625,11 +966,19 @@ def run_gate(
     loaded: LoadedScenario, options: GateOptions, on_replicate: Callable[[Replicate, int], None] | None = None
 ) -> GateOutcome:
     gates = _settings(loaded, options)
+    external = loaded.scenario.system.external
+    if external is None and options.baseline_command is not None:
+        raise UsageError(
+            f"--baseline-command: replaces system.external.command; {loaded.path} has system.kind "
+            f"{loaded.scenario.system.kind}, expected external"
+        )
+    # Checked before the gate folder exists: a refused baseline leaves nothing behind.
+    plan = _external_plan(loaded, options) if external is not None else None
     gate_dir = make_run_dir(f"{loaded.scenario.name}-gate", options.out, options.reports_dir).resolve()
     (gate_dir / "scenario.yaml").write_bytes(loaded.path.read_bytes())
     stored = Path(options.baseline)
     n = gates.replicates
-    candidate = _candidate_side()
+    candidate = _candidate_for(loaded)
     b_scenario = _replicate_scenario(loaded, gate_dir, "B", options.inject_slowdown)
     a: list[Replicate] = []
     b: list[Replicate] = []
@@ -646,13 +995,16 @@ def run_gate(
                     on_replicate(rep, n)
         else:
             design = "paired"
-            base, baseline_info = _baseline_side(options.baseline, gate_dir)
-            a_scenario = _replicate_scenario(loaded, gate_dir, "A", None)
+            if plan is not None:
+                base, baseline_info = _external_side(plan, candidate, gate_dir)
+            else:
+                base, baseline_info = _baseline_side(options.baseline, gate_dir)
+            a_scenario = _replicate_scenario(loaded, gate_dir, "A", None, baseline_info.get("overrides"))
             sides = [(base, a_scenario, a), (candidate, b_scenario, b)]
             same_code = partial(_refuse_same_code, baseline_info, code, candidate)
             _interleave(sides, gate_dir, n, code, check=same_code, on_replicate=on_replicate)
     finally:
-        if baseline_info.get("kind") == "git":
+        if baseline_info.get("kind") in ("git", "external-git"):
             _git(["worktree", "remove", "--force", baseline_info["worktree"]], Path(baseline_info["repo"]), "cleanup")
     verdicts = judge(a, b, gates, paired=design == "paired", normalise=design == "stored", seed=options.seed)
     result: dict[str, Any] = {
@@ -666,6 +1018,11 @@ def run_gate(
             "python": sys.executable,
             "inject_slowdown": options.inject_slowdown,
             "root": str(candidate.root),
+            **(
+                {"cwd": str(_external_cwd(loaded)), "command": external.argv(), "label": "working tree"}
+                if external is not None
+                else {}
+            ),
         },
         "code": code,
         "settings": gates.model_dump(mode="json"),
@@ -820,12 +1177,14 @@ def _stored_variant(path: Path, index: int, data: Any) -> Variant:
 def baseline_only(loaded: LoadedScenario, folder: Path, replicates: int | None) -> Path:
     """``bench gate SCENARIO --save-baseline DIR`` without a comparison: run the replicates, keep them."""
     gates = _settings(loaded, GateOptions(baseline="self", replicates=replicates))
+    if loaded.scenario.system.external is not None:
+        _refuse_shared_output(loaded.scenario.system.external, loaded.path)
     with tempfile.TemporaryDirectory(prefix="bench-baseline-") as tmp:
         where = Path(tmp).resolve()
         scenario = _replicate_scenario(loaded, where, "A", None)
         code: dict[str, Any] = {}
         reps = [
-            _replicate(_candidate_side(), scenario, where / f"A{i + 1:02d}", i, code, reference=True)
+            _replicate(_candidate_for(loaded), scenario, where / f"A{i + 1:02d}", i, code, reference=True)
             for i in range(gates.replicates)
         ]
         save_baseline(folder, reps, loaded)
@@ -850,7 +1209,7 @@ def markdown(result: dict[str, Any]) -> str:
         verdict_line(result),
         "",
         f"Design: {result['design']} ({len(result['replicates']['B'])} replicates per side); baseline: "
-        f"{result['baseline'].get('rev') or result['baseline'].get('kind')}; "
+        f"{result['baseline'].get('label') or result['baseline'].get('rev') or result['baseline'].get('kind')}; "
         f"{result['multiple_comparisons']}.",
         "",
         "| metric | A median | B median | change | CI | p (Holm) | tolerance | verdict |",
@@ -866,9 +1225,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"{_pct(row['ci'][0])} .. {_pct(row['ci'][1])} | {'-' if p is None else f'{p:.4f}'} | "
             f"{row['tolerance']:.0%} | {row['verdict']}{'' if row['gated'] else ' (not gated)'} |"
         )
+    notes = [f"- {row['metric']}: {row['note']}" for row in result["metrics"] if row.get("applicable") is False]
+    notes += [
+        f"- {row['metric']}: tolerance {row['tolerance_note']}" for row in result["metrics"] if "tolerance_note" in row
+    ]
+    if notes:
+        lines += ["", *sorted(set(notes), key=notes.index)]
     lines += ["", "| counter | baseline | candidate | check |", "|---|---|---|---|"]
     for c in result["counters"]:
         check = {True: "ok", False: "**FAILED**", None: "-"}[c["ok"]]
+        if c.get("applicable") is False:
+            check = "not applicable"
         lines.append(f"| {c['counter']} | {_span(c['a'])} | {_span(c['b'])} | {check} |")
     if result["bounds"]:
         lines += ["", "| bound | limit | candidate's worst | check |", "|---|---:|---:|---|"]
@@ -894,7 +1261,7 @@ def verdict_line(result: dict[str, Any]) -> str:
     elif head == "INCONCLUSIVE":
         why = [str(r) for r in result.get("inconclusive", [])]
     else:
-        gated = [m for m in result.get("metrics", []) if m.get("gated", True)]
+        gated = [m for m in result.get("metrics", []) if m.get("gated", True) and m.get("applicable", True)]
         why = [
             f"{len(gated)} gated metric(s) judged, none slower beyond tolerance; "
             f"{len(result.get('counters', []))} counter(s) and {len(result.get('bounds', []))} bound(s) held"
@@ -969,10 +1336,11 @@ def compare(
     elif len({s.sha256 for s in (*sc_a, *sc_b)}) > 1:
         warnings.append("the scenario file differs between runs (same name, other content): check it is intended")
     reps_b = [Replicate("B", r.index, r.run_dir, r.exit_code, r.variant) for r in reps_b]
+    kinds = {system_kind(r.variant) for r in (*reps_a, *reps_b)}
     present = [
         name
         for name, figure in GATE_METRICS.items()
-        if all(figure.value(r.variant) is not None for r in (*reps_a, *reps_b))
+        if kinds <= figure.systems and all(figure.value(r.variant) is not None for r in (*reps_a, *reps_b))
     ]
     gates = GateSettings(
         confidence=confidence,

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         OpcUa,
         QueueDepth,
         SinkFlushes,
+        SystemPart,
         Variant,
     )
 
@@ -147,6 +148,29 @@ def _durable_from(v: Variant) -> str | None:
     return f"watching its output every {system.durable_resolution_ms:,.0f} ms"
 
 
+def _by_truth(counts: Mapping[str, int] | None) -> str | None:
+    """``3 (nan 2, inf 1)``: a count with its truth labels, the largest first; None when there is none."""
+    if not counts:
+        return None
+    shown = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    named = ", ".join(f"{t} {n:,}" for t, n in shown[:3]) + (", ..." if len(shown) > 3 else "")
+    return f"{sum(counts.values()):,} ({named})"
+
+
+def _not_persisted(v: Variant) -> str | None:
+    """An external system's bad input left out of its output, as its truth labels say it may be; "0" shown."""
+    if v.ledger.not_persisted_expected is None:
+        return None
+    return _by_truth(v.ledger.not_persisted_by_truth) or "0"
+
+
+def _refused(v: Variant) -> str | None:
+    """Good input an external system rejected; unknown (None) when it keeps no rejects."""
+    if v.truth is None or not v.truth.rejects_kept:
+        return None
+    return _by_truth(v.truth.refused_good_input) or "0"
+
+
 @dataclass(frozen=True)
 class MetricRow:
     """One row of the side-by-side table: a figure of each variant."""
@@ -170,6 +194,16 @@ METRIC_ROWS: list[MetricRow] = [
     MetricRow("  dropped", lambda v: v.ledger.dropped, "{:,.0f}", False),
     MetricRow("  lost", lambda v: v.ledger.lost, "{:,.0f}", False),
     MetricRow("  duplicates", lambda v: v.ledger.duplicates, "{:,.0f}", False),
+    # An external system judged by the truth labels of what was sent: bad input it left out is not lost; bad
+    # input it stored and good input it refused are findings, not failures (the bench cannot know its policy).
+    MetricRow("  not persisted (truth: bad input)", _not_persisted, "{}", False),
+    MetricRow(
+        "  persisted despite truth label",
+        _via(lambda v: v.truth, lambda t: _by_truth(t.accepted_bad_input) or "0"),
+        "{}",
+        False,
+    ),
+    MetricRow("  refused good input", _refused, "{}", False),
     MetricRow("offered msg/s", lambda v: v.throughput.offered_per_s, "{:,.1f}", False),
     MetricRow("sent msg/s", lambda v: v.throughput.sent_per_s, "{:,.1f}", True),
     MetricRow("persisted msg/s", lambda v: v.throughput.persisted_per_s, "{:,.1f}", True),
@@ -235,6 +269,8 @@ MetricName = Literal[
     "sink_rows_per_s",
     "persisted_per_s",
     "peak_rss_mb",
+    "system_cpu_s_per_1k",
+    "system_peak_rss_mb",
 ]
 CounterName = Literal[
     "persisted", "rejected", "dropped", "lost", "duplicates", "files", "data_bytes", "flushes", "rows_written"
@@ -249,6 +285,22 @@ class GateFigure:
     """The variant's value; None where it lacks it (e.g. a baseline older than the metric)."""
     higher_is_better: bool
     unit: str
+    systems: frozenset[str] = frozenset({"in_process", "process"})
+    """The kinds of system under test (scenario ``system.kind``) that report it; for the others it is not
+    applicable (reported so by a gate, never judged as missing)."""
+
+
+EVERY_SYSTEM = frozenset({"in_process", "process", "external"})
+EXTERNAL_ONLY = frozenset({"external"})
+
+
+def system_kind(v: Variant) -> str:
+    """The kind of system a variant measured: in_process (no system part), process or external."""
+    return v.system.kind if v.system is not None else "in_process"
+
+
+def _external_system(v: Variant) -> SystemPart | None:
+    return v.system if v.system is not None and v.system.kind == "external" else None
 
 
 # What a regression gate can compare, per variant of a run's results.json. Times are medians or tails over one
@@ -260,12 +312,20 @@ GATE_METRICS: dict[MetricName, GateFigure] = {
     "flush_mean_ms": GateFigure(_via(_size_flush_ms, _mean), False, "ms"),
     "flush_p50_ms": GateFigure(_via(_size_flush_ms, _p50), False, "ms"),
     "flush_p99_ms": GateFigure(_via(_size_flush_ms, _p99), False, "ms"),
-    "e2e_p50_ms": GateFigure(_via(_e2e, _p50), False, "ms"),
-    "e2e_p99_ms": GateFigure(_via(_e2e, _p99), False, "ms"),
+    "e2e_p50_ms": GateFigure(_via(_e2e, _p50), False, "ms", EVERY_SYSTEM),
+    "e2e_p99_ms": GateFigure(_via(_e2e, _p99), False, "ms", EVERY_SYSTEM),
     "lock_wait_p99_ms": GateFigure(_via(_lock_wait, _p99), False, "ms"),
     "sink_rows_per_s": GateFigure(_sink_rows_per_s("parquet"), True, "rows/s"),
-    "persisted_per_s": GateFigure(lambda v: v.throughput.persisted_per_s, True, "msg/s"),
+    "persisted_per_s": GateFigure(lambda v: v.throughput.persisted_per_s, True, "msg/s", EVERY_SYSTEM),
+    # The bench's own process (the in-process pipeline included); for an external system see system_peak_rss_mb.
     "peak_rss_mb": GateFigure(_via(lambda v: v.resources, lambda r: r.peak_rss_mb), False, "MB"),
+    # An external system's process tree (psutil): CPU seconds (user + system) per thousand messages sent, and the
+    # highest resident memory seen. Process CPU time, like the built-in pipeline's thread CPU metrics, barely
+    # moves with a busy neighbour; the in-process probes do not exist for a program of the user's.
+    "system_cpu_s_per_1k": GateFigure(
+        _via(_external_system, lambda s: s.cpu_s_per_1k), False, "CPU s/1k msgs", EXTERNAL_ONLY
+    ),
+    "system_peak_rss_mb": GateFigure(_via(_external_system, lambda s: s.peak_rss_mb), False, "MB", EXTERNAL_ONLY),
 }
 
 
@@ -287,6 +347,11 @@ _COUNTERS: dict[CounterName, Callable[[Variant], int | None]] = {
     "flushes": lambda v: _parquet_flush_sum(v, lambda stats: stats.count),
     "rows_written": lambda v: _parquet_flush_sum(v, lambda stats: stats.rows),
 }
+
+
+# Counters of the built-in pipeline's Parquet sink: not applicable to an external system (whose output files the
+# bench does not write; ``files`` is what its output glob matched).
+BUILT_IN_COUNTERS: frozenset[CounterName] = frozenset({"data_bytes", "flushes", "rows_written"})
 
 
 def counter_value(variant: Variant, name: CounterName) -> float | None:
