@@ -113,8 +113,27 @@ def test_a_killed_external_pipeline_shows_its_losses_per_restart(
             ServiceError,
             "no field 'sequence'",
         ),
+        (
+            lambda t: t.replace("columns: {durable_at: at}", "columns: {seq: machine}"),
+            ServiceError,
+            "field 'machine' holds no sequence id",
+        ),
+        (
+            # Numbers, but not the bench's: its own write time, as a mapping to a row id or offset would be.
+            lambda t: t.replace("columns: {durable_at: at}", "columns: {seq: at}"),
+            ServiceError,
+            "holds a seq the bench sent",
+        ),
     ],
-    ids=["command-not-found", "exits-early", "never-ready", "output-empty", "column-missing"],
+    ids=[
+        "command-not-found",
+        "exits-early",
+        "never-ready",
+        "output-empty",
+        "column-missing",
+        "seq-not-a-number",
+        "seq-not-ours",
+    ],
 )
 def test_user_mistakes_get_a_one_line_error(
     tmp_path: Path,

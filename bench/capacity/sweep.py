@@ -37,7 +37,7 @@ from bench.capacity.workers import READY_TIMEOUT_S, Child, ExternalWorker, Worke
 from bench.errors import ScenarioError, UsageError
 from bench.harness import session as harness
 from bench.harness.accounting import CommandOptions, RunRecord, write_run_results
-from bench.harness.external_sut import ExternalPipeline
+from bench.harness.external_sut import ExternalPipeline, check_seqs_found
 from bench.harness.ledger import reconcile
 from bench.harness.probes import append_cost, flush_summary, lock_summary
 from bench.harness.progress import StepProgress
@@ -546,6 +546,8 @@ def _analyse(step: _Step, output: Output) -> tuple[dict[str, Any], list[FlushSta
     locks, cpu_pct, rss, worker_errors = _worker_records(step.sut.finals, start, end)
     errors.extend(worker_errors)
     ledger = reconcile(sent[:, 0].tolist(), output.back)
+    if isinstance(step.sut, ExternalWorker):
+        check_seqs_found(output.back, ledger.persisted, step.sut.system.spec.output)
     durable_of = dict(output.durable)
     durable = np.array([durable_of.get(int(seq), -1) for seq in sent[:, 0]], dtype=np.int64)
     metrics = model.step_metrics(

@@ -77,6 +77,8 @@ class _Rows:
     files: int = 0
     unreadable: list[str] = field(default_factory=list)
     missing_column: str | None = None
+    not_a_seq: list[str] = field(default_factory=list)
+    """A few values of the seq field that hold no sequence id (a uuid, a name): evidence for a wrong mapping."""
 
 
 def _number(value: Any) -> int | None:
@@ -174,6 +176,10 @@ class _Watcher:
             return _number(match.group(1)) if match else None
         return _number(value)
 
+    def _not_a_seq(self, value: Any) -> None:
+        if len(self.rows.not_a_seq) < 3:
+            self.rows.not_a_seq.append(repr(value)[:40])
+
     def start(self) -> None:
         self._thread.start()
 
@@ -234,6 +240,7 @@ class _Watcher:
                         continue
                     seq = self._seq(record[cols.seq])
                     if seq is None:
+                        self._not_a_seq(record[cols.seq])
                         continue
                     self.rows.seqs.append(seq)
                     self.rows.seen.setdefault(seq, now)
@@ -264,6 +271,7 @@ class _Watcher:
             for record in records:
                 seq = self._seq(record.get(cols.seq))
                 if seq is None:
+                    self._not_a_seq(record.get(cols.seq))
                     continue
                 seqs.append(seq)
                 if self.reason is not None:
@@ -448,6 +456,12 @@ class ExternalPipeline:
                 f"system.external.output.columns.seq: {rows.missing_column}; map the field that holds the seq "
                 "the bench sent (e.g. columns: {seq: sequence_id})"
             )
+        if rows.not_a_seq and not rows.seqs:
+            raise ServiceError(
+                f"system.external.output.columns.seq: field {self.spec.output.columns.seq!r} holds no sequence id "
+                f"(e.g. {', '.join(rows.not_a_seq)}); map the field that holds the seq the bench sent"
+                + ("" if self.spec.output.columns.seq_pattern else ", or give seq_pattern to find it in the text")
+            )
         rejected_seqs: list[int | None] = []
         reasons: list[str] = []
         if self.rejects is not None:
@@ -629,3 +643,16 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def check_seqs_found(back: ReadBack, persisted: int, output: OutputSettings) -> None:
+    """Rows in its output, and not one of them holds a seq the bench sent: the mapping points at another
+    number (its own row id, an offset), and every message would be reported lost. Say that instead."""
+    if persisted or not back.persisted_seqs:
+        return
+    sample = ", ".join(str(s) for s in sorted(set(back.persisted_seqs))[:5])
+    raise ServiceError(
+        f"system.external.output.columns.seq: none of the {len(back.persisted_seqs):,} rows of its output holds a "
+        f"seq the bench sent (field {output.columns.seq!r} holds e.g. {sample}); map the field that holds the seq "
+        "of each payload (or set transport.mqtt.seq_property / a {seq} topic level if it drops unknown fields)"
+    )

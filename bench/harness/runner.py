@@ -40,7 +40,7 @@ from bench.harness.accounting import (
     variant_parts,
     write_run_results,
 )
-from bench.harness.external_sut import ExternalPipeline
+from bench.harness.external_sut import ExternalPipeline, check_seqs_found
 from bench.harness.fault_ledger import (
     STORAGE_FAULTS,
     FaultWindow,
@@ -716,6 +716,8 @@ class _VariantRun:
             crashes=crash_windows(windows),
         )
         ledger = accounting.ledger
+        if isinstance(self.sut, ExternalPipeline):
+            check_seqs_found(output.back, ledger.persisted, self.sut.spec.output)
         damaged = [*ledger.unreadable_files, *(f"{f} (unfinalised)" for f in ledger.unfinalised_files)]
         breakers = sorted({w.event.kind for w in windows if w.expected and w.event.kind in FILE_BREAKERS})
         if damaged and breakers:

@@ -51,7 +51,7 @@ from numpy.typing import NDArray
 from bench.errors import ServiceError, UsageError
 from bench.harness import accounting
 from bench.harness import session as harness
-from bench.harness.external_sut import ExternalPipeline
+from bench.harness.external_sut import ExternalPipeline, check_seqs_found
 from bench.harness.ledger import Ledger
 from bench.harness.probes import (
     lock_summary,
@@ -782,6 +782,7 @@ class _LoadRun:
         external = isinstance(self.sut, ExternalPipeline)
         truth = None
         if external and self.sc.system.external is not None:
+            check_seqs_found(output.back, books.ledger.persisted, self.sc.system.external.output)
             # As bench run judges it: a message missing from its output is lost only when its truth label says
             # it should have been stored.
             ext = self.sc.system.external
