@@ -1609,6 +1609,26 @@ def _comparable(s: _Series) -> tuple[str, str]:
     return s.run.results.scenario.name or "?", s.run.results.kind or "run"
 
 
+def _flush_count_rows(series: Sequence[Any]) -> list[Row]:
+    """The built-in pipeline's Parquet flushes per trigger, and how many triggers were coalesced."""
+    return [
+        Row(
+            "flushes size/timeout/shutdown",
+            tuple(
+                Cell("/".join(str(f.count if (f := _flushes(s.variant, t)) else 0) for t in ALL_TRIGGERS))
+                for s in series
+            ),
+        ),
+        Row(
+            "coalesced triggers",
+            tuple(
+                Cell(str(sum((f.coalesced or 0) if (f := _flushes(s.variant, t)) else 0 for t in ALL_TRIGGERS)))
+                for s in series
+            ),
+        ),
+    ]
+
+
 def _strategies_table(series: list[_Series]) -> Table:
     title = "Strategies side by side"
     if not series:
@@ -1641,24 +1661,9 @@ def _strategies_table(series: list[_Series]) -> Table:
                 )
             cells.append(Cell(_fmt(v, metric.fmt), note=note, tone=tone))
         rows.append(Row(label, tuple(cells), indent=metric.label.startswith(" ")))
-    rows.append(
-        Row(
-            "flushes size/timeout/shutdown",
-            tuple(
-                Cell("/".join(str(f.count if (f := _flushes(s.variant, t)) else 0) for t in ALL_TRIGGERS))
-                for s in series
-            ),
-        )
-    )
-    rows.append(
-        Row(
-            "coalesced triggers",
-            tuple(
-                Cell(str(sum((f.coalesced or 0) if (f := _flushes(s.variant, t)) else 0 for t in ALL_TRIGGERS)))
-                for s in series
-            ),
-        )
-    )
+    # The built-in pipeline's flush counts: an external system has none to show (not zero).
+    builtin = not all(s.variant.system is not None and s.variant.system.kind == "external" for s in series)
+    rows.extend(_flush_count_rows(series) if builtin else [])
     return Table(
         "table-strategies",
         title,

@@ -77,6 +77,9 @@ def _append_cost(v: Variant) -> AppendCost | None:
 
 
 def _queue_depth(v: Variant) -> QueueDepth | None:
+    # The built-in pipeline's input queue; a run of an external system samples none worth showing.
+    if v.system is not None and v.system.kind == "external":
+        return None
     return v.probes.queue_depth
 
 
