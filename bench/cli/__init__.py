@@ -261,7 +261,10 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         if scored is not None:
             out.print(scored)
         out.print(f"results: {outcome.run_dir / 'results.json'}" + (f"\nreport: {report}" if report else ""))
-    overhead = outcome.results.variants[0].probes.overhead if outcome.results.variants else None
+    first = outcome.results.variants[0] if outcome.results.variants else None
+    # The probes' cost inside the built-in pipeline: nothing to say about a system of the user's own.
+    external = first is not None and first.system is not None and first.system.kind == "external"
+    overhead = first.probes.overhead if first is not None and not external else None
     if overhead is not None and not args.json:
         out.print(
             f"probe overhead: {overhead.ns_per_put_on - overhead.ns_per_put_off:,.0f} ns per put, "

@@ -318,7 +318,9 @@ class _Resources:
     """CPU seconds and peak RSS of a process tree (the command and its children), sampled with psutil.
 
     CPU time of a process that exited between samples is kept from its last sample; RSS is the tree's sum at
-    each sample, so a peak between samples can be missed (the sampling interval is reported with it)."""
+    each sample, so a peak between samples can be missed (the sampling interval is reported with it).
+    Both count from the moment it is ready (:meth:`ready`): what a wrapper does before it serves (an
+    ``npm ci`` on first use, a compile) is not the pipeline's cost per message."""
 
     EVERY_S = 0.2
 
@@ -330,12 +332,23 @@ class _Resources:
         """(ns on the run's clock, the tree's CPU s so far, its RSS bytes) per sample, with a clock: a capacity
         step's CPU % is taken over its measurement window, not over the whole life of the process."""
         self._roots: list[int] = []
+        self._startup: dict[int, float] = {}
+        """Per process, the CPU seconds it had used when the start it belongs to became ready."""
+        self._serving = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="external-resources", daemon=True)
         self._thread.start()
 
     def watch(self, pid: int) -> None:
         self._roots.append(pid)
+
+    def ready(self) -> None:
+        """It is ready: what every process seen so far has used is startup, left out of the figures."""
+        self.sample()
+        for pid, used in self.cpu_s.items():
+            self._startup.setdefault(pid, used)
+        if not self._serving:
+            self._serving, self.peak_rss = True, 0
 
     def _run(self) -> None:
         while not self._stop.wait(self.EVERY_S):
@@ -358,14 +371,16 @@ class _Resources:
                     rss += p.memory_info().rss
                 except psutil.Error:
                     continue
-        self.peak_rss = max(self.peak_rss, rss)
+        if self._serving:
+            self.peak_rss = max(self.peak_rss, rss)
         if self.clock is not None:
             self.samples.append((self.clock.now_ns(), sum(self.cpu_s.values()), rss))
 
     def stop(self) -> dict[str, float]:
         self._stop.set()
         self._thread.join(2)
-        return {"cpu_s": round(sum(self.cpu_s.values()), 3), "peak_rss_mb": round(self.peak_rss / 2**20, 1)}
+        serving = sum(used - self._startup.get(pid, 0.0) for pid, used in self.cpu_s.items())
+        return {"cpu_s": round(serving, 3), "peak_rss_mb": round(self.peak_rss / 2**20, 1)}
 
 
 class ExternalPipeline:
@@ -568,6 +583,8 @@ class ExternalPipeline:
         self.starts.append(process)
         self.resources.watch(process.proc.pid)
         problem = self._wait_ready(process, ready.timeout)
+        if problem is None:
+            self.resources.ready()
         if problem is not None:
             self._end(signal.SIGKILL, 5.0)
             raise ServiceError(f"the external system {problem}; its last output ({self.log_path}):\n{process.tail()}")
