@@ -22,6 +22,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bench.errors import ScenarioError, UsageError
 from bench.results.metrics import COUNTERS, CounterName, MetricName
+from bench.shapes.forward_settings import ForwardSettings
+from bench.shapes.recompute_settings import RecomputeSettings
+from bench.shapes.windows_settings import WindowsSettings
 from pipeline.config import (
     Duration,
     Frozen,
@@ -931,6 +934,16 @@ class Scenario(Frozen):
     run: RunSettings = RunSettings()
     capacity: CapacitySettings | None = Field(None, description="The sweep `bench capacity` runs.")
     gates: GateSettings | None = Field(None, description="How `bench gate` and `bench compare` judge this scenario.")
+    # Other pipeline shapes (a section each; its settings live in bench/shapes/<name>.py):
+    recompute: RecomputeSettings | None = Field(
+        None, description="Notify and recompute a derived series with an HTTP read API (bench/shapes/recompute.py)."
+    )
+    forward: ForwardSettings | None = Field(
+        None, description="Store-and-forward shape: filter -> outbox -> sender -> upstream (docs/forward.md)."
+    )
+    windows: WindowsSettings | None = Field(
+        None, description="Sliding-window metrics behind a bounded buffer, naive beside improved (docs/windows.md)."
+    )
     matrix: tuple[dict[str, Any], ...] = Field(
         (),
         description="Variants run on the same stream: each has a name and dotted keys under pipeline. or "

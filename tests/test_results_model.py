@@ -36,7 +36,7 @@ from bench.scenario import load_scenario
 from tests.conftest import ROOT, SCENARIOS
 
 DATA = Path(__file__).parent / "data" / "results"
-FIXTURE_NAME = re.compile(r"v(\d+)-(run|capacity|load)\.json")
+FIXTURE_NAME = re.compile(r"v(\d+)-(run|capacity|load|external)\.json")
 # One file of each version and kind; v9-faults.json (a failed fault run, see the README there) has tests of its own.
 FIXTURES = sorted(p for p in DATA.glob("v*.json") if FIXTURE_NAME.fullmatch(p.name))
 V9_FAULTS = DATA / "v9-faults.json"
@@ -100,9 +100,13 @@ def test_every_fixture_loads(path: Path) -> None:
     assert results.kind == ("capacity" if kind == "capacity" else None)
     assert (results.capacity is not None) == (kind == "capacity")
     assert all(v.load is not None for v in results.variants) == (kind == "load")
+    # A run of an external system (version 11 on): its process, and its output judged by truth label.
+    assert all(v.system is not None and v.system.kind == "external" for v in results.variants) == (kind == "external")
     for v in results.variants:
         assert v.ledger.reconciled is True
-        assert v.ledger.sent == v.ledger.persisted + v.ledger.rejected + v.ledger.dropped + v.ledger.lost
+        # An external system's bad input it left out is set aside by truth label (version 11 on).
+        aside = v.ledger.not_persisted_expected or 0
+        assert v.ledger.sent == v.ledger.persisted + v.ledger.rejected + v.ledger.dropped + v.ledger.lost + aside
     if results.capacity is not None:
         steps = [st for sr in results.capacity.series for st in sr.steps]
         assert steps and all(st.verdict is not None for st in steps)

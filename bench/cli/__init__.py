@@ -257,6 +257,8 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         out.print(_verdict_line(outcome.results, outcome.run_dir))
         out.print(summary_table(outcome.results))
+        for line in shape_lines(outcome.results):
+            out.print(line, highlight=False, soft_wrap=True)
         scored = validation_table(outcome.results)
         if scored is not None:
             out.print(scored)
@@ -724,8 +726,8 @@ def summary_table(results: Results) -> Table:
             continue
         base = values[0]
         table.add_row(row.label, *[_cell(val, row.fmt, base, row.ratio and i > 0) for i, val in enumerate(values)])
-    if all(v.system is not None and v.system.kind == "external" for v in variants):
-        return table  # the built-in pipeline's flush counts: an external system has none to show (not zero)
+    if all((v.system is not None and v.system.kind == "external") or _shape_of(v) for v in variants):
+        return table  # the built-in pipeline's flush counts: an external system or another shape has none (not 0)
     flush_counts = [
         "/".join(str(stats.count if stats is not None else 0) for stats in parquet_flush_triggers(v)) for v in variants
     ]
@@ -735,6 +737,24 @@ def summary_table(results: Results) -> Table:
     ]
     table.add_row("coalesced triggers", *coalesced)
     return table
+
+
+def _shape_of(v: Any) -> str | None:
+    """Which other pipeline shape (bench/shapes/) a variant ran, if any."""
+    return next((name for name in ("recompute", "forward", "windows") if getattr(v, name, None) is not None), None)
+
+
+def shape_lines(results: Results) -> list[str]:
+    """Each other shape's own figures, in words (its module says them)."""
+    import importlib
+
+    lines: list[str] = []
+    for name in dict.fromkeys(n for v in results.variants if (n := _shape_of(v))):
+        module = importlib.import_module(f"bench.shapes.{name}")
+        say = getattr(module, "summary_lines", None)
+        if say is not None:
+            lines.extend(say(results.variants))
+    return lines
 
 
 def validation_table(results: Results) -> Table | None:

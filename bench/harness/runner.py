@@ -254,6 +254,19 @@ def _run_in(
 ) -> RunOutcome:
     sc = loaded.scenario
     shutil.copyfile(loaded.path, run_dir / "scenario.yaml")
+    # Other pipeline shapes run a harness of their own (bench/shapes/<name>.py):
+    if sc.recompute is not None:
+        from bench.shapes.recompute import run_recompute
+
+        return run_recompute(loaded, options, run_dir, on_progress=on_progress)
+    if sc.forward is not None:
+        from bench.shapes.forward import run_forward
+
+        return run_forward(loaded, options, run_dir, on_progress=on_progress)
+    if sc.windows is not None:
+        from bench.shapes.windows import run_windows
+
+        return run_windows(loaded, options, run_dir, spec, on_progress=on_progress)
     run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
     started_wall = time.time()
     env_before = environment()

@@ -1662,7 +1662,11 @@ def _strategies_table(series: list[_Series]) -> Table:
             cells.append(Cell(_fmt(v, metric.fmt), note=note, tone=tone))
         rows.append(Row(label, tuple(cells), indent=metric.label.startswith(" ")))
     # The built-in pipeline's flush counts: an external system has none to show (not zero).
-    builtin = not all(s.variant.system is not None and s.variant.system.kind == "external" for s in series)
+    builtin = not all(
+        (s.variant.system is not None and s.variant.system.kind == "external")
+        or any(getattr(s.variant, shape, None) is not None for shape in ("recompute", "forward", "windows"))
+        for s in series
+    )
     rows.extend(_flush_count_rows(series) if builtin else [])
     return Table(
         "table-strategies",

@@ -44,6 +44,11 @@ Schema changelog (bump ``SCHEMA_VERSION`` on every change, note it here and in
 11. truth per variant of an external system (what its output shows per truth
     label, and the findings); ledger.not_persisted_expected and
     not_persisted_by_truth (bad input it left out, set aside from lost).
+12. the other pipeline shapes' own parts of a variant (bench/shapes/): recompute
+    (staleness, recompute cost against series length, the oracle), forward
+    (delivered, lost by fault, duplicates upstream, left in the outbox) and
+    windows (mismatches against the oracle, late, drops by policy, memory and
+    CPU per tick against window length).
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ from pipeline.probes import Recorder
 if TYPE_CHECKING:
     from bench.results.model import Results
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 PACKAGES = (
     "iiot-bench",
     "asyncua",

@@ -43,6 +43,9 @@ from pydantic import (
 from bench.errors import UsageError
 from bench.results import SCHEMA_VERSION, write_results
 from bench.results.metrics import slope_fit, slope_text
+from bench.shapes.forward_results import ForwardResult
+from bench.shapes.recompute_results import RecomputeResult
+from bench.shapes.windows_results import WindowsResult
 from pipeline.config import format_validation_error
 
 __all__ = [
@@ -816,6 +819,13 @@ class Variant(ResultsModel):
     capacity_step: str | None = None
     """Capacity variants: the folder of the step its latency, throughput and timeline come from."""
     system: SystemPart | None = None
+    # Other pipeline shapes' own results (version 12 on; bench/shapes/<name>.py):
+    recompute: RecomputeResult | None = None
+    """The notify-and-recompute shape: staleness, recompute cost against series length, oracle."""
+    forward: ForwardResult | None = None
+    """Store-and-forward shape: delivered, duplicates, left in the outbox, lost (named by fault) per strategy."""
+    windows: WindowsResult | None = None
+    """Sliding windows behind a bounded buffer: oracle check, lateness, drops per policy, memory, CPU per tick."""
     fault_events: list[FaultEvent] | None = None
     """The timed faults that happened, in order."""
     unreadable_files: list[str] = []

@@ -1,0 +1,97 @@
+"""results.json's ``recompute`` part of a variant (``bench/shapes/recompute.py``).
+
+Self-contained (pydantic only): ``bench.results.model`` imports it for its ``Variant``, so it cannot import that
+module back; its base has the same configuration as ``ResultsModel``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+    )
+
+
+class Distribution(_Model):
+    """A distribution in ms (HdrHistogram, as ``LatencySummary``); ``{"count": 0}`` when nothing was recorded."""
+
+    count: int
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    p999: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    total: float | None = None
+    ladder: list[tuple[int | float, float]] | None = None
+    below_zero: int | None = None
+    clipped: int | None = None
+
+
+class CostPoint(_Model):
+    """The recomputes whose series length fell in one bin of the cost curve."""
+
+    series_len: float
+    """Mean series length (points, all machines) of the recomputes in the bin."""
+    recomputes: int
+    cpu_ms: float
+    """Mean CPU time per recompute (the worker thread's, SQLite included)."""
+    rows_written: float
+    """Mean points rewritten per recompute."""
+
+
+class Oracle(_Model):
+    """The API's final series against a recompute of the raw readings read back from the store."""
+
+    points: int
+    """Points the oracle computed."""
+    api_points: int
+    """Points the API served."""
+    mismatches: int
+    """Points missing, extra, or differing by more than floating point (relative 1e-9). Fails the run."""
+    max_abs_error: float
+    """Largest difference in ``energy`` between matched points."""
+    equal: bool
+
+
+class RecomputeResult(_Model):
+    """The notify-and-recompute shape: staleness, recompute cost against series length, correctness."""
+
+    recompute: str
+    """``full`` or ``incremental``."""
+    coalesce: bool
+    gather_interval_ms: float
+    poll_interval_ms: float
+    """How often the reader polled GET /status: staleness is over-stated by up to this (plus one answer)."""
+    late_readings: int
+    """Readings sent with a timestamp behind their machine's newest one (truth ``out_of_order`` / ``late``)."""
+    staleness_ms: Distribution
+    """Per reading: from its intended send time to the first API answer whose ``raw_through`` covers it."""
+    unreflected: int
+    """Readings stored but never reflected by an API answer before the drain timeout. Fails the run."""
+    notifications: int
+    recomputes: int
+    coalesced: int
+    """Notifications merged into one already pending (served by a recompute they did not start)."""
+    recompute_cpu_ms: Distribution
+    """CPU time per recompute."""
+    cpu_ms_total: float
+    rows_written_total: int
+    cost_curve: list[CostPoint]
+    """Cost per recompute against series length, by bins of length."""
+    cost_slope_ms_per_1k: float | None = None
+    """Least-squares slope of CPU ms per recompute against series length, per 1,000 points (None: too few)."""
+    api_requests: int
+    """Reader polls answered (200 and 304)."""
+    api_not_modified: int
+    """Polls answered 304 (the ETag matched: nothing new)."""
+    final_version: int
+    oracle: Oracle
