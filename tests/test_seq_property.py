@@ -110,6 +110,19 @@ def test_bench_run_and_capacity_send_the_property(tmp_path: Path, mosquitto_url:
     assert step.ledger is not None and step.ledger.sent == step.ledger.persisted == 200, cap.problems
 
 
+def test_bench_load_sends_the_property(tmp_path: Path, mosquitto_url: str) -> None:
+    """The locust users speak MQTT 5 too: a pipeline that reads the seq from the property reconciles."""
+    from bench.load.runner import LoadOptions, run_load
+
+    path = _scenario(tmp_path, mosquitto_url)
+    outcome = run_load(load_scenario(path), LoadOptions(out=tmp_path / "load", workers=1))
+    assert outcome.ok, outcome.problems
+    (v,) = outcome.results.variants
+    assert v.ledger.persisted == v.ledger.sent == 300 and v.ledger.lost == 0
+    rows = [json.loads(line) for line in (tmp_path / "load" / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(r["seq"] == str(r["payload_seq"]) for r in rows), "the property carried each message's own seq"
+
+
 def test_the_property_is_packed_as_paho_packs_it() -> None:
     from paho.mqtt import properties
     from paho.mqtt.packettypes import PacketTypes
