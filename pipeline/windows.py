@@ -22,15 +22,26 @@ Event time and lateness (one rule for both, so their outputs are comparable):
   (``e <= watermark``); no accepted reading can change such a window any more, since one that would is late.
 - Only non-empty windows are emitted. :meth:`WindowEngine.finish` (end of stream) emits the rest.
 
-Nothing here reads a clock or does I/O: the caller decides when a tick is (every ``evaluate_every``).
+Nothing in the engines reads a clock or does I/O: the caller decides when a tick is (every ``evaluate_every``).
+
+``python -m pipeline.windows`` (:func:`main`) runs an engine on its own: readings as JSON lines on stdin, window
+values as JSON lines out, a tick after every reading (the watermark alone decides what is due). It never imports
+the bench.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import re
+import sys
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Literal, Protocol
 
 WindowStrategy = Literal["naive", "improved"]
 
@@ -274,3 +285,147 @@ def run_all(engine: WindowEngine, readings: Iterable[tuple[str, int, float]]) ->
         engine.add(machine, ts_ns, value)
         out += engine.advance()
     return out + engine.finish()
+
+
+# ----------------------------------------------------------------------------- ``python -m pipeline.windows``
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def parse_reading(line: bytes, value_field: str) -> tuple[str, int, float]:
+    """(machine, event time ns, value) of one JSON reading; ValueError naming what is wrong.
+
+    ``ts`` is ISO 8601 with a zone (``Z`` or an offset); its microseconds are kept exactly (integer arithmetic)."""
+    try:
+        body = json.loads(line)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("expected a JSON object")
+    machine, ts, value = body.get("machine"), body.get("ts"), body.get(value_field)
+    if not isinstance(machine, str):
+        raise ValueError("machine: expected a string")
+    if not isinstance(ts, str) or "\x00" in ts:
+        raise ValueError("ts: expected an ISO 8601 string with a zone")
+    try:
+        when = datetime.fromisoformat(ts)
+    except ValueError:
+        raise ValueError(f"ts: not ISO 8601: {ts[:64]!r}") from None
+    if when.utcoffset() is None:
+        raise ValueError(f"ts: no zone: {ts[:64]!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{value_field}: expected a finite number")
+    delta = when - _EPOCH
+    ts_ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    return machine, ts_ns, float(value)
+
+
+def value_json(v: WindowValue) -> str:
+    """One window value as the JSON line the CLI writes (and the bench reads back from an external pipeline)."""
+    return json.dumps(
+        {
+            "end_ns": v.end_ns,
+            "machine": v.machine,
+            "window_s": v.window_ns / 1e9,
+            "count": v.count,
+            "mean": v.mean,
+            "max": v.max,
+        },
+        separators=(",", ":"),
+    )
+
+
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_NS = {"ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9, "d": 86400 * 10**9, None: 10**9}
+# The scenario's duration syntax (pipeline.config.parse_duration), parsed here without importing pydantic: a
+# process started per run should not pay ~0.1 s of imports. A sign is accepted so the message can say "negative".
+
+
+def _durations(text: str, flag: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(","):
+        match = _DURATION.match(part)
+        if match is None:
+            raise ValueError(f"{flag}: {part.strip()!r} is not a duration; expected e.g. 500ms, 2s, 1m, 1h or seconds")
+        out.append(round(float(match.group(1)) * _UNIT_NS[match.group(2)]))
+    return tuple(out)
+
+
+def _config(args: argparse.Namespace) -> WindowConfig:
+    windows = _durations(args.windows, "--windows")
+    (slide,) = _durations(args.slide, "--slide")
+    (lateness,) = _durations(args.allowed_lateness, "--allowed-lateness")
+    if slide <= 0:
+        raise ValueError(f"--slide: {args.slide} is not above zero; expected a positive duration such as 1s")
+    if lateness < 0:
+        raise ValueError(f"--allowed-lateness: {args.allowed_lateness} is negative; expected 0 or more")
+    for text, w in zip(args.windows.split(","), windows, strict=True):
+        if w <= 0:
+            raise ValueError(f"--windows: {text.strip()} is not above zero; expected positive durations")
+        if w < slide:
+            raise ValueError(
+                f"--slide: {args.slide} is larger than the window {text.strip()}; expected slide <= window"
+            )
+        if w % slide:
+            raise ValueError(f"--windows: {text.strip()} is not a multiple of --slide {args.slide}")
+    return WindowConfig(windows, slide, lateness)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Readings as JSON lines on stdin (arrival order) -> window values as JSON lines (``--out`` or stdout).
+
+    A window is emitted as soon as the watermark (newest event time seen - allowed lateness) passes its end: no
+    wall clock. At end of input the rest is emitted (:meth:`WindowEngine.finish`), then one last line
+    ``{"readings": n, "accepted": a, "late": l, "invalid": i}``; a summary goes to stderr; exit 0."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.windows",
+        description="Sliding-window count / mean / max per machine over event time, from JSON lines on stdin.",
+    )
+    parser.add_argument("--windows", default="10s,1m", help="window lengths, comma-separated (default 10s,1m)")
+    parser.add_argument("--slide", default="1s", help="step between window ends, the bucket width (default 1s)")
+    parser.add_argument("--allowed-lateness", default="2s", help="watermark = newest event time - this (default 2s)")
+    parser.add_argument("--strategy", choices=sorted(WINDOW_STRATEGIES), default="improved")
+    parser.add_argument("--value-field", default="load_rate", help="the numeric field to aggregate (load_rate)")
+    parser.add_argument("--out", type=Path, help="write window values here (default: stdout)")
+    args = parser.parse_args(argv)
+    try:
+        config = _config(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    engine = make_engine(args.strategy, config)
+    out: IO[str] = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    readings = invalid = 0
+    try:
+
+        def write(values: list[WindowValue]) -> None:
+            if values:
+                out.write("".join(value_json(v) + "\n" for v in values))
+                out.flush()  # a reader following the file sees each window once it is final
+
+        for line in sys.stdin.buffer:
+            if not line.strip():
+                continue
+            readings += 1
+            try:
+                machine, ts_ns, value = parse_reading(line, args.value_field)
+            except ValueError as exc:
+                invalid += 1
+                if invalid <= 5:  # the first few say what is wrong; the count says how many
+                    print(f"pipeline.windows: reading {readings} skipped: {exc}", file=sys.stderr)
+                continue
+            engine.add(machine, ts_ns, value)
+            write(engine.advance())
+        write(engine.finish())
+        counts = {"readings": readings, "accepted": engine.accepted, "late": engine.late, "invalid": invalid}
+        out.write(json.dumps(counts) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+        else:
+            out.flush()
+    print(f"pipeline.windows: {' '.join(f'{k}={n}' for k, n in counts.items())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

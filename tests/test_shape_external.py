@@ -154,3 +154,15 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
 def test_bad_settings_are_refused_with_the_field_and_what_is_expected(spec: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         ShapeExternal.model_validate({"name": "w", **spec})
+
+
+def test_a_pipeline_that_stops_reading_its_input_is_named_not_waited_for(tmp_path: Path) -> None:
+    spec = ShapeExternal(name="deaf", command=[sys.executable, "-c", "import time; time.sleep(60)"], stop_timeout=0.5)
+    proc = ShapeProcess(spec, where="x.yaml: forward.external[0]", scenario_dir=tmp_path, folder=tmp_path)
+    proc.SEND_TIMEOUT_S = 0.5
+    proc.start()
+    line = b"x" * 1000
+    with pytest.raises(ServiceError, match=r"forward.external\[0\]: the pipeline has not read its standard input"):
+        for _ in range(1000):  # 1 MB: far past a pipe's 64 KiB buffer
+            proc.send(line)
+    assert proc.finish() == -15

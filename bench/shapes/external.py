@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -42,6 +43,8 @@ def free_port() -> int:
 
 class ShapeProcess:
     """The user's command as one variant of a shape run (see the module's doc)."""
+
+    SEND_TIMEOUT_S = 30.0
 
     def __init__(
         self,
@@ -90,7 +93,13 @@ class ShapeProcess:
         argv, env = self._argv(), self._env()
         self._ready_seen.clear()
         self.proc = subprocess.Popen(
-            argv, cwd=self.cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            argv,
+            cwd=self.cwd,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            bufsize=0,  # send() writes to the pipe itself, with a timeout
         )
         self.starts += 1
         self.resources.watch(self.proc.pid)
@@ -109,14 +118,29 @@ class ShapeProcess:
         self.start()
 
     def send(self, line: bytes) -> bool:
-        """Write one reading (a newline is added); False when its standard input is gone (it exited or was killed)."""
+        """Write one reading (a newline is added); False when its standard input is gone (it exited or was killed).
+
+        Raises :class:`ServiceError` when it is alive but has not taken the line within ``SEND_TIMEOUT_S``: a
+        pipeline that stops reading its input would otherwise hang the bench on a full pipe."""
         proc = self.proc
         if proc is None or proc.stdin is None:
             return False
+        data = memoryview(line + b"\n")
         with self._write_lock:
             try:
-                proc.stdin.write(line + b"\n")
-                proc.stdin.flush()
+                fd = proc.stdin.fileno()
+                deadline = time.monotonic() + self.SEND_TIMEOUT_S
+                while data:
+                    _, writable, _ = select.select([], [fd], [], max(0.0, deadline - time.monotonic()))
+                    if not writable:
+                        if proc.poll() is not None:
+                            return False
+                        raise ServiceError(
+                            f"{self.where}: the pipeline has not read its standard input for "
+                            f"{self.SEND_TIMEOUT_S:g} s (it is alive: stuck, or not reading stdin); its last output "
+                            f"({self.log_path}):\n{self.tail()}"
+                        )
+                    data = data[os.write(fd, data) :]
             except (BrokenPipeError, ValueError, OSError):
                 return False
         return True

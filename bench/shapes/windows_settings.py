@@ -1,7 +1,7 @@
 """The ``windows:`` section of a scenario: sliding-window metrics behind a bounded buffer (``bench run``).
 
-Imports only pydantic and :mod:`pipeline.config` (no bench module), so :mod:`bench.scenario` can import it
-without a cycle.
+Imports only pydantic, :mod:`pipeline.config` and :mod:`bench.shapes.external_settings` (which imports only
+those two), so :mod:`bench.scenario` can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from bench.shapes.external_settings import ShapeExternal
 from pipeline.config import Duration, Frozen
 
 Policy = Literal["block", "drop_oldest", "drop_newest"]
@@ -50,6 +51,12 @@ class WindowsSettings(Frozen):
         (60.0, 600.0),
         description="Window lengths of the memory / CPU-per-tick sweep (one window each, block policy).",
     )
+    external: tuple[ShapeExternal, ...] = Field(
+        (),
+        description="Pipelines of the same shape run as processes beside the built-in strategies: the readings on "
+        "their stdin as JSON lines in arrival order, window values read back from {dir}/windows.jsonl "
+        "(docs/windows.md).",
+    )
 
     @model_validator(mode="after")
     def _intervals_make_sense(self) -> WindowsSettings:
@@ -66,7 +73,20 @@ class WindowsSettings(Frozen):
                         f"{name}[{i}]: {length:g} s is not a multiple of slide ({self.slide:g} s); expected a "
                         "whole number of slides"
                     )
+        builtin = {f"{s}-{p}" for s in self.strategies for p in self.policies}
+        seen: set[str] = set()
+        for i, ext in enumerate(self.external):
+            if ext.name in builtin or ext.name in seen:
+                raise ValueError(
+                    f"external[{i}].name: {ext.name!r} is already a variant's name; expected a name unique among "
+                    f"the variants ({', '.join(sorted(builtin | seen))})"
+                )
+            seen.add(ext.name)
         return self
+
+    def variant_names(self) -> list[str]:
+        """Every variant's name in run order: strategy-policy for the built-in, then each external pipeline."""
+        return [f"{s}-{p}" for p in self.policies for s in self.strategies] + [e.name for e in self.external]
 
     def windows_ns(self) -> tuple[int, ...]:
         return tuple(_ns(w) for w in self.windows)
