@@ -12,6 +12,9 @@ Faults, switched on and off by whoever runs it (the bench's timeline):
 - ``lost_ack_fraction``: that fraction of requests is stored, then the connection is closed with no answer;
 - ``delay_s``: every request waits this long before it is handled (a slow upstream).
 
+The log keeps the evidence the bench names a loss or a duplicate by: the seqs of requests answered 500, of
+requests stored whose acknowledgement was then withheld, and of requests answered later than ``late_after_s``.
+
 Fault draws come from a seeded generator, so a run's faults are reproducible given the same request order.
 HTTP/1.0 (one request per connection) keeps "down" simple: no kept-alive connection outlives the listener.
 """
@@ -46,6 +49,11 @@ class UpstreamLog:
     answered_500: list[int] = field(default_factory=list)
     """Seqs in requests answered 500 (nothing of them stored)."""
     acks_lost: int = 0
+    lost_ack_seqs: list[int] = field(default_factory=list)
+    """Seqs in requests stored and then closed without an answer (the lost_ack fault)."""
+    late_seqs: list[int] = field(default_factory=list)
+    """Seqs in requests stored and answered ``late_after_s`` or more after the request arrived: the sender may
+    have given up waiting, so to it the acknowledgement was lost."""
     requests: int = 0
 
 
@@ -57,6 +65,8 @@ class Upstream:
         self.error_fraction = 0.0
         self.lost_ack_fraction = 0.0
         self.delay_s = 0.0
+        self.late_after_s = float("inf")
+        """Answers at least this slow are logged in ``late_seqs`` (the bench sets a fraction of the timeout)."""
         self._keys: set[str] = set()
         self._lock = threading.Lock()
         self._rng = random.Random(f"{seed}:upstream")
@@ -99,6 +109,7 @@ class Upstream:
     stop = down
 
     def _handle(self, req: BaseHTTPRequestHandler) -> None:
+        arrived = time.monotonic()
         if self.delay_s:
             time.sleep(self.delay_s)
         length = int(req.headers.get("Content-Length", "0"))
@@ -127,6 +138,7 @@ class Upstream:
                 lose_ack = self._rng.random() < self.lost_ack_fraction
                 if lose_ack:
                     self.log.acks_lost += 1
+                    self.log.lost_ack_seqs.extend(int(r["seq"]) for r in records)
         if fail:
             try:
                 req.send_error(500, "injected fault")
@@ -149,3 +161,6 @@ class Upstream:
         except OSError:
             # The sender gave up waiting (slow fault) and closed: stored all the same, its ack lost on its side.
             req.close_connection = True
+        if time.monotonic() - arrived >= self.late_after_s:
+            with self._lock:
+                self.log.late_seqs.extend(int(r["seq"]) for r in records)

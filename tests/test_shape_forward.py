@@ -18,13 +18,15 @@ import pytest
 from bench.errors import ScenarioError
 from bench.harness import runner
 from bench.harness.ledger import Ledger
+from bench.harness.progress import Progress
 from bench.scenario import load_scenario
-from bench.shapes.forward import reconcile
+from bench.shapes.forward import _UNREADABLE, FILTER_REFUSES, FeedLog, reconcile
 from bench.shapes.forward_settings import ForwardSettings, UpstreamFault
 from pipeline.forward import ForwardConfig, ForwardPipeline, Outbox, SenderStats, check_reading
 from pipeline.probes import Recorder
+from simulators.anomalies import KINDS, AnomalySpec, inject
 from simulators.forward_upstream import Stored, Upstream, UpstreamLog
-from simulators.stream import Message
+from simulators.stream import Message, PhaseSpec, StreamSpec, stream
 
 WAIT_S = 30.0  # generous: a busy shared machine must not fail a test by being slow
 
@@ -178,10 +180,14 @@ forward:
 def test_bench_run_naive_loses_during_the_outage_outbox_loses_nothing(tmp_path: Path) -> None:
     path = tmp_path / "fwd.yaml"
     path.write_text(SCENARIO)
-    outcome = runner.run(load_scenario(path), runner.RunOptions(out=tmp_path / "run"))
+    seen: list[Progress] = []
+    outcome = runner.run(load_scenario(path), runner.RunOptions(out=tmp_path / "run"), on_progress=seen.append)
     by_name = {v.name: v for v in outcome.results.variants}
-    naive, outbox = by_name["naive"].forward, by_name["outbox"].forward
-    assert naive is not None and outbox is not None
+    naive, retry, outbox = by_name["naive"].forward, by_name["retry"].forward, by_name["outbox"].forward
+    assert naive is not None and retry is not None and outbox is not None
+    # Progress through the runner's callback, for each variant in turn, while it sends.
+    assert next(p.variant for p in seen if p.phase == "forward") == "naive"
+    assert {p.variant for p in seen} == {"naive", "retry", "outbox"} and max(p.sent for p in seen) > 1
     # Timing-independent: the outbox strategy deletes only acknowledged rows and re-sends with keys, so whatever
     # the scheduling it ends with everything delivered once (the drain waits 10 s without progress).
     assert (outbox.lost, outbox.duplicates, outbox.in_outbox, outbox.out_of_order) == (0, 0, 0, 0)
@@ -190,8 +196,11 @@ def test_bench_run_naive_loses_during_the_outage_outbox_loses_nothing(tmp_path: 
     # some unless its thread got no CPU for the whole outage, which would also be the bench failing to measure.
     assert naive.lost > 0 and naive.lost_by_fault.get("down", 0) > 0 and naive.unexplained == 0
     assert naive.expected_loss and not outbox.expected_loss
+    # retry loses nothing either; its duplicates (if the lost_ack fault hit a request) are all named by the fault.
+    assert (retry.lost, retry.in_outbox, retry.out_of_order, retry.unexplained_duplicates) == (0, 0, 0, 0)
+    assert retry.duplicates == sum(retry.duplicates_by_fault.values()) and retry.deduplicated == 0
     assert outcome.ok, outcome.problems()  # named, expected losses of the baseline do not fail the run
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["variants"][1]["forward"]["lost"] == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["variants"][2]["forward"]["lost"] == 0
 
 
 def test_unreadable_anomalies_are_refused(tmp_path: Path) -> None:
@@ -199,3 +208,98 @@ def test_unreadable_anomalies_are_refused(tmp_path: Path) -> None:
     path.write_text(SCENARIO.replace("kind: nan", "kind: malformed_json"))
     with pytest.raises(ScenarioError, match="malformed_json hide the seq"):
         runner.run(load_scenario(path), runner.RunOptions(out=tmp_path / "run"))
+
+
+def test_retry_without_keys_duplicates_after_lost_acks(tmp_path: Path) -> None:
+    upstream = Upstream(seed=1)
+    upstream.start()
+    upstream.lost_ack_fraction = 1.0  # every request stored, no answer
+    pipe = ForwardPipeline(
+        ForwardConfig(upstream.url, tmp_path / "o.sqlite", "retry", batch_size=5, backoff_cap_s=0.05)
+    )
+    try:
+        pipe.start()
+        for seq in range(10):
+            pipe.put(_payload(seq, machine=f"m-{seq % 2}"))
+        _until(lambda: upstream.log.acks_lost >= 3, "a few lost acknowledgements")
+        upstream.lost_ack_fraction = 0.0
+        pipe.close(drain_s=WAIT_S)
+    finally:
+        upstream.down()
+    seqs = [s.seq for s in upstream.log.stored]
+    assert set(seqs) == set(range(10)) and pipe.outbox.rows == 0  # nothing lost: deleted after the 2xx only
+    # Three requests stored without an answer, each re-sent with no key to recognise it by: stored again.
+    assert len(seqs) > 10 and upstream.log.deduplicated == 0
+    assert all(s.key is None for s in upstream.log.stored)
+
+
+@pytest.mark.parametrize("kind", sorted(set(KINDS) - _UNREADABLE))
+def test_truth_labels_judged_as_refused_are_what_the_built_in_filter_refuses(kind: str) -> None:
+    # External pipelines are judged by truth label (FILTER_REFUSES); the labels must say what a filter of this
+    # shape refuses, which the built-in one decides from the payload.
+    spec = StreamSpec(seed=2, machines=("m-0", "m-1"), phases=(PhaseSpec("steady", 20.0, 5.0),))
+    hit = [m for m in inject(stream(spec, 0), [AnomalySpec(kind, rate=0.5)], seed=2) if m.truth == kind]
+    if not hit:
+        pytest.skip(f"{kind}: no reading of this stream qualifies (it needs a clock change in its window)")
+    refused = {check_reading(m.payload)[2] is not None for m in hit}
+    assert refused == {kind in FILTER_REFUSES}
+
+
+def test_settings_name_external_pipelines_and_kills_clearly() -> None:
+    ext = {"name": "outbox", "command": "{python} -m pipeline.forward --upstream {upstream_url} --db {dir}/o"}
+    with pytest.raises(ValueError, match="'outbox' is used twice"):
+        ForwardSettings.model_validate({"strategies": ["naive", "outbox"], "external": [ext]})
+    with pytest.raises(ValueError, match=r"forward\.external lists none"):
+        ForwardSettings.model_validate({"faults": [{"kind": "kill", "at": 1, "restart_after": 1}]})
+    with pytest.raises(ValueError, match="expected restart_after"):
+        UpstreamFault.model_validate({"kind": "kill", "at": 1})
+    with pytest.raises(ValueError, match="expected a duration"):
+        UpstreamFault.model_validate({"kind": "down", "at": 1})
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        ForwardSettings.model_validate({"external": [{"name": "x", "command": "run {upstream}"}]})
+    ok = ForwardSettings.model_validate(
+        {"strategies": [], "external": [ext], "faults": [{"kind": "kill", "at": "7s", "restart_after": "1s"}]}
+    )
+    assert ok.faults[0].end == 8.0
+
+
+def test_scenario_error_names_the_file_and_field(tmp_path: Path) -> None:
+    path = tmp_path / "fwd.yaml"
+    path.write_text(SCENARIO.replace("  batch_size: 10", "  strategies: [naive, retry, naive]\n  batch_size: 10"))
+    with pytest.raises(ScenarioError, match=r"fwd\.yaml.*forward.*each at most once"):
+        load_scenario(path)
+
+
+def test_reconcile_names_duplicates_by_evidence_and_kill_losses(tmp_path: Path) -> None:
+    # An external pipeline (no outbox file): seq 1 stored twice in a request whose ack was withheld, seq 2 twice
+    # across a kill (before it at 4 s, after the restart at 6 s), seq 3 twice for no reason the bench can name.
+    # Seq 4 (a NaN) should be refused; seq 5 was handed over 0.5 s before the kill and never delivered.
+    sent = [
+        Message(seq=i, machine="m-0", intended_send_ns=i * 10**9, payload=b"", truth="nan" if i == 4 else "valid")
+        for i in range(6)
+    ]
+    log = UpstreamLog(
+        stored=[
+            Stored(0, "m-0", None, 1),
+            Stored(1, "m-0", None, 2),
+            Stored(1, "m-0", None, 3),
+            Stored(2, "m-0", None, 3 * 10**9),
+            Stored(3, "m-0", None, 4),
+            Stored(3, "m-0", None, 5),
+            Stored(2, "m-0", None, 7 * 10**9),
+        ],
+        lost_ack_seqs=[1],
+    )
+    feed = FeedLog(kills=[(4 * 10**9, 6 * 10**9)], handed_ns={5: 35 * 10**8})
+    part, ledger, _ = reconcile(
+        "external", sent=sent, log=log, outbox_file=None, faults=(), epoch_ns=0, stats=None, baseline=False, feed=feed
+    )
+    assert part["duplicates_by_fault"] == {"kill": 1, "lost_ack": 1} and part["unexplained_duplicates"] == 1
+    assert part["lost_by_fault"] == {"kill": 1} and part["filtered"] == 1 and part["in_outbox"] is None
+    assert ledger.duplicates == 3 and ledger.lost == 1 and ledger.not_persisted_by_truth == {"nan": 1}
+    assert ledger.sent == ledger.persisted + ledger.dropped + ledger.lost + (ledger.not_persisted_expected or 0)
+    # The same as a baseline: named duplicates and losses are set aside, the unexplained duplicate still counts.
+    part, ledger, _ = reconcile(
+        "external", sent=sent, log=log, outbox_file=None, faults=(), epoch_ns=0, stats=None, baseline=True, feed=feed
+    )
+    assert ledger.duplicates == 1 and ledger.lost == 0 and ledger.dropped_by_reason == {"deleted_before_ack:kill": 1}
