@@ -8,14 +8,18 @@ Stages, each in its own thread:
 
 - **gather**: readings handed to :meth:`RecomputePipeline.submit` are committed to the raw store (SQLite) every
   ``gather_interval_s``; each commit gives its readings increasing *ingest* numbers and sends one notification.
-- **notify**: ``coalesce=False`` queues every notification and serves each one (a bare ping: it says only that
-  something changed); ``coalesce=True`` merges the notifications that arrive while a recompute runs into one
-  (earliest changed time per machine, highest ingest number), so at most one recompute is ever running or waiting
-  (single flight).
+- **notify**: over a loopback TCP connection (127.0.0.1, a free port) from the gather thread to the recompute
+  worker's receiver thread. ``full`` sends a bare ping per commit (one byte, ``\n``: it says only that something
+  changed); ``incremental`` sends a JSON line with the earliest changed time per machine and the highest ingest
+  number committed. The receiving side decides what to do with them: ``coalesce=False`` queues every
+  notification and serves each one; ``coalesce=True`` merges the notifications that arrive while a recompute
+  runs into one (earliest changed time per machine, highest ingest number), so at most one recompute is ever
+  running or waiting (single flight).
 - **recompute**: ``full`` recomputes every machine's whole series; ``incremental`` starts each notified machine
   at its earliest changed time, from the stored point just before it. Both rewrite the points they touch by key,
   so running either twice leaves the same rows (idempotent), and both commit the points together with the
-  series' ``version`` and ``raw_through`` (the highest ingest number the series reflects) in one transaction.
+  series' ``version``, ``raw_through`` (the highest ingest number the series reflects) and ``seq_through`` (the
+  highest ``seq`` among the readings it reflects) in one transaction.
 - **read API**: a standard-library :class:`~http.server.ThreadingHTTPServer` on its own thread serves
   ``GET /series`` (``?machine=ID`` for one) and ``GET /status``, with ``ETag: "v<version>"``; a request with a
   matching ``If-None-Match`` gets 304. Each answer is read in one SQLite transaction (WAL), so the version it
@@ -23,15 +27,19 @@ Stages, each in its own thread:
 
 Run on its own: ``python -m pipeline.recompute --db series.sqlite`` reads JSON readings, one a line, from stdin
 (``{"machine": "press-001", "ts": "2025-01-01T00:00:00Z", "load_rate": 42.0, "seq": 7}``; ``seq`` identifies the
-reading within its machine: a second reading with the same one is a correction) and prints the API's URL.
+reading within its machine: a second reading with the same one is a correction) and prints the API's URL on stderr
+once it serves (``serving http://127.0.0.1:PORT/series and ...``: a ready line). With ``--exit-at-eof`` it exits
+once stdin is closed and everything read is reflected, which is how the bench runs it as an external pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import queue
+import socket
 import sqlite3
 import sys
 import threading
@@ -61,8 +69,9 @@ CREATE TABLE IF NOT EXISTS derived (
     PRIMARY KEY (machine, ts_ns, seq)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, raw_through INTEGER NOT NULL,
-    points INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES (1, 0, 0, 0);
+    points INTEGER NOT NULL, seq_through INTEGER);
+INSERT OR IGNORE INTO meta VALUES (1, 0, 0, 0, NULL);
+CREATE TABLE IF NOT EXISTS commits (through INTEGER PRIMARY KEY, seq_max INTEGER NOT NULL);
 """
 
 
@@ -162,6 +171,8 @@ class RawStore:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.ingest: int = conn.execute("SELECT COALESCE(MAX(ingest), 0) FROM raw").fetchone()[0]
+        self.seq_max: int | None = conn.execute("SELECT MAX(seq_max) FROM commits").fetchone()[0]
+        """The highest seq stored so far: with readings sent in seq order, what /status's seq_through says."""
 
     def add(self, readings: Sequence[Reading]) -> tuple[dict[str, int], int]:
         """Store ``readings`` (a reading with a stored (machine, seq) replaces it); returns the earliest changed
@@ -182,10 +193,18 @@ class RawStore:
                     "ingest = excluded.ingest",
                     (r.machine, r.seq, r.ts_ns, r.value, self.ingest),
                 )
+            seq_max = max([r.seq for r in readings] + ([] if self.seq_max is None else [self.seq_max]))
+            # One row per commit, so a recompute finds the seq its ingest number stands for with one index lookup
+            # (a MAX over the raw table would make every recompute's cost grow with the series).
+            if readings:
+                c.execute("INSERT INTO commits (through, seq_max) VALUES (?, ?)", (self.ingest, seq_max))
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
+            self.ingest = c.execute("SELECT COALESCE(MAX(ingest), 0) FROM raw").fetchone()[0]
             raise
+        if readings:
+            self.seq_max = seq_max
         return earliest, self.ingest
 
 
@@ -202,7 +221,7 @@ class Change:
 
 
 class Notifier:
-    """Notifications from the gatherer to the recompute worker.
+    """The recompute worker's inbox: the notifications its :class:`NotifyReceiver` read off the wire.
 
     Without ``coalesce`` each notification is served on its own, in order (a queue of pings). With it, what
     arrives while a recompute runs is merged into the one pending change, so a burst of commits costs one more
@@ -217,6 +236,8 @@ class Notifier:
         self.received = 0
         self.merged = 0
         """Notifications folded into one already pending (served by a recompute they did not start)."""
+        self.closed = False
+        """No more notifications will come (the sender hung up): the worker serves what is left and ends."""
 
     def notify(self, change: Change) -> None:
         with self._cond:
@@ -233,10 +254,16 @@ class Notifier:
                 self._pending = Change(merged, max(self._pending.through, change.through))
             self._cond.notify()
 
-    def take(self, timeout_s: float) -> Change | None:
-        """The next change to serve (all that is pending, merged, with ``coalesce``), or None after the timeout."""
+    def close(self) -> None:
         with self._cond:
-            if not self._queue and self._pending is None:
+            self.closed = True
+            self._cond.notify_all()
+
+    def take(self, timeout_s: float) -> Change | None:
+        """The next change to serve (all that is pending, merged, with ``coalesce``), or None after the timeout
+        (at once when closed and nothing is left)."""
+        with self._cond:
+            if not self._queue and self._pending is None and not self.closed:
                 self._cond.wait(timeout_s)
             if self._queue:
                 return self._queue.popleft()
@@ -246,6 +273,79 @@ class Notifier:
     def waiting(self) -> int:
         with self._cond:
             return len(self._queue) + (self._pending is not None)
+
+
+PING = b"\n"
+"""The naive notification on the wire: one byte, no content (an empty line)."""
+
+
+def encode_change(change: Change) -> bytes:
+    """A notification on the wire: a bare ping when it carries nothing, else one JSON line."""
+    if not change.earliest and change.through == 0:
+        return PING
+    return json.dumps({"earliest": change.earliest, "through": change.through}, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_change(line: bytes) -> Change:
+    if line == PING:
+        return Change({}, 0)
+    body = json.loads(line)
+    return Change({str(m): int(t) for m, t in body["earliest"].items()}, int(body["through"]))
+
+
+class NotifySender:
+    """The gather side of the notification wire: one TCP connection to a :class:`NotifyReceiver`."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=BUSY_TIMEOUT_S)
+        # A ping is one byte: without this, Nagle's algorithm would hold the next one until the last is acked.
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sent = 0
+        self.bytes = 0
+
+    def send(self, change: Change) -> None:
+        data = encode_change(change)
+        self.sock.sendall(data)
+        self.sent += 1
+        self.bytes += len(data)
+
+    def close(self) -> None:
+        """End of notifications: the receiver sees end of stream after the last one and closes its notifier."""
+        with contextlib.suppress(OSError):  # the receiver is gone already: nothing left to tell it
+            self.sock.shutdown(socket.SHUT_WR)
+        self.sock.close()
+
+
+class NotifyReceiver:
+    """The recompute worker's side of the wire: listens on 127.0.0.1 (a free port), takes one connection and
+    hands each notification to a :class:`Notifier`, which queues or merges it (coalescing happens here, on the
+    receiving side: what arrives while a recompute runs is merged into the one pending change)."""
+
+    def __init__(self, notifier: Notifier, host: str = "127.0.0.1") -> None:
+        self.notifier = notifier
+        self.listener = socket.create_server((host, 0))
+        self.bytes = 0
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listener.getsockname()[:2]
+        return str(host), int(port)
+
+    def serve(self) -> None:
+        """Accept the sender and read until it hangs up (run on its own thread); closes the notifier at the end,
+        whatever happened, so the worker never waits for notifications that cannot come."""
+        try:
+            conn, _ = self.listener.accept()
+            self.listener.close()
+            with conn, conn.makefile("rb") as stream:
+                for line in stream:
+                    self.bytes += len(line)
+                    self.notifier.notify(decode_change(line))
+        finally:
+            self.notifier.close()
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 # ----------------------------------------------------------------------------- recompute
@@ -290,6 +390,10 @@ class Recomputer:
             c.execute(
                 "UPDATE meta SET version = version + 1, raw_through = MAX(raw_through, ?), points = ? WHERE id = 1",
                 (through, points),
+            )
+            c.execute(
+                "UPDATE meta SET seq_through = (SELECT seq_max FROM commits WHERE commits.through <= meta.raw_through "
+                "ORDER BY commits.through DESC LIMIT 1) WHERE id = 1"
             )
             c.execute("COMMIT")
         except BaseException:
@@ -345,7 +449,17 @@ class Recomputer:
 
 class _ApiServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default listen backlog is 5: ten readers connecting at once overflowed it, and the kernel's
+    # SYN retry made some first requests take a whole second (seen as a 1 s max latency under 10 readers).
+    request_queue_size = 128
     db_path: Path
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A reader that hangs up before its answer is written (a load generator stopping) is not a server fault:
+        # no traceback on stderr for it. Anything else is printed as the standard library does.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -376,12 +490,19 @@ class _Handler(BaseHTTPRequestHandler):
         # One read transaction: the version and the points come from the same snapshot.
         c.execute("BEGIN")
         try:
-            version, through, points = c.execute("SELECT version, raw_through, points FROM meta").fetchone()
+            version, through, points, seq_through = c.execute(
+                "SELECT version, raw_through, points, seq_through FROM meta"
+            ).fetchone()
             etag = f'"v{version}"'
             if self.headers.get("If-None-Match") == etag:
                 self._send(304, None, etag)
                 return
-            body: dict[str, Any] = {"version": version, "raw_through": through, "points": points}
+            body: dict[str, Any] = {
+                "version": version,
+                "raw_through": through,
+                "seq_through": seq_through,
+                "points": points,
+            }
             if url.path == "/series":
                 sql = "SELECT machine, ts_ns, seq, value, energy FROM derived"
                 args: tuple[str, ...] = ()
@@ -460,6 +581,8 @@ class RecomputePipeline:
         self.store = RawStore(open_store(db_path))
         self.recomputer = Recomputer(connect(db_path), config.strategy)
         self.notifier = Notifier(config.coalesce)
+        self.receiver = NotifyReceiver(self.notifier)
+        self.sender: NotifySender | None = None
         self.api = SeriesApi(db_path, config.host, config.port)
         self.stats = _Stats()
         self._inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
@@ -471,6 +594,7 @@ class RecomputePipeline:
         """Payloads the gatherer has committed or rejected (under ``_cond``, as ``_published``)."""
         self.failure: BaseException | None = None
         self._threads = [
+            threading.Thread(target=self._guard, args=(self.receiver.serve,), name="recompute-notify", daemon=True),
             threading.Thread(target=self._guard, args=(self._gather,), name="recompute-gather", daemon=True),
             threading.Thread(target=self._guard, args=(self._work,), name="recompute-worker", daemon=True),
         ]
@@ -481,6 +605,8 @@ class RecomputePipeline:
 
     def start(self) -> None:
         self.api.start()
+        # Connected before the gather thread runs: the listener's backlog holds it until the receiver accepts.
+        self.sender = NotifySender(self.receiver.address)
         for t in self._threads:
             t.start()
 
@@ -513,9 +639,13 @@ class RecomputePipeline:
         return self.wait_published(self.store.ingest, max(0.0, deadline - time.monotonic()))
 
     def stop(self) -> None:
+        """Commit what is left, let the worker serve every notification sent, then stop (in that order: the gather
+        thread hangs up the wire after its last commit, the receiver then closes the notifier, the worker ends when
+        nothing is left)."""
         self._stop.set()
-        for t in self._threads:
+        for t in reversed(self._threads):  # worker, gather, receiver: each ends once the one before it did
             t.join(30)
+        self.receiver.close()
         self.api.stop()
 
     def _guard(self, target: Any) -> None:
@@ -527,6 +657,14 @@ class RecomputePipeline:
                 self._cond.notify_all()
 
     def _gather(self) -> None:
+        sender = self.sender
+        assert sender is not None, "start() connects the notification wire"
+        try:
+            self._gather_into(sender)
+        finally:
+            sender.close()  # the receiver sees the end of notifications, whatever ended this thread
+
+    def _gather_into(self, sender: NotifySender) -> None:
         interval = self.config.gather_interval_s
         next_at = time.monotonic() + interval
         while True:
@@ -546,8 +684,8 @@ class RecomputePipeline:
             if batch:
                 earliest, through = self.store.add(batch)
                 self.stats.commits.append((through, time.monotonic_ns()))
-                # The naive notification is a bare ping: it says nothing about what changed.
-                self.notifier.notify(Change(earliest if self.config.strategy == "incremental" else {}, through))
+                # The naive notification is a bare ping (one byte): it says nothing about what changed.
+                sender.send(Change(earliest, through) if self.config.strategy == "incremental" else Change({}, 0))
             if taken:
                 with self._cond:
                     self._processed += taken
@@ -558,9 +696,11 @@ class RecomputePipeline:
             next_at = max(next_at + interval, time.monotonic())
 
     def _work(self) -> None:
-        while not (self._stop.is_set() and self.notifier.waiting() == 0):
+        while True:
             change = self.notifier.take(0.05)
             if change is None:
+                if self.notifier.closed:
+                    return  # the sender hung up and everything it sent was served
                 continue
             cost = self.recomputer.run(change)
             through = self.recomputer.conn.execute("SELECT raw_through FROM meta").fetchone()[0]
@@ -574,26 +714,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.recompute", description=__doc__.splitlines()[0])
     parser.add_argument("--db", type=Path, required=True, help="SQLite file for the raw readings and the series")
     parser.add_argument("--strategy", choices=("full", "incremental"), default="incremental")
-    parser.add_argument("--no-coalesce", action="store_true", help="serve every notification on its own")
+    parser.add_argument(
+        "--coalesce",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="merge notifications arriving during a recompute into one (single flight); --no-coalesce: serve each",
+    )
     parser.add_argument("--gather-interval", type=float, default=0.1, metavar="S")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
+    parser.add_argument(
+        "--exit-at-eof",
+        action="store_true",
+        help="exit once stdin is closed and every reading is reflected (default: serve until interrupted)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.gather_interval < 3600:
         parser.error(f"--gather-interval: expected seconds between 0 and 3600, got {args.gather_interval}")
-    config = RecomputeConfig(args.strategy, not args.no_coalesce, args.gather_interval, args.host, args.port)
+    if not 0 <= args.port < 65536:
+        parser.error(f"--port: expected 0 (a free port) to 65535, got {args.port}")
+    config = RecomputeConfig(args.strategy, args.coalesce, args.gather_interval, args.host, args.port)
     try:
-        pipe = RecomputePipeline(args.db, config)
+        store = open_store(args.db)
+        store.close()
     except (sqlite3.Error, OSError) as exc:
         print(f"--db {args.db}: {exc}", file=sys.stderr)
         return 2
+    try:
+        pipe = RecomputePipeline(args.db, config)
+    except OSError as exc:
+        print(f"--host {args.host} --port {args.port}: {exc}", file=sys.stderr)
+        return 2
     pipe.start()
+    # The ready line: printed once the API answers (a bench may wait for it, or poll GET /status).
     print(f"serving {pipe.url}/series and {pipe.url}/status", file=sys.stderr, flush=True)
     try:
         for line in sys.stdin.buffer:
             if line.strip():
                 pipe.submit(line)
-        pipe.drain(3600)
+        if not pipe.drain(3600):
+            print(f"stdin closed; not everything was reflected: {pipe.failure}", file=sys.stderr, flush=True)
+            return 1
+        if args.exit_at_eof:
+            print(f"stdin closed; {pipe.stats.rejected} line(s) were not readings; exiting", file=sys.stderr)
+            return 0
         print(
             f"stdin closed; serving until interrupted ({pipe.stats.rejected} line(s) were not readings)",
             file=sys.stderr,

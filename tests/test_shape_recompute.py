@@ -8,6 +8,8 @@ import random
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,8 +23,11 @@ from bench.scenario import load_scenario
 from bench.shapes.recompute import PollLog, compare, cost_curve, staleness
 from pipeline.recompute import (
     NS_PER_HOUR,
+    PING,
     Change,
     Notifier,
+    NotifyReceiver,
+    NotifySender,
     RawStore,
     Reading,
     RecomputeCost,
@@ -114,6 +119,41 @@ def test_notifier_merges_earliest_per_machine_or_queues_each() -> None:
     assert [pings.take(0), pings.take(0), pings.take(0)] == [Change({}, 1), Change({}, 2), None]
 
 
+def _over_the_wire(coalesce: bool, changes: list[Change]) -> tuple[Notifier, NotifyReceiver]:
+    """Send ``changes`` over a real loopback connection while nobody takes them (a recompute "runs"), then wait
+    until the receiver has read them all (counts, not a sleep: it holds whatever the machine's load)."""
+    notifier = Notifier(coalesce)
+    receiver = NotifyReceiver(notifier)
+    thread = threading.Thread(target=receiver.serve, daemon=True)
+    thread.start()
+    sender = NotifySender(receiver.address)
+    for change in changes:
+        sender.send(change)
+    deadline = time.monotonic() + 60
+    while notifier.received < len(changes) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sender.close()
+    thread.join(60)
+    assert notifier.closed and sender.bytes == receiver.bytes
+    return notifier, receiver
+
+
+def test_notifications_cross_a_tcp_socket_and_coalesce_on_the_receiving_side() -> None:
+    # Naive: a bare ping is one byte, no content; five of them while a recompute runs merge into one (single flight).
+    pings, wire = _over_the_wire(True, [Change({}, 0)] * 5)
+    assert wire.bytes == 5 * len(PING) == 5
+    assert (pings.received, pings.merged) == (5, 4)
+    assert pings.take(0) == Change({}, 0) and pings.take(0) is None  # closed and empty: at once, no wait
+    # Improved: the earliest changed time per machine and the ingest number through, merged the same way.
+    changes = [Change({"a": 50, "b": 9}, 3), Change({"a": 20}, 7), Change({"c": 1}, 5)]
+    merged, wire = _over_the_wire(True, changes)
+    assert merged.take(0) == Change({"a": 20, "b": 9, "c": 1}, 7) and merged.merged == 2
+    assert wire.bytes > 3 * len(PING)
+    # Without coalescing each one is served on its own, in the order sent.
+    queued, _ = _over_the_wire(False, changes)
+    assert [queued.take(0) for _ in range(4)] == [*changes, None] and queued.merged == 0
+
+
 def test_incremental_rewrites_only_from_the_earliest_change(tmp_path: Path) -> None:
     """The cost measure: full rewrites the whole series, incremental the points at or after the change."""
     store = RawStore(open_store(tmp_path / "s.sqlite"))
@@ -158,7 +198,11 @@ def test_api_serves_versions_with_etags(tmp_path: Path) -> None:
             return r.status, r.getheader("ETag"), r.read()
 
         status, etag, body = get("/status")
-        assert (status, etag, json.loads(body)) == (200, '"v1"', {"version": 1, "raw_through": 2, "points": 2})
+        assert (status, etag, json.loads(body)) == (
+            200,
+            '"v1"',
+            {"version": 1, "raw_through": 2, "seq_through": 2, "points": 2},
+        )
         assert get("/status", etag)[:2] == (304, '"v1"')  # same keep-alive connection, nothing new
         status, _, body = get("/series?machine=m2")
         assert json.loads(body)["series"] == {"m2": [[2 * S, 2, 6.0, 0.0]]}
@@ -224,9 +268,17 @@ def test_bench_run_measures_both_strategies_against_the_oracle(
         assert rc.staleness_ms.below_zero is None
     assert naive.recompute is not None and improved.recompute is not None
     assert naive.recompute.coalesced == 0 and naive.recompute.recomputes == naive.recompute.notifications
+    # Naive's notifications are bare pings: one byte each on the wire.
+    assert naive.recompute.notification_bytes == naive.recompute.notifications
+    for rc in (naive.recompute, improved.recompute):
+        readers = rc.readers  # the default readers: locust HttpUsers in a subprocess
+        assert readers is not None and readers.users == 4 and readers.failures == 0
+        assert readers.requests == readers.latency_ms.count > 0
+        assert set(readers.by_request) == {"/series?machine", "/status"}
     # Full rewrites the whole series on each of its recomputes; incremental only what followed a change. Counts,
     # not times: at 20 commits of 20 readings, full writes 20+40+...+400 = 4,200 rows, incremental at most 400 +
     # the late readings' followers (a 1 s lag at 50 readings/s per machine: about 50 each).
+    assert naive.recompute.rows_written_total is not None and improved.recompute.rows_written_total is not None
     assert naive.recompute.rows_written_total > 2 * improved.recompute.rows_written_total
     assert (tmp_path / "run" / "naive" / "series.sqlite").exists()
 
@@ -236,7 +288,8 @@ def test_shipped_scenario_validates_and_bad_sections_are_refused(
 ) -> None:
     loaded = load_scenario(ROOT / "scenarios" / "recompute.yaml")
     assert loaded.scenario.recompute is not None
-    assert [v.name for v in loaded.scenario.recompute.variants] == ["naive", "improved"]
+    assert [v.name for v in loaded.scenario.recompute.variants] == ["naive", "full-coalesced", "improved"]
+    assert loaded.scenario.recompute.readers.users > 0
     dup = SMALL.replace(
         "curve_bins: 4}",
         "variants: [{name: a, recompute: full, coalesce: false}, {name: a, recompute: full, coalesce: true}]}",
@@ -279,3 +332,21 @@ def test_the_pipeline_runs_on_its_own(tmp_path: Path) -> None:
     finally:
         proc.kill()  # it serves until interrupted; this test's own child, by its handle
         proc.wait(30)
+
+
+def test_api_is_quiet_about_a_reader_that_hangs_up_but_not_about_faults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "s.sqlite"
+    open_store(db).close()
+    api = SeriesApi(db)
+    try:
+        for exc in (BrokenPipeError(32, "Broken pipe"), RuntimeError("a real fault")):
+            try:
+                raise exc
+            except (BrokenPipeError, RuntimeError):
+                api.server.handle_error(None, ("127.0.0.1", 1))
+    finally:
+        api.server.server_close()
+    err = capsys.readouterr().err
+    assert "Broken pipe" not in err and "a real fault" in err

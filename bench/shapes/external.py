@@ -83,11 +83,21 @@ class ShapeProcess:
 
     # -- lifecycle ------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start it and wait until it is ready; raises with its last output when it is not."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+    def check(self) -> None:
+        """The user's mistakes, before anything runs: a program that is not there, a folder that is not, a
+        placeholder this shape does not give (:class:`ScenarioError`, one line)."""
         if not self.cwd.is_dir():
             raise ScenarioError(f"{self.where}.cwd: {self.cwd} is not a folder")
+        self._argv()
+        self._env()
+        if self.spec.ready is not None and self.spec.ready.file is not None:
+            self._fill(self.spec.ready.file, "ready.file")
+
+    def start(self) -> None:
+        """Start it and wait until it is ready; raises with its last output when it is not (the first line of
+        the :class:`ServiceError` says why in one line)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.check()
         if self._log is None:
             self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by finish()
         argv, env = self._argv(), self._env()
