@@ -36,7 +36,7 @@ from bench.scenario import load_scenario
 from tests.conftest import ROOT, SCENARIOS
 
 DATA = Path(__file__).parent / "data" / "results"
-FIXTURE_NAME = re.compile(r"v(\d+)-(run|capacity|load|external)\.json")
+FIXTURE_NAME = re.compile(r"v(\d+)-(run|capacity|load|external|recompute|forward|windows)\.json")
 # One file of each version and kind; v9-faults.json (a failed fault run, see the README there) has tests of its own.
 FIXTURES = sorted(p for p in DATA.glob("v*.json") if FIXTURE_NAME.fullmatch(p.name))
 V9_FAULTS = DATA / "v9-faults.json"
@@ -102,6 +102,9 @@ def test_every_fixture_loads(path: Path) -> None:
     assert all(v.load is not None for v in results.variants) == (kind == "load")
     # A run of an external system (version 11 on): its process, and its output judged by truth label.
     assert all(v.system is not None and v.system.kind == "external" for v in results.variants) == (kind == "external")
+    # The other pipeline shapes (version 12 on): each variant carries its shape's own part.
+    for shape in ("recompute", "forward", "windows"):
+        assert all(getattr(v, shape) is not None for v in results.variants) == (kind == shape), shape
     for v in results.variants:
         assert v.ledger.reconciled is True
         # An external system's bad input it left out is set aside by truth label (version 11 on).
