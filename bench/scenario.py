@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from bench.errors import ScenarioError, UsageError
 from bench.results.metrics import COUNTERS, CounterName, MetricName
+from bench.shapes.external_settings import check_placeholders
 from bench.shapes.forward_settings import ForwardSettings
 from bench.shapes.recompute_settings import RecomputeSettings
 from bench.shapes.windows_settings import WindowsSettings
@@ -600,17 +601,7 @@ def _placeholders_in(value: str) -> set[str]:
 
 
 def _check_placeholders(value: str, where: str) -> str:
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc} (write {{{{ and }}}} for literal braces)") from None
-    unknown = sorted(names - set(PLACEHOLDERS))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown placeholder {{{unknown[0]}}}; expected one of "
-            + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS)
-        )
-    return value
+    return check_placeholders(value, where, PLACEHOLDERS)
 
 
 READY_SIGNALS = ("log", "port", "file", "subscribed")

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from bench.errors import ScenarioError, ServiceError
 from bench.harness.ledger import ReadBack
 from bench.harness.rig import external_database, sql_placeholders
-from bench.harness.sut import Output, SourceSpec, log_tail
+from bench.harness.sut import Output, SourceSpec, end_process, log_tail
 from bench.scenario import READY_SIGNALS, ExternalSystem, OutputSettings
 from pipeline.clock import Clock
 from pipeline.config import resolve_env
@@ -639,13 +639,7 @@ class ExternalPipeline:
             return
         process = self.starts[-1]
         proc = process.proc
-        if proc.poll() is None:
-            proc.send_signal(how)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        end_process(proc, how, timeout_s)
         process.join()
         if len(self.exit_codes) < len(self.starts):
             self.exit_codes.append(proc.returncode)

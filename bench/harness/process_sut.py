@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from bench.errors import ServiceError
 from bench.harness.ledger import read_back
-from bench.harness.sut import Output, SourceSpec, log_tail
+from bench.harness.sut import Output, SourceSpec, end_process, log_tail
 from pipeline.config import PipelineSettings
 from pipeline.errors import PipelineError
 
@@ -183,13 +183,7 @@ class ProcessPipeline:
             return
         generation = self.generations[-1]
         proc = generation.proc
-        if proc.poll() is None:
-            proc.send_signal(how)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        end_process(proc, how, timeout_s)
         generation.join()
         if len(self.exit_codes) < len(self.generations):
             self.exit_codes.append(proc.returncode)

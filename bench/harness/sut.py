@@ -8,6 +8,8 @@ What an implementation can offer beyond that (lock waits, flush statistics, CPU 
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,19 @@ from pipeline.config import PipelineSettings
 from pipeline.model import FlushStat
 from pipeline.runtime import Pipeline
 from pipeline.sources import Source, SourceSettings, make_source
+
+
+def end_process(proc: subprocess.Popen[bytes], how: signal.Signals, timeout_s: float) -> int | None:
+    """Send ``how`` to a child that is still running, wait up to ``timeout_s``, then SIGKILL it; its exit code
+    (negative: the signal that ended it). One place for how every system under test the bench started ends."""
+    if proc.poll() is None:
+        proc.send_signal(how)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

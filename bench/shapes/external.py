@@ -30,6 +30,7 @@ from typing import IO
 
 from bench.errors import ScenarioError, ServiceError
 from bench.harness.external_sut import _Resources
+from bench.harness.sut import end_process
 from bench.shapes.external_settings import ShapeExternal
 
 
@@ -268,13 +269,7 @@ class ShapeProcess:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(how)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+        end_process(proc, how, timeout_s)
         if proc.stdin is not None:
             with contextlib.suppress(OSError):  # the pipe broke with the process
                 proc.stdin.close()

@@ -28,16 +28,16 @@ SHAPE_PLACEHOLDERS = ("dir", "port", "url", "python", "upstream_url", "seed")
 - ``{seed}``: the scenario's seed."""
 
 
-def check_placeholders(value: str, where: str) -> str:
+def check_placeholders(value: str, where: str, allowed: tuple[str, ...] = SHAPE_PLACEHOLDERS) -> str:
+    """``value`` unchanged, or a ValueError naming ``where``, the unknown placeholder and the ``allowed`` ones."""
     try:
         names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
     except ValueError as exc:
         raise ValueError(f"{where}: {exc} (write {{{{ and }}}} for literal braces)") from None
-    unknown = sorted(names - set(SHAPE_PLACEHOLDERS))
+    unknown = sorted(names - set(allowed))
     if unknown:
         raise ValueError(
-            f"{where}: unknown placeholder {{{unknown[0]}}}; expected one of "
-            + ", ".join(f"{{{p}}}" for p in SHAPE_PLACEHOLDERS)
+            f"{where}: unknown placeholder {{{unknown[0]}}}; expected one of " + ", ".join(f"{{{p}}}" for p in allowed)
         )
     return value
 
