@@ -324,6 +324,60 @@ def _r_squared(pts: Sequence[tuple[int, float]], predict: Callable[[float], floa
     return 1 - float(np.sum((xs - fitted) ** 2)) / ss_tot if ss_tot > 0 and len(pts) > 2 else None
 
 
+GENERATOR_HEADROOM = 0.8
+"""A publisher process is planned at this fraction of its calibrated ceiling (``bench calibrate``): at its very
+ceiling it would have no slack for the pipeline and broker sharing its cores, and its send lag would grow."""
+
+
+def generator_plan(
+    *, ceiling_per_s: float, publishers: int, highest_rate: float, qos: int, cores: int | None, source: str
+) -> dict[str, Any]:
+    """How many publisher processes the highest offered rate needs, from one process's calibrated ceiling.
+
+    The publishers' combined ceiling counts at most one process per core: two processes on one core share it.
+    ``warning`` says what is short (None: enough publishers and cores).
+    """
+    usable = ceiling_per_s * GENERATOR_HEADROOM
+    needed = max(1, math.ceil(highest_rate / usable)) if usable > 0 else None
+    running = min(publishers, cores) if cores else publishers
+    combined = ceiling_per_s * running
+    warning = None
+    where = (
+        f"{usable:,.0f} msg/s each ({GENERATOR_HEADROOM:.0%} of the calibrated ceiling {ceiling_per_s:,.0f} msg/s "
+        f"at QoS {qos})"
+    )
+    if needed is None:
+        warning = f"the calibration's publisher ceiling at QoS {qos} is {ceiling_per_s:g} msg/s: no rate is reachable"
+    elif publishers < needed:
+        warning = (
+            f"capacity.publishers is {publishers}, but the highest offered rate {highest_rate:,.0f} msg/s needs "
+            f"{needed} publisher processes at {where}; steps above {combined:,.0f} msg/s are generator-limited"
+        )
+    elif cores and needed > cores:
+        warning = (
+            f"the highest offered rate {highest_rate:,.0f} msg/s needs {needed} publisher processes at {where}, "
+            f"more than this machine's {cores} cores; steps above {combined:,.0f} msg/s are generator-limited"
+        )
+    return {
+        "calibration": source,
+        "qos": qos,
+        "ceiling_per_process_per_s": round(ceiling_per_s, 1),
+        "headroom": GENERATOR_HEADROOM,
+        "publishers": publishers,
+        "needed_publishers": needed,
+        "combined_ceiling_per_s": round(combined, 1),
+        "highest_offered_per_s": highest_rate,
+        "warning": warning,
+    }
+
+
+def generator_limited(offered_per_s: float, plan: dict[str, Any] | None) -> bool | None:
+    """Whether a step offered more than the publishers' combined calibrated ceiling; None without a calibration."""
+    if plan is None:
+        return None
+    return bool(offered_per_s > plan["combined_ceiling_per_s"])
+
+
 def workers_for(target: float, headroom: float, fit: dict[str, Any] | None, one_worker: float) -> dict[str, Any]:
     """Smallest worker count whose predicted capacity covers target x (1 + headroom)."""
     need = target * (1 + headroom)

@@ -63,6 +63,8 @@ class CapacityOptions(CommandOptions):
     rates: tuple[float, ...] | None = None
     step_s: float | None = None
     report: bool = True
+    calibration: Path | None = None
+    """A ``bench calibrate`` result (calibration.json or its folder): the publisher processes' ceiling."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ def run_capacity(
     sc = loaded.scenario
     cap = _settings(sc, options, loaded.path)
     broker_setting = _check_capacity(loaded, cap, options)
+    generator = generator_plan(loaded, options)
     run_dir = make_run_dir(f"{sc.name}-capacity", options.out, options.reports_dir)
     (run_dir / "scenario.yaml").write_bytes(loaded.path.read_bytes())
     run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
@@ -110,7 +113,15 @@ def run_capacity(
     variants: list[dict[str, Any]] = []
     with harness.embedded_broker(broker_setting == "embedded", run_dir / "broker.log") as broker:
         url = broker.url if broker is not None else broker_setting
-        sweep = _Sweep(loaded, cap, run_dir, run_id, url=url, broker_pid=broker.pid if broker is not None else None)
+        sweep = _Sweep(
+            loaded,
+            cap,
+            run_dir,
+            run_id,
+            url=url,
+            broker_pid=broker.pid if broker is not None else None,
+            generator=generator,
+        )
         for workers in cap.workers:
             sr, variant = sweep.series(workers, on_progress)
             series.append(sr)
@@ -136,9 +147,39 @@ def run_capacity(
             "series": series,
             "usl": fit,
             "recommendations": advice,
+            "generator": generator,
         },
     }
     return CapacityOutcome(run_dir, write_run_results(run_dir, results), problems)
+
+
+def generator_plan(loaded: LoadedScenario, options: CapacityOptions) -> dict[str, Any] | None:
+    """With ``--calibration``: the publisher processes the sweep's highest rate needs (model.generator_plan);
+    None without one. A calibration file that cannot be read is the user's mistake, said in one line."""
+    if options.calibration is None:
+        return None
+    from bench.calibrate.model import load_calibration
+
+    try:
+        calibration = load_calibration(options.calibration)
+    except ValueError as exc:
+        raise UsageError(f"--calibration: {exc}") from None
+    cap = _settings(loaded.scenario, options, loaded.path)
+    qos = loaded.scenario.transport.mqtt.qos
+    try:
+        ceiling = calibration.ceiling(qos)
+    except KeyError:
+        raise UsageError(
+            f"--calibration {options.calibration}: no publisher ceiling at QoS {qos}; run bench calibrate in full"
+        ) from None
+    return model.generator_plan(
+        ceiling_per_s=ceiling,
+        publishers=cap.publishers,
+        highest_rate=max(cap.step_rates()),
+        qos=qos,
+        cores=os.cpu_count(),
+        source=str(options.calibration),
+    )
 
 
 def _check_capacity(loaded: LoadedScenario, cap: CapacitySettings, options: CapacityOptions) -> str:
@@ -193,6 +234,8 @@ class _Sweep:
     url: str
     broker_pid: int | None
     """The embedded broker's process (None: an external broker)."""
+    generator: dict[str, Any] | None = None
+    """The publishers' calibrated ceiling (``--calibration``; model.generator_plan), or None."""
 
     def series(
         self, workers: int, on_progress: Callable[[StepProgress], None] | None
@@ -206,6 +249,7 @@ class _Sweep:
             step_dir = self.run_dir / f"workers-{workers}" / f"step-{k + 1:02d}-{rate:g}"
             step, records = _Step(self, workers, rate, (k, len(rates)), step_dir).run(on_progress)
             step["dir"] = str(step_dir.relative_to(self.run_dir))
+            step["generator_limited"] = model.generator_limited(rate, self.generator)
             steps.append(step)
             measured.append(records)
             if on_progress:
@@ -221,7 +265,7 @@ class _Sweep:
                 if failed >= cap.stop_after:
                     break
         external = self.loaded.scenario.system.external is not None
-        sr = _series(workers, steps, rates, "external system" if external else "pipeline worker")
+        sr = _series(workers, steps, rates, "external system" if external else "pipeline worker", self.generator)
         variant = _variant(
             self.loaded.scenario,
             workers=workers,
@@ -589,7 +633,13 @@ def _analyse(step: _Step, output: Output) -> tuple[dict[str, Any], list[FlushSta
     return metrics, output.flushes, locks
 
 
-def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...], role: str) -> dict[str, Any]:
+def _series(
+    workers: int,
+    steps: list[dict[str, Any]],
+    rates: tuple[float, ...],
+    role: str,
+    generator: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     ok = [s for s in steps if s["sustainable"]]
     judged = [s for s in steps if s["verdict"] != "publisher-limited"]
     last = steps[-1] if steps else None
@@ -605,7 +655,7 @@ def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...],
         stopped = f"all {len(rates)} steps sustainable: raise capacity.rates to find the limit"
     return {
         "workers": workers,
-        "limit": _limit(steps, role),
+        "limit": _limit(steps, role, generator),
         "steps": steps,
         "sustainable_per_s": max((s["offered_per_s"] for s in ok), default=None),
         "sustainable_step": max((i for i, s in enumerate(steps) if s["sustainable"]), default=None),
@@ -620,14 +670,26 @@ def _series(workers: int, steps: list[dict[str, Any]], rates: tuple[float, ...],
 BUSY_PCT = 85.0
 
 
-def _limit(steps: list[dict[str, Any]], role: str = "pipeline worker") -> str | None:
+def _limit(
+    steps: list[dict[str, Any]], role: str = "pipeline worker", generator: dict[str, Any] | None = None
+) -> str | None:
     """Who was busiest at the first step the pipeline could not take: the evidence for 'what to scale'.
-    ``role``: what the system under test is called ("pipeline worker", or "external system")."""
+    ``role``: what the system under test is called ("pipeline worker", or "external system"); ``generator``:
+    the publishers' calibrated ceiling (model.generator_plan), when the sweep has one."""
     bad = next((s for s in steps if s["verdict"] != "sustainable"), None)
     if bad is None:
         return None
+    # The calibrated ceiling (bench capacity --calibration) backs the send-lag judgement: a step offered more
+    # than the publishers can send is the generator's limit even when the pipeline fell behind too (they share
+    # the cores), so it is never reported as the pipeline's.
+    past = (
+        f"past the publishers' calibrated ceiling {generator['combined_ceiling_per_s']:,.0f} msg/s"
+        if generator is not None and bad.get("generator_limited")
+        else None
+    )
     if bad["verdict"] == "publisher-limited":
-        return f"publishers (send lag p99 {bad['send_lag_p99_ms']:,.0f} ms at {bad['offered_per_s']:g} msg/s)"
+        lag = f"send lag p99 {bad['send_lag_p99_ms']:,.0f} ms at {bad['offered_per_s']:g} msg/s"
+        return f"publishers ({lag}" + (f"; {past}: generator-limited)" if past else ")")
     per_worker = bad["cpu_pct_per_worker"]
     roles = [
         f"{role} " + ("CPU unknown" if per_worker is None else f"{per_worker:.0f}% of a core"),
@@ -638,6 +700,8 @@ def _limit(steps: list[dict[str, Any]], role: str = "pipeline worker") -> str | 
     if bad.get("machine_cpu_pct") is not None:
         roles.append(f"machine {bad['machine_cpu_pct']:.0f}% of all {os.cpu_count()} cores")
     busy = ", ".join(roles)
+    if past:
+        return f"the load generator: {bad['offered_per_s']:g} msg/s is {past} (generator-limited; {busy})"
     if per_worker is not None and per_worker >= BUSY_PCT:
         return f"the pipeline's CPU ({busy})"
     if (bad.get("broker_cpu_pct") or 0) >= BUSY_PCT:

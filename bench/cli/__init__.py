@@ -1,4 +1,4 @@
-"""The ``bench`` command: run, load, capacity, gate, compare, report, validate, schema.
+"""The ``bench`` command: run, load, capacity, calibrate, gate, compare, report, validate, schema.
 
 Exit codes: 0 success; 1 the run failed its checks (e.g. the ledger does not
 reconcile) or a service could not be reached; 2 bad input (scenario file or
@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_cap.add_argument("--workers", type=int_list, metavar="N[,N...]", help="pipeline worker counts, e.g. 1,2")
     p_cap.add_argument("--rates", type=rate_list, metavar="R[,R...]", help="offered rates of the steps (msg/s)")
     p_cap.add_argument("--step", type=positive_seconds, metavar="S", help="duration of each step, e.g. 10s")
+    p_cap.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE",
+        help="a bench calibrate result (calibration.json or its folder): the publishers' ceiling, to plan "
+        "publisher processes and flag generator-limited steps (default: none, send lag only)",
+    )
     p_cap.add_argument("--quiet", action="store_true", help="no progress display, only the summary")
     p_cap.add_argument("--json", action="store_true", help="print results.json to stdout instead of the tables")
     p_rep = sub.add_parser("report", help="write report.html (self-contained) and summary.md from run folders")
@@ -162,6 +169,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--results", action="store_true", help="print the JSON Schema of results.json instead (for other tools)"
     )
     register_load(sub)
+    p_cal = sub.add_parser(
+        "calibrate",
+        help="the bench's own publisher and pipeline process against bare paho loops: the generator's ceiling",
+        description="Measure, side by side and interleaved (A B A B), the bench's publisher process against a bare "
+        "paho publish loop (QoS 0 and 1), the pipeline worker process against a bare subscriber, and the "
+        "pipeline's chain in process against json.loads; writes calibration.json (the generator's ceiling per "
+        "process, for bench capacity --calibration). See docs/calibrate.md.",
+    )
+    p_cal.add_argument(
+        "--broker",
+        type=broker_url,
+        metavar="URL",
+        help="broker to measure through (default: a Mosquitto the bench starts on a free port; without "
+        "mosquitto installed, the embedded broker)",
+    )
+    p_cal.add_argument(
+        "--messages", type=positive_int, metavar="N", help="messages per measurement (default 20,000; --quick 5,000)"
+    )
+    p_cal.add_argument(
+        "--repeats", type=positive_int, metavar="N", help="A B repetitions per row (default 3; --quick 1)"
+    )
+    p_cal.add_argument("--out", type=Path, help="run folder (default reports/calibrate-<UTC time>/)")
+    p_cal.add_argument("--quick", action="store_true", help="5,000 messages, 1 repetition: a rough look in seconds")
+    p_cal.add_argument("--json", action="store_true", help="print calibration.json instead of the table")
     return parser
 
 
@@ -202,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args, out, err)
         if args.command == "capacity":
             return _capacity(args, out, err)
+        if args.command == "calibrate":
+            return _calibrate(args, out, err)
         if args.command == "report":
             from bench.report.render import write_report
 
@@ -511,8 +544,16 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     loaded = load_scenario(args.scenario)
     options = capacity.CapacityOptions(
-        out=args.out, broker=args.broker, workers=args.workers, rates=args.rates, step_s=args.step
+        out=args.out,
+        broker=args.broker,
+        workers=args.workers,
+        rates=args.rates,
+        step_s=args.step,
+        calibration=args.calibration,
     )
+    plan = capacity.generator_plan(loaded, options)
+    if plan is not None and plan["warning"]:
+        err.print(f"bench: warning: {plan['warning']}", style="yellow", highlight=False, soft_wrap=True)
     show = not args.quiet and not args.json
     outcome = capacity.run_capacity(loaded, options, on_progress=_capacity_printer(err) if show else None)
     report = _auto_report(outcome.run_dir, err)
@@ -530,6 +571,65 @@ def _capacity(args: argparse.Namespace, out: Console, err: Console) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     return 0
+
+
+def _calibrate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from bench.calibrate import runner as calibrate
+
+    options = calibrate.CalibrateOptions(
+        broker=args.broker, messages=args.messages, repeats=args.repeats, out=args.out, quick=args.quick
+    )
+
+    def progress(p: calibrate.Progress) -> None:
+        if not args.json:
+            err.print(f"[{p.index}/{p.total}] {p.what}: {p.text}", markup=False, highlight=False, soft_wrap=True)
+
+    def warning(text: str) -> None:
+        err.print(f"bench: warning: {text}", style="yellow", soft_wrap=True)
+
+    outcome = calibrate.run_calibrate(options, on_progress=progress, on_warning=warning)
+    if args.json:
+        print(outcome.calibration.model_dump_json(indent=2))
+        return 0
+    out.print(calibration_table(outcome.calibration))
+    ceiling = outcome.calibration.generator_ceiling_per_s
+    if ceiling:
+        out.print(
+            "generator ceiling per publisher process: "
+            + ", ".join(f"QoS {q} {v:,.0f} msg/s" for q, v in sorted(ceiling.items()))
+            + " (bench capacity --calibration uses it)"
+        )
+    out.print(f"calibration: {outcome.run_dir / 'calibration.json'}")
+    return 0
+
+
+def calibration_table(cal: Any) -> Table:
+    """``bench calibrate``'s table: per row the bench's median, the bare floor's, their ratio and the spreads."""
+    m = cal.machine
+    table = Table(
+        title=f"bench calibrate: {cal.messages:,} msgs x {cal.repeats} (A B interleaved, medians), broker {cal.broker}"
+    )
+    table.caption = (
+        f"{m.cores} cores, Python {m.python}, paho {m.paho}, payload {cal.payload_bytes_mean:g} B; load "
+        + ("-" if not m.load_before else f"{m.load_before[0]:.2f}")
+        + " before, "
+        + ("-" if not m.load_after else f"{m.load_after[0]:.2f}")
+        + " after"
+    )
+    for name in ("row", "unit", "bench", "bare", "ratio", "spread bench (min-max)", "spread bare (min-max)"):
+        table.add_column(name, justify="left" if name in ("row", "unit") else "right")
+    for r in cal.rows:
+        fmt = "{:,.0f}" if r.unit == "msg/s" else "{:,.2f}" if r.unit == "us/msg" else "{:,.1f}"
+        table.add_row(
+            r.label,
+            r.unit,
+            fmt.format(r.bench.median),
+            fmt.format(r.bare.median),
+            f"{r.ratio:.2f}x",
+            f"{fmt.format(r.bench.min)}-{fmt.format(r.bench.max)}",
+            f"{fmt.format(r.bare.min)}-{fmt.format(r.bare.max)}",
+        )
+    return table
 
 
 def _capacity_printer(console: Console, every_s: float = 2.0) -> Any:
@@ -588,6 +688,10 @@ def capacity_tables(results: Results) -> list[Table]:
                 if system.durable_from == "column"
                 else f"end-to-end by watching its output every {system.durable_resolution_ms or 0:g} ms"
             )
+        if any(s.generator_limited for s in sr.steps) and results.capacity is not None:
+            gen = results.capacity.generator
+            ceiling = f" {gen.combined_ceiling_per_s:,.0f} msg/s" if gen is not None else ""
+            notes.append(f"[yellow]*[/] generator-limited: offered past the publishers' calibrated ceiling{ceiling}")
         if notes:
             table.caption = "; ".join(notes)
         cols = [
@@ -612,8 +716,10 @@ def capacity_tables(results: Results) -> list[Table]:
         for s in sr.steps:
             e2e = s.latency_ms.end_to_end if s.latency_ms is not None else None
             colour = {"sustainable": "green", "unsustainable": "red"}.get(s.verdict or "", "yellow")
+            # A mark on the offered rate, said in the caption: the table already fills a log 200 columns wide.
+            flag = " [yellow]*[/]" if s.generator_limited else ""
             table.add_row(
-                f"{s.offered_per_s:,.0f}",
+                f"{s.offered_per_s:,.0f}{flag}",
                 _num(s.sent_per_s, "{:,.0f}"),
                 _num(s.send_lag_p99_ms, "{:,.0f}"),
                 _num(s.persisted_per_s, "{:,.0f}"),
@@ -657,6 +763,17 @@ def capacity_lines(results: Results) -> list[str]:
         )
     for r in cap.recommendations:
         lines.append(f"advice ({r.topic}): {r.text} [dim]— {r.evidence}[/]")
+    gen = cap.generator
+    if gen is not None:
+        flagged = [f"{s.offered_per_s:,.0f}" for sr in cap.series for s in sr.steps if s.generator_limited]
+        lines.append(
+            f"generator: {gen.publishers} publisher process(es) x {gen.ceiling_per_process_per_s:,.0f} msg/s "
+            f"(calibrated, QoS {gen.qos}) = {gen.combined_ceiling_per_s:,.0f} msg/s; the highest offered rate "
+            f"{gen.highest_offered_per_s:,.0f} msg/s needs {gen.needed_publishers or '-'} at "
+            f"{gen.headroom:.0%} of the ceiling"
+            + (f"; [yellow]generator-limited steps: {', '.join(flagged)} msg/s[/]" if flagged else "")
+            + (f" [yellow]({gen.warning})[/]" if gen.warning else "")
+        )
     return lines
 
 

@@ -906,6 +906,8 @@ class CapacityStep(ResultsModel):
     """The step's folder, relative to the run folder."""
     errors: list[str] = []
     workers: int | None = None
+    generator_limited: bool | None = None
+    """Offered more than the publishers' calibrated ceiling (``bench capacity --calibration``); null without."""
 
     @model_validator(mode="before")
     @classmethod
@@ -974,6 +976,25 @@ class Recommendation(ResultsModel):
     evidence: str
 
 
+class GeneratorPlan(ResultsModel):
+    """The publisher processes a sweep needs, from a ``bench calibrate`` ceiling (docs/calibrate.md)."""
+
+    calibration: str
+    """The calibration.json given with --calibration."""
+    qos: int
+    ceiling_per_process_per_s: float
+    """One publisher process's unpaced rate at this QoS (QoS 2: QoS 1's)."""
+    headroom: float
+    """Publishers are planned at this fraction of the ceiling."""
+    publishers: int
+    needed_publishers: int | None = None
+    """For the highest offered rate at ceiling x headroom each."""
+    combined_ceiling_per_s: float
+    """ceiling x min(publishers, cores): a step offering more is generator-limited."""
+    highest_offered_per_s: float
+    warning: str | None = None
+
+
 class Capacity(ResultsModel):
     """A ``bench capacity`` sweep (version 5 on)."""
 
@@ -989,6 +1010,8 @@ class Capacity(ResultsModel):
     usl: UslFit | None = None
     """Null below two worker counts."""
     recommendations: list[Recommendation] = []
+    generator: GeneratorPlan | None = None
+    """With --calibration: the publishers' ceiling and how many the sweep needed (version 13)."""
 
 
 # ----------------------------------------------------------------------------- the file
