@@ -163,22 +163,24 @@ class FlushingBuffer(Generic[T]):
 
         ``on_durable`` is called once the row is written (or dropped by the overflow policy); see the module.
         """
+        # Attributes read once into locals: this runs for every message.
+        cond, core, probes = self._cond, self._core, self.probes
         t_enter = time.perf_counter_ns()
-        self._cond.acquire()
+        cond.acquire()
         t_locked = time.perf_counter_ns()
         waited = 0  # time in cond.wait(), when the lock is released: not part of the hold
         dropped_settlers: Sequence[OnDurable] = ()
         try:
-            if self.probes is not None:
-                self.probes.wait.record_ns(t_locked - t_enter)
+            if probes is not None:
+                probes.wait.record_ns(t_locked - t_enter)
             if self._closing:
                 raise BufferClosed(f"buffer of {self._thread.name} is closed; row not accepted")
-            result, dropped = self._core.offer(item, self._clock.now_ns(), on_durable)
+            result, dropped = core.offer(item, self._clock.now_ns(), on_durable)
             if result == "full":
                 start = time.perf_counter_ns()
                 while result == "full" and not self._closing:
-                    self._cond.wait()
-                    result, dropped = self._core.offer(item, self._clock.now_ns(), on_durable)
+                    cond.wait()
+                    result, dropped = core.offer(item, self._clock.now_ns(), on_durable)
                 waited = time.perf_counter_ns() - start
                 self._book.producer_wait_ns += waited
                 if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
@@ -187,19 +189,20 @@ class FlushingBuffer(Generic[T]):
                     raise BufferClosed(f"buffer of {self._thread.name} closed while a producer waited")
             self._book.after_offer(result, dropped)
             if dropped is not None:
-                dropped_settlers = self._core.take_dropped_settlers()
-            if len(self._core) == 1:
+                dropped_settlers = core.take_dropped_settlers()
+            count = len(core)
+            if count == 1:
                 # The flusher sleeps without a deadline while the buffer is
                 # empty; the first row starts the timeout trigger's clock.
-                self._cond.notify_all()
-            if len(self._core) >= self._core.size:
+                cond.notify_all()
+            if count >= core.size:
                 self._size_reached()
         finally:
-            if self.probes is not None:
+            if probes is not None:
                 now = time.perf_counter_ns()
-                self.probes.hold.record_ns(now - t_locked - waited)
-                self.probes.stall.record_ns(now - t_enter)
-            self._cond.release()
+                probes.hold.record_ns(now - t_locked - waited)
+                probes.stall.record_ns(now - t_enter)
+            cond.release()
         if dropped_settlers:
             # Recorded by on_drop above: the policy's decision is final, the source may let the message go.
             settle(dropped_settlers)

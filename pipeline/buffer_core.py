@@ -82,26 +82,31 @@ class BufferCore(Generic[T]):
 
         A dropped row's callback is kept for :meth:`take_dropped_settlers`: a drop by policy is final.
         """
-        dropped: T | None = None
-        result: OfferResult = "accepted"
-        if len(self._items) >= self.capacity:
-            if self.overflow == "block":
-                return "full", None
-            if self.overflow == "drop_newest":
-                if on_durable is not None:
-                    self._dropped_settlers.append(on_durable)
-                return "dropped_newest", item
-            dropped = self._items.popleft()
-            if self._settlers and self._settlers[0][0] == self._removed:
-                self._dropped_settlers.append(self._settlers.popleft()[1])
-            self._removed += 1
-            result = "dropped_oldest"
-        if not self._items:
+        items = self._items
+        if len(items) < self.capacity:  # the usual case first: room
+            if not items:
+                self.oldest_ns = now_ns
+            if on_durable is not None:
+                self._settlers.append((self._removed + len(items), on_durable))
+            items.append(item)
+            return "accepted", None
+        # Full.
+        if self.overflow == "block":
+            return "full", None
+        if self.overflow == "drop_newest":
+            if on_durable is not None:
+                self._dropped_settlers.append(on_durable)
+            return "dropped_newest", item
+        dropped = items.popleft()
+        if self._settlers and self._settlers[0][0] == self._removed:
+            self._dropped_settlers.append(self._settlers.popleft()[1])
+        self._removed += 1
+        if not items:
             self.oldest_ns = now_ns
         if on_durable is not None:
-            self._settlers.append((self._removed + len(self._items), on_durable))
-        self._items.append(item)
-        return result, dropped
+            self._settlers.append((self._removed + len(items), on_durable))
+        items.append(item)
+        return "dropped_oldest", dropped
 
     def request_flush(self) -> None:
         """Make a flush due now, if anything is buffered (served as a ``size`` trigger: the size that filled

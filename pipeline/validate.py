@@ -52,6 +52,11 @@ _NUMBER = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 # C0/C1 controls: PostgreSQL cannot store NUL at all, and none belongs in an id.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_fromisoformat = datetime.fromisoformat
+_isfinite = math.isfinite
+MACHINE_CACHE = 16_384
+"""Machine ids remembered as passing the id rules, for the fast path; ids are input, so the set is bounded (ids
+beyond it are checked in full every time, with the same verdict)."""
 # Epoch numbers by magnitude: below 1e11 seconds (until year 5138), then ms, us, ns.
 _EPOCH_UNITS = ((1e11, 10**9, "epoch_seconds"), (1e14, 10**6, "epoch_millis"), (1e17, 10**3, "epoch_micros"))
 
@@ -134,6 +139,17 @@ class Validator:
         self._state: OrderedDict[str, _MachineState] = OrderedDict()
         self._lock = threading.Lock()
         self._accept_duplicate_keys = self.rules.duplicate_key == "accept"
+        # For the fast path (_fast): settings are frozen, so each policy is read once here, not per message.
+        rules = self.rules
+        self._reject_range = rules.out_of_range == "reject"
+        self._load_low, self._load_high = s.load_rate_range
+        self._reject_future = rules.future_timestamp == "reject"
+        self._reject_past = rules.far_past == "reject"
+        self._reject_duplicate = rules.duplicate == "reject"
+        self._reject_late = rules.late == "reject"
+        self._reject_backwards = rules.mileage_backwards == "reject"
+        self._dedup_window = s.dedup_window
+        self._good_machines: set[str] = set()
 
     def check(self, payload: bytes, topic: str, received_ns: int, now_ns: int | None = None) -> Reading | Rejection:
         """Decode and validate one message; never raises.
@@ -147,7 +163,11 @@ class Validator:
             detail = f"{len(payload)} bytes, more than max_payload {self.settings.max_payload}"
             return Rejection("oversize", detail, payload[:4096], topic, received_ns)
         obj = decode(payload, duplicate_keys=self._accept_duplicate_keys)
-        if isinstance(obj, DecodeFailure):
+        if type(obj) is dict:
+            reading = self._fast(obj, received_ns, now)
+            if reading is not None:
+                return reading
+        elif isinstance(obj, DecodeFailure):
             seq_of, machine_of = _identity(obj)
             return Rejection(obj.reason, obj.detail, payload, topic, received_ns, seq_of, machine_of)
         seq_known, machine_known = _known_seq(obj.get("seq")), _known_machine(obj.get("machine"))
@@ -157,6 +177,93 @@ class Validator:
             # Details quote input; a lone surrogate there would make the quarantine batch unwritable.
             detail = refused.detail.encode("utf-8", "backslashreplace").decode("utf-8")
             return Rejection(refused.reason, detail, payload, topic, received_ns, seq_known, machine_known)
+
+    def _fast(self, obj: dict[str, Any], received_ns: int, now: int) -> Reading | None:
+        """The usual message in one pass: exactly the required fields (or those and status ``Good``), a known
+        good machine id, an int seq, finite plain numbers in range, an ISO timestamp in UTC, nothing the
+        history refuses. Returns None, having changed nothing, whenever any rule might refuse or repair it;
+        :meth:`_check` then judges it in full. What it accepts, :meth:`_check` accepts identically (the
+        property tests compare the two)."""
+        size = len(obj)
+        if size != 5 and (size != 6 or obj.get("status") != "Good"):
+            return None
+        get = obj.get
+        seq = get("seq")
+        # type() is, not isinstance: a bool is an int to isinstance, and the full path refuses bools.
+        if type(seq) is not int or not 0 <= seq < 9_223_372_036_854_775_808:  # 2**63
+            return None
+        machine = get("machine")
+        if type(machine) is not str or (machine not in self._good_machines and not self._good_machine(machine)):
+            return None
+        load_rate = get("load_rate")
+        mileage = get("mileage")
+        if type(load_rate) is not float:
+            # Ints within 2**53 convert exactly; larger ones (and every other type) go the full way.
+            if type(load_rate) is not int or not -9_007_199_254_740_992 <= load_rate <= 9_007_199_254_740_992:
+                return None
+            load_rate = float(load_rate)
+        if type(mileage) is not float:
+            if type(mileage) is not int or not -9_007_199_254_740_992 <= mileage <= 9_007_199_254_740_992:
+                return None
+            mileage = float(mileage)
+        if not (_isfinite(load_rate) and _isfinite(mileage)):
+            return None
+        if self._reject_range and not (
+            self._load_low <= load_rate <= self._load_high and 0 <= mileage <= self._mileage_max
+        ):
+            return None
+        ts = get("ts")
+        if type(ts) is not str or "\x00" in ts:
+            return None
+        try:
+            parsed = _fromisoformat(ts)
+        except ValueError:
+            return None
+        # fromisoformat gives UTC itself for Z, +00:00 and -00:00: no repair, and no conversion to make.
+        if parsed.tzinfo is not UTC:
+            return None
+        delta = parsed - _EPOCH
+        ts_ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+        if self._reject_future and ts_ns - now > self._future_ns:
+            return None
+        if self._reject_past and now - ts_ns > self._past_ns:
+            return None
+        states = self._state
+        with self._lock:
+            state = states.get(machine)
+            if state is None:
+                # A first sighting (or one after eviction): no history to refuse it.
+                state = states[machine] = _MachineState()
+                if len(states) > self._machines_tracked:
+                    states.popitem(last=False)
+                later = True
+            else:
+                if self._reject_duplicate and seq in state.recent_set:
+                    return None
+                newest = state.newest_ts_ns
+                if self._reject_late and newest is not None and ts_ns < newest - self._watermark_ns:
+                    return None
+                later = newest is None or ts_ns >= newest
+                if self._reject_backwards and later and mileage < state.newest_mileage:
+                    return None
+                states.move_to_end(machine)
+            self._remember(state, seq, ts_ns, mileage, later=later, now=now)
+        return Reading(machine, ts_ns, load_rate, mileage, seq, received_ns)
+
+    def _good_machine(self, machine: str) -> bool:
+        """Whether ``machine`` passes every id rule (those of :func:`_known_machine` and :meth:`_machine`);
+        remembered when it does, while the cache has room."""
+        if not (
+            machine
+            and len(machine) <= MAX_MACHINE_CHARS
+            and _is_utf8(machine)
+            and not _CONTROL.search(machine)
+            and (self._fleet is None or self.rules.unknown_machine != "reject" or machine in self._fleet)
+        ):
+            return False
+        if len(self._good_machines) < MACHINE_CACHE:
+            self._good_machines.add(machine)
+        return True
 
     def _check(
         self,
@@ -404,18 +511,22 @@ class Validator:
                 raise _Reject(
                     "mileage_backwards", f"mileage {mileage} is below the last accepted {state.newest_mileage}"
                 )
-            state.recent.append(seq)
-            state.recent_set.add(seq)
-            if len(state.recent) > self.settings.dedup_window:
-                state.recent_set.discard(state.recent.popleft())
-            if later:
-                # The watermark never runs ahead of the pipeline clock: a reading from a clock that is fast
-                # (within the future tolerance, or accepted by policy) would otherwise make every later
-                # reading of its machine late.
-                state.newest_ts_ns = min(ts, now)
-                if mileage <= self._mileage_max:
-                    # Above it only when out_of_range is accepted: stored, but never the bar for later readings.
-                    state.newest_mileage = mileage
+            self._remember(state, seq, ts, mileage, later=later, now=now)
+
+    def _remember(self, state: _MachineState, seq: int, ts: int, mileage: float, *, later: bool, now: int) -> None:
+        """An accepted reading's mark on its machine's history; with the lock held."""
+        state.recent.append(seq)
+        state.recent_set.add(seq)
+        if len(state.recent) > self._dedup_window:
+            state.recent_set.discard(state.recent.popleft())
+        if later:
+            # The watermark never runs ahead of the pipeline clock: a reading from a clock that is fast
+            # (within the future tolerance, or accepted by policy) would otherwise make every later
+            # reading of its machine late.
+            state.newest_ts_ns = min(ts, now)
+            if mileage <= self._mileage_max:
+                # Above it only when out_of_range is accepted: stored, but never the bar for later readings.
+                state.newest_mileage = mileage
 
 
 def _known_seq(seq: Any) -> int | None:
