@@ -33,7 +33,6 @@ from typing import Any, Literal, TypeAlias, TypeGuard, Union, get_args, get_orig
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     ModelWrapValidatorHandler,
     ValidationError,
@@ -42,6 +41,7 @@ from pydantic import (
 
 from bench.errors import UsageError
 from bench.results import SCHEMA_VERSION, write_results
+from bench.results.base import ResultsModel
 from bench.results.metrics import slope_fit, slope_text
 from bench.shapes.forward_results import ForwardResult
 from bench.shapes.recompute_results import RecomputeResult
@@ -117,19 +117,6 @@ MAX_ERROR_LINES = 12
 
 Number: TypeAlias = int | float
 """A JSON number that writers give as an int in some runs and a float in others; kept as given."""
-
-
-class ResultsModel(BaseModel):
-    """Base of every part of results.json: immutable, unknown keys are errors (older files: see the module)."""
-
-    model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-    )
 
 
 # ----------------------------------------------------------------------------- shared parts

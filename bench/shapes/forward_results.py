@@ -1,18 +1,15 @@
 """results.json's ``forward`` part of a variant: the store-and-forward ledger, read back from the upstream and the
-outbox file. Defined here with the results model's config (not its base class) so bench.results.model can import
-it without a cycle."""
+outbox file. Its base comes from bench.results.base, so bench.results.model can import it without a cycle."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from bench.results.base import ResultsModel
 
 
-class ForwardResult(BaseModel):
+class ForwardResult(ResultsModel):
     """Store-and-forward: sent = filtered + dropped + delivered + in_outbox + lost (lost = named + unexplained).
 
     Fields added after schema 12 have defaults, so older results.json files still load."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
     strategy: str
     """naive (delete before the upstream's answer), retry (delete after acknowledgement, retry, no key), outbox

@@ -1,23 +1,11 @@
 """results.json's ``recompute`` part of a variant (``bench/shapes/recompute.py``).
 
-Self-contained (pydantic only): ``bench.results.model`` imports it for its ``Variant``, so it cannot import that
-module back; its base has the same configuration as ``ResultsModel``.
+``bench.results.model`` imports it for its ``Variant``, so it takes its base from ``bench.results.base``.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-    )
+from bench.results.base import ResultsModel as _Model
 
 
 class Distribution(_Model):

@@ -2,19 +2,8 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
-
-
-class _Part(BaseModel):
-    # The same config as bench.results.model.ResultsModel; not imported from there, which imports this module.
-    model_config = ConfigDict(
-        frozen=True,
-        extra="forbid",
-        use_attribute_docstrings=True,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-    )
+# The results model's base, from bench.results.base: bench.results.model imports this module.
+from bench.results.base import ResultsModel as _Part
 
 
 class CpuPerTick(_Part):
