@@ -50,13 +50,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.errors import ScenarioError, ServiceError
-from bench.harness.accounting import write_run_results
 from bench.harness.ledger import Ledger
 from bench.harness.progress import Progress
-from bench.results import SCHEMA_VERSION, environment
 from bench.scenario import LoadedScenario, apply_overrides
 from bench.shapes.external import ShapeProcess
 from bench.shapes.forward_settings import ForwardExternal, ForwardSettings, UpstreamFault
+from bench.shapes.run_file import ShapeRunFile
 from pipeline.forward import ForwardConfig, ForwardPipeline, SenderStats
 from pipeline.probes import Recorder
 from simulators.anomalies import inject
@@ -586,7 +585,7 @@ def run_forward(
 ) -> RunOutcome:
     """``bench run`` for a scenario with a ``forward:`` section: one variant per strategy and per external
     pipeline, side by side, each on the same stream against its own upstream with the same faults."""
-    from bench.harness.runner import RunOutcome, _failure, scenario_ref  # the runner imports this module lazily
+    from bench.harness.runner import RunOutcome, _failure  # the runner imports this module lazily
 
     sc = loaded.scenario
     settings = sc.forward
@@ -600,9 +599,7 @@ def run_forward(
             "expected kinds whose payload keeps its seq (nan, inf, null, out_of_range, ...)"
         )
     spec = apply_overrides(sc.stream_spec(), options.messages, options.duration_s)
-    run_id = f"{sc.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-    started_wall = time.time()
-    env_before = environment()
+    run_file = ShapeRunFile.begin(loaded)
     variants: list[dict[str, Any]] = []
     ledgers: dict[str, Ledger] = {}
     errors: dict[str, list[str]] = {}
@@ -687,16 +684,7 @@ def run_forward(
                 "forward": part,
             }
         )
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(started_wall)),
-        "scenario": scenario_ref(loaded),
-        "environment": {**env_before, "host_load_after": environment()["host_load"]},
-        "variants": variants,
-        "failures": [{"variant": n, "error": why} for n, why in failures.items()],
-    }
-    written = write_run_results(run_dir, results)
+    written = run_file.write(loaded, run_dir, variants, failures)
     return RunOutcome(run_dir, written, ledgers, errors, failures)
 
 

@@ -29,26 +29,23 @@ import math
 import statistics
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from bench.errors import ScenarioError, ServiceError
-from bench.harness.accounting import write_run_results
 from bench.harness.ledger import Ledger
 from bench.harness.progress import Progress
-from bench.harness.runner import RunOptions, RunOutcome, scenario_ref
-from bench.results import SCHEMA_VERSION, environment
+from bench.harness.runner import RunOptions, RunOutcome
 from bench.results.metrics import slope_fit
 from bench.scenario import LoadedScenario, apply_overrides
 from bench.shapes.external import ShapeProcess
 from bench.shapes.external_settings import ShapeExternal
 from bench.shapes.recompute_readers import Readers
 from bench.shapes.recompute_settings import RecomputeSettings, RecomputeVariant
+from bench.shapes.run_file import ShapeRunFile
 from pipeline.probes import Recorder
 from pipeline.recompute import (
     Point,
@@ -759,9 +756,7 @@ def run_recompute(
     messages, planned, duration_s = _messages(loaded, options)
     for i, spec in enumerate(settings.external):
         _external_process(spec, i, loaded, run_dir, check_only=True)
-    run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
-    started = time.time()
-    env_before = environment()
+    run_file = ShapeRunFile.begin(loaded)
     variants: list[dict[str, Any]] = []
     ledgers: dict[str, Ledger] = {}
     errors: dict[str, list[str]] = {}
@@ -800,16 +795,7 @@ def run_recompute(
         variants.append(got.result)
         ledgers[spec.name] = got.ledger
         errors[spec.name] = got.errors
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-        "scenario": scenario_ref(loaded),
-        "environment": {**env_before, "host_load_after": environment()["host_load"]},
-        "variants": variants,
-        "failures": [{"variant": name, "error": why} for name, why in failures.items()],
-    }
-    written = write_run_results(run_dir, results)
+    written = run_file.write(loaded, run_dir, variants, failures)
     return RunOutcome(run_dir, written, ledgers, errors, failures)
 
 

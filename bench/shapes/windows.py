@@ -29,21 +29,18 @@ import resource
 import statistics
 import time
 import tracemalloc
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.errors import ServiceError
-from bench.harness.accounting import write_run_results
 from bench.harness.external_sut import _Resources
 from bench.harness.ledger import Ledger
-from bench.results import SCHEMA_VERSION, environment
 from bench.shapes.external import ShapeProcess
 from bench.shapes.external_settings import ShapeExternal
+from bench.shapes.run_file import ShapeRunFile
 from bench.shapes.windows_settings import Policy, Strategy, WindowsSettings
 from pipeline.buffer_core import DROP_REASON, BufferCore
 from pipeline.windows import WindowConfig, WindowValue, make_engine
@@ -735,15 +732,13 @@ def run_windows(
 ) -> RunOutcome:
     """``bench run`` of a scenario with a ``windows:`` section."""
     from bench.harness.progress import Progress
-    from bench.harness.runner import RunOutcome, scenario_ref
+    from bench.harness.runner import RunOutcome
 
     sc = loaded.scenario
     settings = sc.windows
     assert settings is not None
-    run_id = f"{sc.name}-{uuid.uuid4().hex[:8]}"
-    started = time.time()
+    run_file = ShapeRunFile.begin(loaded)
     clock_start = time.monotonic()
-    env_before = environment()
     items = arrivals(spec, settings, 1_700_000_000 * 10**9)
     builtin_steps = len(settings.strategies) * (len(settings.memory_windows) + len(settings.policies))
     steps = builtin_steps + len(settings.external)
@@ -788,16 +783,7 @@ def run_windows(
         else:
             outcomes.append(got)
         report(ext.name, step, steps, len(items))
-    results = {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": run_id,
-        "started_at": datetime.fromtimestamp(started, UTC).isoformat(),
-        "scenario": scenario_ref(loaded),
-        "environment": {**env_before, "host_load_after": environment()["host_load"]},
-        "variants": [o.result for o in outcomes],
-        "failures": [{"variant": name, "error": why} for name, why in failures.items()],
-    }
-    written = write_run_results(run_dir, results)
+    written = run_file.write(loaded, run_dir, [o.result for o in outcomes], failures)
     return RunOutcome(
         run_dir, written, {o.name: o.ledger for o in outcomes}, {o.name: o.errors for o in outcomes}, failures
     )
