@@ -115,16 +115,17 @@ class AsyncFlushingBuffer(Generic[T]):
             finally:
                 if self.probes is not None:
                     now = time.perf_counter_ns()
-                    self.probes.hold.record_ns(now - t_locked - waited[0])
-                    self.probes.stall.record_ns(now - t_enter)
+                    # Folded in bulk (LockProbes.fold), as in the threaded buffer.
+                    pending = self.probes.pending
+                    pending.extend((t_locked - t_enter, now - t_locked - waited[0], now - t_enter))
+                    if len(pending) >= LockProbes.FOLD_AT:  # the coarse lock's flushes never reach the fold above
+                        self.probes.fold()
         if dropped_settlers:
             settle(dropped_settlers)
 
     async def _put_locked(
         self, item: T, on_durable: OnDurable | None, t_enter: int, t_locked: int, waited: list[int]
     ) -> Sequence[OnDurable]:
-        if self.probes is not None:
-            self.probes.wait.record_ns(t_locked - t_enter)
         if self._closing:
             raise BufferClosed("buffer is closed; row not accepted")
         result, dropped = self._core.offer(item, self._clock.now_ns(), on_durable)
@@ -192,6 +193,8 @@ class AsyncFlushingBuffer(Generic[T]):
                 coalesced = self._book.take_coalesced()
                 self._account(batch, stats, error, coalesced)
             settle_batch(settlers, stats is not None, batch_id)
+            if self.probes is not None:
+                self.probes.fold_if_many()
 
     async def _wait_for_trigger(self) -> TriggerKind | None:
         while True:

@@ -35,8 +35,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Generic, TypeVar
+
+import numpy as np
 
 from pipeline.buffer_core import (
     LOCK_STRATEGIES,
@@ -93,17 +95,71 @@ class BufferClosed(PipelineError):
     """A row was offered after :meth:`FlushingBuffer.close`; it was not accepted."""
 
 
-@dataclass
 class LockProbes:
-    """Histograms of the buffer lock: producer wait, hold (any holder), producer stall."""
+    """Histograms of the buffer lock: producer wait, hold (any holder), producer stall.
 
-    wait: Recorder
-    hold: Recorder
-    stall: Recorder
+    Every put is measured, but not recorded on the spot: a producer appends its three durations to
+    :attr:`pending` (one ``extend``, about 0.05 us) and they reach the histograms in bulk, vectorised
+    (:meth:`Recorder.record_array_ns`), when the flusher calls :meth:`fold` after a flush, outside the lock, or
+    when :attr:`wait`, :attr:`hold` or :attr:`stall` is read. Three scalar records per put cost about 1 us, a
+    tenth of the pipeline's whole chain, and inside the very lock they measure.
+    """
+
+    FOLD_AT = 3 * 65_536
+    """A producer folds itself past this many pending values (no flush for a long while): memory stays bounded."""
+    FOLD_AFTER_FLUSH = 3 * 16_384
+    """The flusher folds once this many values are pending: a fold's fixed cost (arrays made, a dict update per
+    distinct value) spread over 16,384 puts cut its cost per put from about 0.5 us (a fold per flush) to 0.2."""
+
+    def __init__(self) -> None:
+        self._wait, self._hold, self._stall = Recorder(), Recorder(), Recorder()
+        self.pending: list[int] = []
+        """wait, hold, stall of each put not yet folded, flat (one ``extend`` of three per put: a list of tuples
+        is several times slower to turn into an array)."""
+        self.pending_hold: list[int] = []
+        """The flusher's own holds, not yet folded."""
+        self._fold_lock = threading.Lock()
 
     @classmethod
     def new(cls) -> LockProbes:
-        return cls(Recorder(), Recorder(), Recorder())
+        return cls()
+
+    def fold_if_many(self) -> None:
+        """What the flusher calls after each flush, outside the lock."""
+        if len(self.pending) >= self.FOLD_AFTER_FLUSH:
+            self.fold()
+
+    def fold(self) -> None:
+        """Move what is pending into the histograms; thread-safe, and producers may append meanwhile."""
+        with self._fold_lock:
+            # The lists are never replaced, only cut at their length now: an append racing with this lands
+            # after the cut and waits for the next fold (slicing and del are each atomic under the GIL).
+            pending, holds = self.pending, self.pending_hold
+            n, m = len(pending), len(holds)
+            if n:
+                puts = np.array(pending[:n], dtype=np.int64).reshape(-1, 3)
+                del pending[:n]
+                self._wait.record_array_ns(puts[:, 0])
+                self._hold.record_array_ns(puts[:, 1])
+                self._stall.record_array_ns(puts[:, 2])
+            if m:
+                self._hold.record_array_ns(np.array(holds[:m], dtype=np.int64))
+                del holds[:m]
+
+    @property
+    def wait(self) -> Recorder:
+        self.fold()
+        return self._wait
+
+    @property
+    def hold(self) -> Recorder:
+        self.fold()
+        return self._hold
+
+    @property
+    def stall(self) -> Recorder:
+        self.fold()
+        return self._stall
 
 
 class FlushingBuffer(Generic[T]):
@@ -171,8 +227,6 @@ class FlushingBuffer(Generic[T]):
         waited = 0  # time in cond.wait(), when the lock is released: not part of the hold
         dropped_settlers: Sequence[OnDurable] = ()
         try:
-            if probes is not None:
-                probes.wait.record_ns(t_locked - t_enter)
             if self._closing:
                 raise BufferClosed(f"buffer of {self._thread.name} is closed; row not accepted")
             result, dropped = core.offer(item, self._clock.now_ns(), on_durable)
@@ -200,8 +254,10 @@ class FlushingBuffer(Generic[T]):
         finally:
             if probes is not None:
                 now = time.perf_counter_ns()
-                probes.hold.record_ns(now - t_locked - waited)
-                probes.stall.record_ns(now - t_enter)
+                pending = probes.pending
+                pending.extend((t_locked - t_enter, now - t_locked - waited, now - t_enter))
+                if len(pending) >= LockProbes.FOLD_AT:
+                    probes.fold()
             cond.release()
         if dropped_settlers:
             # Recorded by on_drop above: the policy's decision is final, the source may let the message go.
@@ -268,8 +324,10 @@ class FlushingBuffer(Generic[T]):
                 swapped = self._serve(trigger)
                 settlers = self._core.take_settlers()
                 self._record_hold(t_locked)
-                if swapped is None:
-                    continue
+            if swapped is None:  # the coarse lock wrote the batch while holding the lock
+                if self.probes is not None:
+                    self.probes.fold_if_many()  # here, outside the lock, rather than in a producer's put
+                continue
             batch, batch_id = swapped
             stats = self._write(batch, batch_id, trigger)
             with self._cond:
@@ -278,6 +336,8 @@ class FlushingBuffer(Generic[T]):
                 self._account(batch, stats, coalesced)
             self._report(stats, coalesced)
             settle_batch(settlers, stats is not None, batch_id)
+            if self.probes is not None:
+                self.probes.fold_if_many()  # here, outside the lock, rather than in a producer's put
 
     def _wait_for_trigger(self) -> TriggerKind | None:
         """Under the lock: block until a trigger is due; ``None`` means stop."""
@@ -306,7 +366,7 @@ class FlushingBuffer(Generic[T]):
 
     def _record_hold(self, t_locked: int) -> None:
         if self.probes is not None:
-            self.probes.hold.record_ns(time.perf_counter_ns() - t_locked)
+            self.probes.pending_hold.append(time.perf_counter_ns() - t_locked)
 
     def _account(self, batch: list[T], stats: list[FlushStat] | None, coalesced: int) -> None:
         self._book.account(len(batch), stats is not None, coalesced)

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 
 @dataclass(frozen=True, slots=True)
 class DecodeFailure:
@@ -42,6 +44,7 @@ _STRICT = json.JSONDecoder(object_pairs_hook=_unique_pairs)
 # Python frames per message (about a quarter of decoding a 100-byte message).
 _STRICT_SCAN = _STRICT.scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__; typeshed omits it
 _LENIENT_SCAN = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+_orjson_loads = orjson.loads
 
 
 def _duplicated(pairs: list[tuple[str, Any]], found: set[str]) -> dict[str, Any]:
@@ -82,6 +85,27 @@ def decode(payload: bytes, *, duplicate_keys: bool = False) -> dict[str, Any] | 
         if end == len(text) and type(obj) is dict:
             return obj
     return _decode_full(text, duplicate_keys)
+
+
+def scan_plain(payload: bytes) -> dict[str, Any] | None:
+    """The validator's fast path: a JSON object without a single backslash, decoded by orjson (0.6 us against
+    2.4 for the standard library's C scanner, the largest part of a message's cost); None for anything else.
+
+    What orjson reads differently is left to :func:`decode`: it refuses NaN and Infinity literals and numbers
+    past a double's range (None here), and reads an integer past 64 bits as a float (as the validator would
+    convert it, or refuse it as a seq). Repeated names are NOT ruled out here: a repeated name leaves the dict
+    with fewer names than the text has. The caller rules them out by counting quotes: without backslashes each
+    name and each string value is exactly two ``"`` bytes (no UTF-8 sequence holds that byte), so a payload
+    with as many quotes as the dict's names and string values has no repeated name and nothing nested (see
+    ``Validator.check``). Whatever fails that goes through :func:`decode`.
+    """
+    if b"\\" in payload:
+        return None
+    try:
+        obj = _orjson_loads(payload)
+    except orjson.JSONDecodeError:  # invalid UTF-8, NaN, a syntax error...: decode() says which
+        return None
+    return obj if type(obj) is dict else None
 
 
 def _decode_full(text: str, duplicate_keys: bool) -> dict[str, Any] | DecodeFailure:

@@ -1,6 +1,6 @@
 """Plain data that flows through the pipeline.
 
-Frozen dataclasses, no behaviour: a :class:`Reading` is a validated sample, a
+Immutable records, no behaviour: a :class:`Reading` is a validated sample, a
 :class:`Rejection` is an input the validator refused (with its reason), and a
 :class:`FlushStat` describes one buffer flush. Simulators may use these types to
 describe ground truth; nothing here does I/O.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 TriggerKind = Literal["size", "timeout", "shutdown"]
 
@@ -20,9 +20,13 @@ once, after the flush that wrote the message's row (or its quarantine row) succe
 policy dropped it (a final decision). Never called for a message whose flush failed or that was refused."""
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
-    """One validated sample, timestamps as UTC nanoseconds since the epoch."""
+class Reading(NamedTuple):
+    """One validated sample, timestamps as UTC nanoseconds since the epoch.
+
+    A named tuple rather than a frozen dataclass like the others: one is made per accepted message, and a
+    frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (about 1.4 us here, against
+    0.3 us for the tuple), a tenth of the chain's cost. It is as immutable, and fields read the same way.
+    """
 
     machine: str
     ts_ns: int

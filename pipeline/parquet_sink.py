@@ -34,12 +34,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Literal, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import SinkError
 from pipeline.model import Reading, Rejection
 from pipeline.sinks import SinkTiming
+
+WindowKeys = Sequence[int] | npt.NDArray[np.int64]
+"""Each row's time in ns, by which it is filed into a window."""
 
 log = logging.getLogger(__name__)
 
@@ -436,14 +441,30 @@ class _WindowedFiles:
             self._prefix, window, self._window_ns, part, self._safe.token if self._safe is not None else None
         )
 
-    def _pending_windows(self, window_keys: Sequence[int], batch_id: int) -> list[tuple[int, list[int]]]:
+    def _pending_windows(
+        self, window_keys: WindowKeys, batch_id: int
+    ) -> list[tuple[int, Sequence[int] | npt.NDArray[np.intp]]]:
         """(window, row indexes) of this batch not yet written, oldest window first; marks none done."""
         if self._written[0] != batch_id:
             self._written = (batch_id, set())
-        by_window: dict[int, list[int]] = {}
-        for index, key in enumerate(window_keys):
-            by_window.setdefault(key // self._window_ns, []).append(index)
-        return [(w, rows) for w, rows in sorted(by_window.items()) if w not in self._written[1]]
+        try:
+            keys = np.asarray(window_keys, dtype=np.int64)
+        except OverflowError:  # a key past int64 (a time beyond 2262 accepted by policy): the exact way
+            by_window: dict[int, list[int]] = {}
+            for index, key in enumerate(window_keys):
+                by_window.setdefault(key // self._window_ns, []).append(index)
+            return [(w, rows) for w, rows in sorted(by_window.items()) if w not in self._written[1]]
+        # Vectorised: a Python loop here cost about 0.2 us a row, a tenth of a flush. numpy's // floors as
+        # Python's does, negative keys included.
+        windows = keys // self._window_ns
+        if not windows.size:
+            return []
+        first = int(windows[0])
+        if (windows == first).all():  # the usual batch: one window
+            groups: list[tuple[int, Sequence[int] | npt.NDArray[np.intp]]] = [(first, range(windows.size))]
+        else:
+            groups = [(int(w), np.flatnonzero(windows == w)) for w in np.unique(windows)]
+        return [(w, rows) for w, rows in groups if w not in self._written[1]]
 
     def _mark_written(self, window: int) -> None:
         self._written[1].add(window)
@@ -488,7 +509,7 @@ class WindowedParquetWriter(_WindowedFiles):
         self._sealed: list[_Journal] = []
         self._closed = False
 
-    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
+    def write(self, table: pa.Table, window_keys: WindowKeys, batch_id: int) -> WriteResult:
         """Append ``table``; ``window_keys[i]`` is row i's time in ns."""
         if self._safe is not None:
             return self._write_journaled(table, window_keys, batch_id)
@@ -566,7 +587,7 @@ class WindowedParquetWriter(_WindowedFiles):
 
     # -- crash_safe: a journal per open file, the Parquet file written whole at rotation ------------------------
 
-    def _write_journaled(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
+    def _write_journaled(self, table: pa.Table, window_keys: WindowKeys, batch_id: int) -> WriteResult:
         write_ns = commit_ns = bytes_before = rows_before = 0
         for window, rows in self._pending_windows(window_keys, batch_id):
             start = time.perf_counter_ns()
@@ -712,7 +733,7 @@ class RewriteParquetWriter(_WindowedFiles):
         )
         self._rows: dict[int, int] = {}
 
-    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
+    def write(self, table: pa.Table, window_keys: WindowKeys, batch_id: int) -> WriteResult:
         write_ns = commit_ns = bytes_before = rows_before = 0
         for window, rows in self._pending_windows(window_keys, batch_id):
             start = time.perf_counter_ns()
@@ -816,7 +837,7 @@ class DatasetParquetWriter:
         self.recovered: list[tuple[Path, int]] = self._safe.recovered if self._safe is not None else []
         self._made_dirs: set[Path] = set()
 
-    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult:
+    def write(self, table: pa.Table, window_keys: WindowKeys, batch_id: int) -> WriteResult:
         if self._written[0] != batch_id:
             self._written = (batch_id, set())
         done = self._written[1]
@@ -895,7 +916,7 @@ class TableWriter(Protocol):
     files_written: list[Path]
     recovered: list[tuple[Path, int]]
 
-    def write(self, table: pa.Table, window_keys: Sequence[int], batch_id: int) -> WriteResult: ...
+    def write(self, table: pa.Table, window_keys: WindowKeys, batch_id: int) -> WriteResult: ...
 
     def close(self) -> None: ...
 
@@ -933,17 +954,29 @@ def parquet_strategy(name: str) -> TableWriterFactory:
     return PARQUET_STRATEGIES[name]
 
 
+def _micros(values: Sequence[int]) -> pa.Array:
+    """Nanosecond ints to a microsecond timestamp column, flooring as Python's // does."""
+    try:
+        return pa.array(np.asarray(values, dtype=np.int64) // 1000, TS)
+    except OverflowError:  # past int64 nanoseconds (after 2262, accepted by policy): the exact way
+        return pa.array([v // 1000 for v in values], TS)
+
+
 def readings_table(items: Sequence[Reading], batch_id: int) -> pa.Table:
+    if not items:
+        return READING_SCHEMA.empty_table()
+    # One transposition in C (a Reading is a named tuple) instead of a Python pass per column.
+    machine, ts_ns, load_rate, mileage, seq, received_ns, repairs = zip(*items, strict=True)
     return pa.table(
         {
-            "machine": pa.array([r.machine for r in items], pa.string()),
-            "ts": pa.array([r.ts_ns // 1000 for r in items], TS),
-            "load_rate": pa.array([r.load_rate for r in items], pa.float64()),
-            "mileage": pa.array([r.mileage for r in items], pa.float64()),
-            "seq": pa.array([r.seq for r in items], pa.int64()),
-            "received_at": pa.array([r.received_ns // 1000 for r in items], TS),
-            "batch_id": pa.array([batch_id] * len(items), pa.int64()),
-            "repairs": pa.array([",".join(r.repairs) if r.repairs else None for r in items], pa.string()),
+            "machine": pa.array(machine, pa.string()),
+            "ts": _micros(ts_ns),
+            "load_rate": pa.array(load_rate, pa.float64()),
+            "mileage": pa.array(mileage, pa.float64()),
+            "seq": pa.array(seq, pa.int64()),
+            "received_at": _micros(received_ns),
+            "batch_id": pa.array(np.full(len(items), batch_id, dtype=np.int64), pa.int64()),
+            "repairs": pa.array([",".join(r) if r else None for r in repairs], pa.string()),
         },
         schema=READING_SCHEMA,
         # Out-of-order readings (within the watermark) land in time order within each flush.
@@ -1002,7 +1035,7 @@ class ParquetSink:
         # The window of each row of the table as built: sorted by (machine, ts), no longer in ``items``' order
         # (keys in items' order put a batch spanning two windows' rows into the wrong files).
         keys = table.column("ts").cast(pa.int64()).to_numpy() * 1000
-        result = self._out.write(table, keys.tolist(), batch_id)
+        result = self._out.write(table, keys, batch_id)
         return SinkTiming(build_ns, result.write_ns, result.commit_ns, result.bytes_before, result.rows_before)
 
     def close(self) -> None:

@@ -13,16 +13,20 @@ import itertools
 import math
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from hdrh.histogram import HdrHistogram
 
 # Histograms are in microseconds, 1 us to 1 hour, 3 significant digits.
 _LOWEST_US, _HIGHEST_US, _DIGITS = 1, 3_600_000_000, 3
 # Percentiles of the distribution plots in reports: enough points to draw the tail.
 LADDER_PERCENTILES = (0, 10, 25, 50, 75, 90, 95, 99, 99.9, 99.99, 100)
+_EXACT_FLOAT = 2**53
 
 
 class Recorder:
@@ -36,7 +40,7 @@ class Recorder:
     """
 
     def __init__(self) -> None:
-        self._counts: dict[int, int] = {}
+        self._counts: Counter[int] = Counter()
         self.below_zero = 0
         self.clipped = 0
         self.total_ns = 0
@@ -58,6 +62,39 @@ class Recorder:
     def record_all_ns(self, values: Iterable[int]) -> None:
         for v in values:
             self.record_ns(v)
+
+    def record_array_ns(self, values: npt.NDArray[np.int64]) -> None:
+        """Record many values at once, exactly as :meth:`record_ns` one by one would, vectorised (about 0.03 us
+        a value instead of 0.3): for producers that collect raw durations in a list and fold them in bulk."""
+        if values.size == 0:
+            return
+        negative = values < 0
+        if negative.any():
+            self.below_zero += int(negative.sum())
+            values = np.where(negative, 0, values)
+        big = values >= _EXACT_FLOAT
+        if big.any():
+            # frexp's exponent is the bit length only while the float is exact; beyond 2**53 ns (104 days)
+            # the scalar path quantises (rare: a duration that long is a clock fault).
+            for v in values[big].tolist():
+                self.record_ns(v)
+            values = values[~big]
+        if values.size == 0:
+            return
+        # numpy's sum wraps around at 2**63: summed as Python ints when it could.
+        safe = int(values.max()) * values.size < 2**63
+        self.total_ns += int(values.sum()) if safe else sum(values.tolist())
+        # bit_length() of a positive integer below 2**53 is frexp's exponent; 0 -> exponent 0, no shift.
+        shift = np.maximum(np.frexp(values.astype(np.float64))[1] - 10, 0)
+        # A quantised value is its top 10 bits and a shift: one small integer (shift * 1024 + top bits), so
+        # np.bincount counts them all at once and the dict is touched once per distinct value, not per value.
+        bins = np.bincount((shift << 10) | (values >> shift))
+        present = np.flatnonzero(bins)
+        table = self._counts
+        for index, count in zip(present.tolist(), bins[present].tolist(), strict=True):
+            value = (index & 1023) << (index >> 10)
+            table[value] = table.get(value, 0) + count
+        self._count += int(values.size)
 
     def merge(self, other: Recorder) -> None:
         for value, count in other._counts.items():

@@ -34,7 +34,7 @@ from pipeline.buffer_core import BufferStatistics
 from pipeline.clock import Clock
 from pipeline.config import PipelineSettings, check_fault_injection_path, check_output_path
 from pipeline.drops import DropLog
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat, OnDurable, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
 from pipeline.probes import CpuSampler, Recorder
@@ -83,6 +83,10 @@ class PipelineStatistics:
         """crash_safe: the last error of the longest-failing sink, while one fails."""
         stalled = self._stalled
         return max(stalled, key=lambda b: b.stalled_s).last_error if stalled else None
+
+
+def _not_started(item: object, on_durable: OnDurable | None) -> None:
+    raise PipelineError("submit before start(), or on a pipeline whose runtime is asyncio (use asubmit)")
 
 
 class Pipeline:
@@ -167,6 +171,8 @@ class Pipeline:
         self._reasons: Counter[str] = Counter()
         self._refused_after_close = 0
         self._readings: FlushingBuffer[Reading] | AsyncFlushingBuffer[Reading] | None = None
+        self._put_reading: Callable[[Reading, OnDurable | None], None] = _not_started
+        self._put_rejection: Callable[[Rejection, OnDurable | None], None] = _not_started
         self._rejections: FlushingBuffer[Rejection] | AsyncFlushingBuffer[Rejection] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
@@ -207,6 +213,8 @@ class Pipeline:
             readings.start()
             rejections.start()
             self._readings, self._rejections = readings, rejections
+            # Bound once for _submit, which runs for every message.
+            self._put_reading, self._put_rejection = readings.put, rejections.put
             return
         ready = threading.Event()
 
@@ -272,12 +280,11 @@ class Pipeline:
     def _submit(self, payload: bytes, topic: str, on_durable: OnDurable | None) -> None:
         result = self._validate(payload, topic)
         try:
-            if isinstance(result, Reading):
-                assert isinstance(self._readings, FlushingBuffer)
-                self._readings.put(result, on_durable)
+            if type(result) is Reading:
+                self._put_reading(result, on_durable)
             else:
-                assert isinstance(self._rejections, FlushingBuffer)
-                self._rejections.put(result, on_durable)
+                assert isinstance(result, Rejection)
+                self._put_rejection(result, on_durable)
         except BufferClosed:
             self._refused()
 

@@ -283,3 +283,64 @@ def test_decode_fast_path_agrees_with_the_full_path(text: str, before: str, afte
 @given(st.binary(max_size=200) | mutated())
 def test_decode_fast_path_agrees_on_any_bytes(payload: bytes) -> None:
     assert_same_decoding(payload)
+
+
+# -- the quote count that stands in for the strict decoder's repeated-name check --------------------------------
+
+
+NESTED = ["{}", "[]", "[1]", '{"x":1}', '["a"]']
+STATUSES = ['"status":"Good"', '"status":"Go\\"od"', '"status":"Good","status":"Good"']
+
+
+@st.composite
+def near_usual_texts(draw: st.DrawFn) -> bytes:
+    """A usual message spelled with the tricks the fast path's quote count must see through: a name repeated
+    (with a string, number or object value), a nested object or array, escapes that decode to the usual text,
+    a string holding a quote, whitespace. The strict decoder refuses or accepts each exactly as before."""
+    obj = {
+        "machine": draw(st.sampled_from(MACHINES)),
+        "ts": utc_text(draw(near_ns), draw(st.integers(0, 2)), "Z"),
+        "load_rate": draw(st.floats(0, 100)),
+        "mileage": draw(st.floats(0, 1e6)),
+        "seq": draw(st.integers(0, 20)),
+    }
+    parts = [f"{json.dumps(k)}:{json.dumps(v)}" for k, v in obj.items()]
+    trick = draw(st.integers(0, 6))
+    if trick == 1:  # a repeated name, anywhere, with any value
+        name = draw(st.sampled_from([*obj, "status"]))
+        value = draw(st.sampled_from(['"Good"', '"m-1"', "7", "1.5", '{"a":"b"}', "[]", "null"]))
+        parts.insert(draw(st.integers(0, len(parts))), f"{json.dumps(name)}:{value}")
+    elif trick == 2:  # a value nested one level down
+        name = draw(st.sampled_from(sorted(obj)))
+        parts[list(obj).index(name)] = '"' + name + '":' + draw(st.sampled_from(NESTED))
+    elif trick == 3:  # an escape that decodes to the usual text
+        parts[0] = '"mach\\u0069ne":' + json.dumps(obj["machine"])
+    elif trick == 4:  # a string value that holds a quote
+        parts[0] = '"machine":"m\\"1"'
+    elif trick == 5:  # status Good, or a status with one quote too many
+        parts.append(
+            draw(st.sampled_from(['"status":"Good"', '"status":"Go\\"od"', '"status":"Good","status":"Good"']))
+        )
+    elif trick == 6:
+        parts = [p.replace(":", ": ") for p in parts]
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+@settings(PROPS, max_examples=600)
+@given(st.lists(near_usual_texts(), min_size=1, max_size=8), st.lists(steps, min_size=8, max_size=8))
+def test_fast_path_agrees_on_repeated_names_nesting_and_escapes(payloads: list[bytes], clock_steps: list[int]) -> None:
+    assert_same_path(ValidateSettings(), payloads, clock_steps)
+    accept = ValidateSettings.model_validate({"rules": {"duplicate_key": "accept"}})
+    assert_same_path(accept, payloads, clock_steps)
+
+
+def test_a_repeated_name_never_takes_the_fast_path() -> None:
+    usual = '"ts":"2026-01-01T00:00:00Z","load_rate":1.5,"mileage":10,"seq":1'
+    v = Counting()
+    got = v.check(('{"machine":"m-1","machine":"m-2",' + usual + "}").encode(), TOPIC, NOW_NS)
+    assert isinstance(got, Rejection) and got.reason == "duplicate_key"
+    got = v.check(('{"machine":"m-1","seq":9,' + usual + "}").encode(), TOPIC, NOW_NS)
+    assert isinstance(got, Rejection) and got.reason == "duplicate_key"
+    assert v.taken == 0
+    got = v.check(('{"machine":"m-1",' + usual + "}").encode(), TOPIC, NOW_NS)
+    assert isinstance(got, Reading) and v.taken == 1  # the same message without the repeat goes the fast way
