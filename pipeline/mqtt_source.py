@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import struct
 import threading
 import uuid
 from collections import deque
@@ -292,11 +293,35 @@ class MqttSource:
             entry.durable = True
             if entry.connection != self._connection:
                 return
-            while self._unacked and self._unacked[0].durable:
-                # QoS 1 only (checked at construction): paho sends the PUBACK from its network thread.
-                self._client.ack(self._unacked.popleft().mid, 1)
-            if not self._unacked:
+            unacked = self._unacked
+            mids: list[int] = []
+            while unacked and unacked[0].durable:
+                mids.append(unacked.popleft().mid)
+            if mids:
+                self._send_acks(mids)
+            if not unacked:
                 self._acks.notify_all()
+
+    def _send_acks(self, mids: list[int]) -> None:
+        """PUBACK each of ``mids`` (QoS 1 only, checked at construction), in this order; with the ack lock held.
+
+        A flush makes a few thousand messages durable at once. ``ack()`` per message queues one 4-byte packet and
+        wakes paho's network thread through its socket pair each time (a system call and a thread switch per
+        message, about a tenth of the pipeline process's CPU at QoS 1); here the same bytes go as one packet
+        with one wake-up, through the hand-over ``ack()`` itself uses.
+        """
+        if not _BATCHED_ACKS or len(mids) == 1 or not isinstance(self._client, mqtt.Client):
+            for mid in mids:
+                self._client.ack(mid, 1)
+            return
+        # The bytes ack() sends per message in every protocol version: PUBACK, remaining length 2, the id.
+        data = b"".join([_PUBACK.pack(mqtt.PUBACK, 2, mid) for mid in mids])
+        self._client._packet_queue(mqtt.PUBACK, data, mids[-1], 1)
+
+
+_BATCHED_ACKS = hasattr(mqtt.Client, "_packet_queue")
+"""paho's private hand-over to its network thread (paho-mqtt 2.x, pinned <3); without it each ack uses ``ack()``."""
+_PUBACK = struct.Struct("!BBH")
 
 
 def _session_state(resumed: bool) -> str:
