@@ -18,10 +18,11 @@ Definitions, as the report states them:
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -376,6 +377,279 @@ def generator_limited(offered_per_s: float, plan: dict[str, Any] | None) -> bool
     if plan is None:
         return None
     return bool(offered_per_s > plan["combined_ceiling_per_s"])
+
+
+CPU_BUSY_PCT = 85.0
+"""At the first step the pipeline could not take, a role using this much of one core (100 = one core), or a
+machine this much of all its cores (100 = every core), is taken to be the limit."""
+GROWTH_FLAT = 1.1
+"""More workers sustaining less than this many times one worker's rate: throughput did not grow."""
+
+LimitKind = Literal["publishers", "generator", "pipeline", "broker", "cores", "unknown"]
+"""Who limited a series, as its limit line names it: the publishers' send lag, the load generator's calibrated
+ceiling, the pipeline workers' CPU, the broker's CPU, the machine's cores as a whole, or none the sweep can tell."""
+
+
+def cpu_account(step: Mapping[str, Any], cores: int | None) -> dict[str, Any]:
+    """Where a step's CPU went, 100 = one core: each of the sweep's roles as measured (None: not measured), their
+    sum, the machine's busy share of all its cores (100 = every core) and the rest of it, which is other
+    processes on the machine (None without the machine's figure)."""
+    roles = {
+        "workers_pct": step.get("cpu_pct"),
+        "publishers_pct": step.get("publisher_cpu_pct"),
+        "broker_pct": step.get("broker_cpu_pct"),
+        "bench_pct": step.get("bench_process_cpu_pct"),
+    }
+    sweep = sum(float(v) for v in roles.values() if v is not None)
+    machine = step.get("machine_cpu_pct")
+    # Each role is sampled over its own window (a publisher over its whole run), so the sum can exceed the
+    # machine's figure by a little: the rest is never below 0.
+    other = max(0.0, float(machine) * cores - sweep) if machine is not None and cores else None
+    return {
+        **roles,
+        "sweep_pct": round(sweep, 1),
+        "machine_pct": machine,
+        "other_pct": None if other is None else round(other, 1),
+        "cores": cores,
+        "unmeasured": [k.removesuffix("_pct") for k, v in roles.items() if v is None],
+    }
+
+
+def cores_busy(account: Mapping[str, Any]) -> bool | None:
+    """Whether every core was about busy: from the machine's figure, else from the sweep's own processes; None
+    when neither was measured."""
+    machine, cores = account.get("machine_pct"), account.get("cores")
+    if machine is not None:
+        return bool(machine >= CPU_BUSY_PCT)
+    if cores and not account.get("unmeasured"):
+        return bool(account["sweep_pct"] >= CPU_BUSY_PCT * cores)
+    return None
+
+
+def _cores_text(account: Mapping[str, Any]) -> str:
+    """The sweep's share of the machine's cores and the rest's, e.g. "the sweep's processes 1.8 of 2 cores,
+    other processes 0.1"."""
+    cores = account.get("cores")
+    if not cores:
+        return ""
+    text = f"the sweep's processes {account['sweep_pct'] / 100:.1f} of {cores} cores"
+    unmeasured = account.get("unmeasured") or []
+    if account.get("other_pct") is not None:
+        # What was not measured is in the rest: it is not other processes' alone then, and says so.
+        rest = "other processes" + (f" and the unmeasured {' and '.join(unmeasured)}" if unmeasured else "")
+        text += f", {rest} {account['other_pct'] / 100:.1f}"
+    elif unmeasured:
+        text += f" ({' and '.join(unmeasured)} not measured)"
+    return text
+
+
+_OTHERS_TOOK = "other processes took a good part of them: rerun on a quieter machine for the sweep's own limit"
+
+
+def _others_took_much(account: Mapping[str, Any]) -> bool:
+    """Whether processes outside the sweep took a quarter or more of the busy CPU (only said when every role was
+    measured: otherwise the rest holds the unmeasured ones too)."""
+    other, machine, cores = account.get("other_pct"), account.get("machine_pct"), account.get("cores")
+    if account.get("unmeasured") or other is None or not machine or not cores:
+        return False
+    return bool(other >= 0.25 * machine * cores)
+
+
+def _busy_text(step: Mapping[str, Any], account: Mapping[str, Any], role: str, broker: str) -> str:
+    """Each role's CPU at a step, then the machine's and how much of it was the sweep's."""
+    n = int(step.get("workers") or 1)
+    per_worker = step.get("cpu_pct_per_worker")
+    if per_worker is None:
+        parts = [f"{role} CPU unknown"]
+    elif n > 1:
+        parts = [f"{n} {role}s {per_worker:.0f}% of a core each"]
+    else:
+        parts = [f"{role} {per_worker:.0f}% of a core"]
+    if step.get("publisher_cpu_pct") is not None:
+        parts.append(f"publishers {step['publisher_cpu_pct']:.0f}%")
+    if account.get("broker_pct") is not None:
+        parts.append(f"{broker} {account['broker_pct']:.0f}%")
+    if account.get("bench_pct") is not None:
+        parts.append(f"bench {account['bench_pct']:.0f}%")
+    machine = account.get("machine_pct")
+    if machine is not None:
+        cores = account.get("cores")
+        parts.append(f"machine {machine:.0f}% of all {cores or '?'} cores")
+        share = _cores_text(account)
+        if share:
+            parts.append(share)
+    return ", ".join(parts)
+
+
+def limit_of(
+    steps: Sequence[Mapping[str, Any]],
+    *,
+    role: str = "pipeline worker",
+    generator: Mapping[str, Any] | None = None,
+    cores: int | None = None,
+    broker: str = "embedded broker",
+) -> tuple[LimitKind | None, str | None]:
+    """Who was busiest at the first step the pipeline could not take, and the line that says so with the
+    evidence: the answer to "what to scale". ``role``: what the system under test is called ("pipeline worker",
+    "external system"); ``generator``: the publishers' calibrated ceiling (generator_plan), when the sweep has
+    one; ``broker``: what the broker's CPU figure is of. (None, None) when every step was sustainable."""
+    bad = next((s for s in steps if s["verdict"] != "sustainable"), None)
+    if bad is None:
+        return None, None
+    # The calibrated ceiling (bench capacity --calibration) backs the send-lag judgement: a step offered more
+    # than the publishers can send is the generator's limit even when the pipeline fell behind too (they share
+    # the cores), so it is never reported as the pipeline's.
+    past = (
+        f"past the publishers' calibrated ceiling {generator['combined_ceiling_per_s']:,.0f} msg/s"
+        if generator is not None and bad.get("generator_limited")
+        else None
+    )
+    if bad["verdict"] == "publisher-limited":
+        lag = f"send lag p99 {bad['send_lag_p99_ms']:,.0f} ms at {bad['offered_per_s']:g} msg/s"
+        return ("generator" if past else "publishers"), f"publishers ({lag}" + (
+            f"; {past}: generator-limited)" if past else ")"
+        )
+    account = cpu_account(bad, cores)
+    busy = _busy_text(bad, account, role, broker)
+    if past:
+        return "generator", f"the load generator: {bad['offered_per_s']:g} msg/s is {past} (generator-limited; {busy})"
+    # A step that kept up but lost messages failed on the broker's queue limit: said beside whoever was busiest.
+    kept_up = bad.get("lost") and not bad.get("backlog_growing")
+    lost = f"; it kept up but lost {bad['lost']:,} message(s) (a broker's queue limit)" if kept_up else ""
+    per_worker = bad.get("cpu_pct_per_worker")
+    full = cores_busy(account)
+    if per_worker is not None and per_worker >= CPU_BUSY_PCT:
+        also = "; every core was busy too: more workers need more cores" if full else ""
+        return "pipeline", f"the pipeline's CPU ({busy}){also}{lost}"
+    if (account.get("broker_pct") or 0) >= CPU_BUSY_PCT:
+        hint = "; measure against Mosquitto with --broker" if broker == "embedded broker" else ""
+        return "broker", f"the {broker}, not the pipeline ({busy}){hint}{lost}"
+    if full:
+        quiet = "; " + _OTHERS_TOOK if _others_took_much(account) else ""
+        return (
+            "cores",
+            f"the machine's cores: cores are the limit, every core busy ({busy}){lost}; spread the roles over more "
+            f"cores or machines{quiet}",
+        )
+    return "unknown", f"not one busy core ({busy}): I/O or the broker's delivery, the sweep cannot tell which{lost}"
+
+
+def scaling(
+    series: Sequence[Mapping[str, Any]], *, generator: Mapping[str, Any] | None, cores: int | None
+) -> dict[str, Any]:
+    """Sustained throughput per worker count beside the load generator's ceiling, its growth from one worker, and
+    in plain words why it stops growing, from the CPU each role used at the first step that failed."""
+    ceiling = generator["combined_ceiling_per_s"] if generator is not None else None
+    one = next((s for s in series if s["workers"] == 1), None)
+
+    def ratio(value: float | None, base: float | None) -> float | None:
+        return round(value / base, 3) if value is not None and base else None
+
+    rows = []
+    for sr in series:
+        bad = next((s for s in sr["steps"] if s["verdict"] != "sustainable"), None)
+        rows.append(
+            {
+                "workers": sr["workers"],
+                "sustainable_per_s": sr["sustainable_per_s"],
+                "vs_one_worker": ratio(sr["sustainable_per_s"], one["sustainable_per_s"] if one else None),
+                "peak_per_s": sr["peak_per_s"],
+                "peak_vs_one_worker": ratio(sr["peak_per_s"], one["peak_per_s"] if one else None),
+                "generator_ceiling_per_s": ceiling,
+                "limit_kind": sr.get("limit_kind"),
+                "limit_offered_per_s": bad["offered_per_s"] if bad is not None else None,
+                "cpu": cpu_account(bad, cores) if bad is not None else None,
+            }
+        )
+    return {
+        "cores": cores,
+        "generator_ceiling_per_s": ceiling,
+        "rows": rows,
+        "growth": _growth_text(rows),
+        "statement": _scaling_statement(rows, series, cores),
+    }
+
+
+def _growth_text(rows: Sequence[Mapping[str, Any]]) -> str | None:
+    """Sustained throughput by worker count and its ratio to one worker's (None below two counts with one)."""
+    one = next((r for r in rows if r["workers"] == 1), None)
+    if one is None or len(rows) < 2:
+        return None
+    parts = []
+    for r in sorted(rows, key=lambda r: r["workers"]):
+        who = f"{r['workers']} worker{'' if r['workers'] == 1 else 's'}"
+        sus = "none" if r["sustainable_per_s"] is None else f"{r['sustainable_per_s']:,.0f} msg/s"
+        if r["workers"] != 1 and r["vs_one_worker"] is not None:
+            sus += f" ({r['vs_one_worker']:.2f}x one worker, {r['workers']}x if it scaled linearly)"
+        parts.append(f"{who} {sus}")
+    text = "sustained throughput: " + "; ".join(parts)
+    peaks = [r for r in sorted(rows, key=lambda r: r["workers"]) if r["workers"] != 1 and r["peak_vs_one_worker"]]
+    if peaks:
+        text += "; peak achieved " + ", ".join(f"{r['peak_vs_one_worker']:.2f}x at {r['workers']}" for r in peaks)
+    return text
+
+
+def _ladder_factor(steps: Sequence[Mapping[str, Any]]) -> float | None:
+    """The largest factor between two consecutive offered rates: how coarse a sustained rate is."""
+    rates = sorted({float(s["offered_per_s"]) for s in steps})
+    return max((b / a for a, b in itertools.pairwise(rates) if a > 0), default=None)
+
+
+def _scaling_statement(
+    rows: Sequence[Mapping[str, Any]], series: Sequence[Mapping[str, Any]], cores: int | None
+) -> str | None:
+    """Why sustained throughput stopped growing at the largest worker count, or that the sweep cannot tell."""
+    one = next((r for r in rows if r["workers"] == 1), None)
+    if one is None or len(rows) < 2:
+        return None
+    top = max(rows, key=lambda r: r["workers"])
+    n = top["workers"]
+    if one["sustainable_per_s"] is None:
+        return "cannot tell how throughput grows with workers: one worker had no sustainable step (lower the rates)"
+    if top["sustainable_per_s"] is None:
+        grew = f"{n} workers had no sustainable step"
+    else:
+        ratio = top["vs_one_worker"]
+        factor = _ladder_factor([s for sr in series for s in sr["steps"]])
+        coarse = f" (the rates are up to {factor:.2f}x apart, so the ratio is that coarse)" if factor else ""
+        grew = (
+            f"{n} workers sustained {ratio:.2f}x one worker's rate{coarse}"
+            if ratio >= GROWTH_FLAT
+            else f"{n} workers sustained no more than one worker ({ratio:.2f}x){coarse}"
+        )
+    kind, cpu = top["limit_kind"], top["cpu"] or {}
+    at = f"at {n} workers' first failing step ({top['limit_offered_per_s'] or 0:,.0f} msg/s)"
+    if kind is None:
+        return f"{grew}; {n} workers sustained every offered rate: raise capacity.rates to see where growth stops"
+    if kind in ("generator", "publishers"):
+        return (
+            f"{grew}; the load generator was the limit {at}, so the sweep cannot tell how far workers scale: add "
+            "publisher processes or machines"
+        )
+    if kind == "cores":
+        before = (
+            "; one worker's limit was the cores too"
+            if one["limit_kind"] == "cores"
+            else "; more workers cannot add throughput on this machine"
+        )
+        quiet = "; " + _OTHERS_TOOK if _others_took_much(cpu) else ""
+        return (
+            f"{grew}; cores are the limit: {at} the machine's {cores or '?'} cores were "
+            f"{cpu.get('machine_pct') or 0:.0f}% busy, {_cores_text(cpu)}{before}{quiet}"
+        )
+    if kind == "pipeline":
+        if cores_busy(cpu):
+            return f"{grew}; the pipeline workers' CPU and every core were busy {at}: cores are the limit"
+        return (
+            f"{grew}; the pipeline workers' own CPU was the limit {at} with cores to spare "
+            f"(machine {cpu.get('machine_pct') or 0:.0f}%): more workers should add throughput, sweep more counts"
+        )
+    if kind == "broker":
+        return f"{grew}; the broker's CPU was the limit {at}, not the pipeline's"
+    return (
+        f"{grew}; no role used a full core and the cores were not all busy {at}: the sweep cannot tell why "
+        "throughput stopped growing (I/O, the broker's delivery)"
+    )
 
 
 def workers_for(target: float, headroom: float, fit: dict[str, Any] | None, one_worker: float) -> dict[str, Any]:

@@ -16,8 +16,10 @@ as publisher-limited, never as a pipeline limit.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 import time
 import uuid
 from array import array
@@ -26,6 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import psutil
@@ -113,6 +116,8 @@ def run_capacity(
     variants: list[dict[str, Any]] = []
     with harness.embedded_broker(broker_setting == "embedded", run_dir / "broker.log") as broker:
         url = broker.url if broker is not None else broker_setting
+        # A broker on this machine shares its cores with the sweep: its CPU is measured beside the roles'.
+        local = local_broker(url) if broker is None else None
         sweep = _Sweep(
             loaded,
             cap,
@@ -121,12 +126,15 @@ def run_capacity(
             url=url,
             broker_pid=broker.pid if broker is not None else None,
             generator=generator,
+            local_broker=local,
         )
         for workers in cap.workers:
             sr, variant = sweep.series(workers, on_progress)
             series.append(sr)
             variants.append(variant)
     fit = _usl_fit(series)
+    scaling = model.scaling(series, generator=generator, cores=os.cpu_count())
+    scaling["broker_process"] = sweep.broker_label if sweep.broker_cpu_pid is not None else None
     advice = _advice(sc, cap, series, fit, variants)
     problems = _step_problems(series)
     results: dict[str, Any] = {
@@ -148,6 +156,7 @@ def run_capacity(
             "usl": fit,
             "recommendations": advice,
             "generator": generator,
+            "scaling": scaling,
         },
     }
     return CapacityOutcome(run_dir, write_run_results(run_dir, results), problems)
@@ -180,6 +189,25 @@ def generator_plan(loaded: LoadedScenario, options: CapacityOptions) -> dict[str
         cores=os.cpu_count(),
         source=str(options.calibration),
     )
+
+
+def local_broker(url: str) -> tuple[int, str] | None:
+    """The process listening on a broker URL's port when the broker runs on this machine (its pid and name), so
+    its CPU can be measured beside the sweep's; None when it runs elsewhere or this user may not see it."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 1883
+        infos = socket.getaddrinfo(parts.hostname or "127.0.0.1", port, proto=socket.IPPROTO_TCP)
+        addresses = {str(info[4][0]) for info in infos}
+        own = {a.address for nics in psutil.net_if_addrs().values() for a in nics}
+        if not any(ipaddress.ip_address(a).is_loopback or a in own for a in addresses):
+            return None
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid, psutil.Process(conn.pid).name()
+    except (OSError, ValueError, psutil.Error):
+        return None
+    return None
 
 
 def _check_capacity(loaded: LoadedScenario, cap: CapacitySettings, options: CapacityOptions) -> str:
@@ -236,6 +264,23 @@ class _Sweep:
     """The embedded broker's process (None: an external broker)."""
     generator: dict[str, Any] | None = None
     """The publishers' calibrated ceiling (``--calibration``; model.generator_plan), or None."""
+    local_broker: tuple[int, str] | None = None
+    """An external broker's process on this machine (pid, name), found by its port; None: not found."""
+
+    @property
+    def broker_cpu_pid(self) -> int | None:
+        """The broker process whose CPU is measured: the embedded one, or a local external one."""
+        return self.broker_pid if self.broker_pid is not None else (self.local_broker or (None, ""))[0]
+
+    @property
+    def broker_label(self) -> str:
+        """What the broker's CPU figure is of, in the limit line."""
+        if self.broker_pid is not None:
+            return "embedded broker"
+        if self.local_broker is None:
+            return "broker (not on this machine)"
+        pid, name = self.local_broker
+        return f"broker ({name} pid {pid})"
 
     def series(
         self, workers: int, on_progress: Callable[[StepProgress], None] | None
@@ -265,7 +310,14 @@ class _Sweep:
                 if failed >= cap.stop_after:
                     break
         external = self.loaded.scenario.system.external is not None
-        sr = _series(workers, steps, rates, "external system" if external else "pipeline worker", self.generator)
+        sr = _series(
+            workers,
+            steps,
+            rates,
+            "external system" if external else "pipeline worker",
+            generator=self.generator,
+            broker=self.broker_label,
+        )
         variant = _variant(
             self.loaded.scenario,
             workers=workers,
@@ -301,6 +353,7 @@ class _Step:
         self.clock = MonotonicWallClock()
         self.epoch_ns = 0
         self.broker_cpu: list[tuple[int, float]] = []
+        self.bench_cpu: list[tuple[int, float]] = []
         self.machine_cpu: list[tuple[int, float, float]] = []
         self.pubs: list[Child] = []
         step_dir.mkdir(parents=True, exist_ok=True)
@@ -387,11 +440,16 @@ class _Step:
         busy = machine_busy_s()
         if busy is not None:
             self.machine_cpu.append((self.clock.now_ns(), *busy))
-        if self.sweep.broker_pid is not None:
-            # The embedded broker's CPU tells whether it, not the pipeline, was the limit.
-            cpu = process_cpu_s(self.sweep.broker_pid)
+        broker = self.sweep.broker_cpu_pid
+        if broker is not None:
+            # The broker's CPU tells whether it, not the pipeline, was the limit, and how much of the cores it took.
+            cpu = process_cpu_s(broker)
             if cpu is not None:
                 self.broker_cpu.append((self.clock.now_ns(), cpu))
+        # This process too shares the cores (progress, the workers' pipes): counted so the rest is others' work.
+        own = process_cpu_s(os.getpid())
+        if own is not None:
+            self.bench_cpu.append((self.clock.now_ns(), own))
 
     def run(self, on_progress: Callable[[StepProgress], None] | None) -> tuple[dict[str, Any], _StepRecords]:
         """Run the step; its metrics and its flush and lock records."""
@@ -421,6 +479,7 @@ class _Step:
         step, flushes, locks = _analyse(self, self.sut.read_back())
         start, end = self.epoch_ns + self.cap.settle * 1e9, self.epoch_ns + self.cap.step * 1e9
         step["broker_cpu_pct"] = _cpu_pct(self.broker_cpu, start, end)
+        step["bench_process_cpu_pct"] = _cpu_pct(self.bench_cpu, start, end)
         cores = [c for c in self.machine_cpu if start <= c[0] <= end]
         # All cores together, 100 = every core busy: on a small machine publishers, broker and pipeline compete.
         step["machine_cpu_pct"] = (
@@ -638,7 +697,9 @@ def _series(
     steps: list[dict[str, Any]],
     rates: tuple[float, ...],
     role: str,
+    *,
     generator: dict[str, Any] | None = None,
+    broker: str = "embedded broker",
 ) -> dict[str, Any]:
     ok = [s for s in steps if s["sustainable"]]
     judged = [s for s in steps if s["verdict"] != "publisher-limited"]
@@ -653,9 +714,11 @@ def _series(
         stopped = f"unsustainable at {last['offered_per_s']:g} msg/s"
     else:
         stopped = f"all {len(rates)} steps sustainable: raise capacity.rates to find the limit"
+    kind, limit = model.limit_of(steps, role=role, generator=generator, cores=os.cpu_count(), broker=broker)
     return {
         "workers": workers,
-        "limit": _limit(steps, role, generator),
+        "limit": limit,
+        "limit_kind": kind,
         "steps": steps,
         "sustainable_per_s": max((s["offered_per_s"] for s in ok), default=None),
         "sustainable_step": max((i for i, s in enumerate(steps) if s["sustainable"]), default=None),
@@ -666,49 +729,14 @@ def _series(
     }
 
 
-# A role using this much of one core at the first unsustainable step is taken to be the limit.
-BUSY_PCT = 85.0
-
-
 def _limit(
-    steps: list[dict[str, Any]], role: str = "pipeline worker", generator: dict[str, Any] | None = None
+    steps: list[dict[str, Any]],
+    role: str = "pipeline worker",
+    generator: dict[str, Any] | None = None,
+    broker: str = "embedded broker",
 ) -> str | None:
-    """Who was busiest at the first step the pipeline could not take: the evidence for 'what to scale'.
-    ``role``: what the system under test is called ("pipeline worker", or "external system"); ``generator``:
-    the publishers' calibrated ceiling (model.generator_plan), when the sweep has one."""
-    bad = next((s for s in steps if s["verdict"] != "sustainable"), None)
-    if bad is None:
-        return None
-    # The calibrated ceiling (bench capacity --calibration) backs the send-lag judgement: a step offered more
-    # than the publishers can send is the generator's limit even when the pipeline fell behind too (they share
-    # the cores), so it is never reported as the pipeline's.
-    past = (
-        f"past the publishers' calibrated ceiling {generator['combined_ceiling_per_s']:,.0f} msg/s"
-        if generator is not None and bad.get("generator_limited")
-        else None
-    )
-    if bad["verdict"] == "publisher-limited":
-        lag = f"send lag p99 {bad['send_lag_p99_ms']:,.0f} ms at {bad['offered_per_s']:g} msg/s"
-        return f"publishers ({lag}" + (f"; {past}: generator-limited)" if past else ")")
-    per_worker = bad["cpu_pct_per_worker"]
-    roles = [
-        f"{role} " + ("CPU unknown" if per_worker is None else f"{per_worker:.0f}% of a core"),
-        f"publishers {bad['publisher_cpu_pct']:.0f}%",
-    ]
-    if bad.get("broker_cpu_pct") is not None:
-        roles.append(f"embedded broker {bad['broker_cpu_pct']:.0f}%")
-    if bad.get("machine_cpu_pct") is not None:
-        roles.append(f"machine {bad['machine_cpu_pct']:.0f}% of all {os.cpu_count()} cores")
-    busy = ", ".join(roles)
-    if past:
-        return f"the load generator: {bad['offered_per_s']:g} msg/s is {past} (generator-limited; {busy})"
-    if per_worker is not None and per_worker >= BUSY_PCT:
-        return f"the pipeline's CPU ({busy})"
-    if (bad.get("broker_cpu_pct") or 0) >= BUSY_PCT:
-        return f"the embedded broker, not the pipeline ({busy}); measure against Mosquitto with --broker"
-    if (bad.get("machine_cpu_pct") or 0) >= BUSY_PCT:
-        return f"the machine's cores, shared by every role ({busy}); spread the roles over more cores or machines"
-    return f"not one busy core ({busy}): I/O or the broker's delivery"
+    """The limit line of a series (model.limit_of on this machine's cores)."""
+    return model.limit_of(steps, role=role, generator=generator, cores=os.cpu_count(), broker=broker)[1]
 
 
 def _variant(

@@ -736,7 +736,10 @@ def capacity_tables(results: Results) -> list[Table]:
                 f"[{colour}]{s.verdict}[/]",
             )
         tables.append(table)
-    return tables
+    from bench.capacity.display import scaling_table
+
+    summary = scaling_table(results.capacity)
+    return tables + ([summary] if summary is not None else [])
 
 
 def capacity_lines(results: Results) -> list[str]:
@@ -761,6 +764,9 @@ def capacity_lines(results: Results) -> list[str]:
             f"USL fit: lambda {fit.lambda_:,.0f} msg/s, sigma {fit.sigma:.4f}, kappa {fit.kappa:.5f}; "
             f"predicted peak ({fit.peak_kind}) {peak}" + (f" [dim]({fit.note})[/]" if fit.note else "")
         )
+    from bench.capacity.display import scaling_lines
+
+    lines += scaling_lines(cap)
     for r in cap.recommendations:
         lines.append(f"advice ({r.topic}): {r.text} [dim]— {r.evidence}[/]")
     gen = cap.generator

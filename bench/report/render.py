@@ -51,6 +51,7 @@ from bench.results.model import (
     Capacity,
     CapacitySeries,
     CapacityStep,
+    CpuAccount,
     FaultEvent,
     FlushStats,
     FlushTrigger,
@@ -1886,27 +1887,61 @@ def _capacity_table(capacity: list[_CapacitySeries]) -> Table:
     )
 
 
+def _cpu_text(cpu: CpuAccount | None) -> str:
+    """Where a step's CPU went, 100 = one core: the sweep's roles, other processes and the machine's share."""
+    if cpu is None:
+        return "-"
+    roles = (
+        ("workers", cpu.workers_pct),
+        ("publishers", cpu.publishers_pct),
+        ("broker", cpu.broker_pct),
+        ("bench", cpu.bench_pct),
+        ("other processes", cpu.other_pct),
+    )
+    text = ", ".join(f"{name} {value:,.0f}%" for name, value in roles if value is not None)
+    if cpu.machine_pct is not None:
+        text += f"; machine {cpu.machine_pct:,.0f}% of all {cpu.cores or '?'} cores"
+    return text or "-"
+
+
 def _capacity_summary_table(capacity: list[_CapacitySeries]) -> Table:
     rows = []
     notes: list[str] = []
+    said: list[str] = []  # the scaling read-out, first in the caption: what the worker counts add up to
     for cs in capacity:
         knee = cs.data.knee
         method = knee.method if knee else None
         if method and f"Knee: {method}." not in notes:
             notes.append(f"Knee: {method}.")
         notes += [f"{cs.label}: {w}." for w in cs.data.warnings or []]
+        sweep = cs.run.results.capacity
+        scaling = sweep.scaling if sweep is not None else None
+        # Older files have no scaling read-out: their new cells show "-".
+        row = next((r for r in scaling.rows if r.workers == cs.workers), None) if scaling else None
+        for text in (scaling.growth, scaling.statement) if scaling else ():
+            if text and f"Scaling: {text}." not in said:
+                said.append(f"Scaling: {text}.")
         rows.append(
             Row(
                 cs.label,
                 (
                     Cell(_fmt(cs.data.sustainable_per_s, "{:,.0f}")),
+                    Cell(_fmt(row.vs_one_worker if row else None, "{:.2f}x")),
                     Cell(_fmt(cs.data.peak_per_s, "{:,.0f}")),
+                    Cell(_fmt(row.generator_ceiling_per_s if row else None, "{:,.0f}")),
                     Cell(_fmt(knee.offered_per_s if knee else None, "{:,.0f}")),
                     Cell(_fmt(knee.p99_ms if knee else None, "{:,.1f}")),
                     Cell(_fmt(cs.data.limit, "{}"), tone="text"),
+                    Cell(_cpu_text(row.cpu if row else None), tone="text"),
                     Cell(_fmt(cs.data.stopped, "{}"), tone="text dim"),
                 ),
             )
+        )
+    if any(r.run.results.capacity and r.run.results.capacity.scaling for r in capacity):
+        notes.append(
+            "Generator ceiling: the publishers' calibrated combined ceiling (bench capacity --calibration; '-' "
+            "without). CPU at the limit: at the first step that was not sustainable, 100% = one core; other "
+            "processes = the machine's busy CPU less the sweep's."
         )
     return Table(
         "table-capacity-summary",
@@ -1914,14 +1949,17 @@ def _capacity_summary_table(capacity: list[_CapacitySeries]) -> Table:
         (
             "workers",
             "sustainable msg/s",
+            "x 1 worker",
             "peak persisted msg/s",
+            "generator ceiling msg/s",
             "knee offered msg/s",
             "knee p99 ms",
             "limit",
+            "CPU at the limit",
             "stopped",
         ),
         tuple(rows),
-        caption=" ".join(notes),
+        caption=" ".join(said + notes),
         missing="" if rows else NO_CAPACITY,
         applies=bool(capacity),
     )

@@ -69,7 +69,7 @@ from pipeline.probes import Recorder
 if TYPE_CHECKING:
     from bench.results.model import Results
 
-SCHEMA_VERSION = 13
+SCHEMA_VERSION = 14
 PACKAGES = (
     "iiot-bench",
     "asyncua",

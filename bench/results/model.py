@@ -53,8 +53,10 @@ __all__ = [
     "AppendCost",
     "AppendPoint",
     "Capacity",
+    "CapacityScaling",
     "CapacitySeries",
     "CapacityStep",
+    "CpuAccount",
     "CpuProbe",
     "Environment",
     "FaultEvent",
@@ -88,6 +90,7 @@ __all__ = [
     "Recommendation",
     "Resources",
     "Results",
+    "ScalingRow",
     "ScenarioRef",
     "SinkFlushes",
     "SqlCheck",
@@ -535,7 +538,9 @@ class OpcUaReference(ResultsModel):
     bare_notifications_per_s: float
     pipeline_notifications_per_s: float
     pipeline_fraction: float | None = None
-    """pipeline / bare."""
+    """pipeline / bare: the median of the per-trial ratios (before ``fraction_trials``: best / best)."""
+    fraction_trials: list[float] | None = None
+    """Each trial's pipeline / bare, in run order: the spread around ``pipeline_fraction``."""
     bare_trials: list[float]
     pipeline_trials: list[float]
     method: str
@@ -877,7 +882,10 @@ class CapacityStep(ResultsModel):
     rss_mb: float | None = None
     publisher_cpu_pct: float | None = None
     broker_cpu_pct: float | None = None
-    """The embedded broker process's CPU (null with an external broker)."""
+    """The broker process's CPU: the embedded one, or an external one on this machine found by its port (null when
+    it runs elsewhere)."""
+    bench_process_cpu_pct: float | None = None
+    """The bench's own process's CPU during the step (null in older files)."""
     machine_cpu_pct: float | None = None
     """All cores together, 100 = every core busy."""
     little: Little | None = None
@@ -911,6 +919,8 @@ class CapacitySeries(ResultsModel):
     workers: int
     limit: str | None = None
     """Who was busiest at the first step the pipeline could not take."""
+    limit_kind: Literal["publishers", "generator", "pipeline", "broker", "cores", "unknown"] | None = None
+    """Who the limit line names (null: every step sustainable, or an older file)."""
     steps: list[CapacityStep]
     sustainable_per_s: float | None = None
     """The highest sustainable step's offered rate."""
@@ -982,6 +992,54 @@ class GeneratorPlan(ResultsModel):
     warning: str | None = None
 
 
+class CpuAccount(ResultsModel):
+    """Where a step's CPU went, 100 = one core (``machine_pct``: 100 = every core)."""
+
+    workers_pct: float | None = None
+    publishers_pct: float | None = None
+    broker_pct: float | None = None
+    bench_pct: float | None = None
+    sweep_pct: float
+    """The sum of the roles measured."""
+    machine_pct: float | None = None
+    other_pct: float | None = None
+    """The machine's busy CPU less the sweep's: other processes on the machine."""
+    cores: int | None = None
+    unmeasured: list[str] = []
+
+
+class ScalingRow(ResultsModel):
+    """One worker count of the scaling read-out."""
+
+    workers: int
+    sustainable_per_s: float | None = None
+    vs_one_worker: float | None = None
+    """Sustainable rate / one worker's."""
+    peak_per_s: float | None = None
+    peak_vs_one_worker: float | None = None
+    generator_ceiling_per_s: float | None = None
+    """The publishers' calibrated combined ceiling (null without --calibration)."""
+    limit_kind: Literal["publishers", "generator", "pipeline", "broker", "cores", "unknown"] | None = None
+    limit_offered_per_s: float | None = None
+    """The first step that was not sustainable."""
+    cpu: CpuAccount | None = None
+    """At that step."""
+
+
+class CapacityScaling(ResultsModel):
+    """Sustained throughput per worker count beside the generator's ceiling, and why it stops growing."""
+
+    cores: int | None = None
+    generator_ceiling_per_s: float | None = None
+    rows: list[ScalingRow] = []
+    growth: str | None = None
+    """Sustained throughput by worker count and its ratio to one worker's (null below two counts)."""
+    statement: str | None = None
+    """Why it stops growing, or that the sweep cannot tell (null below two counts)."""
+    broker_process: str | None = None
+    """What the broker's CPU figure is of (null: not measured)."""
+
+
 class Capacity(ResultsModel):
     """A ``bench capacity`` sweep (version 5 on)."""
 
@@ -999,6 +1057,8 @@ class Capacity(ResultsModel):
     recommendations: list[Recommendation] = []
     generator: GeneratorPlan | None = None
     """With --calibration: the publishers' ceiling and how many the sweep needed (version 13)."""
+    scaling: CapacityScaling | None = None
+    """Sustained throughput per worker count, its growth and its limit (null in older files)."""
 
 
 # ----------------------------------------------------------------------------- the file
