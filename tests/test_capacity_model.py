@@ -255,3 +255,24 @@ def test_no_worker_count_from_one_worker_whose_limit_was_the_machine() -> None:
     advice = _advice(series)
     (workers,) = [a for a in advice if a["topic"] == "workers"]
     assert workers["text"].startswith("no worker count") and "machine's cores" in workers["text"]
+
+
+def test_one_worker_limited_by_its_own_cpu_still_answers_when_more_workers_met_the_cores() -> None:
+    """Seen in a real sweep (scenarios/capacity-qos0.yaml on 2 cores): one worker's limit was its own core, two
+    workers' the machine's cores, so the fit is not the pipeline's; the advice must not then say the pipeline's
+    CPU was not the limit while quoting the line that says it was."""
+    fit = model.usl([(1, 11_040.0), (2, 12_626.0)])
+    assert fit is not None
+    fit["pipeline_limited"] = False
+    one = {
+        "workers": 1,
+        "sustainable_per_s": 9_537.0,
+        "peak_per_s": 11_040.0,
+        "limit": "the pipeline's CPU (pipeline worker 99% of a core, publishers 49%, ...)",
+    }
+    two = {"workers": 2, "sustainable_per_s": 11_347.0, "peak_per_s": 12_626.0, "limit": "the machine's cores"}
+    (within,) = [a for a in _advice([one, two], fit=fit, target_rate=5000.0) if a["topic"] == "workers"]
+    assert within["text"].startswith("1 pipeline worker for 5,000 msg/s") and "6,500" in within["text"]
+    assert "was not the limit" not in within["text"] and "meet its cores" in within["text"]
+    (beyond,) = [a for a in _advice([one, two], fit=fit, target_rate=9000.0) if a["topic"] == "workers"]
+    assert beyond["text"].startswith("no worker count") and "limited by its own CPU" in beyond["text"]

@@ -726,6 +726,25 @@ def _workers_for_target(
     not_pipeline = (fit is not None and fit.get("pipeline_limited") is False) or (
         isinstance(limit, str) and not limit.startswith("the pipeline's CPU")
     )
+    own_cpu = isinstance(limit, str) and limit.startswith("the pipeline's CPU")
+    if not_pipeline and own_cpu:
+        # One worker ran out of its own core; more workers ran out of the machine's cores (the fit says so): one
+        # worker's figure still holds, what more workers would give is this machine's, not the pipeline's.
+        needed = target_rate * (1 + headroom)
+        base = float(one.get("sustainable_per_s") or 0)
+        elsewhere = (
+            "more workers on this machine meet its cores first (see the scaling line): to sweep past one worker, "
+            "run the publishers and the broker on other machines (bench load with remote workers, --broker)"
+        )
+        if base and needed <= base:
+            return (
+                f"1 pipeline worker for {target_rate:,.0f} msg/s with {headroom:.0%} headroom (capacity needed "
+                f"{needed:,.0f} msg/s; one worker sustained {base:,.0f} msg/s, limited by its own CPU); {elsewhere}"
+            )
+        return (
+            f"no worker count for {target_rate:,.0f} msg/s from this sweep: one worker sustained {base:,.0f} msg/s, "
+            f"limited by its own CPU, and {elsewhere}"
+        )
     if not_pipeline:
         return (
             f"no worker count for {target_rate:,.0f} msg/s from this sweep: the pipeline's CPU was not the "
