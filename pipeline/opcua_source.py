@@ -78,10 +78,16 @@ class OpcUaStatistics:
 def _iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
-    if moment.tzinfo is None:
-        # OPC UA DateTime is UTC by definition; asyncua may hand it over naive.
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    # OPC UA DateTime is UTC by definition; asyncua may hand it over naive.
+    return moment.isoformat(timespec="microseconds") + "Z"
+
+
+# Readings become the bytes an MQTT publisher sends; one encoder, not one per reading as json.dumps(...,
+# separators=...) builds.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+ISO_CACHE_SIZE = 4096
 
 
 def status_name(code: ua.StatusCode) -> str:
@@ -94,6 +100,28 @@ def status_name(code: ua.StatusCode) -> str:
         return f"0x{code.value:08X}"
 
 
+class _Pending:
+    """One machine's readings still waiting for a value, by timestamp, in arrival order."""
+
+    __slots__ = ("by_ts", "last", "ordered")
+
+    def __init__(self) -> None:
+        self.by_ts: dict[str, _Entry] = {}
+        self.last = ""
+        # While every new timestamp sorted after the ones before it (the rule: each item's queue is FIFO and the
+        # server stamps readings in order), arrival order is time order and finding the older entries needs no
+        # scan of them all.
+        self.ordered = True
+
+
+class _Entry:
+    __slots__ = ("obj", "status")
+
+    def __init__(self, machine: str, ts: str | None) -> None:
+        self.obj: dict[str, Any] = {"machine": machine, "ts": ts}
+        self.status = "Good"
+
+
 class ReadingAssembler:
     """Per machine, join the variables' notifications by SourceTimestamp. Pure.
 
@@ -102,42 +130,63 @@ class ReadingAssembler:
     """
 
     def __init__(self) -> None:
-        self._pending: dict[str, dict[str, dict[str, Any]]] = {}
+        self._pending: dict[str, _Pending] = {}
         self.incomplete = 0
 
     def add(self, machine: str, field_name: str, value: Any, ts: str | None, status: str) -> list[dict[str, Any]]:
         key = ts or ""
-        by_ts = self._pending.setdefault(machine, {})
-        entry = by_ts.setdefault(key, {"machine": machine, "ts": ts, "_fields": set(), "_status": "Good"})
-        entry[field_name] = value
-        entry["_fields"].add(field_name)
+        pending = self._pending.get(machine)
+        if pending is None:
+            pending = self._pending[machine] = _Pending()
+        by_ts = pending.by_ts
+        entry = by_ts.get(key)
+        if entry is None:
+            entry = by_ts[key] = _Entry(machine, ts)
+            if key < pending.last:
+                pending.ordered = False
+            else:
+                pending.last = key
+        obj = entry.obj
+        obj[field_name] = value
         if status != "Good":
-            entry["_status"] = status
-        if len(entry["_fields"]) < len(FIELDS):
+            entry.status = status
+        # obj holds machine, ts and one key per field received.
+        if len(obj) - 2 < len(FIELDS):
             return []
         out = []
         # Older entries of this machine can no longer complete (FIFO per item).
-        for older in sorted(k for k in by_ts if k < key):
-            out.append(self._final(by_ts.pop(older)))
+        if pending.ordered:
+            older = []
+            for other in by_ts:
+                if other == key:
+                    break
+                older.append(other)
+        else:
+            older = sorted(k for k in by_ts if k < key)
+        for other in older:
+            out.append(self._final(by_ts.pop(other)))
             self.incomplete += 1
         out.append(self._final(by_ts.pop(key)))
+        if not by_ts:
+            pending.last, pending.ordered = "", True
         return out
 
     def drain(self) -> list[dict[str, Any]]:
         """Everything still pending, as incomplete readings (at shutdown)."""
         out = []
-        for by_ts in self._pending.values():
-            for key in sorted(by_ts):
-                out.append(self._final(by_ts[key]))
+        for pending in self._pending.values():
+            for key in sorted(pending.by_ts):
+                out.append(self._final(pending.by_ts[key]))
                 self.incomplete += 1
         self._pending.clear()
         return out
 
     @staticmethod
-    def _final(entry: dict[str, Any]) -> dict[str, Any]:
-        obj = {k: v for k, v in entry.items() if not k.startswith("_") and k != "status"}
-        if entry["_status"] != "Good":
-            obj["status"] = entry["_status"]
+    def _final(entry: _Entry) -> dict[str, Any]:
+        obj = entry.obj
+        obj.pop("status", None)
+        if entry.status != "Good":
+            obj["status"] = entry.status
         return obj
 
 
@@ -201,6 +250,9 @@ class _Handler:
         self.source._on_notification(node, val, data.monitored_item.Value)
 
 
+_NOT_GOOD = 3 << 30  # a StatusCode's severity bits: 00 is Good (ua.StatusCode.is_good)
+
+
 class OpcUaSource:
     """Subscribe to a plant's variables and hand each reading to ``on_payload(bytes, topic)``."""
 
@@ -242,7 +294,11 @@ class OpcUaSource:
         self.security_policy_uri: str | None = None
         self._reconnect_max_delay_s = reconnect_max_delay_s
         self._nodes: dict[Any, tuple[str, str]] = {}
+        self._by_node: dict[int, tuple[Node, tuple[str, str] | None]] = {}
         self._assembler = ReadingAssembler()
+        # The three values of a reading share one SourceTimestamp: converted to text once, not per value.
+        self._iso_cache: dict[datetime, str | None] = {}
+        self._topics: dict[str, str] = {}
         self.stats = OpcUaStatistics()
         self._awaiting_resume = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -365,6 +421,7 @@ class OpcUaSource:
                         f"node_ids[{machine!r}].{field_name}: not a node id: {node_id!r} ({exc})"
                     ) from None
         self._nodes = found
+        self._by_node.clear()
         self.stats.machines = len(self._node_ids)
         return found
 
@@ -393,6 +450,7 @@ class OpcUaSource:
                     found[var.nodeid] = (machine, wanted[name])
             machines += 1
         self._nodes = found
+        self._by_node.clear()
         self.stats.machines = machines
         return found
 
@@ -402,25 +460,51 @@ class OpcUaSource:
             self._client = None
 
     def _on_notification(self, node: Node, value: Any, dv: ua.DataValue) -> None:
-        self.stats.notifications += 1
+        stats = self.stats
+        stats.notifications += 1
         if self._awaiting_resume:
             self._awaiting_resume = False
-            self.stats.resumed_at_ns.append(self._clock.now_ns())
-        where = self._nodes.get(node.nodeid)
+            stats.resumed_at_ns.append(self._clock.now_ns())
+        # asyncua hands over the same Node object for every notification of an item: looking it up by identity
+        # skips NodeId's hash (Python code) per notification. The cache holds the node, so its id stays its own.
+        hit = self._by_node.get(id(node))
+        if hit is None:
+            if len(self._by_node) > 2 * len(self._nodes) + 64:
+                self._by_node.clear()  # new Node objects per notification (another asyncua): stay bounded
+            hit = self._by_node[id(node)] = (node, self._nodes.get(node.nodeid))
+        where = hit[1]
         if where is None:
             return
         machine, field_name = where
-        status = status_name(dv.StatusCode) if dv.StatusCode is not None else "Good"
-        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+        code = dv.StatusCode
+        status = "Good" if code is None or not code.value & _NOT_GOOD else status_name(code)
+        by_status = stats.by_status
+        by_status[status] = by_status.get(status, 0) + 1
         if status == PLACEHOLDER:
-            self.stats.placeholders += 1
+            stats.placeholders += 1
             return
         if field_name not in FIELDS:
             return
-        for obj in self._assembler.add(machine, field_name, value, _iso(dv.SourceTimestamp), status):
-            self._deliver(obj)
-        self.stats.incomplete = self._assembler.incomplete
+        moment = dv.SourceTimestamp
+        if moment is None:
+            ts = None
+        else:
+            cache = self._iso_cache
+            ts = cache.get(moment)
+            if ts is None:
+                if len(cache) >= ISO_CACHE_SIZE:
+                    cache.clear()
+                ts = cache[moment] = _iso(moment)
+        finished = self._assembler.add(machine, field_name, value, ts, status)
+        if finished:
+            for obj in finished:
+                self._deliver(obj)
+            stats.incomplete = self._assembler.incomplete
 
     def _deliver(self, obj: dict[str, Any]) -> None:
         self.stats.readings += 1
-        self._on_payload(json.dumps(obj, separators=(",", ":")).encode(), f"opcua/{obj['machine']}")
+        machine = obj["machine"]
+        topic = self._topics.get(machine)
+        if topic is None:
+            topic = self._topics[machine] = f"opcua/{machine}"
+        self._on_payload(_encode(obj).encode(), topic)

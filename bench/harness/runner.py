@@ -673,7 +673,9 @@ class _VariantRun:
         spec = self.spec
         ref_spec = StreamSpec(spec.seed, spec.machines, (PhaseSpec("steady", 1.0, float(REFERENCE_MESSAGES)),))
         on_opcua = set(self.opcua_machines)
-        reference = [m for m in stream(ref_spec, 0) if m.machine in on_opcua]
+        # Timestamps of now, as a run's: from 0 (1970) every reading was refused as far_past, and the reference
+        # timed the quarantine path instead of the one a run's readings take. Each trial has a pipeline of its own.
+        reference = [m for m in stream(ref_spec, 0, time.time_ns() - 10**9) if m.machine in on_opcua]
         return opcua_reference.measure(
             spec.machines, reference, self.sc.transport.opcua.publishing * 1000, self.sc.pipeline
         )
