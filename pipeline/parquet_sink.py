@@ -45,6 +45,8 @@ from pipeline.sinks import SinkTiming
 
 WindowKeys = Sequence[int] | npt.NDArray[np.int64]
 """Each row's time in ns, by which it is filed into a window."""
+_NS_LIMIT_US = 2**63 // 1000
+"""Microseconds beyond which nanoseconds no longer fit int64."""
 
 log = logging.getLogger(__name__)
 
@@ -1034,7 +1036,12 @@ class ParquetSink:
         build_ns = time.perf_counter_ns() - start
         # The window of each row of the table as built: sorted by (machine, ts), no longer in ``items``' order
         # (keys in items' order put a batch spanning two windows' rows into the wrong files).
-        keys = table.column("ts").cast(pa.int64()).to_numpy() * 1000
+        micros = table.column("ts").cast(pa.int64()).to_numpy()
+        keys: WindowKeys = micros * 1000
+        if micros.size and not -_NS_LIMIT_US < int(micros.min()) <= int(micros.max()) < _NS_LIMIT_US:
+            # A time past int64 nanoseconds (after 2262, accepted by policy) would wrap in numpy and file the row
+            # under a window centuries off: Python ints, which the windows are grouped from exactly.
+            keys = [v * 1000 for v in micros.tolist()]
         result = self._out.write(table, keys, batch_id)
         return SinkTiming(build_ns, result.write_ns, result.commit_ns, result.bytes_before, result.rows_before)
 

@@ -227,3 +227,22 @@ def test_a_batch_spanning_two_windows_puts_each_row_in_its_own_window(
         window = datetime.strptime(path.name.split("-")[1], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
         for ts in pq.read_table(path, columns=["ts"]).column("ts").to_pylist():
             assert ts.replace(second=0, microsecond=0) == window, f"{path.name} holds a row of {ts:%H:%M}"
+
+
+@pytest.mark.parametrize("strategy", ["writer", "rewrite", "dataset"])
+def test_a_reading_after_2262_is_filed_under_its_own_window(tmp_path: Path, strategy: ParquetStrategy) -> None:
+    """Its time in nanoseconds is past int64: the window key must not wrap (it once filed a year-3000 reading,
+    accepted by a future_timestamp policy, under 1830)."""
+    far = int(datetime(3000, 1, 1, 0, 0, 5, tzinfo=UTC).timestamp()) * 10**9
+    near = int(datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC).timestamp()) * 10**9
+    sink = ParquetSink(tmp_path, rotate_s=60, compression="snappy", fsync=False, strategy=strategy)
+    sink.write_batch([Reading("m-1", far, 1.0, 1.0, 1, near), Reading("m-1", near, 1.0, 1.0, 2, near)], 0)
+    sink.close()
+    names = (
+        " ".join(p.name for p in tmp_path.rglob("*.parquet"))
+        + " "
+        + " ".join(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.parquet"))
+    )
+    assert "3000" in names and "2026" in names and "1830" not in names, names
+    seqs = [s for p in tmp_path.rglob("*.parquet") for s in pq.read_table(p, columns=["seq"]).column("seq").to_pylist()]
+    assert sorted(seqs) == [1, 2]
