@@ -25,11 +25,19 @@ DEEP = 10_000
 STEADY = "phases:\n  - {kind: steady, rate: 10, duration: 1}\n"
 
 
+QUICK_CPU_S = 5.0
+"""What "at once" allows: these loads take about 0.25 s of CPU here, idle; beside two CPU-bound jobs on a shared
+2-core host the same load measured 1.2 s (a virtual machine's CPU time counts what the host took from it). The
+failures guarded against are far beyond: 5,000 chained merge keys without the limit took 26 s, and a deep
+nesting overflows the stack. The error each test asserts is what shows a limit acted; this bound only says it
+acted early."""
+
+
 @contextmanager
-def under_a_second() -> Iterator[None]:
+def quickly() -> Iterator[None]:
     began = time.process_time()
     yield
-    assert time.process_time() - began < 1.0
+    assert time.process_time() - began < QUICK_CPU_S
 
 
 def flow(depth: int) -> str:
@@ -49,7 +57,7 @@ def flow_mappings(depth: int) -> str:
 def test_yaml_nested_10000_levels_is_one_line_at_once(tmp_path: Path, shape: Callable[[int], str]) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text(shape(DEEP), encoding="utf-8")
-    with under_a_second(), pytest.raises(ConfigError) as info:
+    with quickly(), pytest.raises(ConfigError) as info:
         load_yaml_mapping(path, ConfigError)
     message = str(info.value)
     assert message.startswith(f"{path}:") and "YAML nested too deeply" in message, message
@@ -59,7 +67,7 @@ def test_yaml_nested_10000_levels_is_one_line_at_once(tmp_path: Path, shape: Cal
 def test_deep_scenario_is_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "deep.yaml"
     path.write_text(flow(DEEP), encoding="utf-8")
-    with under_a_second():
+    with quickly():
         assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "YAML nested too deeply" in err and "Traceback" not in err
@@ -103,7 +111,7 @@ def test_aliases_cannot_nest_deeper_than_the_text_shows(tmp_path: Path) -> None:
     path = tmp_path / "aliases.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with (
-        under_a_second(),
+        quickly(),
         pytest.raises(ConfigError, match=r"YAML nested too deeply .* counting what aliases expand to"),
     ):
         load_yaml_mapping(path, ConfigError)
@@ -116,7 +124,7 @@ def test_a_billion_laughs_is_measured_in_linear_time(tmp_path: Path) -> None:
         lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
     path = tmp_path / "laughs.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with under_a_second():
+    with quickly():
         data = load_yaml_mapping(path, ConfigError)
     assert nesting_depth(data) == 11
 
@@ -133,7 +141,7 @@ def test_a_long_chain_of_merge_keys_is_one_line_at_once(tmp_path: Path) -> None:
     lines = ["m0: &m0 {k: 0}"] + [f"m{i}: &m{i} {{<<: *m{i - 1}, k{i}: {i}}}" for i in range(1, 600)]
     path = tmp_path / "merges.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with under_a_second(), pytest.raises(ConfigError) as info:
+    with quickly(), pytest.raises(ConfigError) as info:
         load_yaml_mapping(path, ConfigError)
     message = str(info.value)
     assert message.startswith(f"{path}:") and message.endswith(
