@@ -452,3 +452,45 @@ def test_a_patch_that_does_not_apply_is_a_usage_error(tmp_path: Path, capsys: py
     assert main([*argv, "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert "--candidate-patch" in err and "bad.patch" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to pin apart"
+)
+def test_a_worker_started_ahead_imports_on_other_cpus_and_runs_every_thread_on_the_gate_cpu() -> None:
+    """A gate starts the next replicate's worker while one runs (bench/gate/runner.py ``_interleave``): it must
+    import away from the gate's CPU, then move every thread it has, not only the calling one (what
+    ``sched_setaffinity(0)`` sets), to that CPU before its replicate."""
+    first, gate_cpu = sorted(os.sched_getaffinity(0))[0], gate.gate_cpu()
+    assert gate_cpu is not None and gate_cpu != first
+    script = """
+import json, os, threading
+from pathlib import Path
+from bench.gate import worker
+started = threading.Event()
+stop = threading.Event()
+def idle():
+    started.set()
+    stop.wait(30)
+t = threading.Thread(target=idle)
+t.start()
+started.wait()
+def where():
+    return {t.name: sorted(os.sched_getaffinity(int(t.name))) for t in Path("/proc/self/task").iterdir()}
+worker.pin("BENCH_GATE_IMPORT_CPUS")
+before = where()
+worker.pin("BENCH_GATE_CPU")
+after = where()
+stop.set()
+t.join()
+print(json.dumps({"before": before, "after": after}))
+"""
+    env = {**os.environ, "BENCH_GATE_IMPORT_CPUS": str(first), "BENCH_GATE_CPU": str(gate_cpu)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert len(seen["before"]) >= 2, "the idle thread and the main thread"
+    assert all(cpus == [first] for cpus in seen["before"].values()), seen
+    assert all(cpus == [gate_cpu] for cpus in seen["after"].values()), seen

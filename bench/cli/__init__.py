@@ -522,7 +522,7 @@ def gate_table(result: dict[str, Any]) -> Table:
 
 def _verdict_line(results: Results, run_dir: Path) -> Text:
     """The run's conclusion, first, as its report gives it: PASSED / FAILED / INCONCLUSIVE and the figures."""
-    from bench.report.render import verdict  # matplotlib: only for runs that print a conclusion
+    from bench.report.verdict import verdict
 
     v = verdict(results, run_dir)
     style = {"good": "bold green", "bad": "bold red"}.get(v.tone, "bold yellow")

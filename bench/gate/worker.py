@@ -16,6 +16,7 @@ layout), and a worker kept for one side would turn that into a bias between the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -47,10 +48,22 @@ def git_commit(folder: Path) -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+PRELOAD = ("bench.harness.runner",)
+"""Modules a replicate imports on its way (``bench run`` loads the harness lazily), imported by :func:`hello`
+instead, where it may overlap the previous replicate; a revision without one of them simply skips it."""
+
+
 def hello() -> dict[str, Any]:
+    import importlib
+
     import bench.cli  # noqa: F401  (the command the replicates run; imports bench, pipeline, simulators)
     import pipeline
     import simulators  # noqa: F401
+
+    for name in PRELOAD:
+        # An older revision laid out otherwise lacks one: its replicates import what they need themselves.
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
 
     mods = modules()
     root = Path(pipeline.__file__).resolve().parent.parent
@@ -72,6 +85,8 @@ def serve(proto_out: Any) -> None:
         if not line.strip():
             continue
         request = json.loads(line)
+        # Started ahead of its turn, the worker imported on the other CPUs; the replicate runs on the gate's.
+        pin("BENCH_GATE_CPU")
         log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -98,26 +113,35 @@ def serve(proto_out: Any) -> None:
         proto_out.flush()
 
 
-def pin() -> int | None:
-    """Pin this process (every thread it starts inherits it) to the CPU named in ``BENCH_GATE_CPU``.
+def pin(variable: str) -> set[int] | None:
+    """Pin this process, every thread it has and every one it starts, to the CPUs listed in ``variable``
+    (comma-separated): ``BENCH_GATE_CPU`` for the replicate, ``BENCH_GATE_IMPORT_CPUS`` for the imports of a
+    worker started while another replicate runs on the gate's CPU.
 
-    Why: the pipeline's threads take turns on the GIL; spread over two cores, the cache lines they share move
-    between the cores at every turn, and the flusher's CPU time per row varied 10-12% from run to run (5% on
-    one core); the hot path 2% (0.5%). Both sides' workers are pinned to the same CPU and never run at once.
+    Why one CPU for the replicate: the pipeline's threads take turns on the GIL; spread over two cores, the
+    cache lines they share move between the cores at every turn, and the flusher's CPU time per row varied
+    10-12% from run to run (5% on one core); the hot path 2% (0.5%). Both sides' workers are pinned to the same
+    CPU and never run a replicate at once.
     """
-    wanted = os.environ.get("BENCH_GATE_CPU")
+    wanted = os.environ.get(variable)
     if not wanted or not hasattr(os, "sched_setaffinity"):
         return None
-    os.sched_setaffinity(0, {int(wanted)})
-    return int(wanted)
+    cpus = {int(c) for c in wanted.split(",")}
+    # sched_setaffinity(0) sets the calling thread only: a thread an import started keeps its own otherwise.
+    tasks = Path("/proc/self/task")
+    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, cpus)
+    return cpus
 
 
 def main() -> None:
     # Replies go out on a private copy of stdout; fd 1 and 2 then belong to each replicate's log.
     proto_out = os.fdopen(os.dup(1), "w", encoding="utf-8")
     try:
-        cpu = pin()
-        info = {**hello(), "cpu": cpu}
+        pin("BENCH_GATE_IMPORT_CPUS")
+        cpu = os.environ.get("BENCH_GATE_CPU")
+        info = {**hello(), "cpu": int(cpu) if cpu else None}
     except BaseException as exc:
         proto_out.write(json.dumps({"error": f"cannot import the bench: {exc!r}", "sys_path": sys.path}) + "\n")
         proto_out.flush()
