@@ -229,27 +229,37 @@ class FlushingBuffer(Generic[T]):
         try:
             if self._closing:
                 raise BufferClosed(f"buffer of {self._thread.name} is closed; row not accepted")
-            result, dropped = core.offer(item, self._clock.now_ns(), on_durable)
-            if result == "full":
-                start = time.perf_counter_ns()
-                while result == "full" and not self._closing:
-                    cond.wait()
-                    result, dropped = core.offer(item, self._clock.now_ns(), on_durable)
-                waited = time.perf_counter_ns() - start
-                self._book.producer_wait_ns += waited
-                if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
-                    # Closing while we waited: the flusher may have written its
-                    # last batch, so appending now would lose the row silently.
-                    raise BufferClosed(f"buffer of {self._thread.name} closed while a producer waited")
-            self._book.after_offer(result, dropped)
-            if dropped is not None:
-                dropped_settlers = core.take_dropped_settlers()
-            count = len(core)
+            count = core.add(item, on_durable)
+            if count:  # room: the usual case, without offer's result tuple and policy bookkeeping
+                self._book.accepted += 1
+                if count == 1:
+                    core.oldest_ns = self._clock.now_ns()
+            else:
+                result, dropped = core.offer(item, self._clock.now_ns(), on_durable)
+                if result == "full":
+                    start = time.perf_counter_ns()
+                    while result == "full" and not self._closing:
+                        cond.wait()
+                        result, dropped = core.offer(item, self._clock.now_ns(), on_durable)
+                    waited = time.perf_counter_ns() - start
+                    self._book.producer_wait_ns += waited
+                    if result == "full":  # type: ignore[comparison-overlap]  # mypy cannot see the loop
+                        # Closing while we waited: the flusher may have written its
+                        # last batch, so appending now would lose the row silently.
+                        raise BufferClosed(f"buffer of {self._thread.name} closed while a producer waited")
+                self._book.after_offer(result, dropped)
+                if dropped is not None:
+                    dropped_settlers = core.take_dropped_settlers()
+                count = len(core)
             if count == 1:
                 # The flusher sleeps without a deadline while the buffer is
                 # empty; the first row starts the timeout trigger's clock.
                 cond.notify_all()
-            if count >= core.size:
+            if count == core.size:
+                # Once per fill, not on every put past it: until the flusher gets the GIL to swap the batch
+                # out, a fast producer goes on appending, and a notify per put (with the coalescing count
+                # beside it) was 12,000 calls of 20,000 in a saturated run, about a tenth of the hot path.
+                # The flusher misses nothing: it checks the size trigger under the lock before it waits.
                 self._size_reached()
         finally:
             if probes is not None:

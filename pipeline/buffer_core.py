@@ -77,6 +77,22 @@ class BufferCore(Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def add(self, item: T, on_durable: OnDurable | None = None) -> int:
+        """:meth:`offer`'s usual case, for a driver's hot path: with room, append ``item`` and return the count
+        after it; without, change nothing and return 0 (then :meth:`offer` applies the overflow policy).
+
+        The driver stamps a first row (count 1) itself, ``oldest_ns = now``: a clock read per batch, not per row
+        (with :meth:`offer`, its ``now_ns`` argument, about a tenth of a put's cost).
+        """
+        items = self._items
+        n = len(items)
+        if n >= self.capacity:
+            return 0
+        if on_durable is not None:
+            self._settlers.append((self._removed + n, on_durable))
+        items.append(item)
+        return n + 1
+
     def offer(self, item: T, now_ns: int, on_durable: OnDurable | None = None) -> tuple[OfferResult, T | None]:
         """Try to add ``item``; returns what happened and the row dropped, if any.
 

@@ -209,6 +209,33 @@ class CpuStatistics:
         return None if self.p50_ns is None else self.p50_ns / 1000
 
 
+class Tally:
+    """A count that any number of threads bump without a lock, for a path taken once per message.
+
+    :attr:`bump` is ``next`` of an :class:`itertools.count`, one C call under the GIL, so two threads never lose
+    a step (``n += 1`` under a lock cost about 0.3 us a message). :meth:`value` reads the count with one more
+    ``next``, and keeps its own steps apart.
+
+    >>> t = Tally()
+    >>> for _ in range(3):
+    ...     _ = t.bump()
+    >>> t.value(), t.value()
+    (3, 3)
+    """
+
+    def __init__(self) -> None:
+        self._count = itertools.count()
+        self.bump = self._count.__next__
+        self._reads = 0
+        self._lock = threading.Lock()
+
+    def value(self) -> int:
+        with self._lock:
+            n = next(self._count) - self._reads
+            self._reads += 1
+        return n
+
+
 class CpuSampler:
     """Thread CPU time (``time.thread_time_ns``) of one call in every ``every``, after ``warmup`` samples.
 

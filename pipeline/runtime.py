@@ -37,7 +37,7 @@ from pipeline.drops import DropLog
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat, OnDurable, Reading, Rejection
 from pipeline.parquet_sink import ParquetSink, QuarantineSink
-from pipeline.probes import CpuSampler, Recorder
+from pipeline.probes import CpuSampler, Recorder, Tally
 from pipeline.recent import recent_seqs
 from pipeline.sinks import Sink, SlowSink
 from pipeline.validate import Validator
@@ -167,7 +167,7 @@ class Pipeline:
         if settings.fault_injection is not None:
             self._inject_faults(output / settings.fault_injection)
         self._lock = threading.Lock()
-        self._received = 0
+        self._received = Tally()
         self._reasons: Counter[str] = Counter()
         self._refused_after_close = 0
         self._readings: FlushingBuffer[Reading] | AsyncFlushingBuffer[Reading] | None = None
@@ -247,10 +247,12 @@ class Pipeline:
     def _validate(self, payload: bytes, topic: str) -> Reading | Rejection:
         now = self._clock.now_ns()
         result = self._validator.check(payload, topic, now, now + self.replay_offset_ns)
-        with self._lock:
-            self._received += 1
-            if isinstance(result, Rejection):
+        if type(result) is Rejection:
+            # Its reason before it counts as received: a snapshot between the two (statistics() reads the
+            # reasons first) may count it accepted for a moment, never make "accepted" negative.
+            with self._lock:
                 self._reasons[result.reason] += 1
+        self._received.bump()
         return result
 
     def _refused(self) -> None:
@@ -383,9 +385,9 @@ class Pipeline:
 
     def statistics(self) -> PipelineStatistics:
         with self._lock:
-            received = self._received
             reasons = dict(self._reasons)
             refused = self._refused_after_close
+        received = self._received.value()
         rejected = sum(reasons.values())
         return PipelineStatistics(
             received=received,

@@ -54,6 +54,9 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _fromisoformat = datetime.fromisoformat
 _isfinite = math.isfinite
+_new_tuple = tuple.__new__
+"""Makes the fast path's Reading without the named tuple's own ``__new__``, a Python function around this
+very call (0.29 us against 0.12 per reading here); the fields go in Reading's order, repairs last."""
 MACHINE_CACHE = 16_384
 """Machine ids remembered as passing the id rules, for the fast path; ids are input, so the set is bounded (ids
 beyond it are checked in full every time, with the same verdict)."""
@@ -263,7 +266,7 @@ class Validator:
                 state.newest_ts_ns = ts_ns if ts_ns < now else now
                 if mileage <= self._mileage_max:
                     state.newest_mileage = mileage
-        return Reading(machine, ts_ns, load_rate, mileage, seq, received_ns)
+        return _new_tuple(Reading, (machine, ts_ns, load_rate, mileage, seq, received_ns, ()))
 
     def _good_machine(self, machine: str) -> bool:
         """Whether ``machine`` passes every id rule (those of :func:`_known_machine` and :meth:`_machine`);
