@@ -175,6 +175,17 @@ class PlantServer:
     def restart_server(self) -> None:
         self._call(self._start())
 
+    def reset_values(self) -> None:
+        """Every variable back to "no reading yet", as at start: a client that subscribes next gets placeholders
+        first, not the last replay's values as if they were a reading (the OPC UA reference replays twice on
+        one server)."""
+
+        async def reset() -> None:
+            assert self._server is not None, "the server is not running"
+            await _no_reading_yet(self._server, (n for nodes in self._nodes.values() for n in nodes.values()))
+
+        self._call(reset())
+
     def close(self) -> None:
         if self._runner.loop is None:
             return
@@ -224,11 +235,7 @@ class PlantServer:
                 # Writable, so a remote replay (simulators.opcua_writer) can use this server too.
                 await variable.set_writable()
             nodes = {key: variable.nodeid for key, variable in variables.items()}
-            # No reading yet: say so the OPC UA way, so no client mistakes the
-            # placeholder for data.
-            waiting = ua.DataValue(StatusCode=ua.StatusCode(cast(ua.UInt32, StatusCodes.BadWaitingForInitialData)))
-            for node_id in nodes.values():
-                await server.write_attribute_value(node_id, waiting)
+            await _no_reading_yet(server, nodes.values())
             self._nodes[machine] = nodes
         await server.start()
         assert server.bserver is not None
@@ -289,3 +296,11 @@ class PlantServer:
         """Replay ``messages`` at their intended times (open model); returns how many were written."""
         result: int = self._call(self._replay(messages, clock, stop, on_sent), None)
         return result
+
+
+async def _no_reading_yet(server: Server, node_ids: Iterable[ua.NodeId]) -> None:
+    """No reading yet: say so the OPC UA way (BadWaitingForInitialData), so no client mistakes the placeholder
+    for data."""
+    waiting = ua.DataValue(StatusCode=ua.StatusCode(cast(ua.UInt32, StatusCodes.BadWaitingForInitialData)))
+    for node_id in node_ids:
+        await server.write_attribute_value(node_id, waiting)

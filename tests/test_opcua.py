@@ -112,6 +112,28 @@ def test_address_space_has_a_folder_per_machine_with_its_variables() -> None:
         assert seq.read_data_value(raise_on_bad_status=False).StatusCode.name == "BadWaitingForInitialData"
 
 
+def test_reset_values_shows_a_new_client_placeholders_again_not_the_last_reading() -> None:
+    """The OPC UA reference runs both of its sides on one server: the second side must not take the first
+    replay's last values for a reading."""
+    received: list[dict[str, object]] = []
+    with PlantServer(["m-1"]) as plant:
+        plant.run([message(0, "m-1", "2026-01-01T00:00:00Z")], MonotonicWallClock())
+        with Client(plant.url) as client:
+            seq = client.get_node(plant.node_ids()["m-1"]["seq"])
+            assert seq.read_data_value(raise_on_bad_status=False).Value.Value == 0
+            plant.reset_values()
+            assert seq.read_data_value(raise_on_bad_status=False).StatusCode.name == "BadWaitingForInitialData"
+        source = OpcUaSource(plant.url, lambda p, t: received.append(json.loads(p)), publishing_ms=20)
+        source.start()
+        try:
+            wait_until(lambda: source.stats.placeholders == 4)
+            plant.run([message(1, "m-1", "2026-01-01T00:00:01Z")], MonotonicWallClock())
+            wait_until(lambda: len(received) >= 1)
+        finally:
+            source.close()
+    assert [r["seq"] for r in received] == [1]
+
+
 def test_source_converts_source_timestamp_and_status(tmp_path: Path) -> None:
     """Offsets normalise to UTC via the SourceTimestamp; Uncertain values reach the validator as such."""
     received: list[dict[str, object]] = []

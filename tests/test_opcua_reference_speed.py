@@ -19,6 +19,7 @@ from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings
 from pipeline.opcua_source import OpcUaSource, ReadingAssembler
 from pipeline.runtime import Pipeline
+from simulators.opcua_server import PlantServer
 from simulators.stream import Message
 
 # --- the reference --------------------------------------------------------------------
@@ -64,7 +65,8 @@ def test_reference_pipeline_side_never_asks_for_statistics_while_readings_arrive
     # Bounded wait: beside CPU-bound jobs asyncua's client has dropped its subscription mid-replay (a known flake
     # of the library under load, noted in docs/results.md); what this test checks holds for what did arrive.
     monkeypatch.setattr(opcua_reference, "TIMEOUT_S", 20.0)
-    rate = opcua_reference._through_pipeline(machines, messages, 20.0, PipelineSettings())
+    with PlantServer(machines) as plant:
+        rate = opcua_reference._through_pipeline(plant, messages, 20.0, PipelineSettings())
     assert 1 <= calls["submits"] <= len(messages)
     assert calls["statistics_during_replay"] == 0
     assert rate > 0
@@ -108,11 +110,28 @@ def test_reference_alternates_the_sides_and_records_the_median_of_three(monkeypa
         order.append("pipeline")
         return next(pipeline_rates)
 
+    class Plant:
+        """One server per trial, both sides on it, its values reset between them."""
+
+        def __init__(self, machines: list[str]) -> None:
+            order.append("server")
+
+        def __enter__(self) -> Plant:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            order.append("closed")
+
+        def reset_values(self) -> None:
+            order.append("reset")
+
     monkeypatch.setattr(opcua_reference, "_bare", bare)
     monkeypatch.setattr(opcua_reference, "_through_pipeline", piped)
+    monkeypatch.setattr(opcua_reference, "PlantServer", Plant)
     result = opcua_reference.measure(["m"], [], 100.0, PipelineSettings())
     assert opcua_reference.TRIALS == 3
-    assert order == ["bare", "pipeline", "pipeline", "bare", "bare", "pipeline"]
+    trial = ["server", "bare", "reset", "pipeline", "closed"]
+    assert order == [*trial, "server", "pipeline", "reset", "bare", "closed", *trial]
     # Ratios per trial 0.9, 1.0, 0.75: the median pairs each pipeline run with the bare run beside it.
     assert result["fraction_trials"] == [0.9, 1.0, 0.75]
     assert result["pipeline_fraction"] == 0.9

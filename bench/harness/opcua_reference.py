@@ -6,8 +6,13 @@ asyncua subscription whose handler only counts notifications, and the
 pipeline's OPC UA source feeding the real validate -> buffer -> Parquet chain.
 Their ratio states the pipeline's OPC UA throughput as a fraction of the
 library's own: the median over alternated trials, each trial one bare run and
-one pipeline run back to back, so a slow spell of the shared machine hits both
-sides of the ratio it skews.
+one pipeline run back to back on one plant server (its values reset to "no
+reading yet" in between), so a slow spell of the shared machine hits both
+sides of the ratio it skews, and so does the server itself. The server runs in
+this process and costs about twice the client per notification; a fresh
+server per run made the same side's CPU per notification vary by 89-114 us
+from run to run (heap layout, the collector), and single ratios by 0.80-1.19;
+both sides on one server, the ratios of one server's pairs agree within 0.06.
 
 Both sides are timed alike: from the start of the replay (after the server's
 initial placeholder values have arrived and been skipped) to the moment the
@@ -79,52 +84,51 @@ class _Counter:
             self.done.set()
 
 
-def _bare(machines: list[str], messages: list[Message], publishing_ms: float) -> float:
+def _bare(plant: PlantServer, messages: list[Message], publishing_ms: float) -> float:
     counter = _Counter()
     # One notification per variable written: load rate, mileage, status, seq.
     counter.target = 4 * len(messages)
-    with PlantServer(machines) as plant:
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
 
-        async def subscribe() -> Client:
-            client = Client(plant.url)
-            await client.connect()
-            params = ua.CreateSubscriptionParameters(
-                RequestedPublishingInterval=publishing_ms,
-                RequestedLifetimeCount=1000,
-                RequestedMaxKeepAliveCount=10,
-                MaxNotificationsPerPublish=0,
-                PublishingEnabled=True,
-                Priority=0,
-            )
-            sub = await client.create_subscription(params, counter)
-            plant_node = (await client.nodes.objects.get_children())[-1]
-            nodes = [v for m in await plant_node.get_children() for v in await m.get_children()]
-            await sub.create_monitored_items(monitored_item_requests([n.nodeid for n in nodes], QUEUE, 0.0))
-            return client
+    async def subscribe() -> Client:
+        client = Client(plant.url)
+        await client.connect()
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=publishing_ms,
+            RequestedLifetimeCount=1000,
+            RequestedMaxKeepAliveCount=10,
+            MaxNotificationsPerPublish=0,
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        sub = await client.create_subscription(params, counter)
+        plant_node = (await client.nodes.objects.get_children())[-1]
+        nodes = [v for m in await plant_node.get_children() for v in await m.get_children()]
+        await sub.create_monitored_items(monitored_item_requests([n.nodeid for n in nodes], QUEUE, 0.0))
+        return client
 
-        def serve() -> None:
-            asyncio.set_event_loop(loop)
-            client = loop.run_until_complete(subscribe())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(client.disconnect())
-            loop.close()
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        client = loop.run_until_complete(subscribe())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(client.disconnect())
+        loop.close()
 
-        thread = threading.Thread(target=serve, name="opcua-reference", daemon=True)
-        thread.start()
-        ready.wait(TIMEOUT_S)
-        # Initial placeholder notifications arrive first; count only what the replay causes.
-        time.sleep(SETTLE_S)
-        counter.count = 0
-        with _quiet_heap():
-            start = time.perf_counter()
-            plant.run(messages, MonotonicWallClock())
-            counter.done.wait(TIMEOUT_S)
-        elapsed = max(counter.last - start, 1e-9)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    thread = threading.Thread(target=serve, name="opcua-reference", daemon=True)
+    thread.start()
+    ready.wait(TIMEOUT_S)
+    # Initial placeholder notifications arrive first; count only what the replay causes.
+    time.sleep(SETTLE_S)
+    counter.count = 0
+    with _quiet_heap():
+        start = time.perf_counter()
+        plant.run(messages, MonotonicWallClock())
+        counter.done.wait(TIMEOUT_S)
+    elapsed = max(counter.last - start, 1e-9)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
     return counter.count / elapsed
 
 
@@ -153,23 +157,22 @@ class _Readings:
 
 
 def _through_pipeline(
-    machines: list[str], messages: list[Message], publishing_ms: float, settings: PipelineSettings
+    plant: PlantServer, messages: list[Message], publishing_ms: float, settings: PipelineSettings
 ) -> float:
     with tempfile.TemporaryDirectory(prefix="iiot-bench-reference-") as folder:
         pipeline = Pipeline(settings, Path(folder), MonotonicWallClock())
         pipeline.start()
         readings = _Readings(pipeline, len(messages))
-        with PlantServer(machines) as plant:
-            source = OpcUaSource(plant.url, readings, publishing_ms=publishing_ms, queue_size=QUEUE)
-            source.start()
-            time.sleep(SETTLE_S)  # as the bare side: the placeholders are not part of the timed replay
-            with _quiet_heap():
-                start = time.perf_counter()
-                plant.run(messages, MonotonicWallClock())
-                readings.done.wait(TIMEOUT_S)
-            # Before close(): it hands on what is still pending, after the timed window.
-            handled, elapsed = readings.count, readings.last - start
-            source.close()
+        source = OpcUaSource(plant.url, readings, publishing_ms=publishing_ms, queue_size=QUEUE)
+        source.start()
+        time.sleep(SETTLE_S)  # as the bare side: the placeholders are not part of the timed replay
+        with _quiet_heap():
+            start = time.perf_counter()
+            plant.run(messages, MonotonicWallClock())
+            readings.done.wait(TIMEOUT_S)
+        # Before close(): it hands on what is still pending, after the timed window.
+        handled, elapsed = readings.count, readings.last - start
+        source.close()
         pipeline.close()
     # The same unit as the bare reference: notifications (len(FIELDS) + status per reading).
     return (len(FIELDS) + 1) * handled / max(elapsed, 1e-9)
@@ -189,13 +192,17 @@ def measure(
     bare_runs: list[float] = []
     piped_runs: list[float] = []
     for trial in range(TRIALS):
-        # Which side goes first alternates, so neither always runs on the warmer (or the busier) machine.
-        if trial % 2 == 0:
-            bare_runs.append(_bare(machine_list, batch, publishing_ms))
-            piped_runs.append(_through_pipeline(machine_list, batch, publishing_ms, plain))
-        else:
-            piped_runs.append(_through_pipeline(machine_list, batch, publishing_ms, plain))
-            bare_runs.append(_bare(machine_list, batch, publishing_ms))
+        with PlantServer(machine_list) as plant:
+            # Which side goes first alternates, so neither always runs on the warmer (or the busier) machine, nor
+            # always on a server that has served one client already.
+            first_bare = trial % 2 == 0
+            for side_is_bare in (first_bare, not first_bare):
+                if side_is_bare:
+                    bare_runs.append(_bare(plant, batch, publishing_ms))
+                else:
+                    piped_runs.append(_through_pipeline(plant, batch, publishing_ms, plain))
+                if side_is_bare == first_bare:
+                    plant.reset_values()
     return summarise(len(batch), bare_runs, piped_runs)
 
 
@@ -212,6 +219,6 @@ def summarise(messages: int, bare_runs: list[float], piped_runs: list[float]) ->
         "pipeline_trials": [round(x, 1) for x in piped_runs],
         "method": f"same messages replayed as fast as possible into a fresh plant server, queues large enough "
         f"not to overflow; bare = asyncua subscription whose handler only counts; {len(bare_runs)} trials, each "
-        "one bare and one pipeline run back to back (alternating which goes first); pipeline_fraction = median "
-        "of the per-trial ratios, fraction_trials = each trial's ratio",
+        "one bare and one pipeline run back to back on one plant server, reset in between (alternating which goes "
+        "first); pipeline_fraction = median of the per-trial ratios, fraction_trials = each trial's ratio",
     }
