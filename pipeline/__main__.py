@@ -37,7 +37,7 @@ from types import FrameType
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import MqttSourceSettings, OpcUaSourceSettings, StandaloneConfig, load_standalone, redact_urls_in
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.runtime import Pipeline, PipelineStatistics
+from pipeline.runtime import Pipeline, PipelineStatistics, freeze_startup_heap
 from pipeline.sources import describe, make_source
 
 
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         where = describe(src)
         pipeline.start()
         source.start()
+        freeze_startup_heap()  # this process runs the pipeline and nothing else
     except PipelineError as exc:
         # Errors name URLs; a credential one of them holds (from the environment) is not printed.
         print(f"pipeline: error: {redact_urls_in(str(exc))}", file=sys.stderr)

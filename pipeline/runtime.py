@@ -21,6 +21,7 @@ buffers' ``crash_safe``); :class:`PipelineStatistics` shows such a stall (``stal
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -87,6 +88,21 @@ class PipelineStatistics:
 
 def _not_started(item: object, on_durable: OnDurable | None) -> None:
     raise PipelineError("submit before start(), or on a pipeline whose runtime is asyncio (use asubmit)")
+
+
+def freeze_startup_heap() -> None:
+    """Collect, then keep every object alive now out of the cyclic collector's future passes (``gc.freeze``).
+
+    For a process that runs a pipeline and nothing else, once it has started: the imports (pyarrow, pydantic,
+    asyncua, paho...) are some 70,000 objects, and every full collection walked them all. In the pipeline's
+    chain a full collection took 27 ms about every 20,000 messages, and with the younger generations' passes
+    over the same objects the collector was 15% of the chain's CPU, and most of its run-to-run spread (7.7 to
+    12.4 us per message; frozen, 7.7 to 8.0). Frozen objects are still freed when nothing refers to them; only
+    one caught in a reference cycle would outlive its use, a one-off cost bounded by the startup heap (garbage
+    made before is collected first). Not for a library caller: it freezes the whole process's heap.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Pipeline:

@@ -344,3 +344,27 @@ def test_a_repeated_name_never_takes_the_fast_path() -> None:
     assert v.taken == 0
     got = v.check(('{"machine":"m-1",' + usual + "}").encode(), TOPIC, NOW_NS)
     assert isinstance(got, Reading) and v.taken == 1  # the same message without the repeat goes the fast way
+
+
+def test_freezing_the_startup_heap_collects_its_garbage_first_and_keeps_the_rest_out_of_later_passes() -> None:
+    """pipeline.runtime.freeze_startup_heap: what is garbage at startup is freed, not kept forever; what is alive
+    is no longer walked by the collector (it moved to the permanent generation)."""
+    import gc
+    import weakref
+
+    from pipeline.runtime import freeze_startup_heap
+
+    class Node:
+        other: Node | None = None
+
+    garbage, alive = Node(), Node()
+    garbage.other = garbage  # a cycle: only the cyclic collector frees it
+    gone = weakref.ref(garbage)
+    del garbage
+    try:
+        freeze_startup_heap()
+        assert gone() is None, "garbage at startup must be collected, not frozen"
+        assert gc.get_freeze_count() > 0
+        assert not any(o is alive for o in gc.get_objects()), "a frozen object is not walked by later passes"
+    finally:
+        gc.unfreeze()

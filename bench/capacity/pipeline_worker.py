@@ -33,7 +33,7 @@ from pipeline.config import PipelineSettings
 from pipeline.errors import PipelineError
 from pipeline.model import FlushStat
 from pipeline.mqtt_source import MqttSource
-from pipeline.runtime import Pipeline
+from pipeline.runtime import Pipeline, freeze_startup_heap
 
 
 def rss_bytes() -> int:
@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         _emit({"error": str(exc)})
         pipeline.close()
         return 2
+    # As the pipeline's own process does (python -m pipeline): the startup heap out of the collector's passes.
+    freeze_startup_heap()
     _emit({"ready": True})
     stop = threading.Event()
     samples: list[tuple[int, float, int]] = []
