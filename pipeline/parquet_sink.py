@@ -978,7 +978,12 @@ def readings_table(items: Sequence[Reading], batch_id: int) -> pa.Table:
             "seq": pa.array(seq, pa.int64()),
             "received_at": _micros(received_ns),
             "batch_id": pa.array(np.full(len(items), batch_id, dtype=np.int64), pa.int64()),
-            "repairs": pa.array([",".join(r) if r else None for r in repairs], pa.string()),
+            # The usual batch has no repaired row: any() over empty tuples runs in C, a Python join per row not.
+            "repairs": (
+                pa.array([",".join(r) if r else None for r in repairs], pa.string())
+                if any(repairs)
+                else pa.nulls(len(items), pa.string())
+            ),
         },
         schema=READING_SCHEMA,
         # Out-of-order readings (within the watermark) land in time order within each flush.
