@@ -27,7 +27,7 @@ phases:
   - {kind: ramp, from: 100, to: 300, duration: 1s}
 transport: {mqtt: {broker: embedded, qos: 1}}
 pipeline:
-  buffer: {size: 150, flush_interval: 200ms}
+  buffer: {size: 60, flush_interval: 200ms}
   parquet: {rotate: 1m, fsync: false}
 run: {drain_timeout: 10s}
 """
@@ -62,8 +62,9 @@ def test_small_scenario_reconciles_over_embedded_broker(write_scenario: Callable
     assert 0 < e2e.p50 <= e2e.p90 <= e2e.p99 <= e2e.p999 <= e2e.max
     assert "below_zero" not in e2e.model_fields_set, "durable time before intended send time means the clocks disagree"
     flush = variant.probes.flush["parquet"]
-    # The burst (800/s against size 150) must fire the size trigger; the slow
-    # steady tail and the pause must fire the 200 ms timeout trigger.
+    # The burst (800/s: 160 messages per 200 ms against size 60) must fire the size trigger, even delivered at
+    # a third of its rate by a broker beside CPU-bound jobs (at size 150 one such run saw no size flush);
+    # the pause after it (nothing for 300 ms) must fire the 200 ms timeout trigger.
     assert flush.size is not None and flush.size.count >= 1
     assert flush.timeout is not None and flush.timeout.count >= 1
     assert sum(t.rows for t in (flush.size, flush.timeout, flush.shutdown) if t is not None) == 800
