@@ -9,7 +9,7 @@ library's own: the median over alternated trials, each trial one bare run and
 one pipeline run back to back on one plant server (its values reset to "no
 reading yet" in between), so a slow spell of the shared machine hits both
 sides of the ratio it skews, and so does the server itself. The server runs in
-this process and costs about twice the client per notification; a fresh
+this process and costs about 3x the client per notification (thread CPU); a fresh
 server per run made the same side's CPU per notification vary by 89-114 us
 from run to run (heap layout, the collector), and single ratios by 0.80-1.19;
 both sides on one server, the ratios of one server's pairs agree within 0.06.
