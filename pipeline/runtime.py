@@ -97,9 +97,10 @@ def freeze_startup_heap() -> None:
     asyncua, paho...) are some 70,000 objects, and every full collection walked them all. In the pipeline's
     chain a full collection took 27 ms about every 20,000 messages, and with the younger generations' passes
     over the same objects the collector was 15% of the chain's CPU, and most of its run-to-run spread (7.7 to
-    13.1 us per message in 14 runs; frozen, 7.7 to 9.0 in 7). Frozen objects are still freed when nothing refers to them; only
-    one caught in a reference cycle would outlive its use, a one-off cost bounded by the startup heap (garbage
-    made before is collected first). Not for a library caller: it freezes the whole process's heap.
+    13.1 us per message in 14 runs; frozen, 7.7 to 9.0 in 7). Frozen objects are still freed when nothing
+    refers to them; only one caught in a reference cycle would outlive its use, a one-off cost bounded by the
+    startup heap (garbage made before is collected first). Not for a library caller: it freezes the whole
+    process's heap.
     """
     gc.collect()
     gc.freeze()
