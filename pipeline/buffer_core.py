@@ -98,15 +98,13 @@ class BufferCore(Generic[T]):
 
         A dropped row's callback is kept for :meth:`take_dropped_settlers`: a drop by policy is final.
         """
-        items = self._items
-        if len(items) < self.capacity:  # the usual case first: room
-            if not items:
+        count = self.add(item, on_durable)
+        if count:  # the usual case first: room
+            if count == 1:
                 self.oldest_ns = now_ns
-            if on_durable is not None:
-                self._settlers.append((self._removed + len(items), on_durable))
-            items.append(item)
             return "accepted", None
         # Full.
+        items = self._items
         if self.overflow == "block":
             return "full", None
         if self.overflow == "drop_newest":
