@@ -214,6 +214,18 @@ async def _client_certificate(folder: Path) -> tuple[Path, Path]:
     return key, cert
 
 
+def subscription_parameters(publishing_ms: float) -> ua.CreateSubscriptionParameters:
+    """The subscription the source creates (the OPC UA reference's bare client creates the same)."""
+    return ua.CreateSubscriptionParameters(
+        RequestedPublishingInterval=publishing_ms,
+        RequestedLifetimeCount=1000,
+        RequestedMaxKeepAliveCount=10,
+        MaxNotificationsPerPublish=0,
+        PublishingEnabled=True,
+        Priority=0,
+    )
+
+
 def monitored_item_requests(
     node_ids: list[Any], queue_size: int, sampling_ms: float, discard_oldest: bool = True
 ) -> list[ua.MonitoredItemCreateRequest]:
@@ -391,15 +403,7 @@ class OpcUaSource:
         machines = self._configured() if self._node_ids is not None else await self._browse(client)
         if not machines:
             raise SourceError(f"{self.url}: no machines under Objects/{self.names.plant}")
-        params = ua.CreateSubscriptionParameters(
-            RequestedPublishingInterval=self.publishing_ms,
-            RequestedLifetimeCount=1000,
-            RequestedMaxKeepAliveCount=10,
-            MaxNotificationsPerPublish=0,
-            PublishingEnabled=True,
-            Priority=0,
-        )
-        subscription = await client.create_subscription(params, _Handler(self))
+        subscription = await client.create_subscription(subscription_parameters(self.publishing_ms), _Handler(self))
         nodes = list(machines)
         requests = monitored_item_requests(nodes, self.queue_size, self.sampling_ms, self.discard_oldest)
         for start in range(0, len(requests), 500):

@@ -34,12 +34,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from asyncua import ua
 from asyncua.client.client import Client
 
 from pipeline.clock import MonotonicWallClock
 from pipeline.config import PipelineSettings
-from pipeline.opcua_source import FIELDS, OpcUaSource, monitored_item_requests
+from pipeline.opcua_source import FIELDS, OpcUaSource, monitored_item_requests, subscription_parameters
 from pipeline.runtime import Pipeline
 from simulators.opcua_server import PlantServer
 from simulators.stream import Message
@@ -94,15 +93,7 @@ def _bare(plant: PlantServer, messages: list[Message], publishing_ms: float) -> 
     async def subscribe() -> Client:
         client = Client(plant.url)
         await client.connect()
-        params = ua.CreateSubscriptionParameters(
-            RequestedPublishingInterval=publishing_ms,
-            RequestedLifetimeCount=1000,
-            RequestedMaxKeepAliveCount=10,
-            MaxNotificationsPerPublish=0,
-            PublishingEnabled=True,
-            Priority=0,
-        )
-        sub = await client.create_subscription(params, counter)
+        sub = await client.create_subscription(subscription_parameters(publishing_ms), counter)
         plant_node = (await client.nodes.objects.get_children())[-1]
         nodes = [v for m in await plant_node.get_children() for v in await m.get_children()]
         await sub.create_monitored_items(monitored_item_requests([n.nodeid for n in nodes], QUEUE, 0.0))
