@@ -189,7 +189,7 @@ class _Worker:
         cpu = gate_cpu()
         if cpu is not None and side.pin:
             env["BENCH_GATE_CPU"] = str(cpu)
-            others = sorted(os.sched_getaffinity(0) - {cpu})
+            others = _spare_cpus(cpu)
             if ahead and others:
                 env["BENCH_GATE_IMPORT_CPUS"] = ",".join(map(str, others))
         self.log_path = folder / f"{name}.worker.log"
@@ -1104,7 +1104,12 @@ def _interleave(
 def _overlaps(side: _Side) -> bool:
     """Whether a worker of ``side`` may import while a replicate runs: only pinned, with a CPU to spare."""
     cpu = gate_cpu()
-    return cpu is not None and side.pin and bool(os.sched_getaffinity(0) - {cpu})
+    return cpu is not None and side.pin and bool(_spare_cpus(cpu))
+
+
+def _spare_cpus(cpu: int) -> list[int]:
+    """The CPUs this process may use besides the gate's ``cpu``: where a worker started ahead imports."""
+    return sorted(os.sched_getaffinity(0) - {cpu})
 
 
 def _replicate(
