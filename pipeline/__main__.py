@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             _private_folder(output / src.cert_dir)
         _warn_about_durability(config)
         pipeline = Pipeline(config.pipeline, output, MonotonicWallClock())
-        source = make_source(src, pipeline.submit, output=output, request_flush=pipeline.request_flush)
+        source = make_source(
+            src, pipeline.submit, output=output, request_flush=pipeline.request_flush, on_fields=pipeline.submit_fields
+        )
         where = describe(src)
         pipeline.start()
         source.start()

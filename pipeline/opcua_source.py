@@ -23,7 +23,6 @@ while nobody listened is lost, and the ledger counts it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import threading
@@ -42,6 +41,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaStringParsingError
 
 from pipeline.clock import Clock, MonotonicWallClock
+from pipeline.decode import encode_payload
 from pipeline.errors import SourceError
 
 # The values a reading needs. The Status variable is informational: every
@@ -84,9 +84,6 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat(timespec="microseconds") + "Z"
 
 
-# Readings become the bytes an MQTT publisher sends; one encoder, not one per reading as json.dumps(...,
-# separators=...) builds.
-_encode = json.JSONEncoder(separators=(",", ":")).encode
 ISO_CACHE_SIZE = 4096
 
 
@@ -266,13 +263,17 @@ _NOT_GOOD = 3 << 30  # a StatusCode's severity bits: 00 is Good (ua.StatusCode.i
 
 
 class OpcUaSource:
-    """Subscribe to a plant's variables and hand each reading to ``on_payload(bytes, topic)``."""
+    """Subscribe to a plant's variables and hand each reading to ``on_payload(bytes, topic)``: the JSON an MQTT
+    publisher would send (:func:`pipeline.decode.encode_payload`). Given ``on_fields``, each reading goes to
+    ``on_fields(obj, topic)`` as the object instead, unencoded (``Pipeline.submit_fields``); the callee owns it.
+    """
 
     def __init__(
         self,
         url: str,
         on_payload: Callable[[bytes, str], None],
         *,
+        on_fields: Callable[[dict[str, Any], str], None] | None = None,
         names: OpcUaNames = OpcUaNames(),
         publishing_ms: float = 100,
         sampling_ms: float = 0,
@@ -293,6 +294,7 @@ class OpcUaSource:
         # Configured node ids (machine -> {load_rate, mileage, seq[, status]} -> "ns=2;i=7") skip the browse.
         self._node_ids = node_ids
         self._on_payload = on_payload
+        self._on_fields = on_fields
         self.names = names
         self.publishing_ms = publishing_ms
         self.sampling_ms = sampling_ms
@@ -511,4 +513,7 @@ class OpcUaSource:
         topic = self._topics.get(machine)
         if topic is None:
             topic = self._topics[machine] = f"opcua/{machine}"
-        self._on_payload(_encode(obj).encode(), topic)
+        if self._on_fields is not None:
+            self._on_fields(obj, topic)
+        else:
+            self._on_payload(encode_payload(obj), topic)

@@ -34,6 +34,7 @@ from pipeline.buffer import BufferClosed, FlushingBuffer, LockProbes
 from pipeline.buffer_core import BufferStatistics
 from pipeline.clock import Clock
 from pipeline.config import PipelineSettings, check_fault_injection_path, check_output_path
+from pipeline.decode import encode_payload
 from pipeline.drops import DropLog
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model import FlushStat, OnDurable, Reading, Rejection
@@ -263,7 +264,9 @@ class Pipeline:
 
     def _validate(self, payload: bytes, topic: str) -> Reading | Rejection:
         now = self._clock.now_ns()
-        result = self._validator.check(payload, topic, now, now + self.replay_offset_ns)
+        return self._tally(self._validator.check(payload, topic, now, now + self.replay_offset_ns))
+
+    def _tally(self, result: Reading | Rejection) -> Reading | Rejection:
         if type(result) is Rejection:
             # Its reason before it counts as received: a snapshot between the two (statistics() reads the
             # reasons first) may count it accepted for a moment, never make "accepted" negative.
@@ -296,8 +299,29 @@ class Pipeline:
         self._submit(payload, topic, on_durable)
         self.hot_path_cpu.add(self.hot_path_cpu.now_ns() - began)
 
+    def submit_fields(self, fields: dict[str, Any], topic: str) -> None:
+        """:meth:`submit` for a source that builds each message as an object (OPC UA) rather than receiving
+        bytes: the validator judges the object itself when its fast path takes it, skipping the encode to JSON
+        and the decode back (``Validator.check_fields``); anything else is encoded
+        (:func:`pipeline.decode.encode_payload`) and judged, and quarantined, as those bytes."""
+        if self._loop is not None:
+            self.submit(encode_payload(fields), topic)
+            return
+        if not self.hot_path_cpu.due():
+            self._submit_fields(fields, topic)
+            return
+        began = self.hot_path_cpu.now_ns()
+        self._submit_fields(fields, topic)
+        self.hot_path_cpu.add(self.hot_path_cpu.now_ns() - began)
+
+    def _submit_fields(self, fields: dict[str, Any], topic: str) -> None:
+        now = self._clock.now_ns()
+        self._settle(self._tally(self._validator.check_fields(fields, topic, now, now + self.replay_offset_ns)), None)
+
     def _submit(self, payload: bytes, topic: str, on_durable: OnDurable | None) -> None:
-        result = self._validate(payload, topic)
+        self._settle(self._validate(payload, topic), on_durable)
+
+    def _settle(self, result: Reading | Rejection, on_durable: OnDurable | None) -> None:
         try:
             if type(result) is Reading:
                 self._put_reading(result, on_durable)

@@ -4,6 +4,9 @@
 source here, so a new source kind is added once: a factory in :data:`SOURCES` and a settings model in
 :mod:`pipeline.config`. A source calls ``on_payload(payload, topic)`` for every message, from its own thread.
 
+A source that builds each message as an object (OPC UA) hands it to ``on_fields(obj, topic)`` when given one
+(:meth:`pipeline.runtime.Pipeline.submit_fields`), unencoded; the others ignore it.
+
 A source that acknowledges only what is durable (MQTT ``ack: durable``) calls ``on_payload(payload, topic,
 on_durable)`` instead (:class:`Submit`, the shape of :meth:`pipeline.runtime.Pipeline.submit`), and may call
 ``request_flush()`` when its broker will send nothing more until it acknowledges.
@@ -20,6 +23,7 @@ from pipeline.config import MqttSourceSettings, OpcUaSourceSettings, resolve_env
 from pipeline.model import OnDurable
 
 OnPayload = Callable[[bytes, str], None]
+OnFields = Callable[[dict[str, Any], str], None]
 RequestFlush = Callable[[], None]
 SourceSettings = MqttSourceSettings | OpcUaSourceSettings
 
@@ -47,6 +51,7 @@ class SourceFactory(Protocol):
         output: Path,
         clock: Clock | None,
         request_flush: RequestFlush | None,
+        on_fields: OnFields | None,
         **options: Any,
     ) -> Source: ...
 
@@ -65,8 +70,10 @@ def _mqtt(
     output: Path,
     clock: Clock | None,
     request_flush: RequestFlush | None,
+    on_fields: OnFields | None,
     **options: Any,
 ) -> Source:
+    # MQTT messages arrive as bytes: on_fields is not needed.
     from pipeline.mqtt_source import MqttSource
 
     username, password = _credentials(settings, options.pop("section", "source"))
@@ -92,6 +99,7 @@ def _opcua(
     output: Path,
     clock: Clock | None,
     request_flush: RequestFlush | None,
+    on_fields: OnFields | None,
     **options: Any,
 ) -> Source:
     # OPC UA has no acknowledgement window to fill: request_flush is not needed.
@@ -102,6 +110,7 @@ def _opcua(
     return OpcUaSource(
         settings.url,
         on_payload,
+        on_fields=on_fields,
         names=OpcUaNames(plant=settings.plant),
         publishing_ms=settings.publishing * 1000,
         sampling_ms=settings.sampling * 1000,
@@ -132,6 +141,7 @@ def make_source(
     output: Path,
     clock: Clock | None = None,
     request_flush: RequestFlush | None = None,
+    on_fields: OnFields | None = None,
     **options: Any,
 ) -> Source:
     """The source ``settings`` describe, not started. ``options`` go to its constructor as they are
@@ -140,9 +150,10 @@ def make_source(
     With MQTT ``ack: durable``, ``on_payload`` must take ``on_durable`` (:class:`Submit`:
     ``Pipeline.submit`` does) and ``request_flush`` should be ``Pipeline.request_flush``: the broker's window
     of unacknowledged messages is small (Mosquitto: 20 over MQTT 3.1.1), and without it each window waits
-    for the buffer's timeout trigger."""
+    for the buffer's timeout trigger. ``on_fields`` (``Pipeline.submit_fields``) spares an OPC UA source's
+    readings the encode to JSON and the decode back."""
     return SOURCES[source_kind(settings)](
-        settings, on_payload, output=output, clock=clock, request_flush=request_flush, **options
+        settings, on_payload, output=output, clock=clock, request_flush=request_flush, on_fields=on_fields, **options
     )
 
 

@@ -41,7 +41,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from pipeline.config import ValidateSettings
-from pipeline.decode import DecodeFailure, decode, scan_plain
+from pipeline.decode import DecodeFailure, decode, encode_payload, scan_plain
 from pipeline.model import Reading, Rejection
 
 REQUIRED = ("machine", "ts", "load_rate", "mileage", "seq")
@@ -63,6 +63,13 @@ beyond it are checked in full every time, with the same verdict)."""
 # Epoch numbers by magnitude: below 1e11 seconds (until year 5138), then ms, us, ns.
 _EPOCH_UNITS = ((1e11, 10**9, "epoch_seconds"), (1e14, 10**6, "epoch_millis"), (1e17, 10**3, "epoch_micros"))
 
+# check_fields takes an object past the oversize rule without encoding it when max_payload is at least this:
+# every object its fast path accepts encodes to fewer bytes. The largest: a machine id of 255 characters (the
+# id rule) outside the BMP, escaped to 12 bytes each (3,060); a timestamp of at most FIELDS_MAX_TS characters
+# (checked; at most 12 bytes each, 768); two floats of at most 24 characters and a seq under 2**63 (19); the
+# names, "status":"Good" and the punctuation (77). tests/test_validate_fields.py encodes that object.
+FIELDS_MAX_BYTES = 4096
+FIELDS_MAX_TS = 64
 REASONS = (
     "oversize",
     "invalid_utf8",
@@ -155,6 +162,8 @@ class Validator:
         self._reject_oversize = rules.oversize == "reject"
         self._max_payload = s.max_payload
         self._good_machines: set[str] = set()
+        # Whether check_fields may judge an object without encoding it: no fast-path object can be oversize.
+        self._fields_fit = not self._reject_oversize or self._max_payload >= FIELDS_MAX_BYTES
 
     def check(self, payload: bytes, topic: str, received_ns: int, now_ns: int | None = None) -> Reading | Rejection:
         """Decode and validate one message; never raises.
@@ -186,6 +195,28 @@ class Validator:
             # Details quote input; a lone surrogate there would make the quarantine batch unwritable.
             detail = refused.detail.encode("utf-8", "backslashreplace").decode("utf-8")
             return Rejection(refused.reason, detail, payload, topic, received_ns, seq_known, machine_known)
+
+    def check_fields(
+        self, fields: dict[str, Any], topic: str, received_ns: int, now_ns: int | None = None
+    ) -> Reading | Rejection:
+        """:meth:`check` of a message a source built as an object (OPC UA) rather than received as bytes: the
+        verdict of ``check(encode_payload(fields), ...)``, without that encode and its decode when the fast path
+        accepts the object (4 us of a reading's 5.6 here). ``fields`` is JSON-shaped (str keys; str, int,
+        float, bool, None, list or dict values) and is not changed.
+
+        The fast path judges the object as it would the payload's decoded copy: that copy has the same names
+        once each and equal values (a float's JSON text reads back as the same float), and the payloads the
+        bytes path sends to the full decoder instead (escapes, non-ASCII text) are accepted by it identically,
+        which the property tests check for both paths.
+        """
+        now = received_ns if now_ns is None else now_ns
+        if self._fields_fit:
+            ts = fields.get("ts")
+            if type(ts) is not str or len(ts) <= FIELDS_MAX_TS:
+                reading = self._fast(fields, received_ns, now)
+                if reading is not None:
+                    return reading
+        return self.check(encode_payload(fields), topic, received_ns, now)
 
     def _fast(self, obj: dict[str, Any], received_ns: int, now: int) -> Reading | None:
         """The usual message in one pass: exactly the required fields (or those and status ``Good``), a known

@@ -12,6 +12,7 @@ the file runs in about 15 s of CPU on the 2-core CI machine. ``derandomize=True`
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from datetime import UTC, datetime, timedelta, timezone
@@ -21,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.config import ValidateSettings
-from pipeline.decode import DecodeFailure, _decode_full, decode
+from pipeline.decode import DecodeFailure, _decode_full, decode, encode_payload
 from pipeline.model import Reading, Rejection
-from pipeline.validate import Validator
+from pipeline.validate import FIELDS_MAX_BYTES, FIELDS_MAX_TS, MAX_MACHINE_CHARS, Validator
 from tests.test_validate_properties import (
     MACHINES,
     NOW_NS,
@@ -368,3 +369,91 @@ def test_freezing_the_startup_heap_collects_its_garbage_first_and_keeps_the_rest
         assert not any(o is alive for o in gc.get_objects()), "a frozen object is not walked by later passes"
     finally:
         gc.unfreeze()
+
+
+# -- objects a source builds (OPC UA): Validator.check_fields against check of the same object's bytes -----------
+
+
+def assert_same_as_bytes(s: ValidateSettings, objects: list[dict[str, Any]], clock_steps: list[int]) -> int:
+    """check_fields(obj) judges each object as check(encode_payload(obj)) judges its bytes, message by message,
+    and leaves the same history; returns how many objects the fast path took without encoding."""
+    fields, raw = Counting(s), Validator(s)
+    now = NOW_NS
+    for obj, step in zip(objects, clock_steps, strict=False):
+        now += step
+        before = copy.deepcopy(obj)
+        got = fields.check_fields(obj, TOPIC, now, now + step // 2)
+        assert same_json(obj, before), "check_fields must not change the object"
+        want = raw.check(encode_payload(obj), TOPIC, now, now + step // 2)
+        assert got == want, (obj, got, want)
+        assert history(fields) == history(raw)
+    return fields.taken
+
+
+@PROPS
+@given(
+    validate_settings(),
+    st.lists(near_usual(), min_size=1, max_size=12),
+    st.lists(steps, min_size=12, max_size=12),
+)
+def test_check_fields_agrees_with_checking_the_encoded_bytes_under_random_settings(
+    s: ValidateSettings, objects: list[dict[str, Any]], clock_steps: list[int]
+) -> None:
+    assert_same_as_bytes(s, objects, clock_steps)
+
+
+@settings(PROPS, max_examples=200)
+@given(
+    validate_settings(),
+    st.lists(st.one_of(json_objects(), near_usual()), min_size=1, max_size=6),
+    st.lists(steps, min_size=6, max_size=6),
+)
+def test_check_fields_agrees_on_any_object(
+    s: ValidateSettings, objects: list[dict[str, Any]], clock_steps: list[int]
+) -> None:
+    assert_same_as_bytes(s, objects, clock_steps)
+
+
+def test_check_fields_takes_the_usual_object_without_encoding_it() -> None:
+    """Not vacuous: under default settings most near-usual objects skip the encode, and some do not."""
+    taken = total = 0
+
+    @settings(PROPS, max_examples=100)
+    @given(st.lists(near_usual(), min_size=1, max_size=12), st.lists(steps, min_size=12, max_size=12))
+    def collect(objects: list[dict[str, Any]], clock_steps: list[int]) -> None:
+        nonlocal taken, total
+        taken += assert_same_as_bytes(ValidateSettings(), objects, clock_steps)
+        total += len(objects)
+
+    collect()
+    assert total // 5 < taken < total, (taken, total)
+
+
+def test_no_object_the_fields_path_takes_unencoded_can_be_oversize() -> None:
+    """FIELDS_MAX_BYTES bounds the encoded size of every object check_fields may judge without encoding: the
+    longest machine id the id rule lets through, in characters that escape to 12 bytes each, the longest
+    timestamp it lets through (FIELDS_MAX_TS characters) likewise, the longest floats and seq, and status."""
+    widest = "\U0001f600"
+    machine = widest * MAX_MACHINE_CHARS
+    worst: dict[str, Any] = {
+        "machine": machine,
+        "ts": widest * FIELDS_MAX_TS,
+        "load_rate": -1.7976931348623157e308,
+        "mileage": -2.2250738585072014e-308,
+        "seq": 2**63 - 1,
+        "status": "Good",
+    }
+    assert len(encode_payload(worst)) < FIELDS_MAX_BYTES
+    v = Validator(ValidateSettings())
+    assert v._good_machine(machine) and not v._good_machine(widest * (MAX_MACHINE_CHARS + 1))
+    # Below the bound, with oversize refused, every object is encoded and its size judged first.
+    usual = {"machine": "m-1", "ts": utc_text(NOW_NS, 0, "Z"), "load_rate": 1.0, "mileage": 1.0, "seq": 1}
+    assert Validator(ValidateSettings()).check_fields(dict(usual), TOPIC, NOW_NS) == Reading(
+        "m-1", NOW_NS // 1000 * 1000, 1.0, 1.0, 1, NOW_NS
+    )
+    got = Validator(ValidateSettings(max_payload=50)).check_fields(dict(usual), TOPIC, NOW_NS)
+    assert isinstance(got, Rejection) and got.reason == "oversize"
+    # A timestamp parses with any number of fractional digits: one past FIELDS_MAX_TS characters is encoded too.
+    long_ts = {**usual, "ts": utc_text(NOW_NS, 0, "") + "1" * 70_000 + "Z"}
+    got = Validator(ValidateSettings()).check_fields(long_ts, TOPIC, NOW_NS)
+    assert isinstance(got, Rejection) and got.reason == "oversize"

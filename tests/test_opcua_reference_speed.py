@@ -30,19 +30,19 @@ def test_reference_pipeline_side_never_asks_for_statistics_while_readings_arrive
 ) -> None:
     """The completion check is a counter: statistics() per reading is work the bare side does not do."""
     calls = {"statistics_during_replay": 0, "submits": 0}
-    statistics, submit = Pipeline.statistics, Pipeline.submit
+    statistics, submit_fields = Pipeline.statistics, Pipeline.submit_fields
 
     def counting_statistics(self: Pipeline) -> Any:
         if calls["submits"]:
             calls["statistics_during_replay"] += 1
         return statistics(self)
 
-    def counting_submit(self: Pipeline, payload: bytes, topic: str, on_durable: Any = None) -> None:
+    def counting_submit(self: Pipeline, fields: dict[str, Any], topic: str) -> None:
         calls["submits"] += 1
-        submit(self, payload, topic, on_durable)
+        submit_fields(self, fields, topic)
 
     monkeypatch.setattr(Pipeline, "statistics", counting_statistics)
-    monkeypatch.setattr(Pipeline, "submit", counting_submit)
+    monkeypatch.setattr(Pipeline, "submit_fields", counting_submit)
     machines = ["m-1", "m-2"]
     ts = datetime(2026, 1, 1, tzinfo=UTC)
     messages = [
@@ -86,11 +86,14 @@ def test_the_completion_counter_counts_every_reading_and_never_asks_for_statisti
 
     pipeline.statistics = counting  # type: ignore[method-assign]
     readings = opcua_reference._Readings(pipeline, 40)
-    payload = b'{"machine":"m-1","ts":"2026-01-01T00:00:00Z","load_rate":1.0,"mileage":1.0,"seq":%d}'
+
+    def reading(seq: int) -> dict[str, Any]:
+        return {"machine": "m-1", "ts": "2026-01-01T00:00:00Z", "load_rate": 1.0, "mileage": 1.0, "seq": seq}
+
     for seq in range(39):
-        readings(payload % seq, "opcua/m-1")
+        readings(reading(seq), "opcua/m-1")
     assert not readings.done.is_set() and readings.count == 39
-    readings(payload % 39, "opcua/m-1")
+    readings(reading(39), "opcua/m-1")
     assert readings.done.is_set() and readings.count == 40 and readings.last > 0
     assert asked == 0
     pipeline.close()

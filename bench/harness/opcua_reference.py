@@ -131,14 +131,14 @@ class _Readings:
     """
 
     def __init__(self, pipeline: Pipeline, target: int) -> None:
-        self._submit = pipeline.submit
+        self._submit = pipeline.submit_fields  # as a run's source hands readings on (sut.InProcessPipeline)
         self.target = target
         self.count = 0
         self.last = 0.0
         self.done = threading.Event()
 
-    def __call__(self, payload: bytes, topic: str) -> None:
-        self._submit(payload, topic)
+    def __call__(self, fields: dict[str, Any], topic: str) -> None:
+        self._submit(fields, topic)
         self.count += 1
         # As the bare counter: the time of the last one handled, so a side that never completes (a lost
         # notification) still reports the rate of what it did handle rather than count / timeout.
@@ -154,7 +154,9 @@ def _through_pipeline(
         pipeline = Pipeline(settings, Path(folder), MonotonicWallClock())
         pipeline.start()
         readings = _Readings(pipeline, len(messages))
-        source = OpcUaSource(plant.url, readings, publishing_ms=publishing_ms, queue_size=QUEUE)
+        source = OpcUaSource(
+            plant.url, pipeline.submit, on_fields=readings, publishing_ms=publishing_ms, queue_size=QUEUE
+        )
         source.start()
         time.sleep(SETTLE_S)  # as the bare side: the placeholders are not part of the timed replay
         with _quiet_heap():

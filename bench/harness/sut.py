@@ -140,7 +140,12 @@ class InProcessPipeline:
         self.pipeline.start()
         for spec in sources:
             source = make_source(
-                spec.settings, self.pipeline.submit, output=self.out_dir, clock=self.clock, **spec.options
+                spec.settings,
+                self.pipeline.submit,
+                output=self.out_dir,
+                clock=self.clock,
+                on_fields=self.pipeline.submit_fields,
+                **spec.options,
             )
             # Appended before start: a source that fails half-way through starting is still closed.
             self.sources.append(source)
