@@ -119,6 +119,9 @@ class _Entry:
         self.status = "Good"
 
 
+_COMPLETE = 2 + len(FIELDS)  # machine, ts and every field
+
+
 class ReadingAssembler:
     """Per machine, join the variables' notifications by SourceTimestamp. Pure.
 
@@ -148,8 +151,12 @@ class ReadingAssembler:
         if status != "Good":
             entry.status = status
         # obj holds machine, ts and one key per field received.
-        if len(obj) - 2 < len(FIELDS):
+        if len(obj) < _COMPLETE:
             return []
+        if len(by_ts) == 1:  # the usual case: nothing older is pending
+            by_ts.clear()
+            pending.last, pending.ordered = "", True
+            return [self._final(entry)]
         out = []
         # Older entries of this machine can no longer complete (FIFO per item).
         if pending.ordered:
@@ -252,11 +259,10 @@ def monitored_item_requests(
 
 
 class _Handler:
-    def __init__(self, source: OpcUaSource) -> None:
-        self.source = source
+    """What asyncua calls per notification: the source's own method, bound once (no second frame per call)."""
 
-    def datachange_notification(self, node: Node, val: Any, data: Any) -> None:
-        self.source._on_notification(node, val, data.monitored_item.Value)
+    def __init__(self, source: OpcUaSource) -> None:
+        self.datachange_notification = source._on_notification
 
 
 _NOT_GOOD = 3 << 30  # a StatusCode's severity bits: 00 is Good (ua.StatusCode.is_good)
@@ -308,7 +314,7 @@ class OpcUaSource:
         self.security_policy_uri: str | None = None
         self._reconnect_max_delay_s = reconnect_max_delay_s
         self._nodes: dict[Any, tuple[str, str]] = {}
-        self._by_node: dict[int, tuple[Node, tuple[str, str] | None]] = {}
+        self._by_node: dict[int, tuple[Node, str | None, str, bool]] = {}
         self._assembler = ReadingAssembler()
         # The three values of a reading share one SourceTimestamp: converted to text once, not per value.
         self._iso_cache: dict[datetime, str | None] = {}
@@ -465,7 +471,8 @@ class OpcUaSource:
             await self._client.disconnect()
             self._client = None
 
-    def _on_notification(self, node: Node, value: Any, dv: ua.DataValue) -> None:
+    def _on_notification(self, node: Node, value: Any, data: Any) -> None:
+        """asyncua's datachange_notification: ``data.monitored_item.Value`` is the DataValue."""
         stats = self.stats
         stats.notifications += 1
         if self._awaiting_resume:
@@ -475,13 +482,11 @@ class OpcUaSource:
         # skips NodeId's hash (Python code) per notification. The cache holds the node, so its id stays its own.
         hit = self._by_node.get(id(node))
         if hit is None:
-            if len(self._by_node) > 2 * len(self._nodes) + 64:
-                self._by_node.clear()  # new Node objects per notification (another asyncua): stay bounded
-            hit = self._by_node[id(node)] = (node, self._nodes.get(node.nodeid))
-        where = hit[1]
-        if where is None:
+            hit = self._learn(node)
+        machine = hit[1]
+        if machine is None:
             return
-        machine, field_name = where
+        dv = data.monitored_item.Value
         code = dv.StatusCode
         status = "Good" if code is None or not code.value & _NOT_GOOD else status_name(code)
         by_status = stats.by_status
@@ -489,8 +494,8 @@ class OpcUaSource:
         if status == PLACEHOLDER:
             stats.placeholders += 1
             return
-        if field_name not in FIELDS:
-            return
+        if not hit[3]:
+            return  # a variable of the machine that is not a reading's field (Status)
         moment = dv.SourceTimestamp
         if moment is None:
             ts = None
@@ -501,11 +506,21 @@ class OpcUaSource:
                 if len(cache) >= ISO_CACHE_SIZE:
                     cache.clear()
                 ts = cache[moment] = _iso(moment)
-        finished = self._assembler.add(machine, field_name, value, ts, status)
+        finished = self._assembler.add(machine, hit[2], value, ts, status)
         if finished:
             for obj in finished:
                 self._deliver(obj)
             stats.incomplete = self._assembler.incomplete
+
+    def _learn(self, node: Node) -> tuple[Node, str | None, str, bool]:
+        """The cache entry of a node first seen: (node, machine or None when not subscribed, field, whether the
+        field is one of a reading's)."""
+        if len(self._by_node) > 2 * len(self._nodes) + 64:
+            self._by_node.clear()  # new Node objects per notification (another asyncua): stay bounded
+        where = self._nodes.get(node.nodeid)
+        hit = (node, None, "", False) if where is None else (node, where[0], where[1], where[1] in FIELDS)
+        self._by_node[id(node)] = hit
+        return hit
 
     def _deliver(self, obj: dict[str, Any]) -> None:
         self.stats.readings += 1

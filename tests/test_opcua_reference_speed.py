@@ -183,12 +183,14 @@ def _node_id(i: int) -> ua.NodeId:
     return ua.NodeId.from_string(f"ns=2;i={i}")
 
 
-def _data_value(value: Any, moment: datetime, status: int = StatusCodes.Good) -> ua.DataValue:
-    return ua.DataValue(
+def _data_value(value: Any, moment: datetime, status: int = StatusCodes.Good) -> Any:
+    """The ``data`` argument asyncua passes to datachange_notification: its ``monitored_item.Value``."""
+    dv = ua.DataValue(
         ua.Variant(value),
         StatusCode=ua.StatusCode(cast(ua.UInt32, status)),
         SourceTimestamp=cast(ua.DateTime, moment),
     )
+    return SimpleNamespace(monitored_item=SimpleNamespace(Value=dv))
 
 
 def test_source_converts_a_readings_timestamp_once_and_sends_compact_json(
