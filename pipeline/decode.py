@@ -51,12 +51,12 @@ _orjson_loads = orjson.loads
 # once (json.dumps(..., separators=...) builds one per call). The standard library's, not orjson's: it writes
 # NaN and Infinity as literals (the validator then refuses them as non_finite, with their seq and machine)
 # where orjson writes null, and its text is what the quarantine keeps of a refused reading.
-encode_object = json.JSONEncoder(separators=(",", ":")).encode
+_encode_object = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def encode_payload(obj: dict[str, Any]) -> bytes:
     """``obj`` as the UTF-8 JSON payload an MQTT publisher would send (ASCII: other characters escaped)."""
-    return encode_object(obj).encode()
+    return _encode_object(obj).encode()
 
 
 def _duplicated(pairs: list[tuple[str, Any]], found: set[str]) -> dict[str, Any]:

@@ -67,7 +67,7 @@ _EPOCH_UNITS = ((1e11, 10**9, "epoch_seconds"), (1e14, 10**6, "epoch_millis"), (
 # every object its fast path accepts encodes to fewer bytes. The largest: a machine id of 255 characters (the
 # id rule) outside the BMP, escaped to 12 bytes each (3,060); a timestamp of at most FIELDS_MAX_TS characters
 # (checked; at most 12 bytes each, 768); two floats of at most 24 characters and a seq under 2**63 (19); the
-# names, "status":"Good" and the punctuation (77). tests/test_validate_fields.py encodes that object.
+# names, "status":"Good" and the punctuation (77). tests/test_hot_path.py encodes that object.
 FIELDS_MAX_BYTES = 4096
 FIELDS_MAX_TS = 64
 REASONS = (
